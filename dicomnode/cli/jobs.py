@@ -1,0 +1,177 @@
+"""``dicomnode jobs``: list and inspect jobs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.db.models import Job, JobState
+
+STAGES = (
+    "receive_s",
+    "wait_s",
+    "load_s",
+    "inference_s",
+    "postprocess_s",
+    "seg_s",
+    "sr_s",
+    "write_validate_s",
+    "send_s",
+)
+
+
+def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
+    """Return a job as a JSON-ready mapping (no patient data).
+
+    Parameters
+    ----------
+    job : Job
+        The job, in an open session.
+    detail : bool
+        Include timings, summary, outputs and deliveries.
+
+    Returns
+    -------
+    dict[str, Any]
+        The record.
+    """
+    record: dict[str, Any] = {
+        "id": job.id,
+        "state": job.state.value,
+        "route": job.route,
+        "model": job.model,
+        "model_version": job.model_version,
+        "series_uid": job.series.series_uid,
+        "study_uid": job.series.study.study_uid,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "last_error": job.last_error,
+    }
+    if detail:
+        record.update(
+            lease_owner=job.lease_owner,
+            lease_expires_at=job.lease_expires_at,
+            run_after=job.run_after,
+            timings=job.timings or {},
+            summary=job.summary or {},
+            outputs=[
+                {
+                    "kind": o.kind,
+                    "sop_class_uid": o.sop_class_uid,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "series_uid": o.series_uid,
+                    "path": o.path,
+                    "size_bytes": o.size_bytes,
+                }
+                for o in job.outputs
+            ],
+            deliveries=[
+                {
+                    "destination": d.destination,
+                    "state": d.state.value,
+                    "attempts": d.attempts,
+                    "sent_at": d.sent_at,
+                    "last_error": d.last_error,
+                }
+                for d in job.deliveries
+            ],
+        )
+    return record
+
+
+def list_jobs(session: Session, args: argparse.Namespace) -> int:
+    """Print jobs, newest first.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    args : argparse.Namespace
+        ``state``, ``limit`` and ``json``.
+
+    Returns
+    -------
+    int
+        Exit code.
+    """
+    query = select(Job).order_by(Job.id.desc()).limit(args.limit)
+    if args.state:
+        query = query.where(Job.state == JobState(args.state))
+    records = [job_record(j, detail=False) for j in session.scalars(query)]
+    if args.json:
+        print_json(records)
+        return 0
+    if not records:
+        print("no jobs")
+        return 0
+    print_table(
+        ["ID", "STATE", "MODEL", "ROUTE", "ATTEMPTS", "CREATED", "SERIES", "ERROR"],
+        [
+            [
+                r["id"],
+                r["state"],
+                f"{r['model']} {r['model_version']}",
+                r["route"],
+                f"{r['attempts']}/{r['max_attempts']}",
+                format_time(r["created_at"]),
+                r["series_uid"],
+                (r["last_error"] or "")[:60] or None,
+            ]
+            for r in records
+        ],
+    )
+    return 0
+
+
+def show_job(session: Session, args: argparse.Namespace) -> int:
+    """Print one job in full.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    args : argparse.Namespace
+        ``id`` and ``json``.
+
+    Returns
+    -------
+    int
+        Exit code: 1 if there is no such job.
+    """
+    job = session.get(Job, args.id)
+    if job is None:
+        raise LookupError(f"no job with id {args.id}")
+    record = job_record(job, detail=True)
+    if args.json:
+        print_json(record)
+        return 0
+    for key in ("id", "state", "model", "model_version", "route", "study_uid", "series_uid"):
+        print(f"{key:<14}{record[key]}")
+    print(f"{'attempts':<14}{record['attempts']}/{record['max_attempts']}")
+    for key in ("created_at", "started_at", "finished_at"):
+        print(f"{key:<14}{format_time(record[key])}")
+    if record["last_error"]:
+        print(f"{'error':<14}{record['last_error']}")
+    timings = record["timings"]
+    if timings:
+        print("timings (s)")
+        for stage in [s for s in STAGES if s in timings] + [s for s in timings if s not in STAGES]:
+            print(f"  {stage[:-2] if stage.endswith('_s') else stage:<16}{timings[stage]:>9.2f}")
+    for segment in record["summary"].get("segments", []):
+        mean = "-" if segment["mean"] is None else f"{segment['mean']:.1f}"
+        print(f"segment       {segment['label']}: {segment['volume_ml']:.1f} mL, mean {mean}")
+    for out in record["outputs"]:
+        print(f"output        {out['kind']:<4} {out['sop_instance_uid']}  {out['path']}")
+    for d in record["deliveries"]:
+        extra = f"  ({d['last_error']})" if d["last_error"] else ""
+        tries = f"{d['attempts']} attempt(s)"
+        print(f"delivery      {d['destination']}: {d['state']} after {tries}{extra}")
+    return 0

@@ -1,0 +1,221 @@
+"""The ``dicomnode`` command.
+
+Exit codes: 0 success, 1 the operation failed (a peer did not answer, no such
+job), 2 bad usage or configuration. Errors are one line on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from dicomnode import __version__
+from dicomnode.cli.jobs import list_jobs, show_job
+from dicomnode.cli.logs import setup_logging
+from dicomnode.config import Settings, load_settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.models import JobState
+from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
+
+log = logging.getLogger("dicomnode")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from dicomnode.node import Node  # imports torch: only for the commands that need it
+
+    node = Node.from_settings(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    node.start()
+    log.info(
+        "dicomnode %s serving: ae_title=%s port=%d workers=%d models=%s",
+        __version__,
+        settings.listener.ae_title,
+        settings.listener.port,
+        len(node.workers),
+        ",".join(sorted(node.models)) or "-",
+    )
+    while not stop.wait(1.0):
+        pass
+    node.stop()
+    return EXIT_OK
+
+
+def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.database.url)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    print(f"database at revision {after} (was {before or 'empty'})")
+    return EXIT_OK
+
+
+def _with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        engine = make_engine(settings.database.url)
+        try:
+            migrate.require_current(engine)
+            with session_factory(engine)() as session:
+                return fn(session, args)
+        finally:
+            engine.dispose()
+
+    return run
+
+
+def _echo(settings: Settings, args: argparse.Namespace) -> int:
+    from dicomnode.net.scu import echo
+
+    destination = settings.destination(args.destination)
+    try:
+        status = echo(destination, settings.listener.ae_title)
+    except TransientJobError as exc:
+        print(f"echo failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if status != 0:
+        print(f"echo failed: {destination.name} answered status 0x{status:04X}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"echo ok: {destination.name} ({destination.ae_title}@{destination.host}:"
+        f"{destination.port})"
+    )
+    return EXIT_OK
+
+
+def _config_check(settings: Settings, args: argparse.Namespace) -> int:
+    from dicomnode.inference.registry import load_registry
+    from dicomnode.node import check_routes
+
+    models = load_registry(settings.models.path)
+    check_routes(settings, models)
+    print(
+        f"configuration ok: {settings.source or 'built-in defaults'}; "
+        f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s), "
+        f"models: {', '.join(sorted(models)) or 'none'}"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``dicomnode`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dicomnode",
+        description="Receive DICOM studies, run AI models on them, send SEG and SR results back.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="TOML configuration file (default: $DICOMNODE_CONFIG, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="override logging.level from the configuration",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run listener, scheduler and workers in one process")
+    p.set_defaults(run=_serve)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="COMMAND"
+    )
+    db.add_parser("upgrade", help="apply migrations up to the newest").set_defaults(run=_db_upgrade)
+
+    jobs = sub.add_parser("jobs", help="inspect jobs").add_subparsers(
+        dest="jobs_command", required=True, metavar="COMMAND"
+    )
+    p = jobs.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_with_session(list_jobs))
+    p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
+    p.add_argument("id", type=int, help="job id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_with_session(show_job))
+
+    p = sub.add_parser("echo", help="C-ECHO a configured destination")
+    p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")
+    p.set_defaults(run=_echo)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="COMMAND"
+    )
+    config.add_parser(
+        "check", help="validate the configuration and the model packages"
+    ).set_defaults(run=_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dicomnode`` command.
+
+    Parameters
+    ----------
+    argv : Sequence[str], optional
+        Arguments without the program name; ``sys.argv[1:]`` if omitted.
+
+    Returns
+    -------
+    int
+        The exit code.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level or settings.logging.level)
+    try:
+        return int(args.run(settings, args))
+    except (ConfigError, ModelPackageError) as exc:
+        print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as exc:
+        print(f"dicomnode: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except DicomnodeError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception as exc:
+        # A database that is down, a full disk: still one line, with the detail at DEBUG.
+        log.debug("unexpected error", exc_info=True)
+        print(
+            f"dicomnode: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

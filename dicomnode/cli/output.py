@@ -1,0 +1,63 @@
+"""Printing for the CLI: aligned tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON (datetimes in ISO 8601).
+
+    Parameters
+    ----------
+    data : Any
+        JSON-serialisable data.
+    """
+    json.dump(data, sys.stdout, indent=2, default=_default)
+    sys.stdout.write("\n")
+
+
+def format_time(value: datetime | None) -> str:
+    """Format a timestamp for a table, in UTC to the second.
+
+    Parameters
+    ----------
+    value : datetime or None
+        The time.
+
+    Returns
+    -------
+    str
+        ``YYYY-MM-DD HH:MM:SS`` or ``-``.
+    """
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print rows under headers with aligned columns.
+
+    Parameters
+    ----------
+    headers : Sequence[str]
+        Column titles.
+    rows : Sequence[Sequence[Any]]
+        Cells; ``None`` prints as ``-``.
+    """
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line.rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

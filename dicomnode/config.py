@@ -1,0 +1,457 @@
+"""Settings: one frozen, validated object loaded from TOML and the environment.
+
+Precedence, lowest first: built-in defaults < the TOML file < ``DICOMNODE_<SECTION>_<KEY>``
+environment variables (scalar keys only). Every problem is reported as a
+:class:`~dicomnode.errors.ConfigError` whose one-line message names the key,
+e.g. ``listener.port: must be between 1 and 65535, got 70000``.
+
+Relative paths (and a relative SQLite URL) are resolved against the directory
+of the configuration file, so a node behaves the same whatever directory it is
+started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import dictionary_has_tag, tag_for_keyword
+
+from dicomnode.errors import ConfigError
+from dicomnode.schema import Check, build, field_doc, type_name
+
+ENV_CONFIG = "DICOMNODE_CONFIG"
+ENV_PREFIX = "DICOMNODE_"
+
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.$")
+REGEX_PREFIX = "re:"
+
+
+def _ae_title(value: str) -> str | None:
+    if not _AE_RE.match(value) or not value.strip():
+        return f"must be a DICOM AE title (1-16 printable characters, no backslash), got {value!r}"
+    return None
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"must be between 1 and 65535, got {value}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
+def _name(value: str) -> str | None:
+    if not _NAME_RE.match(value):
+        return f"must be a name of letters, digits, '_', '.' or '-' (max 64), got {value!r}"
+    return None
+
+
+def _one_of(*allowed: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}; got {value!r}"
+
+    return check
+
+
+def _database_url(value: str) -> str | None:
+    if not value.startswith(("sqlite:", "postgresql")):
+        return f"must be a sqlite:/// or postgresql+psycopg:// URL, got {value.split(':')[0]!r}"
+    return None
+
+
+def _uid_root(value: str) -> str | None:
+    if value and (not _UID_ROOT_RE.match(value) or len(value) > 40):
+        return f"must be a UID prefix ending in '.' of at most 40 characters, got {value!r}"
+    return None
+
+
+def _match_rules(value: dict[str, Any]) -> str | None:
+    for keyword, wanted in value.items():
+        tag = tag_for_keyword(keyword)
+        if tag is None or not dictionary_has_tag(tag):
+            return f"{keyword!r} is not a DICOM keyword"
+        for pattern in wanted if isinstance(wanted, list) else [wanted]:
+            if not isinstance(pattern, str):
+                return f"{keyword}: values must be strings, got {type(pattern).__name__}"
+            if pattern.startswith(REGEX_PREFIX):
+                try:
+                    re.compile(pattern[len(REGEX_PREFIX) :])
+                except re.error as exc:
+                    return f"{keyword}: bad regular expression {pattern!r}: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """The C-STORE / C-ECHO service class provider."""
+
+    ae_title: str = field(default="DICOMNODE", metadata=field_doc("Our AE title.", _ae_title))
+    host: str = field(default="0.0.0.0", metadata=field_doc("Address to listen on."))
+    port: int = field(default=11112, metadata=field_doc("TCP port to listen on.", _port))
+    max_pdu: int = field(
+        default=0,
+        metadata=field_doc("Maximum PDU length we accept; 0 means unlimited.", _non_negative),
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The SQL database that records instances, jobs and deliveries."""
+
+    url: str = field(
+        default="sqlite:///var/dicomnode.db",
+        metadata=field_doc(
+            "SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://...", _database_url
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """The spool where received instances and our results are kept."""
+
+    path: Path = field(default=Path("var/spool"), metadata=field_doc("Spool directory."))
+
+
+@dataclass(frozen=True)
+class CompletionSettings:
+    """When a series counts as complete."""
+
+    quiet_seconds: float = field(
+        default=30.0,
+        metadata=field_doc(
+            "A series is complete this long after its last instance.", _non_negative
+        ),
+    )
+    sweep_seconds: float = field(
+        default=2.0, metadata=field_doc("How often the completion sweep runs.", _positive)
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Workers that claim jobs from the job table."""
+
+    count: int = field(default=1, metadata=field_doc("Worker threads in `serve`.", _positive))
+    poll_seconds: float = field(
+        default=1.0, metadata=field_doc("Idle wait between claims.", _positive)
+    )
+    lease_seconds: float = field(
+        default=300.0,
+        metadata=field_doc("A claimed job is re-queued if its lease lapses.", _positive),
+    )
+    max_attempts: int = field(
+        default=5, metadata=field_doc("Attempts before a job fails for good.", _positive)
+    )
+    retry_base_seconds: float = field(
+        default=10.0, metadata=field_doc("First retry delay; it doubles per attempt.", _positive)
+    )
+    device: str = field(
+        default="auto", metadata=field_doc("auto, cpu or cuda.", _one_of("auto", "cpu", "cuda"))
+    )
+    threads: int = field(
+        default=0, metadata=field_doc("CPU threads for inference; 0 uses all cores.", _non_negative)
+    )
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where model packages are found."""
+
+    path: Path | None = field(
+        default=None,
+        metadata=field_doc(
+            "Folder of model packages; unset means the models shipped with dicomnode."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The DICOM objects we create."""
+
+    uid_root: str = field(
+        default="",
+        metadata=field_doc("UID prefix for our objects; empty uses pydicom's prefix.", _uid_root),
+    )
+    validate: str = field(
+        default="auto",
+        metadata=field_doc(
+            "auto (dciodvfy when installed), dciodvfy (required) or off.",
+            _one_of("auto", "dciodvfy", "off"),
+        ),
+    )
+    series_number: int = field(
+        default=9900, metadata=field_doc("Series number of the first result series.", _positive)
+    )
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Log output."""
+
+    level: str = field(
+        default="INFO",
+        metadata=field_doc(
+            "DEBUG, INFO, WARNING or ERROR.", _one_of("DEBUG", "INFO", "WARNING", "ERROR")
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node our results are sent to with C-STORE."""
+
+    name: str = field(metadata=field_doc("Name used by routes and the CLI.", _name))
+    ae_title: str = field(metadata=field_doc("Its AE title.", _ae_title))
+    host: str = field(metadata=field_doc("Its host name or address."))
+    port: int = field(metadata=field_doc("Its port.", _port))
+    timeout_seconds: float = field(
+        default=30.0, metadata=field_doc("Network timeout for each association.", _positive)
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which models run on which series, and where the results go."""
+
+    name: str = field(metadata=field_doc("Route name.", _name))
+    match: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_doc(
+            "DICOM keyword -> exact value, 're:' + regular expression, or a list of either.",
+            _match_rules,
+        ),
+    )
+    models: list[str] = field(default_factory=list, metadata=field_doc("Model packages to run."))
+    send_to: list[str] = field(default_factory=list, metadata=field_doc("Destination names."))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a node."""
+
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    completion: CompletionSettings = field(default_factory=CompletionSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    source: Path | None = field(default=None, metadata={"internal": True})
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If no destination has that name.
+        """
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"unknown destination {name!r} (known: {known})")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Turn ``DICOMNODE_SECTION_KEY=value`` variables into a TOML-like mapping."""
+    sections = {
+        f.name: typing.get_type_hints(Settings)[f.name]
+        for f in dataclasses.fields(Settings)
+        if dataclasses.is_dataclass(typing.get_type_hints(Settings)[f.name])
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"{var}: unknown setting (no such section)")
+        key = rest[len(section) + 1 :]
+        hints = typing.get_type_hints(sections[section])
+        if key not in hints:
+            raise ConfigError(f"{var}: unknown setting {section}.{key}")
+        tp = hints[key]
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        value: Any = raw
+        try:
+            if tp is int:
+                value = int(raw)
+            elif tp is float:
+                value = float(raw)
+            elif tp is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise ConfigError(f"{var}: must be {type_name(tp)}, got {raw!r}") from None
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Make relative paths absolute against ``base`` (the config file's folder)."""
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    url = settings.database.url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rel = url[len("sqlite:///") :]
+        if rel and rel != ":memory:":
+            url = "sqlite:///" + str(absolute(Path(rel)))
+    models_path = settings.models.path
+    return dataclasses.replace(
+        settings,
+        database=DatabaseSettings(url=url),
+        storage=dataclasses.replace(settings.storage, path=absolute(settings.storage.path)),
+        models=ModelSettings(path=absolute(models_path) if models_path is not None else None),
+    )
+
+
+def _cross_check(settings: Settings) -> None:
+    """Check what spans sections: unique names, routes naming real destinations."""
+    names = [d.name for d in settings.destinations]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"destinations[{i}].name: duplicate destination {name!r}")
+    route_names = [r.name for r in settings.routes]
+    for i, route in enumerate(settings.routes):
+        if route.name in route_names[:i]:
+            raise ConfigError(f"routes[{i}].name: duplicate route {route.name!r}")
+        if not route.models:
+            raise ConfigError(f"routes[{i}].models: a route needs at least one model")
+        for dest in route.send_to:
+            if dest not in names:
+                raise ConfigError(
+                    f"routes[{i}].send_to: unknown destination {dest!r} "
+                    f"(known: {', '.join(names) or 'none configured'})"
+                )
+
+
+def parse_settings(
+    data: Mapping[str, Any],
+    *,
+    base: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> Settings:
+    """Validate a TOML-shaped mapping and return the settings.
+
+    Parameters
+    ----------
+    data : Mapping[str, Any]
+        The parsed TOML document.
+    base : Path, optional
+        Folder that relative paths are resolved against; the current directory if omitted.
+    environ : Mapping[str, str], optional
+        Environment whose ``DICOMNODE_*`` variables override the file; none if omitted.
+    source : Path, optional
+        The file the data came from, remembered for messages.
+
+    Returns
+    -------
+    Settings
+        The validated, frozen settings.
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown or a value is bad; the message names the key.
+    """
+    merged: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()
+    }
+    for section, values in _env_overrides(environ or {}).items():
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table, got {type(target).__name__}")
+        target.update(values)
+    settings: Settings = build(Settings, merged)
+    _cross_check(settings)
+    settings = _resolve_paths(settings, base or Path.cwd())
+    return dataclasses.replace(settings, source=source)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Load settings from ``path``, ``$DICOMNODE_CONFIG`` or the built-in defaults.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        The TOML file; when omitted ``$DICOMNODE_CONFIG`` is used, and when that is
+        unset the defaults apply (relative paths against the current directory).
+    environ : Mapping[str, str], optional
+        Environment to read; ``os.environ`` if omitted.
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, or a setting is bad.
+    """
+    env = os.environ if environ is None else environ
+    chosen = path if path is not None else env.get(ENV_CONFIG)
+    if chosen is None:
+        return parse_settings({}, environ=env)
+    file = Path(chosen)
+    try:
+        with file.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read configuration file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_settings(data, base=file.resolve().parent, environ=env, source=file)
+
+
+def documented_keys() -> dict[str, str]:
+    """Return ``section.key -> description`` for every setting.
+
+    Returns
+    -------
+    dict[str, str]
+        Used by the tests to check that ``config.example.toml`` documents every key.
+    """
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(Settings)
+    for top in dataclasses.fields(Settings):
+        if top.metadata.get("internal"):
+            continue
+        tp = hints[top.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        for f in dataclasses.fields(inner):
+            out[f"{top.name}.{f.name}"] = f.metadata.get("doc", "")
+    return out

@@ -1,0 +1,381 @@
+"""The job queue: SQL that enqueues, claims, renews, finishes and retries jobs.
+
+Every state change after a claim is guarded by ``lease_owner``: a worker that
+lost its lease (it stalled, the reaper re-queued its job, another worker took it)
+can no longer change the job, so a job is finished by exactly one worker.
+Claims take ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent workers never
+wait on each other; on SQLite every transaction is ``BEGIN IMMEDIATE`` (see
+:mod:`dicomnode.db.engine`), which serialises claims.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.engine import transaction
+from dicomnode.db.models import Job, JobState, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = (JobState.RUNNING, JobState.SENDING)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds the lease on."""
+
+    job_id: int
+    owner: str
+    attempt: int
+
+
+def idempotency_key(series_uid: str, generation: int, model: str, version: str) -> str:
+    """Return the key that makes the same work impossible to queue twice.
+
+    Parameters
+    ----------
+    series_uid : str
+        The input series.
+    generation : int
+        How often the series was re-opened by late instances.
+    model, version : str
+        The model package.
+
+    Returns
+    -------
+    str
+        The key.
+    """
+    return f"{series_uid}/{generation}/{model}/{version}"
+
+
+def enqueue(
+    session: Session,
+    series: Series,
+    *,
+    route: str,
+    model: str,
+    version: str,
+    max_attempts: int,
+    priority: int = 0,
+) -> Job | None:
+    """Queue a job unless the same work is already queued or done.
+
+    Parameters
+    ----------
+    session : Session
+        An open transaction.
+    series : Series
+        The input series.
+    route, model, version : str
+        What to run and why.
+    max_attempts : int
+        Attempts before the job fails for good.
+    priority : int
+        Higher runs first.
+
+    Returns
+    -------
+    Job or None
+        The new job, or None when its idempotency key already exists.
+    """
+    key = idempotency_key(series.series_uid, series.generation, model, version)
+    if session.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None:
+        return None
+    job = Job(
+        series_id=series.id,
+        route=route,
+        model=model,
+        model_version=version,
+        idempotency_key=key,
+        state=JobState.QUEUED,
+        priority=priority,
+        attempts=0,
+        max_attempts=max_attempts,
+        run_after=utcnow(),
+        timings={},
+        summary={},
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Claim | None:
+    """Claim the most urgent runnable job, taking a lease on it.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    owner : str
+        This worker's id, recorded as the lease owner.
+    lease_seconds : float
+        How long the lease lasts before it must be renewed.
+
+    Returns
+    -------
+    Claim or None
+        The claimed job, or None when nothing is runnable.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        job = session.scalar(
+            select(Job)
+            .where(Job.state == JobState.QUEUED, Job.run_after <= now)
+            .order_by(Job.priority.desc(), Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if job is None:
+            return None
+        job.state = JobState.RUNNING
+        job.lease_owner = owner
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        job.heartbeat_at = now
+        job.attempts += 1
+        job.started_at = now
+        job.last_error = None
+        return Claim(job_id=job.id, owner=owner, attempt=job.attempts)
+
+
+def _owned(claim: Claim) -> Any:
+    return (Job.id == claim.job_id) & (Job.lease_owner == claim.owner)
+
+
+def heartbeat(sessions: sessionmaker[Session], claim: Claim, lease_seconds: float) -> bool:
+    """Renew the lease of a running job.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    claim : Claim
+        The job.
+    lease_seconds : float
+        New lease length from now.
+
+    Returns
+    -------
+    bool
+        False if the lease was lost (the job was reaped or cancelled).
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        result = session.execute(
+            update(Job)
+            .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def set_state(session: Session, claim: Claim, state: JobState, **values: Any) -> bool:
+    """Move a job this worker owns to ``state`` inside an open transaction.
+
+    Parameters
+    ----------
+    session : Session
+        An open transaction.
+    claim : Claim
+        The job.
+    state : JobState
+        The new state.
+    **values
+        Other columns to set.
+
+    Returns
+    -------
+    bool
+        False if the lease was lost.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
+        .values(state=state, updated_at=utcnow(), **values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def merge_timings(session: Session, claim: Claim, timings: dict[str, float]) -> None:
+    """Add stage timings to a job's record.
+
+    Parameters
+    ----------
+    session : Session
+        An open transaction.
+    claim : Claim
+        The job.
+    timings : dict[str, float]
+        Seconds per stage.
+    """
+    job = session.get(Job, claim.job_id)
+    if job is not None:
+        job.timings = {**(job.timings or {}), **{k: round(v, 3) for k, v in timings.items()}}
+
+
+def finish(sessions: sessionmaker[Session], claim: Claim) -> bool:
+    """Mark a job done.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    claim : Claim
+        The job.
+
+    Returns
+    -------
+    bool
+        False if the lease had been lost (another worker owns the job now).
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        return set_state(
+            session,
+            claim,
+            JobState.DONE,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=None,
+        )
+
+
+def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 3600.0) -> float:
+    """Return the backoff before the next attempt: exponential with full jitter.
+
+    Parameters
+    ----------
+    attempt : int
+        The attempt that just failed (1 for the first).
+    base_seconds : float
+        Delay scale after the first attempt.
+    cap_seconds : float
+        Upper bound.
+
+    Returns
+    -------
+    float
+        Seconds to wait, at least half the exponential step so retries do spread out.
+    """
+    step = min(cap_seconds, base_seconds * 2 ** max(attempt - 1, 0))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def fail(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    error: str,
+    *,
+    retryable: bool,
+    base_seconds: float,
+) -> JobState:
+    """Record a failed attempt: re-queue with backoff, or fail for good.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    claim : Claim
+        The job.
+    error : str
+        One line, no PHI; shown by the CLI.
+    retryable : bool
+        Whether another attempt may succeed.
+    base_seconds : float
+        Backoff scale.
+
+    Returns
+    -------
+    JobState
+        ``queued`` (will retry) or ``failed``; the job's current state if the lease
+        was lost.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        job = session.get(Job, claim.job_id)
+        if job is None or job.lease_owner != claim.owner or job.state not in ACTIVE_STATES:
+            return job.state if job is not None else JobState.FAILED
+        job.last_error = error
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.updated_at = now
+        if retryable and job.attempts < job.max_attempts:
+            job.state = JobState.QUEUED
+            job.run_after = now + timedelta(seconds=retry_delay(job.attempts, base_seconds))
+        else:
+            job.state = JobState.FAILED
+            job.finished_at = now
+        return job.state
+
+
+def release(sessions: sessionmaker[Session], claim: Claim) -> None:
+    """Give a job back untouched (the worker is shutting down).
+
+    The attempt does not count: the job did not fail, it was interrupted.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    claim : Claim
+        The job.
+    """
+    with transaction(sessions) as session:
+        session.execute(
+            update(Job)
+            .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
+            .values(
+                state=JobState.QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=Job.attempts - 1,
+                run_after=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+
+
+def reap_expired(sessions: sessionmaker[Session]) -> int:
+    """Re-queue jobs whose worker stopped renewing its lease (it crashed or hung).
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+
+    Returns
+    -------
+    int
+        How many jobs were re-queued or, out of attempts, failed.
+    """
+    now = utcnow()
+    count = 0
+    with transaction(sessions) as session:
+        expired = session.scalars(
+            select(Job)
+            .where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in expired:
+            job.last_error = f"lease of worker {job.lease_owner} expired"
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.updated_at = now
+            if job.attempts < job.max_attempts:
+                job.state = JobState.QUEUED
+                job.run_after = now
+            else:
+                job.state = JobState.FAILED
+                job.finished_at = now
+            log.warning("lease expired job_id=%d state=%s", job.id, job.state)
+            count += 1
+    return count

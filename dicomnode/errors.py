@@ -1,0 +1,75 @@
+"""Exception hierarchy.
+
+Every error the node raises on purpose derives from :class:`DicomnodeError`.
+Job errors say whether a retry can help: a :class:`PermanentJobError` fails the
+job at once, a :class:`TransientJobError` is retried with backoff. Ingest
+errors are mapped to C-STORE statuses by ``dicomnode.net.status``.
+"""
+
+from __future__ import annotations
+
+
+class DicomnodeError(Exception):
+    """Base class of every error dicomnode raises on purpose."""
+
+
+class ConfigError(DicomnodeError):
+    """A setting is unknown or has a bad value; the message names the key."""
+
+
+class ModelPackageError(DicomnodeError):
+    """A model package under ``models/`` is incomplete or inconsistent."""
+
+
+class JobError(DicomnodeError):
+    """Base class of errors that end one attempt of a job."""
+
+    retryable: bool = False
+
+
+class PermanentJobError(JobError):
+    """Retrying cannot help: an unreadable series, an input the model cannot take."""
+
+    retryable = False
+
+
+class TransientJobError(JobError):
+    """Retrying later may help: the PACS is down, the GPU is out of memory."""
+
+    retryable = True
+
+
+class JobInterrupted(DicomnodeError):
+    """The worker is shutting down; the job goes back to the queue untouched."""
+
+
+class IngestError(DicomnodeError):
+    """An incoming instance is refused; ``net.status`` maps each subclass to a DICOM status.
+
+    The message is one line without PHI: it goes to the log and, as the Error
+    Comment, back to the sender.
+    """
+
+
+class UnreadableInstance(IngestError):
+    """The bytes do not parse as a DICOM dataset."""
+
+
+class MissingAttribute(IngestError):
+    """A UID we need (SOP Instance, Study, Series, SOP Class) is absent or empty."""
+
+
+class InvalidUID(IngestError):
+    """A UID is malformed or unsafe to use as a path component."""
+
+
+class UIDMismatch(IngestError):
+    """The dataset's SOP Instance UID differs from the one in the C-STORE request."""
+
+
+class SOPClassMismatch(IngestError):
+    """The dataset's SOP Class UID differs from the one negotiated for it."""
+
+
+class OutOfResources(IngestError):
+    """The disk or the database cannot take the instance right now; the sender may retry."""

@@ -1,0 +1,69 @@
+"""Per-segment measurements from a label map and the rescaled volume."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """Measurements of one segment."""
+
+    number: int  # segment number = label value
+    label: str
+    voxels: int
+    volume_ml: float
+    mean: float  # mean rescaled value (HU for CT); NaN for an empty segment
+    std: float
+
+
+def segment_stats(
+    labels: np.ndarray, pixels: np.ndarray, voxel_volume_ml: float, names: Sequence[str]
+) -> list[SegmentStats]:
+    """Measure every segment of a label map in one pass.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer labels, 0 background and ``i`` for ``names[i-1]``.
+    pixels : np.ndarray
+        Rescaled values on the same grid.
+    voxel_volume_ml : float
+        Volume of one voxel.
+    names : Sequence[str]
+        Segment labels in label order.
+
+    Returns
+    -------
+    list[SegmentStats]
+        One entry per name, in order.
+    """
+    n = len(names) + 1
+    flat = labels.ravel().astype(np.intp)
+    values = pixels.ravel().astype(np.float64)
+    counts = np.bincount(flat, minlength=n)
+    sums = np.bincount(flat, weights=values, minlength=n)
+    squares = np.bincount(flat, weights=values * values, minlength=n)
+    out = []
+    for number, name in enumerate(names, start=1):
+        count = int(counts[number])
+        if count:
+            mean = sums[number] / count
+            var = max(squares[number] / count - mean * mean, 0.0)
+            std = float(np.sqrt(var))
+        else:
+            mean, std = float("nan"), float("nan")
+        out.append(
+            SegmentStats(
+                number=number,
+                label=name,
+                voxels=count,
+                volume_ml=count * voxel_volume_ml,
+                mean=float(mean),
+                std=std,
+            )
+        )
+    return out

@@ -1,0 +1,271 @@
+"""Model packages: ``models/<name>/model.toml`` read, validated and described.
+
+A package says what a model takes, what it gives, where its weights lie and under
+which licence, so that a site can add a model without writing Python. A bad
+package is a one-line :class:`~dicomnode.errors.ModelPackageError` naming the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicomnode.errors import ConfigError, ModelPackageError
+from dicomnode.schema import build, field_doc
+
+MANIFEST = "model.toml"
+_SHIPPED = Path(__file__).resolve().parent.parent
+
+
+def shipped_models_path() -> Path:
+    """Return the folder of the models that come with dicomnode.
+
+    Returns
+    -------
+    Path
+        ``models/`` of a source checkout, or its copy inside an installed wheel.
+    """
+    for candidate in (_SHIPPED.parent / "models", _SHIPPED / "_data" / "models"):
+        if candidate.is_dir():
+            return candidate
+    return _SHIPPED.parent / "models"
+
+
+def _one_of(*allowed: str):  # type: ignore[no-untyped-def]
+    def check(value: str) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}; got {value!r}"
+
+    return check
+
+
+def _rgb(value: list[int]) -> str | None:
+    if len(value) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        return f"must be three integers 0-255, got {value!r}"
+    return None
+
+
+def _matrix(value: list[int]) -> str | None:
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+        return f"must be [rows, columns] of positive integers, got {value!r}"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 < value < 1 else f"must be between 0 and 1, got {value}"
+
+
+def _sha256(value: str) -> str | None:
+    return None if re.fullmatch(r"[0-9a-f]{64}", value) else "must be 64 lowercase hex digits"
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """A coded concept, e.g. SNOMED CT 44029006 "Left lung"."""
+
+    scheme: str = field(metadata=field_doc("Coding scheme designator: SCT, DCM, ..."))
+    value: str = field(metadata=field_doc("Code value."))
+    meaning: str = field(metadata=field_doc("Code meaning."))
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One output segment."""
+
+    label: str = field(metadata=field_doc("Segment label shown in viewers."))
+    category: CodeSpec = field(metadata=field_doc("Segmented property category."))
+    type: CodeSpec = field(metadata=field_doc("Segmented property type."))
+    color: list[int] = field(
+        default_factory=lambda: [255, 0, 0], metadata=field_doc("Display colour, RGB.", _rgb)
+    )
+    side: str = field(
+        default="",
+        metadata=field_doc(
+            "For split-left-right: which patient side this segment is.",
+            _one_of("", "left", "right"),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where the weights lie and in which format."""
+
+    file: str = field(metadata=field_doc("Weights file, relative to the package."))
+    format: str = field(
+        default="torchscript", metadata=field_doc("Weights format.", _one_of("torchscript"))
+    )
+    sha256: str = field(default="", metadata=field_doc("Expected SHA-256 of the file."))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model accepts."""
+
+    modality: list[str] = field(metadata=field_doc('Accepted modalities, e.g. ["CT"].'))
+    dimensions: int = field(
+        default=2,
+        metadata=field_doc(
+            "2: the model sees one slice at a time.",
+            lambda v: None if v == 2 else "only 2 (slice by slice) is supported",
+        ),
+    )
+    matrix: list[int] = field(
+        default_factory=lambda: [512, 512],
+        metadata=field_doc("[rows, columns] the network expects; others are resampled.", _matrix),
+    )
+    offset: float = field(
+        default=0.0, metadata=field_doc("Added to the rescaled values (HU) before the model.")
+    )
+    scale: float = field(default=1.0, metadata=field_doc("Multiplies (value + offset).", _positive))
+    batch_size: int = field(default=8, metadata=field_doc("Slices per forward pass.", _positive))
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the model returns and how it is turned into segments."""
+
+    kind: str = field(
+        default="probability",
+        metadata=field_doc(
+            "probability (activation applied) or logits.", _one_of("probability", "logits")
+        ),
+    )
+    threshold: float = field(
+        default=0.5, metadata=field_doc("Foreground probability threshold.", _probability)
+    )
+    postprocess: str = field(
+        default="none",
+        metadata=field_doc(
+            "none, or split-left-right: largest components, split by patient side.",
+            _one_of("none", "split-left-right"),
+        ),
+    )
+    min_component_fraction: float = field(
+        default=0.1,
+        metadata=field_doc(
+            "Components smaller than this fraction of the largest are dropped.", _probability
+        ),
+    )
+    segments: list[SegmentSpec] = field(
+        default_factory=list, metadata=field_doc("The output segments, in label order.")
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model package."""
+
+    name: str = field(metadata=field_doc("Model name; routes refer to it."))
+    version: str = field(metadata=field_doc("Model version; part of the job's identity."))
+    task: str = field(
+        metadata=field_doc("What the model does.", _one_of("segmentation")),
+    )
+    summary: str = field(default="", metadata=field_doc("One line saying what it does."))
+    licence: str = field(default="", metadata=field_doc("Licence of the weights."))
+    intended_use: str = field(default="", metadata=field_doc("Intended use statement."))
+    clinical_use: bool = field(
+        default=False,
+        metadata=field_doc("False marks every output 'not for clinical use'."),
+    )
+    weights: WeightsSpec = field(
+        default_factory=lambda: WeightsSpec(file=""), metadata=field_doc("Weights.")
+    )
+    input: InputSpec = field(
+        default_factory=lambda: InputSpec(modality=[]), metadata=field_doc("Input contract.")
+    )
+    output: OutputSpec = field(default_factory=OutputSpec, metadata=field_doc("Outputs."))
+    path: Path = field(default=Path("."), metadata={"internal": True})
+
+    @property
+    def weights_path(self) -> Path:
+        """Return the absolute path of the weights file."""
+        return self.path / self.weights.file
+
+
+def _check_package(spec: ModelSpec, folder: Path) -> None:
+    if spec.name != folder.name:
+        raise ConfigError(f"name: {spec.name!r} differs from its folder name {folder.name!r}")
+    if not spec.weights.file:
+        raise ConfigError("weights.file: required key is missing")
+    if spec.weights.sha256 and _sha256(spec.weights.sha256):
+        raise ConfigError(f"weights.sha256: {_sha256(spec.weights.sha256)}")
+    if not spec.input.modality:
+        raise ConfigError("input.modality: at least one modality is required")
+    if not spec.output.segments:
+        raise ConfigError("output.segments: a segmentation model needs at least one segment")
+    if spec.output.postprocess == "split-left-right":
+        sides = sorted(s.side for s in spec.output.segments)
+        if sides != ["left", "right"]:
+            raise ConfigError(
+                "output.segments: split-left-right needs exactly one 'left' and one 'right' segment"
+            )
+    if not (folder / spec.weights.file).is_file():
+        raise ConfigError(f"weights.file: {spec.weights.file} not found in the package")
+
+
+def load_model_spec(folder: Path) -> ModelSpec:
+    """Read and validate one model package.
+
+    Parameters
+    ----------
+    folder : Path
+        The package folder, holding ``model.toml``.
+
+    Returns
+    -------
+    ModelSpec
+        The validated description.
+
+    Raises
+    ------
+    ModelPackageError
+        Naming the file and the field that is wrong.
+    """
+    manifest = folder / MANIFEST
+    try:
+        with manifest.open("rb") as fh:
+            data = tomllib.load(fh)
+        spec: ModelSpec = build(ModelSpec, data)
+        _check_package(spec, folder)
+    except FileNotFoundError:
+        raise ModelPackageError(f"{manifest}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelPackageError(f"{manifest}: not valid TOML: {exc}") from None
+    except ConfigError as exc:
+        raise ModelPackageError(f"{manifest}: {exc}") from None
+    return ModelSpec(**{**spec.__dict__, "path": folder.resolve()})
+
+
+def load_registry(root: Path | None) -> dict[str, ModelSpec]:
+    """Load every model package under ``root``.
+
+    Parameters
+    ----------
+    root : Path, optional
+        The folder holding one sub-folder per model; the shipped models if None.
+
+    Returns
+    -------
+    dict[str, ModelSpec]
+        Packages by name.
+
+    Raises
+    ------
+    ModelPackageError
+        If the folder is missing or any package in it is bad.
+    """
+    folder = root if root is not None else shipped_models_path()
+    if not folder.is_dir():
+        raise ModelPackageError(f"{folder}: models folder not found")
+    registry: dict[str, ModelSpec] = {}
+    for sub in sorted(p for p in folder.iterdir() if (p / MANIFEST).is_file()):
+        spec = load_model_spec(sub)
+        registry[spec.name] = spec
+    return registry

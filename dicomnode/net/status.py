@@ -1,0 +1,58 @@
+"""DIMSE status codes we return, in one table (PS3.4 Annex B.2.3, PS3.7 Annex C).
+
+Each ingest error class maps to one specific code, so a PACS administrator can
+tell from the sender's log alone why an instance was refused.
+"""
+
+from __future__ import annotations
+
+from dicomnode.errors import (
+    IngestError,
+    InvalidUID,
+    MissingAttribute,
+    OutOfResources,
+    SOPClassMismatch,
+    UIDMismatch,
+    UnreadableInstance,
+)
+
+SUCCESS = 0x0000
+# PS3.7 C.4.2: generic failure when something unexpected went wrong on our side.
+PROCESSING_FAILURE = 0x0110
+# PS3.4 B.2.3 Refused: Out of Resources (0xA7xx). The sender may retry later.
+OUT_OF_RESOURCES = 0xA700
+# PS3.4 B.2.3 Error: Data Set does not match SOP Class (0xA9xx).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# PS3.4 B.2.3 Error: Cannot understand (0xCxxx); the low bits say what.
+CANNOT_UNDERSTAND_UNREADABLE = 0xC210
+CANNOT_UNDERSTAND_MISSING_UID = 0xC211
+CANNOT_UNDERSTAND_INVALID_UID = 0xC212
+CANNOT_UNDERSTAND_UID_MISMATCH = 0xC213
+
+_BY_ERROR: dict[type[IngestError], int] = {
+    OutOfResources: OUT_OF_RESOURCES,
+    SOPClassMismatch: DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    UnreadableInstance: CANNOT_UNDERSTAND_UNREADABLE,
+    MissingAttribute: CANNOT_UNDERSTAND_MISSING_UID,
+    InvalidUID: CANNOT_UNDERSTAND_INVALID_UID,
+    UIDMismatch: CANNOT_UNDERSTAND_UID_MISMATCH,
+}
+
+
+def status_for(error: IngestError) -> int:
+    """Return the C-STORE status for an ingest error.
+
+    Parameters
+    ----------
+    error : IngestError
+        The refusal.
+
+    Returns
+    -------
+    int
+        Its status code; :data:`PROCESSING_FAILURE` for an unmapped class.
+    """
+    for cls in type(error).__mro__:
+        if cls in _BY_ERROR:
+            return _BY_ERROR[cls]
+    return PROCESSING_FAILURE

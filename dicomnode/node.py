@@ -1,0 +1,176 @@
+"""A running node: listener, scheduler and workers assembled from the settings.
+
+``dicomnode serve`` runs all three roles in one process; the same pieces run
+separately when a site scales out (one listener host, many worker hosts, one
+PostgreSQL database and one shared storage path).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import is_sqlite, make_engine, session_factory
+from dicomnode.errors import ConfigError
+from dicomnode.inference.device import configure_threads, select_device
+from dicomnode.inference.registry import ModelSpec, load_registry
+from dicomnode.inference.segment import ModelCache
+from dicomnode.net.scp import Listener
+from dicomnode.pipeline import Pipeline
+from dicomnode.queue.scheduler import make_scheduler
+from dicomnode.queue.worker import Worker
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
+    """Refuse routes that name models which are not installed.
+
+    Parameters
+    ----------
+    settings : Settings
+        The routes.
+    models : dict[str, ModelSpec]
+        The installed model packages.
+
+    Raises
+    ------
+    ConfigError
+        Naming the route and the unknown model.
+    """
+    for i, route in enumerate(settings.routes):
+        for name in route.models:
+            if name not in models:
+                known = ", ".join(sorted(models)) or "none installed"
+                raise ConfigError(f"routes[{i}].models: unknown model {name!r} (known: {known})")
+
+
+def open_database(settings: Settings, *, auto_migrate: bool) -> Engine:
+    """Open the database and make sure its schema is current.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database URL.
+    auto_migrate : bool
+        Apply migrations to an embedded SQLite database; other databases must be
+        migrated by their operator with ``dicomnode db upgrade``.
+
+    Returns
+    -------
+    Engine
+        The engine.
+
+    Raises
+    ------
+    DicomnodeError
+        If a database that may not be migrated here is not at the current revision.
+    """
+    engine = make_engine(settings.database.url)
+    if auto_migrate and is_sqlite(engine):
+        migrate.upgrade(engine)
+    else:
+        migrate.require_current(engine)
+    return engine
+
+
+@dataclass
+class Node:
+    """All roles of one dicomnode process.
+
+    Build it with :meth:`from_settings`, then :meth:`start` and :meth:`stop`.
+    """
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    spool: Spool
+    models: dict[str, ModelSpec]
+    listener: Listener | None = None
+    scheduler: BackgroundScheduler | None = None
+    workers: list[Worker] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
+        """Assemble a node; nothing runs until :meth:`start`.
+
+        Parameters
+        ----------
+        settings : Settings
+            Validated settings.
+        listen : bool
+            Include the listener and the scheduler.
+        work : bool
+            Include the workers.
+
+        Returns
+        -------
+        Node
+            The assembled node.
+
+        Raises
+        ------
+        ConfigError, ModelPackageError, DicomnodeError
+            If the models, routes or database are not usable.
+        """
+        models = load_registry(settings.models.path)
+        check_routes(settings, models)
+        engine = open_database(settings, auto_migrate=True)
+        sessions = session_factory(engine)
+        spool = Spool(settings.storage.path)
+        removed = spool.clean_tmp()
+        if removed:
+            log.info("removed %d partial files left by an interrupted write", removed)
+        node = cls(settings, engine, sessions, spool, models)
+        if listen:
+            node.listener = Listener(settings.listener, Ingestor(spool, sessions))
+            node.scheduler = make_scheduler(settings, sessions, models, spool)
+        if work:
+            configure_threads(settings.worker.threads)
+            cache = ModelCache(select_device(settings.worker.device))
+            pipeline = Pipeline(settings, sessions, spool, models, cache)
+            node.workers = [
+                Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
+                for i in range(settings.worker.count)
+            ]
+        return node
+
+    def start(self) -> None:
+        """Start the listener, the scheduler and the worker threads."""
+        if self.listener is not None:
+            self.listener.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+        for i, worker in enumerate(self.workers):
+            thread = threading.Thread(target=worker.run_forever, name=f"worker-{i}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting, stop scheduling, and let workers finish or release their jobs.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds to wait for each worker thread.
+        """
+        if self.listener is not None:
+            self.listener.stop()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout)
+        self.engine.dispose()
+        log.info("node stopped")

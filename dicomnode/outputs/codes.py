@@ -1,0 +1,34 @@
+"""Coded concepts our outputs use, in one place."""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from dicomnode.inference.registry import CodeSpec
+
+MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+VOLUME = codes.SCT.Volume
+MEAN = codes.SCT.Mean
+ATTENUATION = codes.DCM.AttenuationCoefficient
+CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
+CT_UNSPECIFIED = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
+
+
+def coded(spec: CodeSpec) -> hd.sr.CodedConcept:
+    """Turn a model package's code into a highdicom coded concept.
+
+    Parameters
+    ----------
+    spec : CodeSpec
+        Scheme, value and meaning.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+        The concept.
+    """
+    return hd.sr.CodedConcept(spec.value, spec.scheme, spec.meaning)

@@ -1,0 +1,397 @@
+"""Run one job: the only place that knows the order of the stages.
+
+load series -> model -> post-process -> measure -> SEG -> SR -> validate -> write
+-> send to each destination of the route.
+
+Outputs are written durably and recorded before anything is sent. A retry after
+a failed delivery therefore re-sends the recorded objects instead of running the
+model again, and deterministic UIDs make a re-sent object the same object to the
+PACS, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Route, Settings
+from dicomnode.db.engine import transaction
+from dicomnode.db.jobs import Claim, merge_timings, set_state
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    utcnow,
+)
+from dicomnode.errors import JobInterrupted, PermanentJobError, TransientJobError
+from dicomnode.inference.measurements import segment_stats
+from dicomnode.inference.registry import ModelSpec
+from dicomnode.inference.segment import ModelCache, segment
+from dicomnode.inference.volume import load_series
+from dicomnode.net import scu
+from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.seg import build_segmentation
+from dicomnode.outputs.sr import build_measurement_report
+from dicomnode.outputs.validate import validate_file
+from dicomnode.store.spool import RESULTS, Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What a job needs from the database, read once at the start."""
+
+    job_id: int
+    route: str
+    model: str
+    model_version: str
+    series_uid: str
+    study_uid: str
+    generation: int
+    instance_paths: list[str]
+    first_received_at: datetime
+    last_received_at: datetime
+    started_at: datetime
+    timings: dict[str, Any]
+    outputs: list[tuple[str, str]]  # (kind, spool-relative path)
+
+
+@dataclass
+class BuiltOutput:
+    """An object made by the job, before it is written."""
+
+    kind: str
+    dataset: Dataset
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def encode(dataset: Dataset) -> bytes:
+    """Encode a dataset as a DICOM file (preamble, file meta, dataset).
+
+    Parameters
+    ----------
+    dataset : Dataset
+        A dataset with file meta.
+
+    Returns
+    -------
+    bytes
+        The Part 10 file.
+    """
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Pipeline:
+    """Runs claimed jobs end to end.
+
+    Parameters
+    ----------
+    settings : Settings
+        Routes, destinations, output settings.
+    sessions : sessionmaker[Session]
+        Database sessions.
+    spool : Spool
+        Where instances lie and results go.
+    models : Mapping[str, ModelSpec]
+        The model registry.
+    cache : ModelCache
+        Warm models.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        models: Mapping[str, ModelSpec],
+        cache: ModelCache,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.spool = spool
+        self.models = models
+        self.cache = cache
+
+    def run(self, claim: Claim, should_stop: Callable[[], bool]) -> dict[str, float]:
+        """Run a claimed job to the end: outputs made, recorded and delivered.
+
+        Parameters
+        ----------
+        claim : Claim
+            The job and our lease on it.
+        should_stop : callable
+            True when the worker must stop or lost its lease; asked between stages.
+
+        Returns
+        -------
+        dict[str, float]
+            Seconds per stage of this attempt.
+
+        Raises
+        ------
+        JobInterrupted
+            If ``should_stop`` said so; the job is left as it was at the last stage boundary.
+        PermanentJobError, TransientJobError
+            If the attempt failed; the worker records it and decides on a retry.
+        """
+
+        def checkpoint() -> None:
+            if should_stop():
+                raise JobInterrupted(f"job {claim.job_id} interrupted")
+
+        ctx = self._context(claim)
+        route = self._route(ctx)
+        timings: dict[str, float] = {}
+        if "wait_s" not in ctx.timings:
+            timings["receive_s"] = (ctx.last_received_at - ctx.first_received_at).total_seconds()
+            timings["wait_s"] = (ctx.started_at - ctx.last_received_at).total_seconds()
+
+        outputs = ctx.outputs
+        if not outputs:
+            checkpoint()
+            built, summary, stage_times = self._make_outputs(ctx, checkpoint)
+            timings.update(stage_times)
+            checkpoint()
+            outputs = self._store_outputs(claim, ctx, built, summary, timings)
+        else:
+            log.info("job %d: outputs exist from an earlier attempt; sending them", claim.job_id)
+
+        started = time.perf_counter()
+        self._deliver(claim, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
+        timings["send_s"] = time.perf_counter() - started
+        with transaction(self.sessions) as session:
+            merge_timings(session, claim, timings)
+        return timings
+
+    # -- stages ------------------------------------------------------------
+
+    def _context(self, claim: Claim) -> JobContext:
+        with self.sessions() as session:
+            job = session.get(Job, claim.job_id)
+            if job is None:
+                raise PermanentJobError(f"job {claim.job_id} vanished")
+            series = session.get(Series, job.series_id)
+            assert series is not None
+            paths = session.scalars(
+                select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id)
+            ).all()
+            outputs = session.execute(
+                select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
+            ).all()
+            return JobContext(
+                job_id=job.id,
+                route=job.route,
+                model=job.model,
+                model_version=job.model_version,
+                series_uid=series.series_uid,
+                study_uid=series.study.study_uid,
+                generation=series.generation,
+                instance_paths=list(paths),
+                first_received_at=series.first_received_at,
+                last_received_at=series.last_received_at,
+                started_at=job.started_at or utcnow(),
+                timings=dict(job.timings or {}),
+                outputs=[(k, p) for k, p in outputs],
+            )
+
+    def _route(self, ctx: JobContext) -> Route:
+        for route in self.settings.routes:
+            if route.name == ctx.route:
+                return route
+        raise PermanentJobError(f"route {ctx.route} is no longer configured")
+
+    def _spec(self, ctx: JobContext) -> ModelSpec:
+        spec = self.models.get(ctx.model)
+        if spec is None:
+            raise PermanentJobError(f"model {ctx.model} is not installed")
+        if spec.version != ctx.model_version:
+            raise PermanentJobError(
+                f"model {ctx.model} is now version {spec.version}, job wants {ctx.model_version}"
+            )
+        return spec
+
+    def _make_outputs(
+        self, ctx: JobContext, checkpoint: Callable[[], None]
+    ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
+        spec = self._spec(ctx)
+        timings: dict[str, float] = {}
+
+        started = time.perf_counter()
+        volume = load_series([self.spool.absolute(p) for p in ctx.instance_paths])
+        timings["load_s"] = time.perf_counter() - started
+        checkpoint()
+
+        result = segment(spec, volume, self.cache, checkpoint=checkpoint)
+        timings.update(result.timings)
+        checkpoint()
+
+        names = [s.label for s in spec.output.segments]
+        stats = segment_stats(result.labels, volume.pixels, volume.voxel_volume_ml, names)
+        provenance = Provenance(
+            model_name=spec.name,
+            model_version=spec.version,
+            clinical_use=spec.clinical_use,
+            uid_root=self.settings.outputs.uid_root,
+        )
+        # Series UIDs depend on the input series and model only, so every re-run
+        # addresses the same result series; instance UIDs change with the model
+        # version and with late instances, since the content then differs.
+        identity = (ctx.series_uid, spec.name)
+        version = (spec.version, str(ctx.generation))
+        base_number = self.settings.outputs.series_number
+
+        started = time.perf_counter()
+        seg = build_segmentation(
+            volume.datasets,
+            result.labels,
+            spec.output.segments,
+            provenance,
+            series_uid=provenance.uid(*identity, "seg"),
+            sop_uid=provenance.uid(*identity, *version, "seg"),
+            series_number=base_number + 1,
+        )
+        timings["seg_s"] = time.perf_counter() - started
+        checkpoint()
+
+        started = time.perf_counter()
+        report = build_measurement_report(
+            seg,
+            volume.datasets,
+            stats,
+            spec.output.segments,
+            provenance,
+            series_uid=provenance.uid(*identity, "sr"),
+            sop_uid=provenance.uid(*identity, *version, "sr"),
+            series_number=base_number + 2,
+        )
+        timings["sr_s"] = time.perf_counter() - started
+
+        summary = {
+            "segments": [
+                {
+                    "label": s.label,
+                    "voxels": s.voxels,
+                    "volume_ml": round(s.volume_ml, 2),
+                    "mean": None if s.voxels == 0 else round(s.mean, 2),
+                    "std": None if s.voxels == 0 else round(s.std, 2),
+                }
+                for s in stats
+            ],
+            "total_volume_ml": round(sum(s.volume_ml for s in stats), 2),
+            "slices": volume.shape[0],
+        }
+        return [BuiltOutput("seg", seg), BuiltOutput("sr", report)], summary, timings
+
+    def _store_outputs(
+        self,
+        claim: Claim,
+        ctx: JobContext,
+        built: list[BuiltOutput],
+        summary: dict[str, Any],
+        timings: dict[str, float],
+    ) -> list[tuple[str, str]]:
+        started = time.perf_counter()
+        written: list[tuple[BuiltOutput, str, int]] = []
+        for out in built:
+            ds = out.dataset
+            data = encode(ds)
+            relative = self.spool.relative_path(
+                RESULTS, ctx.study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+            )
+            final = self.spool.write(relative, data)
+            validate_file(final, self.settings.outputs.validate)
+            written.append((out, relative.as_posix(), len(data)))
+        timings["write_validate_s"] = time.perf_counter() - started
+
+        with transaction(self.sessions) as session:
+            for out, path, size in written:
+                session.add(
+                    Output(
+                        job_id=claim.job_id,
+                        kind=out.kind,
+                        sop_class_uid=str(out.dataset.SOPClassUID),
+                        sop_instance_uid=str(out.dataset.SOPInstanceUID),
+                        series_uid=str(out.dataset.SeriesInstanceUID),
+                        path=path,
+                        size_bytes=size,
+                    )
+                )
+            job = session.get(Job, claim.job_id)
+            if job is not None:
+                job.summary = summary
+            merge_timings(session, claim, timings)
+            if not set_state(session, claim, JobState.SENDING):
+                raise JobInterrupted(f"job {claim.job_id}: lease lost before sending")
+        return [(out.kind, path) for out, path, _ in written]
+
+    def _deliver(
+        self, claim: Claim, route: Route, files: list[Path], checkpoint: Callable[[], None]
+    ) -> None:
+        failures: list[tuple[str, bool]] = []
+        for name in route.send_to:
+            checkpoint()
+            with transaction(self.sessions) as session:
+                delivery = session.scalar(
+                    select(Delivery).where(
+                        Delivery.job_id == claim.job_id, Delivery.destination == name
+                    )
+                )
+                if delivery is None:
+                    delivery = Delivery(job_id=claim.job_id, destination=name, attempts=0)
+                    session.add(delivery)
+                if delivery.state == DeliveryState.SENT:
+                    continue
+                delivery.attempts += 1
+            error: str | None = None
+            retryable = False
+            try:
+                destination = self.settings.destination(name)
+                scu.send_files(destination, files, self.settings.listener.ae_title)
+            except (TransientJobError, PermanentJobError) as exc:
+                error, retryable = str(exc), exc.retryable
+            except Exception as exc:  # the network stack can raise anything
+                error, retryable = f"destination {name}: {type(exc).__name__}: {exc}", True
+            with transaction(self.sessions) as session:
+                delivery = session.scalars(
+                    select(Delivery).where(
+                        Delivery.job_id == claim.job_id, Delivery.destination == name
+                    )
+                ).one()
+                if error is None:
+                    delivery.state = DeliveryState.SENT
+                    delivery.sent_at = utcnow()
+                    delivery.last_error = None
+                    log.info(
+                        "delivered job_id=%d destination=%s objects=%d",
+                        claim.job_id,
+                        name,
+                        len(files),
+                    )
+                else:
+                    delivery.state = DeliveryState.PENDING if retryable else DeliveryState.FAILED
+                    delivery.last_error = error
+                    failures.append((error, retryable))
+                    log.warning("delivery failed job_id=%d destination=%s", claim.job_id, name)
+        if failures:
+            message = "; ".join(e for e, _ in failures)
+            if any(r for _, r in failures):
+                raise TransientJobError(message)
+            raise PermanentJobError(message)

@@ -1,0 +1,130 @@
+"""Completion: a series with no new instance for the quiet period is complete.
+
+The sweep marks it complete, matches the routes against its header, and queues
+one job per route and model, all in one transaction, so a crash can never leave
+a series complete without its jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db.engine import transaction
+from dicomnode.db.jobs import enqueue
+from dicomnode.db.models import Instance, Series, SeriesState, utcnow
+from dicomnode.inference.registry import ModelSpec
+from dicomnode.queue.routing import matching_routes
+from dicomnode.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 100
+
+
+def _header(session: Session, spool: Spool, series: Series) -> Dataset | None:
+    path = session.scalar(
+        select(Instance.path)
+        .where(Instance.series_id == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+        .limit(1)
+    )
+    if path is None:
+        return None
+    try:
+        return pydicom.dcmread(spool.absolute(path), stop_before_pixels=True)
+    except Exception as exc:
+        log.error(
+            "series %s: cannot read header for routing (%s)", series.series_uid, type(exc).__name__
+        )
+        return None
+
+
+def sweep(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    models: Mapping[str, ModelSpec],
+    spool: Spool,
+    now: datetime | None = None,
+) -> int:
+    """Complete the series that have been quiet long enough and queue their jobs.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    settings : Settings
+        Routes, quiet period, retry settings.
+    models : Mapping[str, ModelSpec]
+        The model registry.
+    spool : Spool
+        Where the instances lie (the header of one is read for routing).
+    now : datetime, optional
+        The current time (for tests); the clock otherwise.
+
+    Returns
+    -------
+    int
+        How many series were completed.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.completion.quiet_seconds)
+    with sessions() as session:
+        candidates = session.scalars(
+            select(Series.id)
+            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+            .order_by(Series.last_received_at)
+            .limit(SWEEP_BATCH)
+        ).all()
+    completed = 0
+    for series_id in candidates:
+        with transaction(sessions) as session:
+            # Re-check under the lock: an instance may have arrived since the query.
+            series = session.scalar(
+                select(Series)
+                .where(
+                    Series.id == series_id,
+                    Series.state == SeriesState.RECEIVING,
+                    Series.last_received_at <= cutoff,
+                )
+                .with_for_update(skip_locked=True)
+            )
+            if series is None:
+                continue
+            series.state = SeriesState.COMPLETE
+            series.completed_at = now
+            header = _header(session, spool, series)
+            queued = 0
+            routes = matching_routes(settings.routes, header) if header is not None else []
+            for route in routes:
+                for name in route.models:
+                    spec = models.get(name)
+                    if spec is None:  # refused at start-up; kept for safety
+                        log.error("route %s names unknown model %s", route.name, name)
+                        continue
+                    job = enqueue(
+                        session,
+                        series,
+                        route=route.name,
+                        model=spec.name,
+                        version=spec.version,
+                        max_attempts=settings.worker.max_attempts,
+                    )
+                    queued += job is not None
+            log.info(
+                "series complete series_uid=%s instances=%d generation=%d routes=%s jobs=%d",
+                series.series_uid,
+                series.instance_count,
+                series.generation,
+                ",".join(r.name for r in routes) or "-",
+                queued,
+            )
+            completed += 1
+    return completed

@@ -1,0 +1,178 @@
+"""Workers: claim a job, keep its lease alive, run it, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import WorkerSettings
+from dicomnode.db import jobs
+from dicomnode.db.jobs import Claim
+from dicomnode.errors import JobError, JobInterrupted
+from dicomnode.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def worker_id(index: int = 0) -> str:
+    """Return a lease-owner id that is unique across hosts and restarts.
+
+    Parameters
+    ----------
+    index : int
+        The worker's number within this process.
+
+    Returns
+    -------
+    str
+        ``host:pid:index:random``.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:8]}"
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a job's lease until stopped; sets ``lost`` when the lease is gone."""
+
+    def __init__(self, sessions: sessionmaker[Session], claim: Claim, lease_seconds: float) -> None:
+        super().__init__(name=f"heartbeat-{claim.job_id}", daemon=True)
+        self.sessions = sessions
+        self.claim = claim
+        self.lease_seconds = lease_seconds
+        self.done = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        interval = max(self.lease_seconds / 3, 0.5)
+        while not self.done.wait(interval):
+            try:
+                if not jobs.heartbeat(self.sessions, self.claim, self.lease_seconds):
+                    log.warning("lease lost job_id=%d", self.claim.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # the database may be briefly away; the lease has slack
+                log.exception("heartbeat failed job_id=%d", self.claim.job_id)
+
+
+class Worker:
+    """Claims and runs jobs until told to stop.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    pipeline : Pipeline
+        Runs one job.
+    settings : WorkerSettings
+        Lease, polling and retry settings.
+    stop : threading.Event
+        Set to stop; a running job is released at its next stage boundary.
+    index : int
+        The worker's number within the process.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        pipeline: Pipeline,
+        settings: WorkerSettings,
+        stop: threading.Event,
+        index: int = 0,
+    ) -> None:
+        self.sessions = sessions
+        self.pipeline = pipeline
+        self.settings = settings
+        self.stop = stop
+        self.id = worker_id(index)
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until :attr:`stop` is set."""
+        log.info("worker started worker_id=%s", self.id)
+        while not self.stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # a database outage must not kill the worker thread
+                log.exception("worker loop error worker_id=%s", self.id)
+                ran = False
+            if not ran:
+                self.stop.wait(self.settings.poll_seconds)
+        log.info("worker stopped worker_id=%s", self.id)
+
+    def run_once(self) -> bool:
+        """Claim one job and run it.
+
+        Returns
+        -------
+        bool
+            False when no job was runnable.
+        """
+        claim = jobs.claim(self.sessions, self.id, self.settings.lease_seconds)
+        if claim is None:
+            return False
+        self._run(claim)
+        return True
+
+    def _run(self, claim: Claim) -> None:
+        beat = _Heartbeat(self.sessions, claim, self.settings.lease_seconds)
+        beat.start()
+        started = time.perf_counter()
+        log.info(
+            "job started job_id=%d attempt=%d worker_id=%s", claim.job_id, claim.attempt, self.id
+        )
+        try:
+            # The pipeline stops at its next checkpoint if we shut down or lose the lease.
+            timings = self.pipeline.run(claim, lambda: self.stop.is_set() or beat.lost.is_set())
+        except JobInterrupted:
+            if beat.lost.is_set():
+                log.warning("job abandoned job_id=%d: lease lost", claim.job_id)
+            else:
+                jobs.release(self.sessions, claim)
+                log.info("job released job_id=%d: worker stopping", claim.job_id)
+            return
+        except JobError as exc:
+            state = jobs.fail(
+                self.sessions,
+                claim,
+                str(exc),
+                retryable=exc.retryable,
+                base_seconds=self.settings.retry_base_seconds,
+            )
+            log.warning(
+                "job %s job_id=%d attempt=%d seconds=%.1f error=%s",
+                "retrying" if state == "queued" else "failed",
+                claim.job_id,
+                claim.attempt,
+                time.perf_counter() - started,
+                exc,
+            )
+            return
+        except Exception as exc:
+            # An unexpected error is a bug or an environment problem; retry it a bounded
+            # number of times rather than lose the job or loop on it forever.
+            log.exception("job error job_id=%d", claim.job_id)
+            jobs.fail(
+                self.sessions,
+                claim,
+                f"internal error: {type(exc).__name__}: {exc}",
+                retryable=True,
+                base_seconds=self.settings.retry_base_seconds,
+            )
+            return
+        finally:
+            beat.done.set()
+        if jobs.finish(self.sessions, claim):
+            stages = " ".join(f"{k}={v:.2f}" for k, v in timings.items())
+            log.info(
+                "job done job_id=%d attempt=%d seconds=%.1f %s",
+                claim.job_id,
+                claim.attempt,
+                time.perf_counter() - started,
+                stages,
+            )
+        else:
+            log.warning("job finished but lease was lost job_id=%d", claim.job_id)
