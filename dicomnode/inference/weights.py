@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 
@@ -58,7 +59,11 @@ def load_torchscript(spec: ModelSpec, device: torch.device) -> torch.jit.ScriptM
             f"model {spec.name}: weights file {path.name} does not match weights.sha256"
         )
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():
+            # torch 2.10+ deprecates TorchScript in favour of torch.export; TorchScript
+            # packages remain the most portable format sites have, so keep loading them.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise ModelPackageError(
             f"model {spec.name}: cannot load {path.name} as TorchScript ({type(exc).__name__})"

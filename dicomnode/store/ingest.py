@@ -27,7 +27,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
@@ -205,8 +205,8 @@ class Ingestor:
                     )
                 replaced = existing is not None
                 old_path = existing.path if existing is not None else None
-        except OperationalError:
-            raise OutOfResources("database unavailable") from None
+        except DBAPIError as exc:
+            raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
 
         try:
             self.spool.write(relative, data)
@@ -223,8 +223,9 @@ class Ingestor:
             # bytes; the row still holds the old digest, so a resend rewrites it.
             if not replaced:
                 self.spool.remove(relative)
-            if isinstance(exc, OperationalError):
-                raise OutOfResources("database unavailable") from None
+            if isinstance(exc, DBAPIError):
+                # The sender may retry; nothing of this attempt remains.
+                raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
             raise
         if old_path is not None and old_path != relative.as_posix():
             self.spool.remove(old_path)  # it moved to another study or series

@@ -1,0 +1,91 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL), test data, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get(
+    "DICOMNODE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def shared_path() -> Path:
+    """The workplace's shared/ folder with the real test data (beside the checkout)."""
+    path = Path(os.environ.get("DICOMNODE_SHARED", REPO.parent / "shared"))
+    if not (path / "data").is_dir():
+        pytest.fail(f"test data not found at {path}: set DICOMNODE_SHARED", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return shared_path()
+
+
+@pytest.fixture(scope="session")
+def lidc1(shared: Path) -> list[Path]:
+    return sorted((shared / "data/ct/LIDC-IDRI-0001").glob("*.dcm"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_admin():
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    from sqlalchemy import text
+
+    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test on the embedded SQLite database and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[object]:
+    """An engine on a migrated database."""
+    from dicomnode.db import migrate
+    from dicomnode.db.engine import make_engine
+
+    eng = make_engine(db_url)
+    migrate.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sessions(engine):
+    from dicomnode.db.engine import session_factory
+
+    return session_factory(engine)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicomnode.config import parse_settings
+from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
+from dicomnode.inference.registry import load_registry
+from dicomnode.queue.completion import sweep
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.factories import ct_series
+
+SETTINGS = parse_settings(
+    {
+        "completion": {"quiet_seconds": 30},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+        "routes": [
+            {
+                "name": "lungs",
+                "match": {"Modality": "CT"},
+                "models": ["lung-unet2d"],
+                "send_to": ["pacs"],
+            },
+            {
+                "name": "brain",
+                "match": {"Modality": "MR"},
+                "models": ["lung-unet2d"],
+                "send_to": ["pacs"],
+            },
+        ],
+    },
+    environ={},
+)
+MODELS = load_registry(None)
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def receive(spool: Spool, sessions, datasets: list[Dataset]) -> None:
+    ingestor = Ingestor(spool, sessions)
+    for ds in datasets:
+        ingestor.store(encode(ds))
+
+
+def test_series_completes_after_quiet_period_and_queues_jobs(spool: Spool, sessions) -> None:
+    ct = ct_series(np.zeros((3, 8, 8), np.float32))
+    mr = ct_series(np.zeros((2, 8, 8), np.float32), modality="MR")
+    receive(spool, sessions, ct + mr)
+
+    assert sweep(sessions, SETTINGS, MODELS, spool) == 0  # still inside the quiet period
+    later = utcnow() + timedelta(seconds=31)
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=later) == 2
+    with sessions() as s:
+        assert {x.state for x in s.scalars(select(Series))} == {SeriesState.COMPLETE}
+        jobs = s.scalars(select(Job)).all()
+        routes = sorted(j.route for j in jobs)
+        assert routes == ["brain", "lungs"]
+        assert all(j.state == JobState.QUEUED and j.model == "lung-unet2d" for j in jobs)
+        assert all(j.model_version == MODELS["lung-unet2d"].version for j in jobs)
+    # A second sweep finds nothing more to do.
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=later) == 0
+
+
+def test_unmatched_series_completes_without_jobs(spool: Spool, sessions) -> None:
+    receive(spool, sessions, ct_series(np.zeros((2, 8, 8), np.float32), modality="PT"))
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31)) == 1
+    with sessions() as s:
+        assert s.scalars(select(Job)).all() == []
+
+
+def test_late_instance_reopens_and_queues_a_new_job(spool: Spool, sessions) -> None:
+    series = ct_series(np.zeros((4, 8, 8), np.float32))
+    receive(spool, sessions, series[:3])
+    sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    receive(spool, sessions, series[3:])
+    with sessions() as s:
+        reopened = s.scalars(select(Series)).one()
+        assert reopened.state == SeriesState.RECEIVING and reopened.generation == 1
+    sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    with sessions() as s:
+        keys = sorted(j.idempotency_key for j in s.scalars(select(Job)))
+        assert len(keys) == 2 and keys[0] != keys[1]
+        assert s.scalars(select(Series)).one().instance_count == 4

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from sqlalchemy import select, text
+
+from dicomnode.db.models import Instance, Series, SeriesState, Study
+from dicomnode.errors import (
+    InvalidUID,
+    MissingAttribute,
+    OutOfResources,
+    SOPClassMismatch,
+    UIDMismatch,
+    UnreadableInstance,
+)
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.factories import ct_series
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def series() -> list[Dataset]:
+    return ct_series(np.zeros((3, 8, 8), np.float32))
+
+
+@pytest.fixture
+def ingestor(tmp_path: Path, sessions) -> Ingestor:
+    return Ingestor(Spool(tmp_path / "spool"), sessions)
+
+
+def files(ingestor: Ingestor) -> list[Path]:
+    return sorted((ingestor.spool.root / "incoming").rglob("*.dcm"))
+
+
+def test_store_writes_file_and_rows(ingestor: Ingestor, series: list[Dataset], sessions) -> None:
+    for ds in series:
+        data = encode(ds)
+        out = ingestor.store(data, calling_ae="MODALITY", sop_instance_uid=ds.SOPInstanceUID)
+        assert ingestor.spool.absolute(out.path).read_bytes() == data
+    with sessions() as s:
+        assert s.scalar(select(Study.patient_id)) == "PID-TEST-0001"
+        ser = s.scalars(select(Series)).one()
+        assert ser.instance_count == 3 and ser.state == SeriesState.RECEIVING
+        assert ser.modality == "CT"
+        rows = s.scalars(select(Instance)).all()
+        assert {r.sop_instance_uid for r in rows} == {d.SOPInstanceUID for d in series}
+        assert all(r.calling_ae == "MODALITY" and len(r.sha256) == 64 for r in rows)
+
+
+def test_identical_resend_is_idempotent(
+    ingestor: Ingestor, series: list[Dataset], sessions
+) -> None:
+    data = encode(series[0])
+    ingestor.store(data)
+    again = ingestor.store(data)
+    assert again.duplicate
+    with sessions() as s:
+        assert s.scalar(select(Series.instance_count)) == 1
+        assert len(s.scalars(select(Instance)).all()) == 1
+
+
+def test_different_object_under_same_uid_replaces_and_reopens(
+    ingestor: Ingestor,
+    series: list[Dataset],
+    sessions,
+) -> None:
+    ingestor.store(encode(series[0]))
+    with sessions() as s, s.begin():
+        s.scalars(select(Series)).one().state = SeriesState.COMPLETE
+    series[0].InstanceNumber = 99  # a corrected resend
+    out = ingestor.store(encode(series[0]))
+    assert out.replaced and not out.duplicate
+    with sessions() as s:
+        ser = s.scalars(select(Series)).one()
+        assert ser.instance_count == 1
+        assert ser.state == SeriesState.RECEIVING and ser.generation == 1
+        assert s.scalar(select(Instance.instance_number)) == 99
+    assert len(files(ingestor)) == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (
+            lambda ds: delattr(ds, "StudyInstanceUID"),
+            MissingAttribute,
+            "StudyInstanceUID is missing",
+        ),
+        (lambda ds: delattr(ds, "SeriesInstanceUID"), MissingAttribute, "SeriesInstanceUID"),
+        (
+            lambda ds: setattr(ds, "SeriesInstanceUID", "../../../etc"),
+            InvalidUID,
+            "SeriesInstanceUID",
+        ),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "1.2/3"), InvalidUID, "StudyInstanceUID"),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 70), InvalidUID, "longer than 64"),
+    ],
+)
+def test_bad_identifiers_are_refused_without_writing(
+    ingestor: Ingestor,
+    series: list[Dataset],
+    sessions,
+    mutate,
+    error,
+    message,
+) -> None:
+    ds = series[0]
+    mutate(ds)
+    with pytest.raises(error, match=message):
+        ingestor.store(encode(ds))
+    assert files(ingestor) == []
+    with sessions() as s:
+        assert s.scalars(select(Instance)).all() == []
+
+
+def test_request_mismatches(ingestor: Ingestor, series: list[Dataset]) -> None:
+    data = encode(series[0])
+    with pytest.raises(UIDMismatch):
+        ingestor.store(data, sop_instance_uid="1.2.3")
+    with pytest.raises(SOPClassMismatch):
+        ingestor.store(data, sop_class_uid="1.2.840.10008.5.1.4.1.1.4")
+    assert files(ingestor) == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not dicom at all" * 10, b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff"],
+)
+def test_garbage_is_unreadable(ingestor: Ingestor, data: bytes) -> None:
+    with pytest.raises((UnreadableInstance, MissingAttribute)):
+        ingestor.store(data)
+    assert files(ingestor) == []
+
+
+def test_truncated_instance_is_refused(ingestor: Ingestor, series: list[Dataset]) -> None:
+    data = encode(series[0])
+    with pytest.raises((UnreadableInstance, MissingAttribute)):
+        ingestor.store(data[:300])
+    assert files(ingestor) == []
+
+
+FAIL_INSERTS = {
+    "sqlite": [
+        "CREATE TRIGGER fail_insert BEFORE INSERT ON instances "
+        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION fail_insert() RETURNS trigger AS $$ "
+        "BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER fail_insert BEFORE INSERT ON instances "
+        "FOR EACH ROW EXECUTE FUNCTION fail_insert()",
+    ],
+}
+
+
+def test_database_failure_after_the_write_removes_the_file(
+    ingestor: Ingestor,
+    series: list[Dataset],
+    engine,
+    sessions,
+) -> None:
+    # A real failure inside the database, after the file is already on disk.
+    with engine.begin() as conn:
+        for statement in FAIL_INSERTS[engine.dialect.name]:
+            conn.execute(text(statement))
+    with pytest.raises(OutOfResources, match="database error"):
+        ingestor.store(encode(series[0]))
+    assert files(ingestor) == []
+    assert list((ingestor.spool.root / "tmp").iterdir()) == []
+    with sessions() as s:
+        assert s.scalars(select(Series)).all() == []  # the whole transaction rolled back

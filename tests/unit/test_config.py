@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import (
+    Settings,
+    documented_keys,
+    load_settings,
+    parse_settings,
+)
+from dicomnode.errors import ConfigError
+from tests.conftest import REPO
+
+EXAMPLE = REPO / "config.example.toml"
+
+MINIMAL = {
+    "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+    "routes": [{"name": "r", "match": {"Modality": "CT"}, "models": ["m"], "send_to": ["pacs"]}],
+}
+
+
+def error_for(data: dict, environ: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, environ=environ or {})
+    message = str(info.value)
+    assert "\n" not in message, "errors must be one line"
+    return message
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    settings = load_settings(None, environ={})
+    assert isinstance(settings, Settings)
+    assert settings.listener.ae_title == "DICOMNODE"
+    assert settings.listener.port == 11112
+    assert settings.database.url.startswith("sqlite:///")
+    assert settings.completion.quiet_seconds == 30
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    settings = load_settings(EXAMPLE, environ={})
+    assert settings.routes[0].name == "chest-ct-lungs"
+    assert settings.routes[0].models == ["lung-unet2d"]
+    assert settings.destination("pacs").port == 4242
+    text = EXAMPLE.read_text()
+    # Every key must appear in the example, set or commented out, with its section.
+    for key in documented_keys():
+        section, name = key.split(".")
+        assert re.search(rf"^\[+{section}\]+", text, re.M), f"section {section} missing"
+        assert re.search(rf"^#?\s*{name}\s*=", text, re.M), f"{key} not documented"
+
+
+def test_example_config_defaults_match_the_code() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    defaults = Settings()
+    for section in ("listener", "completion", "worker", "outputs", "logging"):
+        for key, value in data[section].items():
+            assert getattr(getattr(defaults, section), key) == value, f"{section}.{key}"
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "etc" / "node.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[storage]\npath = "spool"\n[database]\nurl = "sqlite:///db/x.db"\n')
+    settings = load_settings(cfg, environ={})
+    assert settings.storage.path == cfg.parent / "spool"
+    assert settings.database.url == f"sqlite:///{cfg.parent / 'db/x.db'}"
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[listener]\nae_title = "FROMENV"\n')
+    assert (
+        load_settings(None, environ={"DICOMNODE_CONFIG": str(cfg)}).listener.ae_title == "FROMENV"
+    )
+
+
+def test_environment_overrides_the_file() -> None:
+    env = {"DICOMNODE_LISTENER_PORT": "104", "DICOMNODE_DATABASE_URL": "postgresql+psycopg://x/y"}
+    settings = parse_settings({"listener": {"port": 11112}}, environ=env)
+    assert settings.listener.port == 104
+    assert settings.database.url == "postgresql+psycopg://x/y"
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "expected"),
+    [
+        ({"listener": {"aetitle": "X"}}, {}, r"^listener\.aetitle: unknown key"),
+        ({"lisener": {}}, {}, r"^lisener: unknown key"),
+        ({"listener": {"port": 70000}}, {}, r"^listener\.port: must be between 1 and 65535"),
+        ({"listener": {"port": "104"}}, {}, r"^listener\.port: must be an integer"),
+        ({"listener": {"port": True}}, {}, r"^listener\.port: must be an integer"),
+        ({"listener": {"ae_title": "A" * 17}}, {}, r"^listener\.ae_title: must be a DICOM AE"),
+        ({"listener": {"ae_title": "BAD\\AE"}}, {}, r"^listener\.ae_title: must be a DICOM AE"),
+        ({"listener": []}, {}, r"^listener: must be a table"),
+        ({"database": {"url": "mysql://x"}}, {}, r"^database\.url: must be a sqlite"),
+        ({"completion": {"quiet_seconds": -1}}, {}, r"^completion\.quiet_seconds: must be 0 or"),
+        ({"worker": {"device": "tpu"}}, {}, r"^worker\.device: must be one of auto, cpu, cuda"),
+        ({"worker": {"count": 0}}, {}, r"^worker\.count: must be greater than 0"),
+        ({"outputs": {"uid_root": "1.2.x."}}, {}, r"^outputs\.uid_root: must be a UID prefix"),
+        ({"logging": {"level": "LOUD"}}, {}, r"^logging\.level: must be one of"),
+        ({}, {"DICOMNODE_LISTENER_PORTT": "1"}, r"^DICOMNODE_LISTENER_PORTT: unknown setting"),
+        ({}, {"DICOMNODE_NOPE_X": "1"}, r"^DICOMNODE_NOPE_X: unknown setting"),
+        ({}, {"DICOMNODE_LISTENER_PORT": "abc"}, r"^DICOMNODE_LISTENER_PORT: must be an integer"),
+    ],
+)
+def test_bad_settings_name_the_key(data: dict, environ: dict, expected: str) -> None:
+    assert re.search(expected, error_for(data, environ))
+
+
+def with_route(**route: object) -> dict:
+    base = dict(MINIMAL["routes"][0])
+    base.update(route)
+    return {**MINIMAL, "routes": [base]}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (with_route(match={"Modalty": "CT"}), r"^routes\[0\]\.match: 'Modalty' is not a DICOM"),
+        (with_route(match={"Modality": "re:(CT"}), r"^routes\[0\]\.match: Modality: bad regular"),
+        (with_route(match={"Modality": 3}), r"^routes\[0\]\.match: Modality: values must be"),
+        (with_route(send_to=["nowhere"]), r"^routes\[0\]\.send_to: unknown destination 'nowhere'"),
+        (with_route(models=[]), r"^routes\[0\]\.models: a route needs at least one model"),
+        (with_route(name="bad name!"), r"^routes\[0\]\.name: must be a name"),
+        (with_route(colour="x"), r"^routes\[0\]\.colour: unknown key"),
+        (
+            {**MINIMAL, "destinations": MINIMAL["destinations"] * 2},
+            r"^destinations\[1\]\.name: duplicate destination 'pacs'",
+        ),
+        (
+            {**MINIMAL, "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 4242}]},
+            r"^destinations\[0\]\.host: required key is missing",
+        ),
+        ({**MINIMAL, "routes": {"name": "r"}}, r"^routes: must be a list"),
+    ],
+)
+def test_bad_routes_and_destinations(data: dict, expected: str) -> None:
+    assert re.search(expected, error_for(data))
+
+
+def test_unknown_destination_lookup_lists_known_ones() -> None:
+    settings = parse_settings(MINIMAL, environ={})
+    with pytest.raises(ConfigError, match=r"unknown destination 'x' \(known: pacs\)"):
+        settings.destination("x")
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listener\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
