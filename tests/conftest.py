@@ -12,15 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
-    "DICOMNODE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    "DICOMNODETEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 
 
 def shared_path() -> Path:
     """The workplace's shared/ folder with the real test data (beside the checkout)."""
-    path = Path(os.environ.get("DICOMNODE_SHARED", REPO.parent / "shared"))
+    path = Path(os.environ.get("DICOMNODETEST_SHARED", REPO.parent / "shared"))
     if not (path / "data").is_dir():
-        pytest.fail(f"test data not found at {path}: set DICOMNODE_SHARED", pytrace=False)
+        pytest.fail(f"test data not found at {path}: set DICOMNODETEST_SHARED", pytrace=False)
     return path
 
 

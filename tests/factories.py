@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -143,3 +144,23 @@ def lung_phantom(slices: int = 12, size: int = 64) -> np.ndarray:
         ) ** 2 <= 1
         vol[lung & (z > 0) & (z < slices - 1)] = -850.0
     return vol
+
+
+def repaired_j2k_series(source: Path, dest: Path, limit: int | None = None) -> list[Path]:
+    """Copy the real JPEG 2000 abdomen CT with the identifiers its export blanked.
+
+    Its datasets have empty SOP Class, SOP Instance, Study and Series UIDs (they live
+    only in the file meta, or nowhere). The pixel data stays JPEG 2000, untouched.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for path in sorted(source.glob("CT.*"))[:limit]:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.save_as(dest / path.name, enforce_file_format=True)
+        out.append(dest / path.name)
+    return out

@@ -142,6 +142,20 @@ def _rescaled(ds: Dataset) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
+def _fill_identity_from_meta(ds: Dataset) -> None:
+    """Copy SOP class and instance UIDs from the file meta when the dataset lacks them.
+
+    Some exports keep them only in the meta group; our outputs must reference them.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return
+    if not ds.get("SOPClassUID") and meta.get("MediaStorageSOPClassUID"):
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    if not ds.get("SOPInstanceUID") and meta.get("MediaStorageSOPInstanceUID"):
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+
+
 def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     """Build a :class:`Volume` from single-frame datasets in any order.
 
@@ -166,6 +180,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     if not datasets:
         raise PermanentJobError("series has no instances")
     for ds in datasets:
+        _fill_identity_from_meta(ds)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise PermanentJobError(
                 f"instance {ds.SOPInstanceUID}: multi-frame images are not supported yet"

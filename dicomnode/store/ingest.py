@@ -84,13 +84,95 @@ def _text(ds: Dataset, keyword: str) -> Any:
     return str(value).strip().rstrip("\x00") or None
 
 
-def parse_header(data: bytes) -> InstanceHeader:
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+
+def check_pixel_data(data: bytes, offset: int, ds: Dataset) -> None:
+    """Refuse pixel data that is cut short.
+
+    pydicom reads a value shorter than its length field without complaint, so a
+    truncated file would otherwise be stored and acknowledged, then fail at load
+    time long after the sender could have resent it.
+
+    Parameters
+    ----------
+    data : bytes
+        The whole encoded instance.
+    offset : int
+        Where the Pixel Data element starts (where a header-only read stopped).
+    ds : Dataset
+        The header, for the image size and encoding.
+
+    Raises
+    ------
+    UnreadableInstance
+        If the element's length runs past the end of the data, native pixel data is
+        shorter than Rows x Columns x Frames says, or encapsulated pixel data has no
+        sequence delimiter.
+    """
+    if data[offset : offset + 4] != _PIXEL_DATA_TAG:
+        return  # no (integer) pixel data: SR, float pixel data, ...
+    implicit, little = ds.original_encoding
+    if not little:
+        return  # retired big-endian syntax: not checked
+    if implicit:
+        header, length = 8, int.from_bytes(data[offset + 4 : offset + 8], "little")
+    elif data[offset + 4 : offset + 6] in _LONG_VRS:
+        header, length = 12, int.from_bytes(data[offset + 8 : offset + 12], "little")
+    else:
+        header, length = 8, int.from_bytes(data[offset + 6 : offset + 8], "little")
+    available = len(data) - offset - header
+    if length == 0xFFFFFFFF:
+        if data.rfind(_SEQUENCE_DELIMITER, offset) < 0:
+            raise UnreadableInstance("encapsulated PixelData has no end (truncated)")
+        return
+    if length > available:
+        raise UnreadableInstance(
+            f"PixelData is truncated: its length is {length} bytes, {available} arrived"
+        )
+    try:
+        bits = int(ds.BitsAllocated)
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # the image header is incomplete; loading will say so
+    expected = (pixels * frames * bits + 7) // 8
+    if length < expected:
+        raise UnreadableInstance(
+            f"PixelData holds {length} bytes but the image header needs {expected}"
+        )
+
+
+def parse_header(
+    data: bytes, default_sop_class: str | None = None, default_sop_instance: str | None = None
+) -> InstanceHeader:
     """Parse the header of an encoded instance (preamble and file meta included).
 
     Parameters
     ----------
     data : bytes
         The instance as it will be written to disk.
+    default_sop_class, default_sop_instance : str, optional
+        Used when the dataset's SOPClassUID or SOPInstanceUID is empty: some archives
+        export files whose identity lives only in the file meta, and the C-STORE
+        request (its context and Affected SOP Instance UID) says what it is. Refusing
+        such a study helps nobody.
 
     Returns
     -------
@@ -107,9 +189,13 @@ def parse_header(data: bytes) -> InstanceHeader:
         If a UID is malformed or unsafe as a path component.
     """
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        fp = BytesIO(data)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        check_pixel_data(data, fp.tell(), ds)
         # Force conversion of the elements we use now, inside the try.
         uids = {kw: _text(ds, kw) for kw in _REQUIRED_UIDS}
+        uids["SOPClassUID"] = uids["SOPClassUID"] or default_sop_class
+        uids["SOPInstanceUID"] = uids["SOPInstanceUID"] or default_sop_instance
     except UnreadableInstance:
         raise
     except Exception as exc:  # the message may quote raw bytes, so only its type is kept
@@ -184,7 +270,7 @@ class Ingestor:
         IngestError
             A subclass naming the problem; nothing is left on disk or in the database.
         """
-        header = parse_header(data)
+        header = parse_header(data, sop_class_uid, sop_instance_uid)
         if sop_instance_uid is not None and sop_instance_uid != header.sop_instance_uid:
             raise UIDMismatch("dataset SOPInstanceUID differs from the request's")
         if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:

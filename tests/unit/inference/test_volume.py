@@ -151,3 +151,5 @@ def test_real_jpeg2000_series_decodes_to_hu(shared: Path) -> None:
     assert vol.pixels[:, :5, :5].mean() < -900
     assert -200 < np.median(vol.pixels[:, 200:300, 200:300]) < 200
     assert vol.slice_spacing == pytest.approx(2.0, abs=0.05)
+    # These files carry their SOP class only in the file meta; outputs need it.
+    assert all(d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" for d in vol.datasets)

@@ -180,3 +180,29 @@ def test_database_failure_after_the_write_removes_the_file(
     assert list((ingestor.spool.root / "tmp").iterdir()) == []
     with sessions() as s:
         assert s.scalars(select(Series)).all() == []  # the whole transaction rolled back
+
+
+def test_empty_sop_class_in_dataset_falls_back_to_the_negotiated_one(
+    ingestor: Ingestor, series: list[Dataset], sessions
+) -> None:
+    # Real exports (e.g. the abdomen-ct-j2k test files) carry the SOP class only in file meta.
+    ds = series[0]
+    ds.SOPClassUID = ""
+    data = encode(ds)
+    with pytest.raises(MissingAttribute, match="SOPClassUID"):
+        ingestor.store(data)
+    ingestor.store(data, sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
+    with sessions() as s:
+        assert s.scalar(select(Instance.sop_class_uid)) == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_encapsulated_pixel_data_without_its_end_is_refused(
+    ingestor: Ingestor, shared: Path, tmp_path: Path
+) -> None:
+    from tests.factories import repaired_j2k_series
+
+    path = repaired_j2k_series(shared / "data/ct/abdomen-ct-j2k", tmp_path / "j2k", limit=1)[0]
+    data = path.read_bytes()
+    ingestor.store(data)  # whole: fine
+    with pytest.raises(UnreadableInstance, match="no end"):
+        ingestor.store(data[:-2000])

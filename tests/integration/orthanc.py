@@ -1,0 +1,88 @@
+"""A real Orthanc PACS (Debian's package) on loopback ports, for tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import free_port
+
+
+class Orthanc:
+    """Start Orthanc with a temporary configuration and storage; stop it on exit."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+        exe = shutil.which("Orthanc")
+        if exe is None:
+            raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+        self.exe = exe
+        self.workdir = workdir
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Orthanc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dicomnode-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "HttpBindAddress": "127.0.0.1",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+            "StableAge": 2,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = (self.workdir / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen([self.exe, str(path)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited; see {self.workdir / 'orthanc.log'}")
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("Orthanc did not start within 30 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.loads(response.read())
+
+    def download(self, instance_id: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}/instances/{instance_id}/file", timeout=30) as r:
+            return r.read()
+
+    def series_by_modality(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for series in self.get("/series?expand"):
+            out.setdefault(series["MainDicomTags"].get("Modality", ""), []).append(series)
+        return out
