@@ -11,6 +11,7 @@ PACS, never a duplicate.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -63,7 +64,7 @@ class JobContext:
     model_version: str
     series_uid: str
     study_uid: str
-    generation: int
+    input_digest: str  # identifies exactly which instance contents went in
     instance_paths: list[str]
     first_received_at: datetime
     last_received_at: datetime
@@ -190,9 +191,14 @@ class Pipeline:
                 raise PermanentJobError(f"job {claim.job_id} vanished")
             series = session.get(Series, job.series_id)
             assert series is not None
-            paths = session.scalars(
-                select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id)
+            instances = session.execute(
+                select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
+                .where(Instance.series_id == series.id)
+                .order_by(Instance.sop_instance_uid)
             ).all()
+            digest = hashlib.sha256()
+            for _, sop_uid, sha in instances:
+                digest.update(f"{sop_uid}:{sha};".encode())
             outputs = session.execute(
                 select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
             ).all()
@@ -203,8 +209,8 @@ class Pipeline:
                 model_version=job.model_version,
                 series_uid=series.series_uid,
                 study_uid=series.study.study_uid,
-                generation=series.generation,
-                instance_paths=list(paths),
+                input_digest=digest.hexdigest(),
+                instance_paths=[path for path, _, _ in instances],
                 first_received_at=series.first_received_at,
                 last_received_at=series.last_received_at,
                 started_at=job.started_at or utcnow(),
@@ -252,10 +258,11 @@ class Pipeline:
             uid_root=self.settings.outputs.uid_root,
         )
         # Series UIDs depend on the input series and model only, so every re-run
-        # addresses the same result series; instance UIDs change with the model
-        # version and with late instances, since the content then differs.
+        # addresses the same result series. Instance UIDs also depend on the model
+        # version and on exactly which instance contents went in: the same input gives
+        # the same object (a resend is no duplicate), different input a new one.
         identity = (ctx.series_uid, spec.name)
-        version = (spec.version, str(ctx.generation))
+        version = (spec.version, ctx.input_digest)
         base_number = self.settings.outputs.series_number
 
         started = time.perf_counter()

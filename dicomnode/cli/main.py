@@ -85,6 +85,9 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.net.scu import echo
 
     destination = settings.destination(args.destination)
+    if not log.isEnabledFor(logging.DEBUG):
+        # Our one line says what failed; pynetdicom's own error lines only repeat it.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         status = echo(destination, settings.listener.ae_title)
     except TransientJobError as exc:

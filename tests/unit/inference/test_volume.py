@@ -153,3 +153,16 @@ def test_real_jpeg2000_series_decodes_to_hu(shared: Path) -> None:
     assert vol.slice_spacing == pytest.approx(2.0, abs=0.05)
     # These files carry their SOP class only in the file meta; outputs need it.
     assert all(d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" for d in vol.datasets)
+
+
+def test_shipped_demo_sample_loads(tmp_path: Path) -> None:
+    from tests.conftest import REPO
+
+    paths = sorted((REPO / "samples/lidc-idri-0001-lungs").glob("*.dcm"))
+    assert len(paths) == 52
+    assert sum(p.stat().st_size for p in paths) < 10 * 1024 * 1024
+    vol = load_series(paths)  # JPEG-LS lossless, decoded by pylibjpeg-libjpeg
+    assert vol.shape == (52, 512, 512)
+    assert vol.slice_spacing == pytest.approx(2.5)
+    assert vol.datasets[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    assert (vol.pixels < -900).mean() > 0.2  # lungs and air

@@ -1,0 +1,120 @@
+"""Time every stage of one real job, and compare inference with plain eager PyTorch.
+
+What it does, all on this machine:
+
+1. starts Debian's Orthanc on loopback ports as the PACS;
+2. starts ``dicomnode serve`` (SQLite, a temporary spool) pointing at it;
+3. sends a CT series with dcmtk's ``storescu`` and waits for the SEG and SR in Orthanc;
+4. prints the job's stage timings as recorded in the job table;
+5. runs the reference: the same TorchScript model, eager fp32, batch 8, over the same
+   slices read with pydicom, and prints our inference stage against it.
+
+Usage::
+
+    python bench/stages.py [SERIES_DIR]    # default: ../shared/data/ct/LIDC-IDRI-0001
+
+It reuses the test suite's Orthanc and process helpers, so run it from the checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicomnode.inference.device import configure_threads  # noqa: E402
+from dicomnode.inference.registry import load_registry  # noqa: E402
+from tests.integration.node_process import (  # noqa: E402
+    NodeProcess,
+    listener_port,
+    write_config,
+)
+from tests.integration.orthanc import Orthanc  # noqa: E402
+
+STAGES = ["receive_s", "wait_s", "load_s", "inference_s", "postprocess_s", "seg_s", "sr_s",
+          "write_validate_s", "send_s"]  # fmt: skip
+
+
+def run_job(series: list[Path], workdir: Path) -> dict:
+    with Orthanc(workdir / "orthanc") as pacs:
+        config = write_config(workdir, db_url=f"sqlite:///{workdir / 'node.db'}",
+                              pacs_port=pacs.dicom_port, quiet_seconds=2)  # fmt: skip
+        with NodeProcess(config) as node:
+            started = time.perf_counter()
+            subprocess.run(
+                ["storescu", "-xt", "-aec", "DICOMNODE", "127.0.0.1",
+                 str(listener_port(config)), *map(str, series)],
+                check=True, capture_output=True, timeout=600,
+            )  # fmt: skip
+            sent = time.perf_counter() - started
+            while True:
+                found = pacs.series_by_modality()
+                if "SEG" in found and "SR" in found:
+                    break
+                if time.perf_counter() - started > 1200:
+                    raise RuntimeError("no results after 20 minutes:\n" + node.log()[-2000:])
+                time.sleep(0.5)
+            wall = time.perf_counter() - started
+            out = node.cli("jobs", "show", "1", "--json")
+            job = json.loads(out.stdout)
+    job["storescu_s"] = sent
+    job["wall_s"] = wall
+    return job
+
+
+def eager_reference(series: list[Path]) -> tuple[float, int]:
+    spec = load_registry(None)["lung-unet2d"]
+    datasets = [pydicom.dcmread(p) for p in series]
+    normal = np.cross(*np.array(datasets[0].ImageOrientationPatient, float).reshape(2, 3))
+    datasets.sort(key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, float))))
+    hu = np.stack(
+        [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]
+    ).astype(np.float32)
+    model = torch.jit.load(str(spec.weights_path), map_location="cpu").eval()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(hu), 8):
+            model(torch.from_numpy(hu[i : i + 8] + 1024.0)[:, None])
+    return time.perf_counter() - started, len(hu)
+
+
+def main() -> None:
+    folder = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared/data/ct/LIDC-IDRI-0001"
+    )
+    series = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in ("", ".dcm"))
+    threads = configure_threads(0)
+    print(f"series: {folder} ({len(series)} files); torch {torch.__version__}, {threads} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        job = run_job(series, Path(tmp))
+    timings = job["timings"]
+    print(f"\njob {job['id']}: {job['state']}, {job['summary'].get('slices')} slices")
+    print(f"{'stage':<18}{'seconds':>9}")
+    for stage in STAGES:
+        if stage in timings:
+            print(f"{stage[:-2]:<18}{timings[stage]:>9.2f}")
+    print(f"{'storescu (client)':<18}{job['storescu_s']:>9.2f}")
+    print(f"{'send to results':<18}{job['wall_s']:>9.2f}   (first byte sent -> SEG+SR in the PACS)")
+    for seg in job["summary"]["segments"]:
+        print(f"  {seg['label']}: {seg['volume_ml']:.0f} mL, mean {seg['mean']:.0f} HU")
+
+    eager_s, slices = eager_reference(series)
+    ours = timings["inference_s"]
+    print("\ninference, same slices, same model")
+    print(f"  plain eager fp32 TorchScript : {eager_s:7.2f} s  {slices / eager_s:6.2f} slices/s")
+    print(f"  dicomnode inference stage    : {ours:7.2f} s  {slices / ours:6.2f} slices/s")
+    print(f"  ratio (eager / dicomnode)    : {eager_s / ours:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The CLI in-process: exit codes, one-line errors, human and JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from dicomnode.cli.main import main
+from dicomnode.db import jobs as queue
+from dicomnode.db.engine import make_engine, session_factory, transaction
+from dicomnode.db.models import Delivery, DeliveryState, Job, Series
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from dicomnode.pipeline import encode
+from tests.conftest import free_port
+from tests.factories import ct_series
+
+
+def write_config(tmp_path: Path, db_url: str, extra: str = "") -> Path:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""
+[database]
+url = "{db_url}"
+[storage]
+path = "spool"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {free_port()}
+timeout_seconds = 3
+{extra}
+"""
+    )
+    return config
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "sqlite:///db.sqlite", "[listener]\nport = 0\n")
+    code, _, err = run(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 2
+    assert "listener.port: must be between 1 and 65535" in one_line_error(err)
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--config", str(tmp_path / "nope.toml"), "jobs", "list")
+    assert code == 2 and "configuration file not found" in one_line_error(err)
+
+
+def test_route_to_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = '[[routes]]\nname = "r"\nmodels = ["no-such-model"]\nsend_to = ["pacs"]\n'
+    config = write_config(tmp_path, "sqlite:///db.sqlite", extra)
+    code, _, err = run(capsys, "--config", str(config), "config", "check")
+    assert code == 2
+    assert "routes[0].models: unknown model 'no-such-model'" in one_line_error(err)
+
+
+def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, "sqlite:///db.sqlite")
+    code, out, _ = run(capsys, "--config", str(config), "config", "check")
+    assert code == 0 and "configuration ok" in out and "lung-unet2d" in out
+
+
+def test_db_commands_on_both_databases(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(write_config(tmp_path, db_url))
+    code, _, err = run(capsys, "--config", config, "jobs", "list")
+    assert code == 1 and "run `dicomnode db upgrade`" in one_line_error(err)
+    code, out, _ = run(capsys, "--config", config, "db", "upgrade")
+    assert code == 0 and "database at revision 0001 (was empty)" in out
+    code, out, _ = run(capsys, "--config", config, "db", "upgrade")
+    assert code == 0 and "(was 0001)" in out
+    code, out, _ = run(capsys, "--config", config, "jobs", "list")
+    assert code == 0 and out.strip() == "no jobs"
+    code, out, _ = run(capsys, "--config", config, "jobs", "list", "--json")
+    assert code == 0 and json.loads(out) == []
+    code, _, err = run(capsys, "--config", config, "jobs", "show", "42")
+    assert code == 1 and one_line_error(err) == "dicomnode: no job with id 42"
+
+    # A job with a failed delivery, built with the real ingest and queue code.
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    datasets = ct_series(np.zeros((2, 4, 4), np.float32))
+    for ds in datasets:
+        Ingestor(Spool(tmp_path / "spool"), sessions).store(encode(ds))
+    with transaction(sessions) as s:
+        series = s.scalars(select(Series)).one()
+        job = queue.enqueue(s, series, route="r", model="m", version="1", max_attempts=1)
+        assert job is not None
+        job_id = job.id
+    claim = queue.claim(sessions, "w", 60)
+    assert claim is not None
+    with transaction(sessions) as s:
+        s.add(
+            Delivery(
+                job_id=job_id,
+                destination="pacs",
+                state=DeliveryState.FAILED,
+                attempts=1,
+                last_error="destination pacs: association rejected",
+            )
+        )
+        s.get(Job, job_id).timings = {"load_s": 1.5, "inference_s": 20.25}
+    queue.fail(sessions, claim, "destination pacs: association rejected", retryable=True,
+               base_seconds=1)  # fmt: skip
+    engine.dispose()
+
+    code, out, _ = run(capsys, "--config", config, "jobs", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["ID", "STATE", "MODEL"]
+    assert row.split()[:2] == [str(job_id), "failed"]
+    assert datasets[0].SeriesInstanceUID in row
+
+    code, out, _ = run(capsys, "--config", config, "jobs", "list", "--state", "done")
+    assert out.strip() == "no jobs"
+
+    code, out, _ = run(capsys, "--config", config, "jobs", "show", str(job_id), "--json")
+    record = json.loads(out)
+    assert record["state"] == "failed" and record["attempts"] == 1
+    assert record["last_error"] == "destination pacs: association rejected"
+    assert record["timings"] == {"load_s": 1.5, "inference_s": 20.25}
+    assert record["deliveries"][0]["state"] == "failed"
+    assert record["study_uid"] == datasets[0].StudyInstanceUID
+
+    code, out, _ = run(capsys, "--config", config, "jobs", "show", str(job_id))
+    assert "error         destination pacs: association rejected" in out
+    assert "inference" in out and "20.25" in out
+    assert "delivery      pacs: failed after 1 attempt(s)" in out
+    # Patient identifiers are never printed unless asked for.
+    assert "PID-TEST-0001" not in out and "TEST^PATIENT" not in out
+
+
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["jobs", "list", "--state", "sleeping"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["jobs", "show", "not-a-number"])
+    assert info.value.code == 2
+
+
+def test_echo_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, "sqlite:///db.sqlite"))
+    code, _, err = run(capsys, "--config", config, "echo", "elsewhere")
+    assert code == 2 and "unknown destination 'elsewhere' (known: pacs)" in one_line_error(err)
+    code, _, err = run(capsys, "--config", config, "echo", "pacs")  # nothing listens there
+    assert code == 1 and "echo failed: destination pacs: cannot connect" in one_line_error(err)
