@@ -1,0 +1,202 @@
+"""Jobs through the real pipeline and worker, with a small model and a counting SCP.
+
+The destination is a pynetdicom storage SCP on loopback that records what it
+receives, so delivery failures and retries can be staged and checked from both
+sides: the job table and the receiver.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from sqlalchemy import select, update
+
+from dicomnode.config import Settings, parse_settings
+from dicomnode.db.engine import transaction
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
+from dicomnode.inference.registry import load_registry
+from dicomnode.inference.segment import ModelCache
+from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue.completion import sweep
+from dicomnode.queue.worker import Worker
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.conftest import free_port
+from tests.factories import ct_series, lung_phantom
+from tests.unit.inference.packages import build_package
+
+
+class CountingSCP:
+    """A storage SCP that keeps what it receives; it can be stopped and started again."""
+
+    def __init__(self, port: int, status: int = 0x0000) -> None:
+        self.port = port
+        self.status = status
+        self.received: list[Dataset] = []
+        self.server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return self.status
+
+    def start(self) -> CountingSCP:
+        ae = AE(ae_title="COUNTER")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+@pytest.fixture
+def scp() -> Iterator[CountingSCP]:
+    receiver = CountingSCP(free_port())
+    yield receiver
+    receiver.stop()
+
+
+def make_settings(tmp_path: Path, db_url: str, scp_port: int) -> Settings:
+    models = tmp_path / "models"
+    build_package(models)
+    return parse_settings(
+        {
+            "database": {"url": db_url},
+            "storage": {"path": str(tmp_path / "spool")},
+            "completion": {"quiet_seconds": 0},
+            "worker": {"lease_seconds": 30, "retry_base_seconds": 1},
+            "models": {"path": str(models)},
+            "outputs": {"validate": "dciodvfy"},
+            "destinations": [
+                {"name": "counter", "ae_title": "COUNTER", "host": "127.0.0.1",
+                 "port": scp_port, "timeout_seconds": 5},
+            ],
+            "routes": [
+                {"name": "lungs", "match": {"Modality": "CT"}, "models": ["test-lungs"],
+                 "send_to": ["counter"]},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str, sessions, scp: CountingSCP):
+    settings = make_settings(tmp_path, db_url, scp.port)
+    models = load_registry(settings.models.path)
+    spool = Spool(settings.storage.path)
+    pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))
+    stop = threading.Event()
+    worker = Worker(sessions, pipeline, settings.worker, stop)
+    return {"settings": settings, "models": models, "spool": spool, "worker": worker,
+            "stop": stop, "sessions": sessions}  # fmt: skip
+
+
+def receive_phantom(node: dict, **kwargs: object) -> list[Dataset]:
+    datasets = ct_series(lung_phantom(), **kwargs)
+    ingestor = Ingestor(node["spool"], node["sessions"])
+    for ds in datasets:
+        buffer = BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        ingestor.store(buffer.getvalue())
+    assert sweep(node["sessions"], node["settings"], node["models"], node["spool"]) == 1
+    return datasets
+
+
+def job_row(sessions) -> Job:
+    with sessions() as s:
+        job = s.scalars(select(Job)).one()
+        s.expunge(job)
+        return job
+
+
+def test_job_runs_and_delivers_seg_and_sr(node: dict, scp: CountingSCP, sessions) -> None:
+    scp.start()
+    sources = receive_phantom(node)
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.DONE and job.attempts == 1 and job.last_error is None
+    assert {"load_s", "inference_s", "seg_s", "sr_s", "send_s"} <= set(job.timings)
+    assert [s["label"] for s in job.summary["segments"]] == ["Left lung", "Right lung"]
+    received = {str(ds.SOPClassUID): ds for ds in scp.received}
+    assert set(received) == {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"}
+    for ds in scp.received:
+        assert ds.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert not node["worker"].run_once()  # nothing else to do
+
+
+def test_pacs_down_then_up_resends_without_rerunning_the_model(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    receive_phantom(node)
+    assert node["worker"].run_once()  # the destination is not listening
+    job = job_row(sessions)
+    assert job.state == JobState.QUEUED and job.attempts == 1
+    assert "destination counter: cannot connect" in job.last_error
+    assert job.run_after > utcnow()  # backoff
+    with sessions() as s:
+        outputs = s.scalars(select(Output)).all()
+        assert sorted(o.kind for o in outputs) == ["seg", "sr"]  # made and kept
+        delivery = s.scalars(select(Delivery)).one()
+        assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+    first_inference = job.timings["inference_s"]
+
+    scp.start()
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.DONE and job.attempts == 2
+    assert job.timings["inference_s"] == first_inference  # not run again
+    assert len(scp.received) == 2
+    with sessions() as s:
+        delivery = s.scalars(select(Delivery)).one()
+        assert delivery.state == DeliveryState.SENT and delivery.attempts == 2
+        assert len(s.scalars(select(Output)).all()) == 2
+
+
+def test_destination_refusing_fails_the_job(node: dict, scp: CountingSCP, sessions) -> None:
+    scp.status = 0xA900  # "data set does not match SOP class": sending again will not help
+    scp.start()
+    receive_phantom(node)
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.FAILED
+    assert "C-STORE failed with status 0xA900" in job.last_error
+    with sessions() as s:
+        assert s.scalars(select(Delivery)).one().state == DeliveryState.FAILED
+
+
+def test_series_the_model_cannot_take_fails_at_once(node: dict, scp: CountingSCP, sessions) -> None:
+    scp.start()
+    receive_phantom(node, positions=lambda k: (0.0, 0.0, [0, 2, 4, 9, 11, 13, 15, 17, 19, 21, 23, 25][k]))
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.FAILED and job.attempts == 1
+    assert "uneven slice spacing" in job.last_error
+    assert scp.received == []
+
+
+def test_stopping_worker_releases_the_job(node: dict, scp: CountingSCP, sessions) -> None:
+    scp.start()
+    receive_phantom(node)
+    node["stop"].set()  # shutting down before the first stage
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.QUEUED and job.attempts == 0 and job.lease_owner is None
+    assert scp.received == []
