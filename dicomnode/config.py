@@ -26,7 +26,7 @@ from typing import Any
 from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 
 from dicomnode.errors import ConfigError
-from dicomnode.schema import Check, build, field_doc, type_name
+from dicomnode.schema import build, field_doc, one_of, positive, type_name
 
 ENV_CONFIG = "DICOMNODE_CONFIG"
 ENV_PREFIX = "DICOMNODE_"
@@ -48,10 +48,6 @@ def _port(value: int) -> str | None:
     return None if 1 <= value <= 65535 else f"must be between 1 and 65535, got {value}"
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
-
-
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be 0 or more, got {value}"
 
@@ -60,13 +56,6 @@ def _name(value: str) -> str | None:
     if not _NAME_RE.match(value):
         return f"must be a name of letters, digits, '_', '.' or '-' (max 64), got {value!r}"
     return None
-
-
-def _one_of(*allowed: str) -> Check:
-    def check(value: str) -> str | None:
-        return None if value in allowed else f"must be one of {', '.join(allowed)}; got {value!r}"
-
-    return check
 
 
 def _database_url(value: str) -> str | None:
@@ -140,7 +129,7 @@ class CompletionSettings:
         ),
     )
     sweep_seconds: float = field(
-        default=2.0, metadata=field_doc("How often the completion sweep runs.", _positive)
+        default=2.0, metadata=field_doc("How often the completion sweep runs.", positive)
     )
 
 
@@ -148,22 +137,22 @@ class CompletionSettings:
 class WorkerSettings:
     """Workers that claim jobs from the job table."""
 
-    count: int = field(default=1, metadata=field_doc("Worker threads in `serve`.", _positive))
+    count: int = field(default=1, metadata=field_doc("Worker threads in `serve`.", positive))
     poll_seconds: float = field(
-        default=1.0, metadata=field_doc("Idle wait between claims.", _positive)
+        default=1.0, metadata=field_doc("Idle wait between claims.", positive)
     )
     lease_seconds: float = field(
         default=300.0,
-        metadata=field_doc("A claimed job is re-queued if its lease lapses.", _positive),
+        metadata=field_doc("A claimed job is re-queued if its lease lapses.", positive),
     )
     max_attempts: int = field(
-        default=5, metadata=field_doc("Attempts before a job fails for good.", _positive)
+        default=5, metadata=field_doc("Attempts before a job fails for good.", positive)
     )
     retry_base_seconds: float = field(
-        default=10.0, metadata=field_doc("First retry delay; it doubles per attempt.", _positive)
+        default=10.0, metadata=field_doc("First retry delay; it doubles per attempt.", positive)
     )
     device: str = field(
-        default="auto", metadata=field_doc("auto, cpu or cuda.", _one_of("auto", "cpu", "cuda"))
+        default="auto", metadata=field_doc("auto, cpu or cuda.", one_of("auto", "cpu", "cuda"))
     )
     threads: int = field(
         default=0, metadata=field_doc("CPU threads for inference; 0 uses all cores.", _non_negative)
@@ -194,11 +183,11 @@ class OutputSettings:
         default="auto",
         metadata=field_doc(
             "auto (dciodvfy when installed), dciodvfy (required) or off.",
-            _one_of("auto", "dciodvfy", "off"),
+            one_of("auto", "dciodvfy", "off"),
         ),
     )
     series_number: int = field(
-        default=9900, metadata=field_doc("Series number of the first result series.", _positive)
+        default=9900, metadata=field_doc("Series number of the first result series.", positive)
     )
 
 
@@ -209,7 +198,7 @@ class LoggingSettings:
     level: str = field(
         default="INFO",
         metadata=field_doc(
-            "DEBUG, INFO, WARNING or ERROR.", _one_of("DEBUG", "INFO", "WARNING", "ERROR")
+            "DEBUG, INFO, WARNING or ERROR.", one_of("DEBUG", "INFO", "WARNING", "ERROR")
         ),
     )
 
@@ -223,7 +212,7 @@ class Destination:
     host: str = field(metadata=field_doc("Its host name or address."))
     port: int = field(metadata=field_doc("Its port.", _port))
     timeout_seconds: float = field(
-        default=30.0, metadata=field_doc("Network timeout for each association.", _positive)
+        default=30.0, metadata=field_doc("Network timeout for each association.", positive)
     )
 
 

@@ -356,11 +356,7 @@ class Pipeline:
         for name in route.send_to:
             checkpoint()
             with transaction(self.sessions) as session:
-                delivery = session.scalar(
-                    select(Delivery).where(
-                        Delivery.job_id == claim.job_id, Delivery.destination == name
-                    )
-                )
+                delivery = _delivery(session, claim.job_id, name)
                 if delivery is None:
                     delivery = Delivery(job_id=claim.job_id, destination=name, attempts=0)
                     session.add(delivery)
@@ -377,11 +373,8 @@ class Pipeline:
             except Exception as exc:  # the network stack can raise anything
                 error, retryable = f"destination {name}: {type(exc).__name__}: {exc}", True
             with transaction(self.sessions) as session:
-                delivery = session.scalars(
-                    select(Delivery).where(
-                        Delivery.job_id == claim.job_id, Delivery.destination == name
-                    )
-                ).one()
+                delivery = _delivery(session, claim.job_id, name)
+                assert delivery is not None  # created above, never deleted
                 if error is None:
                     delivery.state = DeliveryState.SENT
                     delivery.sent_at = utcnow()
@@ -402,3 +395,9 @@ class Pipeline:
             if any(r for _, r in failures):
                 raise TransientJobError(message)
             raise PermanentJobError(message)
+
+
+def _delivery(session: Session, job_id: int, destination: str) -> Delivery | None:
+    return session.scalar(
+        select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+    )

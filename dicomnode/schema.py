@@ -38,6 +38,42 @@ def field_doc(text: str, check: Check | None = None) -> dict[str, Any]:
     return {"doc": text, "check": check}
 
 
+def one_of(*allowed: str) -> Check:
+    """Return a check that accepts only the given strings.
+
+    Parameters
+    ----------
+    *allowed : str
+        The accepted values.
+
+    Returns
+    -------
+    Check
+        The check.
+    """
+
+    def check(value: str) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}; got {value!r}"
+
+    return check
+
+
+def positive(value: float) -> str | None:
+    """Check that a number is greater than zero.
+
+    Parameters
+    ----------
+    value : float
+        The number.
+
+    Returns
+    -------
+    str or None
+        The problem, if any.
+    """
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
 def type_name(tp: Any) -> str:
     """Describe a type hint the way an error message should.
 

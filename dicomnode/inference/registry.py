@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomnode.errors import ConfigError, ModelPackageError
-from dicomnode.schema import build, field_doc
+from dicomnode.schema import build, field_doc, one_of, positive
 
 MANIFEST = "model.toml"
 _SHIPPED = Path(__file__).resolve().parent.parent
@@ -34,13 +34,6 @@ def shipped_models_path() -> Path:
     return _SHIPPED.parent / "models"
 
 
-def _one_of(*allowed: str):  # type: ignore[no-untyped-def]
-    def check(value: str) -> str | None:
-        return None if value in allowed else f"must be one of {', '.join(allowed)}; got {value!r}"
-
-    return check
-
-
 def _rgb(value: list[int]) -> str | None:
     if len(value) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
         return f"must be three integers 0-255, got {value!r}"
@@ -51,10 +44,6 @@ def _matrix(value: list[int]) -> str | None:
     if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
         return f"must be [rows, columns] of positive integers, got {value!r}"
     return None
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
 
 
 def _probability(value: float) -> str | None:
@@ -88,7 +77,7 @@ class SegmentSpec:
         default="",
         metadata=field_doc(
             "For split-left-right: which patient side this segment is.",
-            _one_of("", "left", "right"),
+            one_of("", "left", "right"),
         ),
     )
 
@@ -99,7 +88,7 @@ class WeightsSpec:
 
     file: str = field(metadata=field_doc("Weights file, relative to the package."))
     format: str = field(
-        default="torchscript", metadata=field_doc("Weights format.", _one_of("torchscript"))
+        default="torchscript", metadata=field_doc("Weights format.", one_of("torchscript"))
     )
     sha256: str = field(default="", metadata=field_doc("Expected SHA-256 of the file."))
 
@@ -123,8 +112,8 @@ class InputSpec:
     offset: float = field(
         default=0.0, metadata=field_doc("Added to the rescaled values (HU) before the model.")
     )
-    scale: float = field(default=1.0, metadata=field_doc("Multiplies (value + offset).", _positive))
-    batch_size: int = field(default=8, metadata=field_doc("Slices per forward pass.", _positive))
+    scale: float = field(default=1.0, metadata=field_doc("Multiplies (value + offset).", positive))
+    batch_size: int = field(default=8, metadata=field_doc("Slices per forward pass.", positive))
 
 
 @dataclass(frozen=True)
@@ -134,7 +123,7 @@ class OutputSpec:
     kind: str = field(
         default="probability",
         metadata=field_doc(
-            "probability (activation applied) or logits.", _one_of("probability", "logits")
+            "probability (activation applied) or logits.", one_of("probability", "logits")
         ),
     )
     threshold: float = field(
@@ -144,7 +133,7 @@ class OutputSpec:
         default="none",
         metadata=field_doc(
             "none, or split-left-right: largest components, split by patient side.",
-            _one_of("none", "split-left-right"),
+            one_of("none", "split-left-right"),
         ),
     )
     min_component_fraction: float = field(
@@ -165,7 +154,7 @@ class ModelSpec:
     name: str = field(metadata=field_doc("Model name; routes refer to it."))
     version: str = field(metadata=field_doc("Model version; part of the job's identity."))
     task: str = field(
-        metadata=field_doc("What the model does.", _one_of("segmentation")),
+        metadata=field_doc("What the model does.", one_of("segmentation")),
     )
     summary: str = field(default="", metadata=field_doc("One line saying what it does."))
     licence: str = field(default="", metadata=field_doc("Licence of the weights."))
