@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.cli.jobs import list_jobs, show_job
@@ -23,6 +24,9 @@ from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import JobState
 from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
+
+if TYPE_CHECKING:
+    from dicomnode.node import Node
 
 log = logging.getLogger("dicomnode")
 
@@ -39,9 +43,21 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    node.start()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _run_until(node, settings, stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+def _run_until(node: Node, settings: Settings, stop: threading.Event) -> None:
+    try:
+        node.start()
+    except BaseException:
+        node.stop()  # whatever did start (scheduler, threads, database pool) stops again
+        raise
     log.info(
         "dicomnode %s serving: ae_title=%s port=%d workers=%d models=%s",
         __version__,
@@ -53,7 +69,6 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     node.stop()
-    return EXIT_OK
 
 
 def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:

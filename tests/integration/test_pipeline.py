@@ -25,7 +25,7 @@ from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.pipeline import Pipeline, encode
+from dicomnode.pipeline import Pipeline
 from dicomnode.queue.completion import sweep
 from dicomnode.queue.worker import Worker
 from dicomnode.store.ingest import Ingestor
@@ -184,7 +184,9 @@ def test_destination_refusing_fails_the_job(node: dict, scp: CountingSCP, sessio
 
 def test_series_the_model_cannot_take_fails_at_once(node: dict, scp: CountingSCP, sessions) -> None:
     scp.start()
-    receive_phantom(node, positions=lambda k: (0.0, 0.0, [0, 2, 4, 9, 11, 13, 15, 17, 19, 21, 23, 25][k]))
+    receive_phantom(
+        node, positions=lambda k: (0.0, 0.0, [0, 2, 4, 9, 11, 13, 15, 17, 19, 21, 23, 25][k])
+    )
     assert node["worker"].run_once()
     job = job_row(sessions)
     assert job.state == JobState.FAILED and job.attempts == 1

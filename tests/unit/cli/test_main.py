@@ -167,3 +167,23 @@ def test_echo_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 2 and "unknown destination 'elsewhere' (known: pacs)" in one_line_error(err)
     code, _, err = run(capsys, "--config", config, "echo", "pacs")  # nothing listens there
     assert code == 1 and "echo failed: destination pacs: cannot connect" in one_line_error(err)
+
+
+def test_serve_on_a_busy_port_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        extra = f'[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+        config = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", extra)
+        code, _, err = run(capsys, "--config", str(config), "serve")
+    assert code == 1
+    line = [ln for ln in err.splitlines() if ln.startswith("dicomnode:")]
+    assert line == [
+        f"dicomnode: listener: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert "Traceback" not in err
