@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import pydicom
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -30,3 +32,16 @@ def setup_logging(level: str) -> None:
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(name).setLevel(quiet)
+    keep_phi_out_of_logs()
+
+
+def keep_phi_out_of_logs() -> None:
+    """Stop pydicom from quoting received values in warnings and log lines.
+
+    pydicom validates values as it reads them and, by default, warns with the value
+    itself ("Invalid value for VR DA: '1970013'"), which may be a birth date or a
+    patient name sent by a scanner. dicomnode checks what it relies on (UIDs, pixel
+    data) itself and reports problems with ids only, so reading validation is off.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicomnode.cli.logs import setup_logging
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.factories import ct_series
+
+NAME = "DOE^JANE^SECRET"
+BIRTH = "1970013"  # invalid DA: pydicom would quote it in a warning
+
+
+@pytest.fixture
+def restore_pydicom():
+    mode = pydicom.config.settings.reading_validation_mode
+    yield
+    pydicom.config.settings.reading_validation_mode = mode
+    logging.getLogger("pydicom").setLevel(logging.NOTSET)
+
+
+def test_received_values_never_reach_the_log(
+    tmp_path: Path, sessions, capfd: pytest.CaptureFixture[str], restore_pydicom: None
+) -> None:
+    setup_logging("INFO")
+    ds = ct_series(np.zeros((1, 4, 4), np.float32), patient_name=NAME, patient_id="MRN-SECRET")[0]
+    ds.PatientBirthDate = BIRTH
+    ds.SeriesInstanceUID = "1.2.3.4/5"  # refused, and the refusal is logged
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    ingestor = Ingestor(Spool(tmp_path), sessions)
+    with pytest.raises(Exception, match="SeriesInstanceUID"):
+        ingestor.store(buffer.getvalue())
+    ds.SeriesInstanceUID = "1.2.3.4.5"
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    ingestor.store(buffer.getvalue())
+    logging.getLogger("dicomnode").info("done")
+    out, err = capfd.readouterr()
+    assert "done" in err  # the log really is captured here
+    for phi in (NAME, "MRN-SECRET", BIRTH):
+        assert phi not in out + err
