@@ -39,6 +39,13 @@ class TransientJobError(JobError):
     retryable = True
 
 
+class JobSuperseded(JobError):
+    """Newer input made the job pointless (a late instance re-opened its series).
+
+    The job is cancelled, not failed: a newer job for the same series replaces it.
+    """
+
+
 class JobInterrupted(DicomnodeError):
     """The worker is shutting down; the job goes back to the queue untouched."""
 

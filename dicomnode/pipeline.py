@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
@@ -37,19 +38,21 @@ from dicomnode.db.models import (
     JobState,
     Output,
     Series,
+    SeriesState,
     utcnow,
 )
-from dicomnode.errors import JobInterrupted, PermanentJobError, TransientJobError
+from dicomnode.errors import JobInterrupted, JobSuperseded, PermanentJobError, TransientJobError
 from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
 from dicomnode.inference.volume import load_series
 from dicomnode.net import scu
+from dicomnode.outputs.headers import blank_malformed_dates
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file
-from dicomnode.store.spool import RESULTS, Spool
+from dicomnode.store.spool import REJECTED, RESULTS, Spool
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +194,10 @@ class Pipeline:
                 raise PermanentJobError(f"job {claim.job_id} vanished")
             series = session.get(Series, job.series_id)
             assert series is not None
+            if series.generation != job.generation or series.state != SeriesState.COMPLETE:
+                raise JobSuperseded(
+                    "superseded: a late instance re-opened the series; a newer job replaces this"
+                )
             instances = session.execute(
                 select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
                 .where(Instance.series_id == series.id)
@@ -265,30 +272,36 @@ class Pipeline:
         version = (spec.version, ctx.input_digest)
         base_number = self.settings.outputs.series_number
 
+        blanked = blank_malformed_dates(volume.datasets)
+        if blanked:
+            log.info("job %d: blanked %d malformed date/time values", ctx.job_id, blanked)
+
         started = time.perf_counter()
-        seg = build_segmentation(
-            volume.datasets,
-            result.labels,
-            spec.output.segments,
-            provenance,
-            series_uid=provenance.uid(*identity, "seg"),
-            sop_uid=provenance.uid(*identity, *version, "seg"),
-            series_number=base_number + 1,
-        )
+        with _building("SEG"):
+            seg = build_segmentation(
+                volume.datasets,
+                result.labels,
+                spec.output.segments,
+                provenance,
+                series_uid=provenance.uid(*identity, "seg"),
+                sop_uid=provenance.uid(*identity, *version, "seg"),
+                series_number=base_number + 1,
+            )
         timings["seg_s"] = time.perf_counter() - started
         checkpoint()
 
         started = time.perf_counter()
-        report = build_measurement_report(
-            seg,
-            volume.datasets,
-            stats,
-            spec.output.segments,
-            provenance,
-            series_uid=provenance.uid(*identity, "sr"),
-            sop_uid=provenance.uid(*identity, *version, "sr"),
-            series_number=base_number + 2,
-        )
+        with _building("SR"):
+            report = build_measurement_report(
+                seg,
+                volume.datasets,
+                stats,
+                spec.output.segments,
+                provenance,
+                series_uid=provenance.uid(*identity, "sr"),
+                sop_uid=provenance.uid(*identity, *version, "sr"),
+                series_number=base_number + 2,
+            )
         timings["sr_s"] = time.perf_counter() - started
 
         summary = {
@@ -324,7 +337,12 @@ class Pipeline:
                 RESULTS, ctx.study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
             )
             final = self.spool.write(relative, data)
-            validate_file(final, self.settings.outputs.validate)
+            try:
+                validate_file(final, self.settings.outputs.validate)
+            except PermanentJobError as exc:
+                # Never sent, but kept where an admin can look at it.
+                kept = self.spool.move(relative, REJECTED)
+                raise PermanentJobError(f"{exc}; the object is kept at {kept}") from None
             written.append((out, relative.as_posix(), len(data)))
         timings["write_validate_s"] = time.perf_counter() - started
 
@@ -401,3 +419,19 @@ def _delivery(session: Session, job_id: int, destination: str) -> Delivery | Non
     return session.scalar(
         select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
     )
+
+
+@contextmanager
+def _building(kind: str) -> Iterator[None]:
+    """Turn a builder's complaint about the source headers into a job failure.
+
+    highdicom validates eagerly and raises ValueError or TypeError for what it cannot
+    encode; its message may quote a header value, so only the type is kept.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.debug("building the %s failed", kind, exc_info=True)
+        raise PermanentJobError(
+            f"cannot build the {kind} from these source headers ({type(exc).__name__})"
+        ) from None

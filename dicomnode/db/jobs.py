@@ -36,7 +36,7 @@ class Claim:
     attempt: int
 
 
-def idempotency_key(series_uid: str, generation: int, model: str, version: str) -> str:
+def idempotency_key(series_uid: str, generation: int, route: str, model: str, version: str) -> str:
     """Return the key that makes the same work impossible to queue twice.
 
     Parameters
@@ -45,6 +45,8 @@ def idempotency_key(series_uid: str, generation: int, model: str, version: str) 
         The input series.
     generation : int
         How often the series was re-opened by late instances.
+    route : str
+        The route that asked for the job.
     model, version : str
         The model package.
 
@@ -53,7 +55,7 @@ def idempotency_key(series_uid: str, generation: int, model: str, version: str) 
     str
         The key.
     """
-    return f"{series_uid}/{generation}/{model}/{version}"
+    return f"{series_uid}/{generation}/{route}/{model}/{version}"
 
 
 def enqueue(
@@ -86,7 +88,7 @@ def enqueue(
     Job or None
         The new job, or None when its idempotency key already exists.
     """
-    key = idempotency_key(series.series_uid, series.generation, model, version)
+    key = idempotency_key(series.series_uid, series.generation, route, model, version)
     if session.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None:
         return None
     job = Job(
@@ -94,6 +96,7 @@ def enqueue(
         route=route,
         model=model,
         model_version=version,
+        generation=series.generation,
         idempotency_key=key,
         state=JobState.QUEUED,
         priority=priority,
@@ -221,8 +224,13 @@ def merge_timings(session: Session, claim: Claim, timings: dict[str, float]) -> 
         job.timings = {**(job.timings or {}), **{k: round(v, 3) for k, v in timings.items()}}
 
 
-def finish(sessions: sessionmaker[Session], claim: Claim) -> bool:
-    """Mark a job done.
+def finish(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    state: JobState = JobState.DONE,
+    reason: str | None = None,
+) -> bool:
+    """End a job: done, or cancelled with a reason.
 
     Parameters
     ----------
@@ -230,6 +238,10 @@ def finish(sessions: sessionmaker[Session], claim: Claim) -> bool:
         Database sessions.
     claim : Claim
         The job.
+    state : JobState
+        ``done`` or ``cancelled``.
+    reason : str, optional
+        Why (kept in ``last_error`` for the CLI).
 
     Returns
     -------
@@ -241,12 +253,50 @@ def finish(sessions: sessionmaker[Session], claim: Claim) -> bool:
         return set_state(
             session,
             claim,
-            JobState.DONE,
+            state,
             finished_at=now,
             lease_owner=None,
             lease_expires_at=None,
-            last_error=None,
+            last_error=reason,
         )
+
+
+def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
+    """Cancel the queued jobs of a series that a late instance has re-opened.
+
+    Running jobs find out themselves at their next start (see the pipeline); queued
+    ones are cancelled here so that they never run on a half-received series.
+
+    Parameters
+    ----------
+    session : Session
+        The open transaction that re-opens the series.
+    series_id : int
+        The series.
+    generation : int
+        Its new generation; queued jobs of older generations are cancelled.
+
+    Returns
+    -------
+    int
+        How many jobs were cancelled.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.series_id == series_id,
+            Job.generation < generation,
+            Job.state == JobState.QUEUED,
+        )
+        .values(
+            state=JobState.CANCELLED,
+            last_error="superseded: a late instance re-opened the series",
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 3600.0) -> float:
@@ -301,7 +351,8 @@ def fail(
     """
     now = utcnow()
     with transaction(sessions) as session:
-        job = session.get(Job, claim.job_id)
+        # Locked, so that a reaper or another worker cannot change it between check and write.
+        job = session.get(Job, claim.job_id, with_for_update=True)
         if job is None or job.lease_owner != claim.owner or job.state not in ACTIVE_STATES:
             return job.state if job is not None else JobState.FAILED
         job.last_error = error

@@ -191,8 +191,12 @@ class Job(Base):
     route: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(32))
-    # Input series + generation + model + version: the same work is never queued twice.
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    # The series' generation when the job was queued: a late instance bumps the
+    # series' generation, and a job of an older generation is then superseded.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    # Input series + generation + route + model + version: the same work is never
+    # queued twice, and two routes running one model each get their job.
+    idempotency_key: Mapped[str] = mapped_column(String(240), unique=True)
     state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -59,15 +59,27 @@ def _midline_x(x: np.ndarray) -> float:
     return float(centres[candidates[np.argmin(counts[candidates])]])
 
 
+def _main_parts(side: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+    """Keep the largest component of one side, and any piece at least ``fraction`` of it.
+
+    After the cut, what lies on one side besides its lung (gas in the stomach or the
+    bowel under the left lung, a stray bronchus) is a separate, clearly smaller piece.
+    """
+    labels, kept = largest_components(side, fraction)
+    return np.isin(labels, kept) if kept.size else side
+
+
 def split_left_right(
     mask: np.ndarray, volume: Volume, min_fraction: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split a both-lungs mask into the patient's left and right lung.
 
-    Small components are dropped first. When two large components remain they are
-    the two lungs, told apart by their mean patient-space x (+x is the patient's
-    left in DICOM's LPS system, whatever the image orientation). When they are
-    fused into one, the mask is cut at the mediastinum.
+    Components smaller than ``min_fraction`` of the largest are dropped as noise.
+    What remains is cut at the mediastinum, found as the emptiest patient-x position
+    in the middle half of the mask (+x is the patient's left in DICOM's LPS system,
+    whatever the image orientation). This works whether the lungs are two components
+    or fused into one at the anterior junction line. On each side only the main piece
+    is kept, so a large gas pocket beside a lung is not reported as lung.
 
     Parameters
     ----------
@@ -88,22 +100,9 @@ def split_left_right(
     right = np.zeros(mask.shape, dtype=bool)
     if kept.size == 0:
         return left, right
-    keep = np.isin(labels, kept)
-    idx = np.argwhere(keep)
+    idx = np.argwhere(np.isin(labels, kept))
     x = volume.patient_x(idx)
-    if kept.size >= 2:
-        # Two lungs: the two biggest components; any smaller kept piece joins the
-        # lung on its side of the midline between them.
-        comp = labels[keep]
-        mean_a = x[comp == kept[0]].mean()
-        mean_b = x[comp == kept[1]].mean()
-        split = (mean_a + mean_b) / 2
-        side = np.zeros(int(labels.max()) + 1, dtype=bool)
-        for c in kept:
-            side[c] = x[comp == c].mean() > split
-        is_left = side[comp]
-    else:
-        is_left = x > _midline_x(x)
+    is_left = x > _midline_x(x)
     left[tuple(idx[is_left].T)] = True
     right[tuple(idx[~is_left].T)] = True
-    return left, right
+    return _main_parts(left), _main_parts(right)

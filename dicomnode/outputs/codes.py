@@ -14,6 +14,8 @@ MEAN = codes.SCT.Mean
 ATTENUATION = codes.DCM.AttenuationCoefficient
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 CT_UNSPECIFIED = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+MR_UNSPECIFIED = hd.sr.CodedConcept("25056-3", "LN", "MR unspecified body region")
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence
 PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
 

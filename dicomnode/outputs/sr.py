@@ -22,8 +22,10 @@ from dicomnode.outputs.codes import (
     CT_CHEST,
     CT_UNSPECIFIED,
     HOUNSFIELD_UNIT,
+    IMAGING_PROCEDURE,
     MEAN,
     MILLILITER,
+    MR_UNSPECIFIED,
     VOLUME,
     coded,
 )
@@ -33,9 +35,12 @@ from dicomnode.outputs.seg import contributing_equipment
 
 def _procedure(source: Dataset) -> hd.sr.CodedConcept:
     body_part = str(source.get("BodyPartExamined", "")).upper()
-    if source.get("Modality") == "CT" and body_part in ("CHEST", "THORAX", "LUNG"):
-        return CT_CHEST
-    return CT_UNSPECIFIED
+    modality = source.get("Modality")
+    if modality == "CT":
+        return CT_CHEST if body_part in ("CHEST", "THORAX", "LUNG") else CT_UNSPECIFIED
+    if modality == "MR":
+        return MR_UNSPECIFIED
+    return IMAGING_PROCEDURE
 
 
 def build_measurement_report(
@@ -86,6 +91,10 @@ def build_measurement_report(
             model_name=provenance.model_name,
         ),
     )
+    tracking_uids = {
+        int(item.SegmentNumber): str(item.TrackingUID) for item in segmentation.SegmentSequence
+    }
+    is_ct = source_images[0].get("Modality") == "CT"
     groups = []
     for stat, seg in zip(stats, segments, strict=True):
         measurements = [
@@ -93,7 +102,8 @@ def build_measurement_report(
                 name=VOLUME, value=round(stat.volume_ml, 3), unit=MILLILITER, algorithm_id=algorithm
             )
         ]
-        if not math.isnan(stat.mean):
+        # Only CT values are calibrated (HU); for other modalities a mean has no unit.
+        if is_ct and not math.isnan(stat.mean):
             measurements.append(
                 sr.Measurement(
                     name=ATTENUATION,
@@ -105,11 +115,9 @@ def build_measurement_report(
             )
         groups.append(
             sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                # The same Tracking UID as the SEG segment: one finding, one identity.
                 tracking_identifier=sr.TrackingIdentifier(
-                    uid=provenance.uid(
-                        str(segmentation.SeriesInstanceUID), "roi", str(stat.number)
-                    ),
-                    identifier=seg.label,
+                    uid=tracking_uids[stat.number], identifier=seg.label
                 ),
                 referenced_segment=sr.ReferencedSegment(
                     sop_class_uid=segmentation.SOPClassUID,

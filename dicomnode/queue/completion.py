@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 100
 
 
-def _header(session: Session, spool: Spool, series: Series) -> Dataset | None:
+class HeaderUnavailable(Exception):
+    """No instance header of the series can be read right now; try the next sweep."""
+
+
+def _header(session: Session, spool: Spool, series: Series) -> Dataset:
     path = session.scalar(
         select(Instance.path)
         .where(Instance.series_id == series.id)
@@ -37,14 +41,11 @@ def _header(session: Session, spool: Spool, series: Series) -> Dataset | None:
         .limit(1)
     )
     if path is None:
-        return None
+        raise HeaderUnavailable("series has no instances")
     try:
         return pydicom.dcmread(spool.absolute(path), stop_before_pixels=True)
-    except Exception as exc:
-        log.error(
-            "series %s: cannot read header for routing (%s)", series.series_uid, type(exc).__name__
-        )
-        return None
+    except Exception as exc:  # e.g. shared storage briefly unavailable
+        raise HeaderUnavailable(type(exc).__name__) from None
 
 
 def sweep(
@@ -85,46 +86,64 @@ def sweep(
         ).all()
     completed = 0
     for series_id in candidates:
-        with transaction(sessions) as session:
-            # Re-check under the lock: an instance may have arrived since the query.
-            series = session.scalar(
-                select(Series)
-                .where(
-                    Series.id == series_id,
-                    Series.state == SeriesState.RECEIVING,
-                    Series.last_received_at <= cutoff,
-                )
-                .with_for_update(skip_locked=True)
-            )
-            if series is None:
-                continue
-            series.state = SeriesState.COMPLETE
-            series.completed_at = now
-            header = _header(session, spool, series)
-            queued = 0
-            routes = matching_routes(settings.routes, header) if header is not None else []
-            for route in routes:
-                for name in route.models:
-                    spec = models.get(name)
-                    if spec is None:  # refused at start-up; kept for safety
-                        log.error("route %s names unknown model %s", route.name, name)
-                        continue
-                    job = enqueue(
-                        session,
-                        series,
-                        route=route.name,
-                        model=spec.name,
-                        version=spec.version,
-                        max_attempts=settings.worker.max_attempts,
-                    )
-                    queued += job is not None
-            log.info(
-                "series complete series_uid=%s instances=%d generation=%d routes=%s jobs=%d",
-                series.series_uid,
-                series.instance_count,
-                series.generation,
-                ",".join(r.name for r in routes) or "-",
-                queued,
-            )
-            completed += 1
+        try:
+            completed += _complete(sessions, settings, models, spool, series_id, cutoff, now)
+        except HeaderUnavailable as exc:
+            # Rolled back: the series stays receiving and the next sweep tries again, so
+            # a storage hiccup never completes a series without its jobs.
+            log.error("series id %d: cannot read a header for routing (%s)", series_id, exc)
     return completed
+
+
+def _complete(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    models: Mapping[str, ModelSpec],
+    spool: Spool,
+    series_id: int,
+    cutoff: datetime,
+    now: datetime,
+) -> int:
+    """Complete one series and queue its jobs in one transaction; return 1 if done."""
+    with transaction(sessions) as session:
+        # Re-check under the lock: an instance may have arrived since the query.
+        series = session.scalar(
+            select(Series)
+            .where(
+                Series.id == series_id,
+                Series.state == SeriesState.RECEIVING,
+                Series.last_received_at <= cutoff,
+            )
+            .with_for_update(skip_locked=True)
+        )
+        if series is None:
+            return 0
+        header = _header(session, spool, series)
+        series.state = SeriesState.COMPLETE
+        series.completed_at = now
+        queued = 0
+        routes = matching_routes(settings.routes, header)
+        for route in routes:
+            for name in route.models:
+                spec = models.get(name)
+                if spec is None:  # refused at start-up; kept for safety
+                    log.error("route %s names unknown model %s", route.name, name)
+                    continue
+                job = enqueue(
+                    session,
+                    series,
+                    route=route.name,
+                    model=spec.name,
+                    version=spec.version,
+                    max_attempts=settings.worker.max_attempts,
+                )
+                queued += job is not None
+        log.info(
+            "series complete series_uid=%s instances=%d generation=%d routes=%s jobs=%d",
+            series.series_uid,
+            series.instance_count,
+            series.generation,
+            ",".join(r.name for r in routes) or "-",
+            queued,
+        )
+        return 1

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import WorkerSettings
 from dicomnode.db import jobs
 from dicomnode.db.jobs import Claim
-from dicomnode.errors import JobError, JobInterrupted
+from dicomnode.db.models import JobState
+from dicomnode.errors import JobError, JobInterrupted, JobSuperseded
 from dicomnode.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,13 @@ def worker_id(index: int = 0) -> str:
 
 
 class _Heartbeat(threading.Thread):
-    """Renews a job's lease until stopped; sets ``lost`` when the lease is gone."""
+    """Renews a job's lease while the job makes progress; sets ``lost`` when it is gone.
+
+    The pipeline reports progress at every checkpoint (each stage, each inference
+    batch). A job stuck for a whole lease (a hung network mount, a wedged GPU call)
+    stops being renewed, so the reaper re-queues it for another worker instead of it
+    holding the lease for ever.
+    """
 
     def __init__(self, sessions: sessionmaker[Session], claim: Claim, lease_seconds: float) -> None:
         super().__init__(name=f"heartbeat-{claim.job_id}", daemon=True)
@@ -46,10 +53,23 @@ class _Heartbeat(threading.Thread):
         self.lease_seconds = lease_seconds
         self.done = threading.Event()
         self.lost = threading.Event()
+        self.last_progress = time.monotonic()
+
+    def progress(self) -> None:
+        """Record that the job is moving."""
+        self.last_progress = time.monotonic()
 
     def run(self) -> None:
         interval = max(self.lease_seconds / 3, 0.5)
         while not self.done.wait(interval):
+            if time.monotonic() - self.last_progress > self.lease_seconds:
+                log.warning(
+                    "job_id=%d made no progress for %.0f s; letting its lease lapse",
+                    self.claim.job_id,
+                    self.lease_seconds,
+                )
+                self.lost.set()
+                return
             try:
                 if not jobs.heartbeat(self.sessions, self.claim, self.lease_seconds):
                     log.warning("lease lost job_id=%d", self.claim.job_id)
@@ -124,15 +144,25 @@ class Worker:
         log.info(
             "job started job_id=%d attempt=%d worker_id=%s", claim.job_id, claim.attempt, self.id
         )
+
+        def should_stop() -> bool:
+            # Asked at every checkpoint: that is progress; stop if we shut down or
+            # lost the lease.
+            beat.progress()
+            return self.stop.is_set() or beat.lost.is_set()
+
         try:
-            # The pipeline stops at its next checkpoint if we shut down or lose the lease.
-            timings = self.pipeline.run(claim, lambda: self.stop.is_set() or beat.lost.is_set())
+            timings = self.pipeline.run(claim, should_stop)
         except JobInterrupted:
             if beat.lost.is_set():
                 log.warning("job abandoned job_id=%d: lease lost", claim.job_id)
             else:
                 jobs.release(self.sessions, claim)
                 log.info("job released job_id=%d: worker stopping", claim.job_id)
+            return
+        except JobSuperseded as exc:
+            jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
+            log.info("job cancelled job_id=%d: superseded by newer input", claim.job_id)
             return
         except JobError as exc:
             state = jobs.fail(
@@ -153,12 +183,15 @@ class Worker:
             return
         except Exception as exc:
             # An unexpected error is a bug or an environment problem; retry it a bounded
-            # number of times rather than lose the job or loop on it forever.
-            log.exception("job error job_id=%d", claim.job_id)
+            # number of times rather than lose the job or loop on it forever. Its message
+            # may quote a header value (a patient's name, a birth date), so only the type
+            # is logged and kept; the traceback goes to DEBUG.
+            log.error("job error job_id=%d: %s", claim.job_id, type(exc).__name__)
+            log.debug("job error job_id=%d", claim.job_id, exc_info=True)
             jobs.fail(
                 self.sessions,
                 claim,
-                f"internal error: {type(exc).__name__}: {exc}",
+                f"internal error: {type(exc).__name__} (details in the DEBUG log)",
                 retryable=True,
                 base_seconds=self.settings.retry_base_seconds,
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -31,6 +32,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
+from dicomnode.db.jobs import cancel_superseded
 from dicomnode.db.models import Instance, Series, SeriesState, Study, utcnow
 from dicomnode.errors import (
     InvalidUID,
@@ -61,6 +63,14 @@ class InstanceHeader:
     instance_number: int | None
     patient_id: str | None
     accession_number: str | None
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """What the instance's row held before this store."""
+
+    path: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,10 @@ def check_pixel_data(data: bytes, offset: int, ds: Dataset) -> None:
         )
 
 
+def _clip(value: str | None, length: int) -> str | None:
+    return value[:length] if value is not None else None
+
+
 def parse_header(
     data: bytes, default_sop_class: str | None = None, default_sop_instance: str | None = None
 ) -> InstanceHeader:
@@ -217,10 +231,12 @@ def parse_header(
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
-        modality=_text(ds, "Modality"),
+        # Clipped to their VR's length (and their columns'): a non-conformant value must
+        # not make PostgreSQL refuse the row and the sender retry for ever.
+        modality=_clip(_text(ds, "Modality"), 16),
         instance_number=instance_number,
-        patient_id=_text(ds, "PatientID"),
-        accession_number=_text(ds, "AccessionNumber"),
+        patient_id=_clip(_text(ds, "PatientID"), 64),
+        accession_number=_clip(_text(ds, "AccessionNumber"), 16),
     )
 
 
@@ -276,24 +292,31 @@ class Ingestor:
         if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
             raise SOPClassMismatch("dataset SOPClassUID differs from the negotiated SOP class")
         digest = hashlib.sha256(data).hexdigest()
-        relative = self.spool.relative_path(
-            INCOMING, header.study_uid, header.series_uid, header.sop_instance_uid
-        )
-
         try:
             with self.sessions() as session:
-                existing = session.scalar(
-                    select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-                )
-                if existing is not None and existing.sha256 == digest:
-                    return StoreOutcome(
-                        header.sop_instance_uid, header.series_uid, existing.path, duplicate=True
+                existing = session.execute(
+                    select(Instance.path, Instance.sha256).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid
                     )
-                replaced = existing is not None
-                old_path = existing.path if existing is not None else None
+                ).first()
         except DBAPIError as exc:
             raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
+        if (
+            existing is not None
+            and existing.sha256 == digest
+            and self.spool.absolute(existing.path).is_file()
+        ):
+            return StoreOutcome(
+                header.sop_instance_uid, header.series_uid, existing.path, duplicate=True
+            )
 
+        relative = self.spool.relative_path(
+            INCOMING,
+            header.study_uid,
+            header.series_uid,
+            header.sop_instance_uid,
+            token=uuid.uuid4().hex[:12],
+        )
         try:
             self.spool.write(relative, data)
         except OSError as exc:
@@ -303,35 +326,37 @@ class Ingestor:
             raise OutOfResources(f"cannot write to storage ({code})") from None
 
         try:
-            self._record(header, relative.as_posix(), len(data), digest, calling_ae)
+            previous = self._record(header, relative.as_posix(), len(data), digest, calling_ae)
         except BaseException as exc:
-            # Not acknowledged, so it must not linger. A replaced file keeps the new
-            # bytes; the row still holds the old digest, so a resend rewrites it.
-            if not replaced:
-                self.spool.remove(relative)
+            # Not acknowledged, so it must not linger; the file is ours alone.
+            self.spool.remove(relative)
             if isinstance(exc, DBAPIError):
                 # The sender may retry; nothing of this attempt remains.
                 raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
             raise
-        if old_path is not None and old_path != relative.as_posix():
-            self.spool.remove(old_path)  # it moved to another study or series
+        if previous is not None:
+            # The row now points at our file; the one it pointed at before is unreferenced.
+            self.spool.remove(previous.path)
         return StoreOutcome(
-            header.sop_instance_uid, header.series_uid, relative.as_posix(), replaced=replaced
+            header.sop_instance_uid,
+            header.series_uid,
+            relative.as_posix(),
+            replaced=previous is not None and previous.sha256 != digest,
         )
 
     def _record(
         self, header: InstanceHeader, path: str, size: int, digest: str, calling_ae: str | None
-    ) -> None:
+    ) -> _Previous | None:
         # Two associations may create the same study or series at once; on PostgreSQL
         # the loser hits the unique constraint and simply tries again.
         for attempt in range(3):
             try:
                 with transaction(self.sessions) as session:
-                    self._record_in(session, header, path, size, digest, calling_ae)
-                return
+                    return self._record_in(session, header, path, size, digest, calling_ae)
             except IntegrityError:
                 if attempt == 2:
                     raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _record_in(
@@ -341,8 +366,19 @@ class Ingestor:
         size: int,
         digest: str,
         calling_ae: str | None,
-    ) -> None:
+    ) -> _Previous | None:
         now = utcnow()
+        instance = session.scalar(
+            select(Instance)
+            .where(Instance.sop_instance_uid == header.sop_instance_uid)
+            .with_for_update()
+        )
+        previous = _Previous(instance.path, instance.sha256) if instance is not None else None
+        if instance is not None and instance.sha256 == digest:
+            # The same content, committed meanwhile by a concurrent resend (or its file
+            # went missing): point the row at this copy and change nothing else.
+            instance.path = path
+            return previous
         study = session.scalar(select(Study).where(Study.study_uid == header.study_uid))
         if study is None:
             study = Study(
@@ -372,14 +408,15 @@ class Ingestor:
             # A late or corrected instance: run the series' jobs again when it settles.
             series.state = SeriesState.RECEIVING
             series.generation += 1
+            cancelled = cancel_superseded(session, series.id, series.generation)
             log.info(
-                "series reopened series_uid=%s generation=%d", series.series_uid, series.generation
+                "series reopened series_uid=%s generation=%d cancelled_jobs=%d",
+                series.series_uid,
+                series.generation,
+                cancelled,
             )
         series.last_received_at = now
 
-        instance = session.scalar(
-            select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-        )
         if instance is None:
             instance = Instance(sop_instance_uid=header.sop_instance_uid)
             session.add(instance)
@@ -399,3 +436,4 @@ class Ingestor:
         instance.sha256 = digest
         instance.calling_ae = calling_ae
         instance.received_at = now
+        return previous

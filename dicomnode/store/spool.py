@@ -2,9 +2,14 @@
 
 Layout under the storage root::
 
-    incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances
-    results/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm    objects we created
-    tmp/                                                   files being written
+    incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>_<token>.dcm  received instances
+    results/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm           objects we created
+    rejected/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm          ours, failed validation
+    tmp/                                                          files being written
+
+A received instance's file name carries a random token, so two associations storing
+the same SOP Instance UID at once never write the same file, and undoing one write
+can never remove a file another association has acknowledged.
 
 Every file is written to ``tmp/``, fsynced, renamed into place, and its folder
 fsynced, so a crash leaves either the whole file or nothing at its final path.
@@ -14,6 +19,7 @@ Only UIDs that passed :func:`dicomnode.store.uids.uid_problem` become path compo
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +27,9 @@ from dicomnode.store.uids import uid_problem
 
 INCOMING = "incoming"
 RESULTS = "results"
+REJECTED = "rejected"
 TMP = "tmp"
+STALE_TMP_SECONDS = 3600  # no write takes an hour; younger files may be another process's
 
 
 class Spool:
@@ -37,20 +45,24 @@ class Spool:
         self.root = root
         (root / TMP).mkdir(parents=True, exist_ok=True)
 
-    def relative_path(self, area: str, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    def relative_path(
+        self, area: str, study_uid: str, series_uid: str, sop_uid: str, token: str = ""
+    ) -> Path:
         """Return the path of an instance relative to the root.
 
         Parameters
         ----------
         area : str
-            ``incoming`` or ``results``.
+            ``incoming``, ``results`` or ``rejected``.
         study_uid, series_uid, sop_uid : str
             The instance's UIDs.
+        token : str
+            Appended to the file name after an underscore, to make it unique.
 
         Returns
         -------
         Path
-            ``area/study/series/sop.dcm``.
+            ``area/study/series/sop[_token].dcm``.
 
         Raises
         ------
@@ -61,7 +73,8 @@ class Spool:
             problem = uid_problem(uid)
             if problem:
                 raise ValueError(f"unsafe UID for a path: it {problem}")
-        return Path(area, study_uid, series_uid, f"{sop_uid}.dcm")
+        name = f"{sop_uid}_{token}.dcm" if token else f"{sop_uid}.dcm"
+        return Path(area, study_uid, series_uid, name)
 
     def absolute(self, relative: str | Path) -> Path:
         """Return the absolute path of a spool-relative path.
@@ -128,8 +141,37 @@ class Spool:
         """
         (self.root / relative).unlink(missing_ok=True)
 
-    def clean_tmp(self) -> int:
+    def move(self, relative: str | Path, area: str) -> Path:
+        """Move a file to the same place under another area (e.g. ``rejected``).
+
+        Parameters
+        ----------
+        relative : str or Path
+            The file, relative to the root.
+        area : str
+            The new first path component.
+
+        Returns
+        -------
+        Path
+            The new relative path.
+        """
+        source = Path(relative)
+        target = Path(area, *source.parts[1:])
+        _make_dirs_durable((self.root / target).parent)
+        os.replace(self.root / source, self.root / target)
+        return target
+
+    def clean_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
         """Delete leftovers of writes a crash interrupted.
+
+        Only files older than ``older_than`` seconds go: other processes sharing the
+        storage path may be writing the younger ones right now.
+
+        Parameters
+        ----------
+        older_than : float
+            Minimum age in seconds.
 
         Returns
         -------
@@ -137,9 +179,14 @@ class Spool:
             How many partial files were removed.
         """
         count = 0
+        cutoff = time.time() - older_than
         for part in (self.root / TMP).glob("*.part"):
-            part.unlink(missing_ok=True)
-            count += 1
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    count += 1
+            except FileNotFoundError:
+                continue
         return count
 
 

@@ -39,6 +39,10 @@ def listener(tmp_path: Path, sessions) -> Iterator[Listener]:
     node.stop()
 
 
+def sop_of(path: Path) -> str:
+    return path.stem.split("_")[0]  # incoming/<study>/<series>/<sop>_<token>.dcm
+
+
 def spool_files(listener: Listener) -> list[Path]:
     return sorted((listener.ingestor.spool.root / "incoming").rglob("*.dcm"))
 
@@ -84,7 +88,7 @@ def test_storescu_stores_every_file_and_row(
     stored = spool_files(listener)
     assert len(stored) == 5
     sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
-    assert {p.stem for p in stored} == sent
+    assert {sop_of(p) for p in stored} == sent
     with sessions() as s:
         rows = s.scalars(select(Instance)).all()
         assert {r.sop_instance_uid for r in rows} == sent
@@ -92,7 +96,7 @@ def test_storescu_stores_every_file_and_row(
         assert s.scalars(select(Series)).one().instance_count == 5
     # The stored file holds the same dataset and pixels that were sent.
     original = pydicom.dcmread(files[0])
-    copy = pydicom.dcmread(next(p for p in stored if p.stem == original.SOPInstanceUID))
+    copy = pydicom.dcmread(next(p for p in stored if sop_of(p) == original.SOPInstanceUID))
     assert np.array_equal(original.pixel_array, copy.pixel_array)
 
 

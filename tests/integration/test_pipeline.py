@@ -21,8 +21,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
 
 from dicomnode.config import Settings, parse_settings
+from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
+from dicomnode.errors import JobSuperseded
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline
@@ -201,4 +203,45 @@ def test_stopping_worker_releases_the_job(node: dict, scp: CountingSCP, sessions
     assert node["worker"].run_once()
     job = job_row(sessions)
     assert job.state == JobState.QUEUED and job.attempts == 0 and job.lease_owner is None
+    assert scp.received == []
+
+
+def test_malformed_birth_date_does_not_fail_the_job_or_leak(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    scp.start()
+    datasets = ct_series(lung_phantom(), patient_name="ROE^RICHARD")
+    for ds in datasets:
+        ds.PatientBirthDate = "1970013"  # not a valid DA; highdicom would refuse it
+    ingestor = Ingestor(node["spool"], sessions)
+    for ds in datasets:
+        buffer = BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        ingestor.store(buffer.getvalue())
+    sweep(sessions, node["settings"], node["models"], node["spool"])
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.DONE, job.last_error
+    assert len(scp.received) == 2
+    assert all(ds.PatientBirthDate == "" for ds in scp.received)
+
+
+def test_job_of_a_reopened_series_is_cancelled_not_run(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    scp.start()
+    receive_phantom(node)
+    claim = jobs.claim(sessions, "other-worker", 60)  # a job that was already running...
+    assert claim is not None
+    late = ct_series(lung_phantom(slices=1))[0]  # ...when a late instance arrives
+    with sessions() as s:
+        series_uid = s.scalars(select(Job)).one().series.series_uid
+        study_uid = s.scalars(select(Job)).one().series.study.study_uid
+    late.SeriesInstanceUID, late.StudyInstanceUID = series_uid, study_uid
+    late.ImagePositionPatient = [-100.0, -100.0, -50.0 + 2.0 * 12]
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, late, enforce_file_format=True)
+    Ingestor(node["spool"], sessions).store(buffer.getvalue())
+    with pytest.raises(JobSuperseded):
+        node["worker"].pipeline.run(claim, lambda: False)
     assert scp.received == []

@@ -20,9 +20,17 @@ BIRTH = "1970013"  # invalid DA: pydicom would quote it in a warning
 @pytest.fixture
 def restore_pydicom():
     mode = pydicom.config.settings.reading_validation_mode
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     pydicom.config.settings.reading_validation_mode = mode
-    logging.getLogger("pydicom").setLevel(logging.NOTSET)
+    for name in ("pydicom", "pynetdicom", "apscheduler", "alembic", "highdicom"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 def test_received_values_never_reach_the_log(

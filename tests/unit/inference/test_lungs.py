@@ -65,3 +65,21 @@ def test_component_threshold(fraction: float) -> None:
     mask[0, 15:, 15:] = True  # 25
     _, kept = largest_components(mask, fraction)
     assert len(kept) == (2 if fraction < 0.25 else 1)
+
+
+def test_large_gas_pocket_beside_fused_lungs_is_not_a_lung() -> None:
+    # Fused lungs (one component) plus a separate air pocket under the left lung that
+    # is more than 10% of the lungs: the lungs still come out left and right, and the
+    # pocket is dropped instead of becoming the "left lung".
+    shape = (10, 40, 40)
+    vol = geometry(shape=shape)
+    mask = np.zeros(shape, bool)
+    mask[1:7, 10:30, 4:16] = True
+    mask[1:7, 10:30, 22:36] = True
+    mask[2:4, 18:20, 16:22] = True  # the junction line fuses them
+    mask[8:10, 12:30, 24:36] = True  # gas pocket below the left lung, not touching it
+    _, kept = largest_components(mask, 0.1)
+    assert len(kept) == 2  # fused lungs + a pocket big enough to survive the noise filter
+    left, right = split_left_right(mask, vol)
+    assert left[1:7, 10:30, 23:36].all() and right[1:7, 10:30, 4:16].all()
+    assert not left[8:10].any() and not right[8:10].any()

@@ -170,3 +170,23 @@ def test_dciodvfy_reports_a_broken_object(built, tmp_path: Path) -> None:
     broken = tmp_path / "broken.dcm"
     ds.save_as(broken)
     assert any("SegmentSequence" in e or "Segment Sequence" in e for e in dciodvfy_errors(broken))
+
+
+def test_sr_findings_carry_the_seg_segments_tracking_uids(built) -> None:
+    seg = pydicom.dcmread(built["seg_path"])
+    by_number = {int(d.SegmentNumber): d.TrackingUID for d in seg.SegmentSequence}
+    groups = hd.sr.srread(built["sr_path"]).content.get_volumetric_roi_measurement_groups()
+    for group in groups:
+        number = group.referenced_segment.referenced_segment_numbers[0]
+        assert group.tracking_uid == by_number[number]
+
+
+def test_malformed_source_dates_are_blanked_not_fatal(built) -> None:
+    from dicomnode.outputs.headers import blank_malformed_dates
+
+    sources = ct_series(lung_phantom(slices=3, size=16))
+    sources[0].PatientBirthDate = "1970013"
+    sources[1].StudyTime = "25:99"
+    assert blank_malformed_dates(sources) == 2
+    assert sources[0].PatientBirthDate == "" and sources[1].StudyTime == ""
+    assert sources[2].StudyDate == "20240101"  # good values stay

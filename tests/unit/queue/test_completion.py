@@ -98,3 +98,56 @@ def test_late_instance_reopens_and_queues_a_new_job(spool: Spool, sessions) -> N
         keys = sorted(j.idempotency_key for j in s.scalars(select(Job)))
         assert len(keys) == 2 and keys[0] != keys[1]
         assert s.scalars(select(Series)).one().instance_count == 4
+
+
+def test_two_routes_with_one_model_each_get_a_job(spool: Spool, sessions) -> None:
+    settings = parse_settings(
+        {
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},
+                {"name": "research", "ae_title": "RES", "host": "127.0.0.1", "port": 4243},
+            ],
+            "routes": [
+                {"name": "clinical", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
+                 "send_to": ["pacs"]},
+                {"name": "study", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
+                 "send_to": ["research"]},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    receive(spool, sessions, ct_series(np.zeros((2, 8, 8), np.float32)))
+    sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    with sessions() as s:
+        assert sorted(j.route for j in s.scalars(select(Job))) == ["clinical", "study"]
+
+
+def test_late_instance_cancels_the_queued_job_of_the_old_generation(spool: Spool, sessions) -> None:
+    series = ct_series(np.zeros((4, 8, 8), np.float32))
+    receive(spool, sessions, series[:3])
+    sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    receive(spool, sessions, series[3:])  # before the first job ran
+    with sessions() as s:
+        old = s.scalars(select(Job)).one()
+        assert old.state == JobState.CANCELLED and old.generation == 0
+        assert "late instance" in old.last_error
+    sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    with sessions() as s:
+        states = {j.generation: j.state for j in s.scalars(select(Job))}
+        assert states == {0: JobState.CANCELLED, 1: JobState.QUEUED}
+
+
+def test_unreadable_header_leaves_the_series_for_the_next_sweep(spool: Spool, sessions) -> None:
+    receive(spool, sessions, ct_series(np.zeros((2, 8, 8), np.float32)))
+    files = sorted((spool.root / "incoming").rglob("*.dcm"))
+    hidden = [f.rename(f.with_suffix(".hidden")) for f in files]  # storage hiccup
+    later = utcnow() + timedelta(seconds=31)
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=later) == 0
+    with sessions() as s:
+        assert s.scalars(select(Series)).one().state == SeriesState.RECEIVING
+        assert s.scalars(select(Job)).all() == []
+    for f in hidden:
+        f.rename(f.with_suffix(".dcm"))
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=later) == 1
+    with sessions() as s:
+        assert len(s.scalars(select(Job)).all()) == 1

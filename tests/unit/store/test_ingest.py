@@ -206,3 +206,63 @@ def test_encapsulated_pixel_data_without_its_end_is_refused(
     ingestor.store(data)  # whole: fine
     with pytest.raises(UnreadableInstance, match="no end"):
         ingestor.store(data[:-2000])
+
+
+def test_resend_whose_file_went_missing_is_written_again(
+    ingestor: Ingestor, series: list[Dataset], sessions
+) -> None:
+    data = encode(series[0])
+    first = ingestor.store(data)
+    ingestor.spool.absolute(first.path).unlink()
+    again = ingestor.store(data)
+    assert not again.duplicate
+    assert ingestor.spool.absolute(again.path).read_bytes() == data
+    assert len(files(ingestor)) == 1
+    with sessions() as s:
+        assert s.scalars(select(Instance.path)).all() == [again.path]
+
+
+FAIL_UPDATES = {
+    "sqlite": [
+        "CREATE TRIGGER fail_update BEFORE UPDATE ON instances "
+        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION fail_update() RETURNS trigger AS $$ "
+        "BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER fail_update BEFORE UPDATE ON instances "
+        "FOR EACH ROW EXECUTE FUNCTION fail_update()",
+    ],
+}
+
+
+def test_failed_replacement_keeps_the_acknowledged_copy(
+    ingestor: Ingestor, series: list[Dataset], engine, sessions
+) -> None:
+    original = encode(series[0])
+    stored = ingestor.store(original)
+    with engine.begin() as conn:
+        for statement in FAIL_UPDATES[engine.dialect.name]:
+            conn.execute(text(statement))
+    series[0].InstanceNumber = 42
+    with pytest.raises(OutOfResources):
+        ingestor.store(encode(series[0]))
+    # The acknowledged object is untouched, on disk and in the database.
+    assert files(ingestor) == [ingestor.spool.absolute(stored.path)]
+    assert ingestor.spool.absolute(stored.path).read_bytes() == original
+    with sessions() as s:
+        assert s.scalar(select(Instance.instance_number)) == 1
+
+
+def test_over_long_identifiers_are_clipped_not_refused(
+    ingestor: Ingestor, series: list[Dataset], sessions
+) -> None:
+    # Non-conformant but real: PostgreSQL would refuse the row, and the sender would
+    # retry for ever.
+    ds = series[0]
+    ds.AccessionNumber = "A" * 30
+    ds.PatientID = "P" * 80
+    ingestor.store(encode(ds))
+    with sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.accession_number == "A" * 16 and study.patient_id == "P" * 64
