@@ -10,10 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset
@@ -27,7 +25,7 @@ from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, 
 from dicomnode.errors import JobSuperseded
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep
 from dicomnode.queue.worker import Worker
 from dicomnode.store.ingest import Ingestor
@@ -113,9 +111,7 @@ def receive_phantom(node: dict, **kwargs: object) -> list[Dataset]:
     datasets = ct_series(lung_phantom(), **kwargs)
     ingestor = Ingestor(node["spool"], node["sessions"])
     for ds in datasets:
-        buffer = BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        ingestor.store(buffer.getvalue())
+        ingestor.store(encode(ds))
     assert sweep(node["sessions"], node["settings"], node["models"], node["spool"]) == 1
     return datasets
 
@@ -215,9 +211,7 @@ def test_malformed_birth_date_does_not_fail_the_job_or_leak(
         ds.PatientBirthDate = "1970013"  # not a valid DA; highdicom would refuse it
     ingestor = Ingestor(node["spool"], sessions)
     for ds in datasets:
-        buffer = BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        ingestor.store(buffer.getvalue())
+        ingestor.store(encode(ds))
     sweep(sessions, node["settings"], node["models"], node["spool"])
     assert node["worker"].run_once()
     job = job_row(sessions)
@@ -239,9 +233,7 @@ def test_job_of_a_reopened_series_is_cancelled_not_run(
         study_uid = s.scalars(select(Job)).one().series.study.study_uid
     late.SeriesInstanceUID, late.StudyInstanceUID = series_uid, study_uid
     late.ImagePositionPatient = [-100.0, -100.0, -50.0 + 2.0 * 12]
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, late, enforce_file_format=True)
-    Ingestor(node["spool"], sessions).store(buffer.getvalue())
+    Ingestor(node["spool"], sessions).store(encode(late))
     with pytest.raises(JobSuperseded):
         node["worker"].pipeline.run(claim, lambda: False)
     assert scp.received == []

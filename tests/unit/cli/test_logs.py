@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import logging
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,8 @@ import pydicom
 import pytest
 
 from dicomnode.cli.logs import setup_logging
+from dicomnode.errors import InvalidUID
+from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.factories import ct_series
@@ -39,16 +40,12 @@ def test_received_values_never_reach_the_log(
     setup_logging("INFO")
     ds = ct_series(np.zeros((1, 4, 4), np.float32), patient_name=NAME, patient_id="MRN-SECRET")[0]
     ds.PatientBirthDate = BIRTH
-    ds.SeriesInstanceUID = "1.2.3.4/5"  # refused, and the refusal is logged
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    ds.SeriesInstanceUID = "1.2.3.4/5"  # refused
     ingestor = Ingestor(Spool(tmp_path), sessions)
-    with pytest.raises(Exception, match="SeriesInstanceUID"):
-        ingestor.store(buffer.getvalue())
+    with pytest.raises(InvalidUID, match="SeriesInstanceUID"):
+        ingestor.store(encode(ds))
     ds.SeriesInstanceUID = "1.2.3.4.5"
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    ingestor.store(buffer.getvalue())
+    ingestor.store(encode(ds))
     logging.getLogger("dicomnode").info("done")
     out, err = capfd.readouterr()
     assert "done" in err  # the log really is captured here

@@ -1,18 +1,17 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicomnode.config import parse_settings
 from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
 from dicomnode.inference.registry import load_registry
+from dicomnode.pipeline import encode
 from dicomnode.queue.completion import sweep
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
@@ -40,12 +39,6 @@ SETTINGS = parse_settings(
     environ={},
 )
 MODELS = load_registry(None)
-
-
-def encode(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.fixture

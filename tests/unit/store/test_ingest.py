@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from sqlalchemy import select, text
 
@@ -18,15 +16,10 @@ from dicomnode.errors import (
     UIDMismatch,
     UnreadableInstance,
 )
+from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.factories import ct_series
-
-
-def encode(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.fixture
