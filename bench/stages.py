@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dicomnode.cli.jobs import STAGES  # noqa: E402
 from dicomnode.inference.device import configure_threads  # noqa: E402
 from dicomnode.inference.registry import load_registry  # noqa: E402
 from tests.integration.node_process import (  # noqa: E402
@@ -40,9 +41,6 @@ from tests.integration.node_process import (  # noqa: E402
     write_config,
 )
 from tests.integration.orthanc import Orthanc  # noqa: E402
-
-STAGES = ["receive_s", "wait_s", "load_s", "inference_s", "postprocess_s", "seg_s", "sr_s",
-          "write_validate_s", "send_s"]  # fmt: skip
 
 
 def run_job(series: list[Path], workdir: Path) -> dict:

@@ -265,11 +265,8 @@ class Settings:
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Turn ``DICOMNODE_SECTION_KEY=value`` variables into a TOML-like mapping."""
-    sections = {
-        f.name: typing.get_type_hints(Settings)[f.name]
-        for f in dataclasses.fields(Settings)
-        if dataclasses.is_dataclass(typing.get_type_hints(Settings)[f.name])
-    }
+    top = typing.get_type_hints(Settings)
+    sections = {name: tp for name, tp in top.items() if dataclasses.is_dataclass(tp)}
     out: dict[str, dict[str, Any]] = {}
     for var, raw in environ.items():
         if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
@@ -286,16 +283,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         origin = typing.get_origin(tp)
         if origin in (typing.Union, types.UnionType):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        # Numbers are parsed here; everything else stays a string and is checked
+        # by build() like any value from the file.
         value: Any = raw
         try:
-            if tp is int:
-                value = int(raw)
-            elif tp is float:
-                value = float(raw)
-            elif tp is bool:
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(raw)
-                value = raw.lower() in ("1", "true", "yes")
+            if tp in (int, float):
+                value = tp(raw)
         except ValueError:
             raise ConfigError(f"{var}: must be {type_name(tp)}, got {raw!r}") from None
         out.setdefault(section, {})[key] = value

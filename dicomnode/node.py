@@ -102,17 +102,13 @@ class Node:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
-        """Assemble a node; nothing runs until :meth:`start`.
+    def from_settings(cls, settings: Settings) -> Node:
+        """Assemble a node with all its roles; nothing runs until :meth:`start`.
 
         Parameters
         ----------
         settings : Settings
             Validated settings.
-        listen : bool
-            Include the listener and the scheduler.
-        work : bool
-            Include the workers.
 
         Returns
         -------
@@ -133,17 +129,15 @@ class Node:
         if removed:
             log.info("removed %d partial files left by an interrupted write", removed)
         node = cls(settings, engine, sessions, spool, models)
-        if listen:
-            node.listener = Listener(settings.listener, Ingestor(spool, sessions))
-            node.scheduler = make_scheduler(settings, sessions, models, spool)
-        if work:
-            configure_threads(settings.worker.threads)
-            cache = ModelCache(select_device(settings.worker.device))
-            pipeline = Pipeline(settings, sessions, spool, models, cache)
-            node.workers = [
-                Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
-                for i in range(settings.worker.count)
-            ]
+        node.listener = Listener(settings.listener, Ingestor(spool, sessions))
+        node.scheduler = make_scheduler(settings, sessions, models, spool)
+        configure_threads(settings.worker.threads)
+        cache = ModelCache(select_device(settings.worker.device))
+        pipeline = Pipeline(settings, sessions, spool, models, cache)
+        node.workers = [
+            Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
+            for i in range(settings.worker.count)
+        ]
         return node
 
     def start(self) -> None:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
@@ -47,7 +47,7 @@ from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
 from dicomnode.inference.volume import load_series
 from dicomnode.net import scu
-from dicomnode.outputs.headers import blank_malformed_dates
+from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
@@ -82,7 +82,6 @@ class BuiltOutput:
 
     kind: str
     dataset: Dataset
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def encode(dataset: Dataset) -> bytes:
@@ -272,9 +271,11 @@ class Pipeline:
         version = (spec.version, ctx.input_digest)
         base_number = self.settings.outputs.series_number
 
-        blanked = blank_malformed_dates(volume.datasets)
-        if blanked:
-            log.info("job %d: blanked %d malformed date/time values", ctx.job_id, blanked)
+        repaired = repair_source_headers(volume.datasets)
+        if repaired:
+            log.info(
+                "job %d: repaired %d non-conformant source header values", ctx.job_id, repaired
+            )
 
         started = time.perf_counter()
         with _building("SEG"):

@@ -114,7 +114,7 @@ class Listener:
 
     @property
     def port(self) -> int:
-        """Return the bound port (useful when the configured port was 0 in tests)."""
+        """Return the port the listener is bound to (the configured one until started)."""
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])

@@ -99,23 +99,22 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str)
         If it cannot be reached or the association drops.
     """
     datasets = [pydicom.dcmread(p) for p in paths]
+    wanted = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
     ae = AE(ae_title=calling_ae)
-    seen: set[tuple[str, str]] = set()
-    for ds in datasets:
-        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-        if key not in seen:
-            seen.add(key)
-            ae.add_requested_context(key[0], [key[1]])
+    for sop_class, syntax in sorted(wanted):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = _associate(ae, destination)
     statuses: list[int] = []
     try:
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        refused = sorted(sop_class for sop_class, syntax in wanted - accepted)
+        if refused:
+            # Checked before sending anything: a partial result set helps nobody.
+            raise PermanentJobError(
+                f"destination {destination.name}: does not accept SOP class {', '.join(refused)}"
+            )
         for ds in datasets:
-            try:
-                reply = assoc.send_c_store(ds)
-            except ValueError:  # pynetdicom: no accepted presentation context for it
-                raise PermanentJobError(
-                    f"destination {destination.name}: does not accept SOP class {ds.SOPClassUID}"
-                ) from None
+            reply = assoc.send_c_store(ds)
             if "Status" not in reply:
                 raise TransientJobError(
                     f"destination {destination.name}: no reply to C-STORE (connection lost)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +40,25 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.startswith("Error")]
 
 
+_QUOTED = re.compile(r"= <([^>]*)>")
+
+
+def redact(line: str) -> str:
+    """Remove the values dciodvfy quotes, which may be patient data; keep numbers.
+
+    Parameters
+    ----------
+    line : str
+        A dciodvfy message, e.g. ``... Value invalid for this VR [SH] = <ABC> - ...``.
+
+    Returns
+    -------
+    str
+        The message with every non-numeric ``= <value>`` replaced by ``= <...>``.
+    """
+    return _QUOTED.sub(lambda m: m.group(0) if m.group(1).isdigit() else "= <...>", line)
+
+
 def validate_file(path: Path, mode: str) -> bool:
     """Check a file we are about to send.
 
@@ -72,5 +92,5 @@ def validate_file(path: Path, mode: str) -> bool:
         return False
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise PermanentJobError(f"{path.name} failed validation: {errors[0]}{more}")
+        raise PermanentJobError(f"{path.name} failed validation: {redact(errors[0])}{more}")
     return True

@@ -136,15 +136,19 @@ def test_wrong_called_ae_is_rejected(listener: Listener, lidc1: list[Path]) -> N
 
 
 def test_unsupported_sop_class_is_refused_at_negotiation(listener: Listener) -> None:
-    assoc = associate(listener, RTPlanStorage)
+    # Alongside a supported class: the association stands, that one context is refused.
+    assoc = associate(listener, CTImageStorage, RTPlanStorage)
+    assert assoc.is_established
     try:
-        # The association may be accepted for nothing, or rejected outright.
-        if assoc.is_established:
-            assert assoc.accepted_contexts == []
-            assert [c.abstract_syntax for c in assoc.rejected_contexts] == [RTPlanStorage]
+        assert {c.abstract_syntax for c in assoc.accepted_contexts} == {CTImageStorage}
+        assert {c.abstract_syntax for c in assoc.rejected_contexts} == {RTPlanStorage}
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
+    # Alone: nothing is acceptable, so the association does not stand at all.
+    assoc = associate(listener, RTPlanStorage)
+    assert not assoc.is_established
+    assert {c.abstract_syntax for c in assoc.rejected_contexts} == {RTPlanStorage}
+    assert dcmtk("echoscu", listener) == 0  # and the listener is still up
 
 
 def send(listener: Listener, dataset: Dataset | Path) -> int:

@@ -7,6 +7,7 @@ sides: the job table and the receiver.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,7 +23,7 @@ from dicomnode.config import Settings, parse_settings
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
-from dicomnode.errors import JobSuperseded
+from dicomnode.errors import JobSuperseded, PermanentJobError
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
@@ -41,6 +42,7 @@ class CountingSCP:
     def __init__(self, port: int, status: int = 0x0000) -> None:
         self.port = port
         self.status = status
+        self.refuse: set[str] = set()  # SOP classes not to accept at negotiation
         self.received: list[Dataset] = []
         self.server = None
 
@@ -52,7 +54,9 @@ class CountingSCP:
 
     def start(self) -> CountingSCP:
         ae = AE(ae_title="COUNTER")
-        ae.supported_contexts = AllStoragePresentationContexts
+        ae.supported_contexts = [
+            c for c in AllStoragePresentationContexts if c.abstract_syntax not in self.refuse
+        ]
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
@@ -236,4 +240,59 @@ def test_job_of_a_reopened_series_is_cancelled_not_run(
     Ingestor(node["spool"], sessions).store(encode(late))
     with pytest.raises(JobSuperseded):
         node["worker"].pipeline.run(claim, lambda: False)
+    assert scp.received == []
+
+
+def test_destination_without_the_sop_class_fails_before_sending(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    scp.refuse = {"1.2.840.10008.5.1.4.1.1.88.34"}  # a PACS that cannot store 3D SR
+    scp.start()
+    receive_phantom(node)
+    assert node["worker"].run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.FAILED
+    assert "does not accept SOP class 1.2.840.10008.5.1.4.1.1.88.34" in job.last_error
+    assert scp.received == []  # not half a result set
+
+
+def test_route_gone_or_model_changed_fails_the_job_clearly(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    scp.start()
+    receive_phantom(node)
+    pipeline = node["worker"].pipeline
+    claim = jobs.claim(sessions, "w", 60)
+    assert claim is not None
+    without_route = dataclasses.replace(node["settings"], routes=[])
+    gone = Pipeline(without_route, sessions, node["spool"], node["models"], pipeline.cache)
+    with pytest.raises(PermanentJobError, match="route lungs is no longer configured"):
+        gone.run(claim, lambda: False)
+    spec = node["models"]["test-lungs"]
+    newer = {"test-lungs": dataclasses.replace(spec, version="0.2")}
+    changed = Pipeline(node["settings"], sessions, node["spool"], newer, pipeline.cache)
+    with pytest.raises(PermanentJobError, match=r"now version 0\.2, job wants 0\.1"):
+        changed.run(claim, lambda: False)
+    assert scp.received == []
+
+
+def test_object_failing_validation_is_not_sent_and_kept_aside(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    scp.start()
+    receive_phantom(node)
+    pipeline = node["worker"].pipeline
+    claim = jobs.claim(sessions, "w", 60)
+    assert claim is not None
+    ctx = pipeline._context(claim)
+    built, summary, timings = pipeline._make_outputs(ctx, lambda: None)
+    seg = next(b for b in built if b.kind == "seg")
+    del seg.dataset.SegmentSequence  # a real defect dciodvfy must catch
+    with pytest.raises(PermanentJobError, match=r"failed validation: Error .*kept at rejected/"):
+        pipeline._store_outputs(claim, ctx, built, summary, timings)
+    spool = node["spool"].root
+    assert list((spool / "rejected").rglob("*.dcm"))
+    assert not (spool / "results").exists() or not list((spool / "results").rglob("*.dcm"))
+    with sessions() as s:
+        assert s.scalars(select(Output)).all() == []
     assert scp.received == []

@@ -181,12 +181,29 @@ def test_sr_findings_carry_the_seg_segments_tracking_uids(built) -> None:
         assert group.tracking_uid == by_number[number]
 
 
-def test_malformed_source_dates_are_blanked_not_fatal(built) -> None:
-    from dicomnode.outputs.headers import blank_malformed_dates
+def test_non_conformant_source_values_are_repaired(tmp_path: Path) -> None:
+    from dicomnode.outputs.headers import repair_source_headers
 
     sources = ct_series(lung_phantom(slices=3, size=16))
     sources[0].PatientBirthDate = "1970013"
     sources[1].StudyTime = "25:99"
-    assert blank_malformed_dates(sources) == 2
+    for ds in sources:
+        ds.AccessionNumber = "A" * 30  # SH allows 16
+    assert repair_source_headers(sources) == 2 + 3
     assert sources[0].PatientBirthDate == "" and sources[1].StudyTime == ""
     assert sources[2].StudyDate == "20240101"  # good values stay
+    assert all(ds.AccessionNumber == "A" * 16 for ds in sources)
+    # The SEG built from them validates.
+    volume = volume_from_datasets(sources)
+    seg = build_segmentation(
+        volume.datasets,
+        (volume.pixels < -800).astype(np.uint8),
+        SPEC.output.segments,
+        PROVENANCE,
+        series_uid=PROVENANCE.uid("r", "seg"),
+        sop_uid=PROVENANCE.uid("r", "i"),
+        series_number=9901,
+    )
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(encode(seg))
+    assert dciodvfy_errors(path) == []

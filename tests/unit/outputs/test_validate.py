@@ -39,3 +39,16 @@ def test_missing_validator(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert validate_file(good, "auto") is False
     with pytest.raises(PermanentJobError, match="not installed"):
         validate_file(good, "dciodvfy")
+
+
+def test_validator_messages_do_not_quote_values(good: Path) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(good)
+    ds.AccessionNumber = "SECRET-ACCESSION-0123456789"  # too long for SH
+    ds.save_as(good)
+    with pytest.raises(PermanentJobError) as info:
+        validate_file(good, "dciodvfy")
+    message = str(info.value)
+    assert "AccessionNumber" in message and "= <...>" in message
+    assert "SECRET" not in message
