@@ -256,14 +256,19 @@ def test_destination_without_the_sop_class_fails_before_sending(
     assert scp.received == []  # not half a result set
 
 
+def claimed_job(node: dict, scp: CountingSCP, sessions) -> tuple[Pipeline, jobs.Claim]:
+    """A received phantom whose job this test holds, with the receiver listening."""
+    scp.start()
+    receive_phantom(node)
+    claim = jobs.claim(sessions, "test", 60)
+    assert claim is not None
+    return node["worker"].pipeline, claim
+
+
 def test_route_gone_or_model_changed_fails_the_job_clearly(
     node: dict, scp: CountingSCP, sessions
 ) -> None:
-    scp.start()
-    receive_phantom(node)
-    pipeline = node["worker"].pipeline
-    claim = jobs.claim(sessions, "w", 60)
-    assert claim is not None
+    pipeline, claim = claimed_job(node, scp, sessions)
     without_route = dataclasses.replace(node["settings"], routes=[])
     gone = Pipeline(without_route, sessions, node["spool"], node["models"], pipeline.cache)
     with pytest.raises(PermanentJobError, match="route lungs is no longer configured"):
@@ -279,11 +284,7 @@ def test_route_gone_or_model_changed_fails_the_job_clearly(
 def test_object_failing_validation_is_not_sent_and_kept_aside(
     node: dict, scp: CountingSCP, sessions
 ) -> None:
-    scp.start()
-    receive_phantom(node)
-    pipeline = node["worker"].pipeline
-    claim = jobs.claim(sessions, "w", 60)
-    assert claim is not None
+    pipeline, claim = claimed_job(node, scp, sessions)
     ctx = pipeline._context(claim)
     built, summary, timings = pipeline._make_outputs(ctx, lambda: None)
     seg = next(b for b in built if b.kind == "seg")
