@@ -1,7 +1,7 @@
 """Settings: one frozen, validated object loaded from TOML and the environment.
 
 Precedence, lowest first: built-in defaults < the TOML file < ``DICOMNODE_<SECTION>_<KEY>``
-environment variables (scalar keys only). Every problem is reported as a
+environment variables (lists comma-separated). Every problem is reported as a
 :class:`~dicomnode.errors.ConfigError` whose one-line message names the key,
 e.g. ``listener.port: must be between 1 and 65535, got 70000``.
 
@@ -13,6 +13,7 @@ started from.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -86,6 +87,23 @@ def _match_rules(value: dict[str, Any]) -> str | None:
     return None
 
 
+def _ae_titles(value: list[str]) -> str | None:
+    for title in value:
+        problem = _ae_title(title) if isinstance(title, str) else "must be a string"
+        if problem:
+            return problem
+    return None
+
+
+def _networks(value: list[str]) -> str | None:
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except (TypeError, ValueError):
+            return f"must be IP networks such as '10.1.0.0/16' or '::1', got {network!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """The C-STORE / C-ECHO service class provider."""
@@ -94,8 +112,40 @@ class ListenerSettings:
     host: str = field(default="0.0.0.0", metadata=field_doc("Address to listen on."))
     port: int = field(default=11112, metadata=field_doc("TCP port to listen on.", _port))
     max_pdu: int = field(
-        default=0,
-        metadata=field_doc("Maximum PDU length we accept; 0 means unlimited.", _non_negative),
+        default=4 * 2**20,
+        metadata=field_doc(
+            "Maximum PDU length we accept, in bytes; large PDUs mean fewer round trips. "
+            "0 means unlimited.",
+            _non_negative,
+        ),
+    )
+    max_associations: int = field(
+        default=32,
+        metadata=field_doc("Concurrent associations; more are rejected (transient).", positive),
+    )
+    allowed_calling_aets: list[str] = field(
+        default_factory=list,
+        metadata=field_doc("Calling AE titles allowed to associate; empty allows any.", _ae_titles),
+    )
+    allowed_networks: list[str] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "Peer IP networks allowed to associate (e.g. '10.1.0.0/16'); empty allows any.",
+            _networks,
+        ),
+    )
+    tls_certificate: Path | None = field(
+        default=None,
+        metadata=field_doc("PEM certificate (chain): set it and tls_private_key for DICOM TLS."),
+    )
+    tls_private_key: Path | None = field(
+        default=None, metadata=field_doc("PEM private key of tls_certificate.")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=field_doc(
+            "PEM CA certificates; when set, peers must present a certificate they signed."
+        ),
     )
 
 
@@ -116,6 +166,20 @@ class StorageSettings:
     """The spool where received instances and our results are kept."""
 
     path: Path = field(default=Path("var/spool"), metadata=field_doc("Spool directory."))
+    min_free_mb: int = field(
+        default=1024,
+        metadata=field_doc(
+            "Refuse instances (status 0xA700) while the spool's disk has less free space "
+            "than this, in MiB; 0 disables the check.",
+            _non_negative,
+        ),
+    )
+    max_instance_mb: int = field(
+        default=4096,
+        metadata=field_doc(
+            "Refuse larger instances (status 0xA701), in MiB; 0 means no limit.", _non_negative
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -289,6 +353,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         try:
             if tp in (int, float):
                 value = tp(raw)
+            elif typing.get_origin(tp) is list:  # comma-separated, e.g. "CT1,CT2"
+                value = [item.strip() for item in raw.split(",") if item.strip()]
         except ValueError:
             raise ConfigError(f"{var}: must be {type_name(tp)}, got {raw!r}") from None
         out.setdefault(section, {})[key] = value
@@ -307,8 +373,15 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         if rel and rel != ":memory:":
             url = "sqlite:///" + str(absolute(Path(rel)))
     models_path = settings.models.path
+    listener = settings.listener
+    tls: dict[str, Any] = {
+        key: absolute(value)
+        for key in ("tls_certificate", "tls_private_key", "tls_client_ca")
+        if (value := getattr(listener, key)) is not None
+    }
     return dataclasses.replace(
         settings,
+        listener=dataclasses.replace(listener, **tls),
         database=DatabaseSettings(url=url),
         storage=dataclasses.replace(settings.storage, path=absolute(settings.storage.path)),
         models=ModelSettings(path=absolute(models_path) if models_path is not None else None),
@@ -316,7 +389,14 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
 
 
 def _cross_check(settings: Settings) -> None:
-    """Check what spans sections: unique names, routes naming real destinations."""
+    """Check what spans keys and sections: TLS files in pairs, unique names, routes."""
+    listener = settings.listener
+    if (listener.tls_certificate is None) != (listener.tls_private_key is None):
+        raise ConfigError(
+            "listener.tls_certificate: set both tls_certificate and tls_private_key, or neither"
+        )
+    if listener.tls_client_ca is not None and listener.tls_certificate is None:
+        raise ConfigError("listener.tls_client_ca: needs tls_certificate and tls_private_key")
     names = [d.name for d in settings.destinations]
     for i, name in enumerate(names):
         if name in names[:i]:

@@ -80,3 +80,11 @@ class SOPClassMismatch(IngestError):
 
 class OutOfResources(IngestError):
     """The disk or the database cannot take the instance right now; the sender may retry."""
+
+
+class InstanceTooLarge(OutOfResources):
+    """The instance is larger than ``storage.max_instance_mb``."""
+
+
+class StorageLow(OutOfResources):
+    """Free space on the spool's disk is below ``storage.min_free_mb``."""

@@ -102,13 +102,17 @@ class Node:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Node:
-        """Assemble a node with all its roles; nothing runs until :meth:`start`.
+    def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
+        """Assemble a node with the roles asked for; nothing runs until :meth:`start`.
 
         Parameters
         ----------
         settings : Settings
             Validated settings.
+        listen : bool
+            Receive instances and run the completion sweep (``dicomnode listen``).
+        work : bool
+            Run jobs with ``worker.count`` workers (``dicomnode worker``).
 
         Returns
         -------
@@ -129,15 +133,24 @@ class Node:
         if removed:
             log.info("removed %d partial files left by an interrupted write", removed)
         node = cls(settings, engine, sessions, spool, models)
-        node.listener = Listener(settings.listener, Ingestor(spool, sessions))
-        node.scheduler = make_scheduler(settings, sessions, models, spool)
-        configure_threads(settings.worker.threads)
-        cache = ModelCache(select_device(settings.worker.device))
-        pipeline = Pipeline(settings, sessions, spool, models, cache)
-        node.workers = [
-            Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
-            for i in range(settings.worker.count)
-        ]
+        if listen:
+            ingestor = Ingestor(
+                spool,
+                sessions,
+                min_free_bytes=settings.storage.min_free_mb * 2**20,
+                max_instance_bytes=settings.storage.max_instance_mb * 2**20,
+            )
+            node.listener = Listener(settings.listener, ingestor)
+        # Every role reaps expired leases: a transactional no-op when another did.
+        node.scheduler = make_scheduler(settings, sessions, models, spool, completion=listen)
+        if work:
+            configure_threads(settings.worker.threads)
+            cache = ModelCache(select_device(settings.worker.device))
+            pipeline = Pipeline(settings, sessions, spool, models, cache)
+            node.workers = [
+                Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
+                for i in range(settings.worker.count)
+            ]
         return node
 
     def start(self) -> None:

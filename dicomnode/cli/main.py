@@ -36,7 +36,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.node import Node  # imports torch: only for the commands that need it
 
-    node = Node.from_settings(settings)
+    node = Node.from_settings(settings, listen=args.listen, work=args.work)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -59,10 +59,9 @@ def _run_until(node: Node, settings: Settings, stop: threading.Event) -> None:
         node.stop()  # whatever did start (scheduler, threads, database pool) stops again
         raise
     log.info(
-        "dicomnode %s serving: ae_title=%s port=%d workers=%d models=%s",
+        "dicomnode %s serving: listener=%s workers=%d models=%s",
         __version__,
-        settings.listener.ae_title,
-        settings.listener.port,
+        f"{settings.listener.ae_title}@{node.listener.port}" if node.listener else "off",
         len(node.workers),
         ",".join(sorted(node.models)) or "-",
     )
@@ -159,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run listener, scheduler and workers in one process")
-    p.set_defaults(run=_serve)
+    p.set_defaults(run=_serve, listen=True, work=True)
+    p = sub.add_parser(
+        "listen", help="only receive: the listener and the completion sweep (no models run)"
+    )
+    p.set_defaults(run=_serve, listen=True, work=False)
+    p = sub.add_parser("worker", help="only run jobs: workers sharing the database and spool")
+    p.set_defaults(run=_serve, listen=False, work=True)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True, metavar="COMMAND"

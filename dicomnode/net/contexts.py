@@ -21,9 +21,13 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     uid.RLELossless,
 ]
 
-# Image storage a radiology AI node meets, plus SEG and SR (priors, and our own results
-# when a PACS routes them back).
+# What a radiology AI node is sent when a scanner or PACS auto-routes whole studies:
+# every radiology image storage class, plus the non-image objects that travel with
+# the images (SR, dose reports, key objects, presentation states, PDFs). Refusing
+# those would make many senders report the whole study as failed; they are stored,
+# and routing decides what, if anything, runs on them.
 ACCEPTED_SOP_CLASSES: list[str] = [
+    # CT and MR, classic and enhanced
     uid.CTImageStorage,
     uid.EnhancedCTImageStorage,
     uid.LegacyConvertedEnhancedCTImageStorage,
@@ -31,8 +35,45 @@ ACCEPTED_SOP_CLASSES: list[str] = [
     uid.EnhancedMRImageStorage,
     uid.EnhancedMRColorImageStorage,
     uid.LegacyConvertedEnhancedMRImageStorage,
+    # Projection radiography, mammography, tomosynthesis
+    uid.ComputedRadiographyImageStorage,
+    uid.DigitalXRayImageStorageForPresentation,
+    uid.DigitalXRayImageStorageForProcessing,
+    uid.DigitalMammographyXRayImageStorageForPresentation,
+    uid.DigitalMammographyXRayImageStorageForProcessing,
+    uid.BreastTomosynthesisImageStorage,
+    uid.BreastProjectionXRayImageStorageForPresentation,
+    # Angiography and fluoroscopy
+    uid.XRayAngiographicImageStorage,
+    uid.EnhancedXAImageStorage,
+    uid.XRayRadiofluoroscopicImageStorage,
+    uid.EnhancedXRFImageStorage,
+    uid.XRay3DAngiographicImageStorage,
+    uid.XRay3DCraniofacialImageStorage,
+    # Ultrasound, nuclear medicine, PET
+    uid.UltrasoundImageStorage,
+    uid.UltrasoundMultiFrameImageStorage,
+    uid.EnhancedUSVolumeStorage,
+    uid.NuclearMedicineImageStorage,
+    uid.PositronEmissionTomographyImageStorage,
+    uid.EnhancedPETImageStorage,
+    uid.LegacyConvertedEnhancedPETImageStorage,
+    # Secondary capture
+    uid.SecondaryCaptureImageStorage,
+    uid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    # Derived objects: priors, and our own results when a PACS routes them back
     uid.SegmentationStorage,
+    uid.ParametricMapStorage,
     uid.Comprehensive3DSRStorage,
     uid.ComprehensiveSRStorage,
     uid.EnhancedSRStorage,
+    uid.BasicTextSRStorage,
+    # Objects that travel with studies
+    uid.XRayRadiationDoseSRStorage,
+    uid.KeyObjectSelectionDocumentStorage,
+    uid.GrayscaleSoftcopyPresentationStateStorage,
+    uid.EncapsulatedPDFStorage,
 ]

@@ -1,17 +1,26 @@
 """The listener: C-ECHO and C-STORE SCP on top of pynetdicom.
 
-Each association runs on its own pynetdicom thread. The store handler does the
-durable write and the row (see :mod:`dicomnode.store.ingest`) and nothing else;
-completion, routing and inference happen later on other threads, so a busy
-scanner never waits for a model.
+Each association runs on its own pynetdicom threads. Datasets arrive in a file
+under the spool's ``tmp/`` (:mod:`dicomnode.net.chunked`), never whole in memory
+and never decoded; the store handler makes that file durable and records it (see
+:mod:`dicomnode.store.ingest`) and does nothing else. Completion, routing and
+inference happen later on other threads, so a busy scanner never waits for a model.
+
+Who may associate: the called AE title must be ours, the calling AE title must be
+on ``allowed_calling_aets`` and the peer's address in ``allowed_networks`` (when
+those are set). Anything else gets a clean A-ASSOCIATE-RJ and one log line with
+the AE titles and address only. With ``tls_certificate`` set the port speaks DICOM
+TLS, and with ``tls_client_ca`` set it also demands a client certificate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
-import threading
+import ssl
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -21,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ListenerSettings
 from dicomnode.errors import DicomnodeError, IngestError
-from dicomnode.net import status
+from dicomnode.net import chunked, reactor, status
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.uids import is_safe_uid
@@ -51,13 +60,64 @@ def _peer(event: evt.Event) -> str:
     return f"{info.address}:{info.port}"
 
 
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: rejected-permanent by the
+# service user, "no reason given" (there is no code for a refused address).
+_REJECT_PEER = (0x01, 0x01, 0x01)
+
+
+def make_ssl_context(settings: ListenerSettings) -> ssl.SSLContext | None:
+    """Build the server's TLS context from the settings, or None without TLS.
+
+    Parameters
+    ----------
+    settings : ListenerSettings
+        ``tls_certificate``, ``tls_private_key`` and optionally ``tls_client_ca``.
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        TLS 1.2 or newer; client certificates are required when a client CA is set.
+
+    Raises
+    ------
+    DicomnodeError
+        If a file is missing or not a valid certificate or key, naming the setting.
+    """
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(
+        "listener.tls_certificate",
+        settings.tls_certificate,
+        lambda: context.load_cert_chain(
+            str(settings.tls_certificate), str(settings.tls_private_key)
+        ),
+    )
+    if settings.tls_client_ca is not None:
+        ca = settings.tls_client_ca
+        _load("listener.tls_client_ca", ca, lambda: context.load_verify_locations(str(ca)))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _load(key: str, path: Path, load: Any) -> None:
+    if not path.is_file():
+        raise DicomnodeError(f"{key}: file not found: {path}")
+    try:
+        load()
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise DicomnodeError(f"{key}: cannot load {path.name}: {reason}") from None
+
+
 class Listener:
     """The C-STORE/C-ECHO service class provider.
 
     Parameters
     ----------
     settings : ListenerSettings
-        AE title, address, port.
+        AE title, address, port, access control, TLS.
     ingestor : Ingestor
         Stores each accepted instance.
     """
@@ -66,15 +126,20 @@ class Listener:
         self.settings = settings
         self.ingestor = ingestor
         self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
+        ae.maximum_associations = self.settings.max_associations
         # A sender that calls us by the wrong AE title is misconfigured; telling it so
         # at association time beats accepting images meant for another node.
         ae.require_called_aet = True
+        ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        # A peer that stops talking must not hold a thread and a file for ever.
+        ae.network_timeout = 60
+        ae.acse_timeout = ae.dimse_timeout = 60
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification
@@ -82,7 +147,8 @@ class Listener:
 
     def _handlers(self) -> list[Any]:
         return [
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -95,21 +161,28 @@ class Listener:
         Raises
         ------
         DicomnodeError
-            If the address cannot be bound (port in use, no permission).
+            If the address cannot be bound (port in use, no permission) or the TLS
+            files cannot be loaded.
         """
+        ssl_context = make_ssl_context(self.settings)
+        reactor.install()
+        chunked.install()
         address = (self.settings.host, self.settings.port)
         try:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers())
+            self._server = self.ae.start_server(
+                address, block=False, evt_handlers=self._handlers(), ssl_context=ssl_context
+            )
         except OSError as exc:
             raise DicomnodeError(
                 f"listener: cannot listen on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror or exc}"
             ) from None
         log.info(
-            "listener started ae_title=%s address=%s:%d",
+            "listener started ae_title=%s address=%s:%d tls=%s",
             self.settings.ae_title,
             self.settings.host,
             self.port,
+            "off" if ssl_context is None else "on",
         )
 
     @property
@@ -126,6 +199,28 @@ class Listener:
             self._server = None
         self.ae.shutdown()
         log.info("listener stopped")
+
+    def _peer_allowed(self, address: str) -> bool:
+        if not self._networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._networks)
+
+    def _on_open(self, event: evt.Event) -> None:
+        set_nodelay(event)
+        assoc = event.assoc
+        reactor.attach(assoc)
+        chunked.receive_into(assoc.dul, self.ingestor.spool.tmp)
+        if not self._peer_allowed(str(assoc.requestor.address)):
+            _reject_at_negotiation(assoc)
+
+    def _on_close(self, event: evt.Event) -> None:
+        chunked.discard_partial(event.assoc)
 
     def _on_echo(self, event: evt.Event) -> int:
         return status.SUCCESS
@@ -150,9 +245,8 @@ class Listener:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         logged_uid = sop_uid if is_safe_uid(sop_uid) else "<invalid>"
         try:
-            data = event.encoded_dataset(include_meta=True)
-            outcome = self.ingestor.store(
-                data,
+            outcome = self.ingestor.store_file(
+                Path(event.dataset_path),
                 calling_ae=event.assoc.requestor.ae_title,
                 sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
                 sop_instance_uid=sop_uid or None,
@@ -172,6 +266,23 @@ class Listener:
             outcome.replaced,
         )
         return status.SUCCESS
+
+
+def _reject_at_negotiation(assoc: Any) -> None:
+    """Make this association answer its A-ASSOCIATE-RQ with a rejection.
+
+    pynetdicom checks AE titles itself but has no hook for the peer's address, so
+    the acceptor's negotiation step is replaced for this one association.
+    """
+    acse = assoc.acse
+
+    def reject() -> None:
+        acse.requestor.ae_title = acse.requestor.primitive.calling_ae_title
+        acse.send_reject(*_REJECT_PEER)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    acse._negotiate_as_acceptor = reject
 
 
 def _failure(code: int, comment: str) -> Dataset:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dicomnode.errors import (
     IngestError,
+    InstanceTooLarge,
     InvalidUID,
     MissingAttribute,
     OutOfResources,
@@ -21,6 +22,8 @@ SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
 # PS3.4 B.2.3 Refused: Out of Resources (0xA7xx). The sender may retry later.
 OUT_OF_RESOURCES = 0xA700
+# Also 0xA7xx: refused because the instance exceeds storage.max_instance_mb.
+OUT_OF_RESOURCES_TOO_LARGE = 0xA701
 # PS3.4 B.2.3 Error: Data Set does not match SOP Class (0xA9xx).
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 # PS3.4 B.2.3 Error: Cannot understand (0xCxxx); the low bits say what.
@@ -30,6 +33,7 @@ CANNOT_UNDERSTAND_INVALID_UID = 0xC212
 CANNOT_UNDERSTAND_UID_MISMATCH = 0xC213
 
 _BY_ERROR: dict[type[IngestError], int] = {
+    InstanceTooLarge: OUT_OF_RESOURCES_TOO_LARGE,
     OutOfResources: OUT_OF_RESOURCES,
     SOPClassMismatch: DATASET_DOES_NOT_MATCH_SOP_CLASS,
     UnreadableInstance: CANNOT_UNDERSTAND_UNREADABLE,

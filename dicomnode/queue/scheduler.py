@@ -34,6 +34,8 @@ def make_scheduler(
     sessions: sessionmaker[Session],
     models: Mapping[str, ModelSpec],
     spool: Spool,
+    *,
+    completion: bool = True,
 ) -> BackgroundScheduler:
     """Create (but do not start) the housekeeping scheduler.
 
@@ -47,6 +49,8 @@ def make_scheduler(
         The model registry.
     spool : Spool
         The spool.
+    completion : bool
+        Run the completion sweep; a worker-only process leaves it to the listener.
 
     Returns
     -------
@@ -56,12 +60,13 @@ def make_scheduler(
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
-    scheduler.add_job(
-        _guarded("completion", lambda: sweep(sessions, settings, models, spool)),
-        "interval",
-        seconds=settings.completion.sweep_seconds,
-        id="completion-sweep",
-    )
+    if completion:
+        scheduler.add_job(
+            _guarded("completion", lambda: sweep(sessions, settings, models, spool)),
+            "interval",
+            seconds=settings.completion.sweep_seconds,
+            id="completion-sweep",
+        )
     scheduler.add_job(
         _guarded("reaper", lambda: reap_expired(sessions)),
         "interval",

@@ -17,28 +17,37 @@ Policy for an instance whose SOP Instance UID we already hold:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
+import mmap
+import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from sqlalchemy import Engine, Table, bindparam, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.engine import transaction
+from dicomnode.db.engine import READ_ONLY, is_sqlite, transaction
 from dicomnode.db.jobs import cancel_superseded
-from dicomnode.db.models import Instance, Series, SeriesState, Study, utcnow
+from dicomnode.db.models import Instance, Series, SeriesState, Study, UTCDateTime, utcnow
 from dicomnode.errors import (
+    InstanceTooLarge,
     InvalidUID,
     MissingAttribute,
     OutOfResources,
     SOPClassMismatch,
+    StorageLow,
     UIDMismatch,
     UnreadableInstance,
 )
@@ -46,6 +55,8 @@ from dicomnode.store.spool import INCOMING, Spool
 from dicomnode.store.uids import uid_problem
 
 log = logging.getLogger(__name__)
+
+Buffer = bytes | mmap.mmap
 
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -113,7 +124,7 @@ _LONG_VRS = {
 }
 
 
-def check_pixel_data(data: bytes, offset: int, ds: Dataset) -> None:
+def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
     """Refuse pixel data that is cut short.
 
     pydicom reads a value shorter than its length field without complaint, so a
@@ -122,7 +133,7 @@ def check_pixel_data(data: bytes, offset: int, ds: Dataset) -> None:
 
     Parameters
     ----------
-    data : bytes
+    data : bytes or mmap
         The whole encoded instance.
     offset : int
         Where the Pixel Data element starts (where a header-only read stopped).
@@ -149,24 +160,77 @@ def check_pixel_data(data: bytes, offset: int, ds: Dataset) -> None:
         header, length = 8, int.from_bytes(data[offset + 6 : offset + 8], "little")
     available = len(data) - offset - header
     if length == 0xFFFFFFFF:
-        if data.rfind(_SEQUENCE_DELIMITER, offset) < 0:
+        # The delimiter ends the pixel data, which ends the dataset but for padding:
+        # look near the end first, so a huge file is not paged in to find it.
+        tail = max(offset, len(data) - 2**16)
+        if (
+            data.rfind(_SEQUENCE_DELIMITER, tail) < 0
+            and data.rfind(_SEQUENCE_DELIMITER, offset) < 0
+        ):
             raise UnreadableInstance("encapsulated PixelData has no end (truncated)")
         return
     if length > available:
         raise UnreadableInstance(
             f"PixelData is truncated: its length is {length} bytes, {available} arrived"
         )
+    expected = _expected_pixel_bytes(ds)
+    if expected is not None and length < expected:
+        raise UnreadableInstance(
+            f"PixelData holds {length} bytes but the image header needs {expected}"
+        )
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int | None:
     try:
         bits = int(ds.BitsAllocated)
         pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
-        return  # the image header is incomplete; loading will say so
-    expected = (pixels * frames * bits + 7) // 8
-    if length < expected:
+        return None  # the image header is incomplete; loading will say so
+    return (pixels * frames * bits + 7) // 8
+
+
+def _check_deflated_pixel_data(content: Buffer, header: Dataset) -> None:
+    """Check a deflated instance's pixel data, which offsets into the file cannot reach.
+
+    The whole dataset is inflated to do it; deflate is rare and its instances small.
+    """
+    ds = pydicom.dcmread(BytesIO(bytes(content)))
+    pixels = ds.get("PixelData")
+    expected = _expected_pixel_bytes(header)
+    if pixels is not None and expected is not None and len(pixels) < expected:
         raise UnreadableInstance(
-            f"PixelData holds {length} bytes but the image header needs {expected}"
+            f"PixelData holds {len(pixels)} bytes but the image header needs {expected}"
         )
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    # One shared pool: a thread per concurrent association is plenty, and fsync
+    # spends its time in the kernel.
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+        return _pool
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError) -> OutOfResources:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfResources("storage is full")
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return OutOfResources(f"cannot write to storage ({code})")
 
 
 def _clip(value: str | None, length: int) -> str | None:
@@ -182,6 +246,37 @@ def parse_header(
     ----------
     data : bytes
         The instance as it will be written to disk.
+    default_sop_class, default_sop_instance : str, optional
+        See :func:`read_header`.
+
+    Returns
+    -------
+    InstanceHeader
+        The checked identifiers.
+
+    Raises
+    ------
+    UnreadableInstance, MissingAttribute, InvalidUID
+        See :func:`read_header`.
+    """
+    return read_header(BytesIO(data), data, default_sop_class, default_sop_instance)
+
+
+def read_header(
+    fp: BinaryIO,
+    content: Buffer,
+    default_sop_class: str | None = None,
+    default_sop_instance: str | None = None,
+) -> InstanceHeader:
+    """Read and check the header of an instance.
+
+    Parameters
+    ----------
+    fp : file-like
+        The instance, positioned at its start (preamble and file meta included).
+    content : bytes or mmap
+        The same instance's bytes, for the pixel data checks; a memory map of a
+        received file is not read into memory.
     default_sop_class, default_sop_instance : str, optional
         Used when the dataset's SOPClassUID or SOPInstanceUID is empty: some archives
         export files whose identity lives only in the file meta, and the C-STORE
@@ -203,9 +298,11 @@ def parse_header(
         If a UID is malformed or unsafe as a path component.
     """
     try:
-        fp = BytesIO(data)
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        check_pixel_data(data, fp.tell(), ds)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            _check_deflated_pixel_data(content, ds)
+        else:
+            check_pixel_data(content, fp.tell(), ds)
         # Force conversion of the elements we use now, inside the try.
         uids = {kw: _text(ds, kw) for kw in _REQUIRED_UIDS}
         uids["SOPClassUID"] = uids["SOPClassUID"] or default_sop_class
@@ -240,6 +337,27 @@ def parse_header(
     )
 
 
+# The statements of the fast path, written out once. The state is bound with the
+# column's own type so both databases store the same spelling the ORM does.
+_BUMP_SERIES = text(
+    "UPDATE series SET last_received_at = :now, instance_count = instance_count + 1 "
+    "WHERE series_uid = :series_uid AND state = :receiving RETURNING id"
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("receiving", value=SeriesState.RECEIVING, type_=Series.__table__.c.state.type),
+)
+_INSERT_INSTANCE = text(
+    "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+    "instance_number, path, size_bytes, sha256, calling_ae, received_at) VALUES (:series_id, "
+    ":sop_instance_uid, :sop_class_uid, :transfer_syntax_uid, :instance_number, :path, "
+    ":size_bytes, :sha256, :calling_ae, :now)"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+class _SlowPath(Exception):
+    """The fast insert does not apply (new series, re-opened series, known instance)."""
+
+
 class Ingestor:
     """Store incoming instances in the spool and the database.
 
@@ -249,11 +367,43 @@ class Ingestor:
         Where files go.
     sessions : sessionmaker[Session]
         Database sessions.
+    min_free_bytes : int
+        Refuse instances while the spool's disk has less free space than this.
+    max_instance_bytes : int
+        Refuse instances larger than this; 0 means no limit.
     """
 
-    def __init__(self, spool: Spool, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        *,
+        min_free_bytes: int = 0,
+        max_instance_bytes: int = 0,
+    ) -> None:
         self.spool = spool
         self.sessions = sessions
+        self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
+        engine = sessions.kw["bind"]
+        self._engine: Engine = engine
+        # SQLite has one writer at a time. Threads that queue on a Python lock hand it
+        # over in microseconds; threads that collide in SQLite back off in its busy
+        # handler for milliseconds. PostgreSQL needs no such help.
+        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if is_sqlite(engine) else contextlib.nullcontext()
+        )
+
+    def check_space(self) -> None:
+        """Refuse work while the spool's disk is below its free-space watermark.
+
+        Raises
+        ------
+        StorageLow
+            If free space is below ``min_free_bytes``.
+        """
+        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+            raise StorageLow("storage is below its free-space watermark")
 
     def store(
         self,
@@ -269,6 +419,47 @@ class Ingestor:
         ----------
         data : bytes
             The instance with preamble and file meta, exactly as it will be kept.
+        calling_ae, sop_class_uid, sop_instance_uid : str, optional
+            See :meth:`store_file`.
+
+        Returns
+        -------
+        StoreOutcome
+            Where it went and whether it was a resend.
+
+        Raises
+        ------
+        IngestError
+            A subclass naming the problem; nothing is left on disk or in the database.
+        """
+        self.check_space()
+        try:
+            staged = self.spool.stage(data)
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        return self.store_file(
+            staged,
+            calling_ae=calling_ae,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+        )
+
+    def store_file(
+        self,
+        staged: Path,
+        *,
+        calling_ae: str | None = None,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> StoreOutcome:
+        """Store a received file durably and record it; the file is consumed.
+
+        Parameters
+        ----------
+        staged : Path
+            The instance in the DICOM file format (preamble and file meta included),
+            on the spool's filesystem. It is renamed into the spool on success and
+            deleted on failure.
         calling_ae : str, optional
             The sender's AE title, recorded with the instance.
         sop_class_uid : str, optional
@@ -286,19 +477,56 @@ class Ingestor:
         IngestError
             A subclass naming the problem; nothing is left on disk or in the database.
         """
-        header = parse_header(data, sop_class_uid, sop_instance_uid)
-        if sop_instance_uid is not None and sop_instance_uid != header.sop_instance_uid:
-            raise UIDMismatch("dataset SOPInstanceUID differs from the request's")
-        if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
-            raise SOPClassMismatch("dataset SOPClassUID differs from the negotiated SOP class")
-        digest = hashlib.sha256(data).hexdigest()
         try:
-            with self.sessions() as session:
-                existing = session.execute(
-                    select(Instance.path, Instance.sha256).where(
-                        Instance.sop_instance_uid == header.sop_instance_uid
+            return self._store_file(staged, calling_ae, sop_class_uid, sop_instance_uid)
+        finally:
+            staged.unlink(missing_ok=True)  # already renamed away when it was kept
+
+    def _store_file(
+        self,
+        staged: Path,
+        calling_ae: str | None,
+        sop_class_uid: str | None,
+        sop_instance_uid: str | None,
+    ) -> StoreOutcome:
+        self.check_space()
+        size = staged.stat().st_size
+        if self.max_instance_bytes and size > self.max_instance_bytes:
+            raise InstanceTooLarge(
+                f"instance of {size // 2**20} MiB exceeds storage.max_instance_mb"
+            )
+        if size == 0:
+            raise UnreadableInstance("dataset is empty")
+        # The fsync (the slowest step, and one that needs no GIL) runs while this
+        # thread reads and hashes the header; both must be done before the rename.
+        synced = _sync_pool().submit(_fsync, staged)
+        try:
+            with (
+                staged.open("rb") as fp,
+                mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+            ):
+                header = read_header(fp, mm, sop_class_uid, sop_instance_uid)
+                if sop_instance_uid is not None and sop_instance_uid != header.sop_instance_uid:
+                    raise UIDMismatch("dataset SOPInstanceUID differs from the request's")
+                if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
+                    raise SOPClassMismatch(
+                        "dataset SOPClassUID differs from the negotiated SOP class"
+                    )
+                # Read in chunks rather than through the map: mapped pages count as our
+                # memory, and a 1 GB multi-frame must not look like a 1 GB process.
+                fp.seek(0)
+                digest = hashlib.file_digest(fp, "sha256").hexdigest()  # GIL released
+        finally:
+            sync_error = synced.exception()  # waits; the file must not go while in use
+        instance = cast(Table, Instance.__table__)
+        try:
+            with self._engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+                existing = conn.execute(
+                    select(instance.c.path, instance.c.sha256).where(
+                        instance.c.sop_instance_uid == header.sop_instance_uid
                     )
                 ).first()
+                conn.rollback()
         except DBAPIError as exc:
             raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
         if (
@@ -318,15 +546,16 @@ class Ingestor:
             token=uuid.uuid4().hex[:12],
         )
         try:
-            self.spool.write(relative, data)
+            if sync_error is not None:
+                raise sync_error
+            self.spool.commit(staged, relative, synced=True)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfResources("storage is full") from None
-            code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            raise OutOfResources(f"cannot write to storage ({code})") from None
+            raise _storage_error(exc) from None
 
         try:
-            previous = self._record(header, relative.as_posix(), len(data), digest, calling_ae)
+            previous = self._record(
+                header, relative.as_posix(), size, digest, calling_ae, fast=existing is None
+            )
         except BaseException as exc:
             # Not acknowledged, so it must not linger; the file is ours alone.
             self.spool.remove(relative)
@@ -345,6 +574,56 @@ class Ingestor:
         )
 
     def _record(
+        self,
+        header: InstanceHeader,
+        path: str,
+        size: int,
+        digest: str,
+        calling_ae: str | None,
+        *,
+        fast: bool,
+    ) -> _Previous | None:
+        with self._write_lock:
+            if fast:
+                try:
+                    self._record_fast(header, path, size, digest, calling_ae)
+                    return None
+                except (_SlowPath, IntegrityError):
+                    pass  # rolled back; the general path below sorts it out
+            return self._record_slow(header, path, size, digest, calling_ae)
+
+    def _record_fast(
+        self, header: InstanceHeader, path: str, size: int, digest: str, calling_ae: str | None
+    ) -> None:
+        """Insert a new instance into a series that is receiving: the common case.
+
+        Two prepared statements on a plain connection, no ORM unit of work: this runs
+        once per received image, and the ORM's bookkeeping cost more than the commit.
+        """
+        now = utcnow()
+        with self._engine.begin() as conn:
+            series_id = conn.execute(
+                _BUMP_SERIES, {"now": now, "series_uid": header.series_uid}
+            ).scalar()
+            if series_id is None:
+                raise _SlowPath
+            conn.execute(
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "path": path,
+                    "size_bytes": size,
+                    "sha256": digest,
+                    "calling_ae": calling_ae,
+                    "now": now,
+                },
+            )
+
+    def _record_slow(
         self, header: InstanceHeader, path: str, size: int, digest: str, calling_ae: str | None
     ) -> _Previous | None:
         # Two associations may create the same study or series at once; on PostgreSQL

@@ -5,7 +5,7 @@ Layout under the storage root::
     incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>_<token>.dcm  received instances
     results/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm           objects we created
     rejected/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm          ours, failed validation
-    tmp/                                                          files being written
+    tmp/                                                          files being written or received
 
 A received instance's file name carries a random token, so two associations storing
 the same SOP Instance UID at once never write the same file, and undoing one write
@@ -111,8 +111,30 @@ class Spool:
         OSError
             If the disk is full or unwritable; nothing is left at the final path then.
         """
-        final = self.root / relative
-        _make_dirs_durable(final.parent)
+        staged = self.stage(data)
+        try:
+            return self.commit(staged, relative)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def stage(self, data: bytes) -> Path:
+        """Write ``data`` to a new file under ``tmp/`` (not yet durable).
+
+        Parameters
+        ----------
+        data : bytes
+            The complete file content.
+
+        Returns
+        -------
+        Path
+            The staged file; pass it to :meth:`commit`, or delete it.
+
+        Raises
+        ------
+        OSError
+            If the disk is full or unwritable; nothing is left behind then.
+        """
         tmp = self.root / TMP / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -121,15 +143,65 @@ class Spool:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return tmp
+
+    def commit(self, staged: Path, relative: Path, *, synced: bool = False) -> Path:
+        """Make a staged file durable and move it to ``relative``.
+
+        The content is fsynced, the file renamed into place, and the folder fsynced,
+        so after a crash the final path holds either the whole file or nothing.
+
+        Parameters
+        ----------
+        staged : Path
+            A complete file on the spool's filesystem (under ``tmp/``).
+        relative : Path
+            Destination relative to the root.
+        synced : bool
+            The caller has already fsynced the content.
+
+        Returns
+        -------
+        Path
+            The absolute final path.
+
+        Raises
+        ------
+        OSError
+            If the disk is full or unwritable; the final path is untouched then.
+        """
+        if not synced:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        final = self.root / relative
+        _make_dirs_durable(final.parent)
+        os.replace(staged, final)
         _fsync_dir(final.parent)
         return final
+
+    @property
+    def tmp(self) -> Path:
+        """Return the folder for files being written (on the spool's filesystem)."""
+        return self.root / TMP
+
+    def free_bytes(self) -> int:
+        """Return the free space available to us on the spool's filesystem.
+
+        Returns
+        -------
+        int
+            Bytes available to an unprivileged writer.
+        """
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
 
     def remove(self, relative: str | Path) -> None:
         """Delete a file if it exists (used to undo a write whose row failed).
@@ -180,7 +252,7 @@ class Spool:
         """
         count = 0
         cutoff = time.time() - older_than
-        for part in (self.root / TMP).glob("*.part"):
+        for part in (self.root / TMP).iterdir():  # ours (*.part) and the listener's
             try:
                 if part.stat().st_mtime < cutoff:
                     part.unlink()

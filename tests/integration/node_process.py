@@ -65,9 +65,14 @@ def listener_port(config: Path) -> int:
 class NodeProcess:
     """`dicomnode --config CONFIG serve` in the background, stopped with SIGTERM."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(
+        self, config: Path, log_name: str = "dicomnode.log", command: str = "serve"
+    ) -> None:
         self.config = config
-        self.log_path = config.parent / "dicomnode.log"
+        self.command = command  # serve, listen or worker
+        # A restarted node gets its own log: the first one must survive for diagnosis,
+        # and a fresh file is how __enter__ knows that this start is the one serving.
+        self.log_path = config.parent / log_name
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -83,7 +88,7 @@ class NodeProcess:
         log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomnode", "--config", str(self.config), "serve"],
+            [sys.executable, "-m", "dicomnode", "--config", str(self.config), self.command],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -91,7 +96,9 @@ class NodeProcess:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dicomnode exited early:\n{self.log()}")
+                raise RuntimeError(
+                    f"dicomnode exited early ({self.proc.returncode}):\n{self.log()}"
+                )
             if "serving:" in self.log():
                 return self
             time.sleep(0.2)
@@ -112,6 +119,14 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         return int(self.proc.returncode)
+
+    def kill(self, timeout: float = 30) -> int:
+        """SIGKILL the node, as the OOM killer would: no signal handler or cleanup runs."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return int(self.proc.wait(timeout))
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
