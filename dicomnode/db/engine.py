@@ -20,7 +20,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-READ_ONLY = "dicomnode_read_only"  # execution option: this connection only reads
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -53,10 +52,7 @@ def _setup_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # A connection marked read-only (one lookup, no write) need not wait for the
-        # write lock; everything else takes it up front.
-        readonly = conn.get_execution_options().get(READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

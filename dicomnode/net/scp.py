@@ -15,10 +15,8 @@ TLS, and with ``tls_client_ca`` set it also demands a client certificate.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-import socket
 import ssl
 from pathlib import Path
 from typing import Any, cast
@@ -36,23 +34,6 @@ from dicomnode.store.ingest import Ingestor
 from dicomnode.store.uids import is_safe_uid
 
 log = logging.getLogger(__name__)
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """Turn off Nagle's algorithm on an association's socket.
-
-    Without it, dcmtk-based peers (Orthanc, storescu) and pynetdicom stall for the
-    delayed-ACK timeout (about 40 ms) on every small PDU exchange.
-
-    Parameters
-    ----------
-    event : pynetdicom.events.Event
-        The ``EVT_CONN_OPEN`` event.
-    """
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):  # the peer may already be gone
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _peer(event: evt.Event) -> str:
@@ -212,9 +193,8 @@ class Listener:
         return any(ip in network for network in self._networks)
 
     def _on_open(self, event: evt.Event) -> None:
-        set_nodelay(event)
+        reactor.tune_connection(event)
         assoc = event.assoc
-        reactor.attach(assoc)
         chunked.receive_into(assoc.dul, self.ingestor.spool.tmp)
         if not self._peer_allowed(str(assoc.requestor.address)):
             _reject_at_negotiation(assoc)

@@ -12,7 +12,7 @@ from pynetdicom.association import Association
 
 from dicomnode.config import Destination
 from dicomnode.errors import PermanentJobError, TransientJobError
-from dicomnode.net.scp import set_nodelay
+from dicomnode.net.reactor import tune_connection
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _associate(ae: AE, destination: Destination) -> Association:
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)],
     )
     if assoc.is_established:
         return assoc

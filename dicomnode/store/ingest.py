@@ -8,7 +8,9 @@ database does not know about and the sender never hears "stored" for one it lost
 
 Policy for an instance whose SOP Instance UID we already hold:
 
-* identical bytes: success, nothing written, no second row (a resend is harmless);
+* identical bytes: success and no second row (a resend is harmless). The new copy
+  is written like any other and then replaces the old file, so the common case, a
+  new instance, never pays for a lookup;
 * different bytes: the newer object replaces the older one (file and row), and if its
   series was already complete the series is re-opened, so its jobs run again on the
   corrected data. Modalities resend corrected images under the same UID; keeping
@@ -29,16 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import Engine, Table, bindparam, select, text
+from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.engine import READ_ONLY, is_sqlite, transaction
+from dicomnode.db.engine import is_sqlite, transaction
 from dicomnode.db.jobs import cancel_superseded
 from dicomnode.db.models import Instance, Series, SeriesState, Study, UTCDateTime, utcnow
 from dicomnode.errors import (
@@ -518,26 +520,6 @@ class Ingestor:
                 digest = hashlib.file_digest(fp, "sha256").hexdigest()  # GIL released
         finally:
             sync_error = synced.exception()  # waits; the file must not go while in use
-        instance = cast(Table, Instance.__table__)
-        try:
-            with self._engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-                existing = conn.execute(
-                    select(instance.c.path, instance.c.sha256).where(
-                        instance.c.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-                conn.rollback()
-        except DBAPIError as exc:
-            raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
-        if (
-            existing is not None
-            and existing.sha256 == digest
-            and self.spool.absolute(existing.path).is_file()
-        ):
-            return StoreOutcome(
-                header.sop_instance_uid, header.series_uid, existing.path, duplicate=True
-            )
-
         relative = self.spool.relative_path(
             INCOMING,
             header.study_uid,
@@ -553,9 +535,7 @@ class Ingestor:
             raise _storage_error(exc) from None
 
         try:
-            previous = self._record(
-                header, relative.as_posix(), size, digest, calling_ae, fast=existing is None
-            )
+            previous = self._record(header, relative.as_posix(), size, digest, calling_ae)
         except BaseException as exc:
             # Not acknowledged, so it must not linger; the file is ours alone.
             self.spool.remove(relative)
@@ -570,6 +550,7 @@ class Ingestor:
             header.sop_instance_uid,
             header.series_uid,
             relative.as_posix(),
+            duplicate=previous is not None and previous.sha256 == digest,
             replaced=previous is not None and previous.sha256 != digest,
         )
 
@@ -580,16 +561,13 @@ class Ingestor:
         size: int,
         digest: str,
         calling_ae: str | None,
-        *,
-        fast: bool,
     ) -> _Previous | None:
         with self._write_lock:
-            if fast:
-                try:
-                    self._record_fast(header, path, size, digest, calling_ae)
-                    return None
-                except (_SlowPath, IntegrityError):
-                    pass  # rolled back; the general path below sorts it out
+            try:
+                self._record_fast(header, path, size, digest, calling_ae)
+                return None
+            except (_SlowPath, IntegrityError):
+                pass  # rolled back; the general path below sorts it out
             return self._record_slow(header, path, size, digest, calling_ae)
 
     def _record_fast(

@@ -1,0 +1,214 @@
+"""Receive speed: dicomnode (durable: fsync + database row) against dcmtk's storescp.
+
+For each number of concurrent associations it runs, in this order and on this machine:
+
+1. dcmtk's ``storescp`` writing to a temporary folder with ``TCP_NODELAY=1`` (the
+   reference; ``--fork`` so it also takes concurrent associations). It does not
+   fsync, so its files are in the page cache, not on disk, when it says "stored";
+2. ``dicomnode listen`` on a fresh database and spool, where every success means
+   the file was fsynced, renamed, its folder fsynced and its row committed.
+
+Both are fed by dcmtk's ``storescu`` (one process per association) with the same
+synthetic CT series made by ``../shared/tools/make_ct.py``. It prints instances/s
+for each, the ratio (dicomnode / storescp), and the node's peak resident memory.
+Each figure is the median of ``--repeat`` runs.
+
+Usage::
+
+    python bench/ingest.py [--slices 300] [--size 512] [--concurrency 1 4 8]
+                           [--repeat 3] [--database URL]
+
+``--database`` takes a PostgreSQL URL (a fresh database is made and dropped per
+run); the default is SQLite in the run's temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from tests.conftest import free_port, shared_path  # noqa: E402
+from tests.integration.node_process import NodeProcess, write_config  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: no Nagle on either side
+
+
+def make_series(folder: Path, count: int, slices: int, size: int) -> list[list[Path]]:
+    make_ct = shared_path() / "tools/make_ct.py"
+    series = []
+    for i in range(count):
+        out = folder / f"series{i}"
+        if not out.is_dir():
+            subprocess.run(
+                [sys.executable, str(make_ct), str(out), "--slices", str(slices),
+                 "--size", str(size), "--seed", str(i)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        series.append(sorted(out.glob("*.dcm")))
+    return series
+
+
+def send_all(port: int, aet: str, series: list[list[Path]]) -> float:
+    """Run one storescu per series at once; return the wall time until all finished."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aec",
+                aet,
+                "-to",
+                "30",
+                "-td",
+                "60",
+                "127.0.0.1",
+                str(port),
+                *map(str, files),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for files in series
+    ]
+    failures = [p for p in procs if p.wait(600) != 0]
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"storescu failed: {failures[0].stderr.read().decode()[-500:]}")
+    return elapsed
+
+
+def wait_for_port(port: int, timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def run_storescp(series: list[list[Path]], workdir: Path) -> float:
+    out = workdir / f"storescp-{uuid.uuid4().hex[:6]}"
+    out.mkdir()
+    port = free_port()
+    mode = ["--fork"] if len(series) > 1 else []
+    scp = subprocess.Popen(
+        ["storescp", *mode, "-od", str(out), str(port)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        elapsed = send_all(port, "STORESCP", series)
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    stored = sum(1 for _ in out.iterdir())
+    expected = sum(map(len, series))
+    if stored != expected:
+        raise RuntimeError(f"storescp stored {stored} of {expected}")
+    return elapsed
+
+
+@contextmanager
+def database(url: str | None, workdir: Path) -> Iterator[str]:
+    if url is None:
+        yield f"sqlite:///{workdir / f'node-{uuid.uuid4().hex[:6]}.db'}"
+        return
+    name = f"dicomnode_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_dicomnode(series: list[list[Path]], workdir: Path, db: str | None) -> tuple[float, int]:
+    run = workdir / f"node-{uuid.uuid4().hex[:6]}"
+    run.mkdir()
+    with database(db, run) as url:
+        if not url.startswith("sqlite"):
+            subprocess.run(
+                [sys.executable, "-m", "dicomnode", "--config",
+                 str(write_config(run, db_url=url, pacs_port=9)), "db", "upgrade"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        config = write_config(run, db_url=url, pacs_port=9, quiet_seconds=3600)
+        with NodeProcess(config, command="listen") as node:
+            assert node.proc is not None
+            port = int(config.read_text().split("port = ", 1)[1].split()[0])
+            elapsed = send_all(port, "DICOMNODE", series)
+            rss = peak_rss(node.proc.pid)
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT count(*) FROM instances")).scalar()
+        engine.dispose()
+    expected = sum(map(len, series))
+    files = sum(1 for _ in (run / "spool" / "incoming").rglob("*.dcm"))
+    if rows != expected or files != expected:
+        raise RuntimeError(f"dicomnode kept {rows} rows and {files} files of {expected}")
+    return elapsed, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--database", help="PostgreSQL admin URL; default SQLite")
+    parser.add_argument("--data", type=Path, help="keep the generated series here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        data = args.data or workdir / "data"
+        series = make_series(data, max(args.concurrency), args.slices, args.size)
+        mib = sum(f.stat().st_size for f in series[0]) / 2**20
+        db = "PostgreSQL" if args.database else "SQLite"
+        print(f"{args.slices} x {args.size}x{args.size} CT per association ({mib:.0f} MiB); "
+              f"dicomnode on {db}; median of {args.repeat}; {os.cpu_count()} CPUs")  # fmt: skip
+        print(f"{'associations':>12} {'storescp/s':>11} {'dicomnode/s':>12} {'ratio':>6} "
+              f"{'node peak RSS':>14}")  # fmt: skip
+        for n in args.concurrency:
+            chosen = series[:n]
+            total = sum(map(len, chosen))
+            ref, ours, rss = [], [], []
+            for _ in range(args.repeat):
+                ref.append(total / run_storescp(chosen, workdir))
+                elapsed, peak = run_dicomnode(chosen, workdir, args.database)
+                ours.append(total / elapsed)
+                rss.append(peak)
+            r, o = statistics.median(ref), statistics.median(ours)
+            print(f"{n:>12} {r:>11.0f} {o:>12.0f} {o / r:>6.2f} {max(rss) / 2**20:>11.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
