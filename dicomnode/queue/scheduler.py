@@ -1,9 +1,10 @@
-"""Periodic housekeeping on APScheduler: the completion sweep and the lease reaper."""
+"""Periodic housekeeping on APScheduler: completion sweep, lease reaper, orphan sweep."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,11 +13,13 @@ from dicomnode.config import Settings
 from dicomnode.db.jobs import reap_expired
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.completion import sweep
+from dicomnode.store.orphans import remove_orphans
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
 REAPER_SECONDS = 15.0
+ORPHAN_SWEEP_SECONDS = 3600.0
 
 
 def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
@@ -66,6 +69,13 @@ def make_scheduler(
             "interval",
             seconds=settings.completion.sweep_seconds,
             id="completion-sweep",
+        )
+        scheduler.add_job(
+            _guarded("orphans", lambda: remove_orphans(spool, sessions)),
+            "interval",
+            seconds=ORPHAN_SWEEP_SECONDS,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=60),
+            id="orphan-sweep",
         )
     scheduler.add_job(
         _guarded("reaper", lambda: reap_expired(sessions)),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Engine, bindparam, select, text
@@ -124,6 +125,32 @@ _LONG_VRS = {
     b"UT",
     b"UV",
 }
+
+
+def check_element_lengths(ds: Dataset, end: int) -> None:
+    """Refuse a dataset whose elements claim more bytes than arrived.
+
+    pydicom keeps a value cut short by the end of the data without complaint; one
+    over-long length early in a header would silently swallow everything after it,
+    image attributes and pixel data included.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A dataset just read, its elements still raw.
+    end : int
+        The size of the encoded instance.
+
+    Raises
+    ------
+    UnreadableInstance
+        Naming the first element (by tag) that runs past the end.
+    """
+    for elem in ds.elements():
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        if elem.value_tell + elem.length > end:
+            raise UnreadableInstance(f"element {elem.tag} runs past the end of the data")
 
 
 def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
@@ -301,9 +328,12 @@ def read_header(
     """
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        if len(ds) == 0:
+            raise UnreadableInstance("dataset has no readable elements")
         if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             _check_deflated_pixel_data(content, ds)
         else:
+            check_element_lengths(ds, len(content))
             check_pixel_data(content, fp.tell(), ds)
         # Force conversion of the elements we use now, inside the try.
         uids = {kw: _text(ds, kw) for kw in _REQUIRED_UIDS}

@@ -1,0 +1,73 @@
+"""Files a crash left in the spool without a database row.
+
+A store renames the file into ``incoming/`` and then commits its row; a crash
+between the two leaves a complete file that was never acknowledged. The sender
+resends it (under a new file name), so such a file is only wasted space, but an
+administrator must be able to trust that ``incoming/`` holds exactly what the
+database lists. This sweep removes those files once they are old enough that no
+store can still be on its way to committing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import Instance, Series
+from dicomnode.store.spool import INCOMING, Spool
+
+log = logging.getLogger(__name__)
+
+# A store commits its row milliseconds after the rename, and gives up within the
+# database's busy timeout (30 s); ten minutes leaves a wide margin.
+ORPHAN_AGE_SECONDS = 600
+
+
+def remove_orphans(
+    spool: Spool, sessions: sessionmaker[Session], older_than: float = ORPHAN_AGE_SECONDS
+) -> int:
+    """Delete files under ``incoming/`` that no instance row points at.
+
+    Parameters
+    ----------
+    spool : Spool
+        The spool.
+    sessions : sessionmaker[Session]
+        Database sessions.
+    older_than : float
+        Only files whose last change is at least this many seconds old go.
+
+    Returns
+    -------
+    int
+        How many files were removed.
+    """
+    incoming = spool.root / INCOMING
+    if not incoming.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for study in incoming.iterdir():
+        for series in study.iterdir() if study.is_dir() else ():
+            with sessions() as session:
+                known = set(
+                    session.scalars(
+                        select(Instance.path)
+                        .join(Series, Instance.series_id == Series.id)
+                        .where(Series.series_uid == series.name)
+                    )
+                )
+            for path in series.glob("*.dcm"):
+                relative = path.relative_to(spool.root).as_posix()
+                try:
+                    if relative not in known and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # replaced by a resend meanwhile
+    if removed:
+        log.info("removed %d unacknowledged files left by an interrupted store", removed)
+    return removed
