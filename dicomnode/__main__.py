@@ -6,4 +6,6 @@ import sys
 
 from dicomnode.cli.main import main
 
-sys.exit(main())
+# Guarded: receiver processes are spawned, and spawning imports this module again.
+if __name__ == "__main__":
+    sys.exit(main())

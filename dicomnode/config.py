@@ -119,9 +119,20 @@ class ListenerSettings:
             _non_negative,
         ),
     )
+    processes: int = field(
+        default=1,
+        metadata=field_doc(
+            "Receiver processes sharing the port (SO_REUSEPORT, Linux); more than one "
+            "spreads concurrent associations over CPU cores.",
+            positive,
+        ),
+    )
     max_associations: int = field(
         default=32,
-        metadata=field_doc("Concurrent associations; more are rejected (transient).", positive),
+        metadata=field_doc(
+            "Concurrent associations per receiver process; more are rejected (transient).",
+            positive,
+        ),
     )
     allowed_calling_aets: list[str] = field(
         default_factory=list,

@@ -22,11 +22,11 @@ from dicomnode.errors import ConfigError
 from dicomnode.inference.device import configure_threads, select_device
 from dicomnode.inference.registry import ModelSpec, load_registry
 from dicomnode.inference.segment import ModelCache
+from dicomnode.net.receivers import Receivers, build_listener
 from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.scheduler import make_scheduler
 from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Node:
     spool: Spool
     models: dict[str, ModelSpec]
     listener: Listener | None = None
+    receivers: Receivers | None = None
     scheduler: BackgroundScheduler | None = None
     workers: list[Worker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -134,13 +135,9 @@ class Node:
             log.info("removed %d partial files left by an interrupted write", removed)
         node = cls(settings, engine, sessions, spool, models)
         if listen:
-            ingestor = Ingestor(
-                spool,
-                sessions,
-                min_free_bytes=settings.storage.min_free_mb * 2**20,
-                max_instance_bytes=settings.storage.max_instance_mb * 2**20,
-            )
-            node.listener = Listener(settings.listener, ingestor)
+            extra = settings.listener.processes > 1
+            node.listener = build_listener(settings, sessions, spool, reuse_port=extra)
+            node.receivers = Receivers(settings) if extra else None
         # Every role reaps expired leases: a transactional no-op when another did.
         node.scheduler = make_scheduler(settings, sessions, models, spool, completion=listen)
         if work:
@@ -157,6 +154,8 @@ class Node:
         """Start the listener, the scheduler and the worker threads."""
         if self.listener is not None:
             self.listener.start()
+        if self.receivers is not None:
+            self.receivers.start()
         if self.scheduler is not None:
             self.scheduler.start()
         for i, worker in enumerate(self.workers):
@@ -172,6 +171,8 @@ class Node:
         timeout : float
             Seconds to wait for each worker thread.
         """
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.listener is not None:
             self.listener.stop()
         if self.scheduler is not None and self.scheduler.running:

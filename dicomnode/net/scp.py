@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +43,28 @@ log = logging.getLogger(__name__)
 def _peer(event: evt.Event) -> str:
     info = event.assoc.requestor
     return f"{info.address}:{info.port}"
+
+
+STOP_GRACE_SECONDS = 10.0
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a listen backlog for a busy department."""
+
+    request_queue_size = 64  # socketserver's 5 drops connections when scanners start at once
+
+
+class _ReusePortServer(_Server):
+    """An association server whose port other receiver processes may bind too.
+
+    The kernel then hands each new connection to one of them, so concurrent
+    associations are spread over processes (and cores) instead of sharing one GIL.
+    """
+
+    def server_bind(self) -> None:
+        sock = cast(socket.socket, self.socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: rejected-permanent by the
@@ -101,12 +127,18 @@ class Listener:
         AE title, address, port, access control, TLS.
     ingestor : Ingestor
         Stores each accepted instance.
+    reuse_port : bool
+        Bind with SO_REUSEPORT, so that several receiver processes share the port.
     """
 
-    def __init__(self, settings: ListenerSettings, ingestor: Ingestor) -> None:
+    def __init__(
+        self, settings: ListenerSettings, ingestor: Ingestor, *, reuse_port: bool = False
+    ) -> None:
         self.settings = settings
         self.ingestor = ingestor
+        self.reuse_port = reuse_port
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
         self.ae = self._make_ae()
 
@@ -150,14 +182,21 @@ class Listener:
         chunked.install()
         address = (self.settings.host, self.settings.port)
         try:
-            self._server = self.ae.start_server(
-                address, block=False, evt_handlers=self._handlers(), ssl_context=ssl_context
+            server = self.ae.make_server(
+                address,
+                evt_handlers=self._handlers(),
+                ssl_context=ssl_context,
+                server_class=_ReusePortServer if self.reuse_port else _Server,
             )
         except OSError as exc:
             raise DicomnodeError(
                 f"listener: cannot listen on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror or exc}"
             ) from None
+        self.ae._servers.append(server)  # as start_server does; shutdown() expects it
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="listener", daemon=True)
+        self._thread.start()
         log.info(
             "listener started ae_title=%s address=%s:%d tls=%s",
             self.settings.ae_title,
@@ -176,8 +215,17 @@ class Listener:
     def stop(self) -> None:
         """Stop accepting associations and wait for the running ones to end."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # no new associations; closes the socket
             self._server = None
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        # Let running associations finish what they are sending, within reason; what
+        # is still open then is aborted, and its sender will resend (nothing it was
+        # told "stored" is lost either way).
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.ae.shutdown()
         log.info("listener stopped")
 
@@ -207,9 +255,10 @@ class Listener:
 
     def _on_accepted(self, event: evt.Event) -> None:
         log.info(
-            "association accepted calling_ae=%s peer=%s",
+            "association accepted calling_ae=%s peer=%s pid=%d",
             event.assoc.requestor.ae_title,
             _peer(event),
+            os.getpid(),  # which receiver process took it (listener.processes)
         )
 
     def _on_rejected(self, event: evt.Event) -> None:

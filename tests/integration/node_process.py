@@ -20,6 +20,7 @@ def write_config(
     pacs_aet: str = "ORTHANC",
     quiet_seconds: float = 2,
     port: int | None = None,
+    listener_extra: str = "",
 ) -> Path:
     port = port or free_port()
     config = folder / "node.toml"
@@ -29,6 +30,7 @@ def write_config(
 ae_title = "DICOMNODE"
 host = "127.0.0.1"
 port = {port}
+{listener_extra}
 [database]
 url = "{db_url}"
 [storage]
