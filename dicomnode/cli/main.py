@@ -119,10 +119,12 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
 
 def _config_check(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.inference.registry import load_registry
+    from dicomnode.net.scp import make_ssl_context
     from dicomnode.node import check_routes
 
     models = load_registry(settings.models.path)
     check_routes(settings, models)
+    make_ssl_context(settings.listener)  # TLS files exist and load
     print(
         f"configuration ok: {settings.source or 'built-in defaults'}; "
         f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s), "

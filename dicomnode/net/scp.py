@@ -31,7 +31,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ListenerSettings
-from dicomnode.errors import DicomnodeError, IngestError
+from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.net import chunked, reactor, status
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from dicomnode.store.ingest import Ingestor
@@ -87,7 +87,7 @@ def make_ssl_context(settings: ListenerSettings) -> ssl.SSLContext | None:
 
     Raises
     ------
-    DicomnodeError
+    ConfigError
         If a file is missing or not a valid certificate or key, naming the setting.
     """
     if settings.tls_certificate is None or settings.tls_private_key is None:
@@ -110,12 +110,12 @@ def make_ssl_context(settings: ListenerSettings) -> ssl.SSLContext | None:
 
 def _load(key: str, path: Path, load: Any) -> None:
     if not path.is_file():
-        raise DicomnodeError(f"{key}: file not found: {path}")
+        raise ConfigError(f"{key}: file not found: {path}")
     try:
         load()
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        raise DicomnodeError(f"{key}: cannot load {path.name}: {reason}") from None
+        raise ConfigError(f"{key}: cannot load {path.name}: {reason}") from None
 
 
 class Listener:

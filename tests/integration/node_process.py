@@ -35,6 +35,7 @@ port = {port}
 url = "{db_url}"
 [storage]
 path = "spool"
+min_free_mb = 16
 [completion]
 quiet_seconds = {quiet_seconds}
 sweep_seconds = 0.5

@@ -155,3 +155,33 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[listener\nport = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad, environ={})
+
+
+def test_listener_access_and_tls_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[listener]\nallowed_calling_aets = ["CT01"]\nallowed_networks = ["10.0.0.0/8"]\n'
+        'tls_certificate = "tls/a.crt"\ntls_private_key = "tls/a.key"\n'
+    )
+    listener = load_settings(cfg, environ={}).listener
+    assert listener.allowed_calling_aets == ["CT01"]
+    assert listener.tls_certificate == tmp_path / "tls/a.crt"  # relative to the file
+    env = {"DICOMNODE_LISTENER_ALLOWED_CALLING_AETS": "CT01, MR02"}
+    assert load_settings(cfg, environ=env).listener.allowed_calling_aets == ["CT01", "MR02"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('allowed_networks = ["10.0.0.300/8"]', "listener.allowed_networks: must be IP networks"),
+        ('allowed_calling_aets = ["A\\\\B"]', "listener.allowed_calling_aets: must be a DICOM AE"),
+        ('tls_certificate = "a.crt"', "listener.tls_certificate: set both"),
+        ('tls_client_ca = "ca.crt"', "listener.tls_client_ca: needs tls_certificate"),
+        ("processes = 0", "listener.processes: must be greater than 0"),
+    ],
+)
+def test_bad_listener_settings_are_named(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"[listener]\n{text}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(cfg, environ={})

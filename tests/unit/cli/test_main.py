@@ -187,3 +187,13 @@ def test_serve_on_a_busy_port_fails_with_one_line(
         f"dicomnode: listener: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
     assert "Traceback" not in err
+
+
+def test_config_check_names_a_missing_tls_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = '[listener]\ntls_certificate = "no.crt"\ntls_private_key = "no.key"\n'
+    config = write_config(tmp_path, "sqlite:///db.sqlite", extra)
+    code, _, err = run(capsys, "--config", str(config), "config", "check")
+    assert code == 2
+    assert "listener.tls_certificate: file not found" in one_line_error(err)
