@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pynetdicom import AE
+
+from dicomnode.config import ListenerSettings
+from dicomnode.net import reactor
+from dicomnode.net.scp import Listener
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.conftest import free_port
+
+
+def feed(sock: socket.socket, data: bytes, *, close: bool) -> threading.Thread:
+    def run() -> None:
+        for i in range(0, len(data), 7000):  # odd pieces: reads must be stitched together
+            sock.sendall(data[i : i + 7000])
+            time.sleep(0.0005)
+        if close:
+            sock.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_recv_reads_exactly_what_was_asked() -> None:
+    ours, theirs = socket.socketpair()
+    data = os.urandom(1_000_003)
+    sender = feed(theirs, data + b"next PDU", close=False)
+    got = reactor._recv(SimpleNamespace(socket=ours), len(data))  # type: ignore[arg-type]
+    sender.join()
+    assert isinstance(got, bytearray) and bytes(got) == data
+    assert ours.recv(100) == b"next PDU"  # nothing beyond the request was consumed
+    ours.close()
+    theirs.close()
+
+
+def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
+    ours, theirs = socket.socketpair()
+    data = os.urandom(50_000)
+    sender = feed(theirs, data, close=True)
+    got = reactor._recv(SimpleNamespace(socket=ours), 80_000)  # type: ignore[arg-type]
+    sender.join()
+    assert bytes(got) == data
+    ours.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path, sessions):
+    settings = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port())
+    node = Listener(settings, Ingestor(Spool(tmp_path / "spool"), sessions))
+    node.start()
+    yield node
+    node.stop()
+
+
+def test_associations_get_event_driven_waiters(listener: Listener) -> None:
+    # If a pynetdicom upgrade changed its internals, install() would fall back to
+    # polling without failing anything else; this is where that shows.
+    assert reactor.install()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        (acceptor,) = listener.ae.active_associations
+        assert callable(getattr(acceptor, "_dicomnode_wait", None))
+        assert callable(getattr(acceptor.dul, "_dicomnode_wait", None))
+        for _ in range(20):
+            assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
