@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,3 +89,41 @@ def sessions(engine):
     from dicomnode.db.engine import session_factory
 
     return session_factory(engine)
+
+
+@pytest.fixture
+def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
+    """Start in-process listeners on loopback (each with its own spool); stopped after.
+
+    ``make_listener(ingest={...}, **listener_settings)``: ``ingest`` goes to the
+    Ingestor (``min_free_bytes``, ``max_instance_bytes``), the rest to ListenerSettings.
+    """
+    from dicomnode.config import ListenerSettings
+    from dicomnode.net.scp import Listener
+    from dicomnode.store.ingest import Ingestor
+    from dicomnode.store.spool import Spool
+
+    started: list[Listener] = []
+
+    def make(ingest: dict | None = None, **settings: object) -> Listener:
+        config = ListenerSettings(
+            ae_title="DICOMNODE",
+            host="127.0.0.1",
+            port=free_port(),
+            **settings,  # type: ignore[arg-type]
+        )
+        spool = Spool(tmp_path / ("spool" if not started else f"spool{len(started)}"))
+        node = Listener(config, Ingestor(spool, sessions, **(ingest or {})))
+        node.start()
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def listener(make_listener: Callable[..., object]) -> object:
+    """One in-process listener with default settings, AE title DICOMNODE."""
+    return make_listener()

@@ -24,7 +24,6 @@ import errno
 import hashlib
 import logging
 import mmap
-import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +53,7 @@ from dicomnode.errors import (
     UIDMismatch,
     UnreadableInstance,
 )
-from dicomnode.store.spool import INCOMING, Spool
+from dicomnode.store.spool import INCOMING, Spool, fsync_file
 from dicomnode.store.uids import uid_problem
 
 log = logging.getLogger(__name__)
@@ -245,14 +244,6 @@ def _sync_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
         return _pool
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(exc: OSError) -> OutOfResources:
@@ -531,7 +522,7 @@ class Ingestor:
             raise UnreadableInstance("dataset is empty")
         # The fsync (the slowest step, and one that needs no GIL) runs while this
         # thread reads and hashes the header; both must be done before the rename.
-        synced = _sync_pool().submit(_fsync, staged)
+        synced = _sync_pool().submit(fsync_file, staged)
         try:
             with (
                 staged.open("rb") as fp,

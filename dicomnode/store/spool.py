@@ -176,11 +176,7 @@ class Spool:
             If the disk is full or unwritable; the final path is untouched then.
         """
         if not synced:
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(staged)
         final = self.root / relative
         _make_dirs_durable(final.parent)
         os.replace(staged, final)
@@ -260,6 +256,21 @@ class Spool:
             except FileNotFoundError:
                 continue
         return count
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's content and size to the disk.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

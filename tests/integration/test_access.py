@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,25 +31,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 MakeListener = Callable[..., Listener]
-
-
-@pytest.fixture
-def make_listener(tmp_path: Path, sessions) -> Iterator[MakeListener]:
-    started: list[Listener] = []
-
-    def make(ingest: dict | None = None, **settings) -> Listener:
-        config = ListenerSettings(
-            ae_title="DICOMNODE", host="127.0.0.1", port=free_port(), **settings
-        )
-        spool = Spool(tmp_path / f"spool{len(started)}")
-        node = Listener(config, Ingestor(spool, sessions, **(ingest or {})))
-        node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        node.stop()
 
 
 def dcmtk(tool: str, port: int, *args: str, aet: str = "STORESCU") -> subprocess.CompletedProcess:

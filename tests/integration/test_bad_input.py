@@ -14,9 +14,8 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -29,13 +28,9 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import ListenerSettings
 from dicomnode.db.models import Instance
 from dicomnode.net import status
 from dicomnode.net.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
-from tests.conftest import free_port
 from tests.factories import ct_series, write_series
 from tests.integration.test_listener import dcmtk, send, spool_files
 
@@ -44,19 +39,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 Sessions = sessionmaker[Session]
-
-
-def make_listener(tmp_path: Path, sessions: Sessions, **settings: Any) -> Listener:
-    config = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port(), **settings)
-    return Listener(config, Ingestor(Spool(tmp_path / "spool"), sessions))
-
-
-@pytest.fixture
-def listener(tmp_path: Path, sessions: Sessions) -> Iterator[Listener]:
-    node = make_listener(tmp_path, sessions)
-    node.start()
-    yield node
-    node.stop()
 
 
 @pytest.fixture
@@ -202,40 +184,36 @@ DROPS = [("fin", None), ("rst", None), ("fin", 16384), ("rst", 16384), ("abort",
     ("how", "max_pdu"), DROPS, ids=[f"{h}-pdu{m or 'default'}" for h, m in DROPS]
 )
 def test_association_dropped_mid_dataset_leaves_nothing(
-    tmp_path: Path, sessions: Sessions, how: str, max_pdu: int | None
+    make_listener, sessions: Sessions, how: str, max_pdu: int | None
 ) -> None:
     settings = {} if max_pdu is None else {"max_pdu": max_pdu}
-    node = make_listener(tmp_path, sessions, **settings)
-    node.start()
-    try:
-        ds = ct_slice(512)  # 512 KiB of pixel data
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
-        assert assoc.is_established
-        # Counted from the C-STORE on: its command, then about 40% of the dataset.
-        drop = DropAfter(assoc, limit=200 * 1024, how=how)
-        reply = assoc.send_c_store(ds)
-        assert drop.dropped, "the dataset was sent whole"
-        assert "Status" not in reply  # no response can have come
-        assoc.abort()  # our side is gone already; this only ends pynetdicom's threads
+    node = make_listener(**settings)
+    ds = ct_slice(512)  # 512 KiB of pixel data
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    # Counted from the C-STORE on: its command, then about 40% of the dataset.
+    drop = DropAfter(assoc, limit=200 * 1024, how=how)
+    reply = assoc.send_c_store(ds)
+    assert drop.dropped, "the dataset was sent whole"
+    assert "Status" not in reply  # no response can have come
+    assoc.abort()  # our side is gone already; this only ends pynetdicom's threads
 
-        # The listener notices the drop and discards what it had received.
-        assert wait_for(lambda: tmp_files(node) == [], timeout=2), tmp_files(node)
-        assert spool_files(node) == []
-        assert row_count(sessions) == 0
+    # The listener notices the drop and discards what it had received.
+    assert wait_for(lambda: tmp_files(node) == [], timeout=2), tmp_files(node)
+    assert spool_files(node) == []
+    assert row_count(sessions) == 0
 
-        # And it still works: the same instance, sent whole, is stored once.
-        assert dcmtk("echoscu", node) == 0
-        assert send(node, ds) == status.SUCCESS
-        stored = spool_files(node)
-        assert len(stored) == 1
-        assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
-        assert row_count(sessions) == 1
-        assert tmp_files(node) == []
-    finally:
-        node.stop()
+    # And it still works: the same instance, sent whole, is stored once.
+    assert dcmtk("echoscu", node) == 0
+    assert send(node, ds) == status.SUCCESS
+    stored = spool_files(node)
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
+    assert row_count(sessions) == 1
+    assert tmp_files(node) == []
 
 
 # --- (3) datasets with wrong VRs and wrong lengths --------------------------------------
@@ -356,12 +334,8 @@ REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED = 0x01, 0x01,
 
 
 @pytest.fixture
-def guarded_listener(tmp_path: Path, sessions: Sessions) -> Iterator[Listener]:
-    # Without the allow-list setting in ListenerSettings this fails with a TypeError.
-    node = make_listener(tmp_path, sessions, allowed_calling_aets=["SCANNER1"])
-    node.start()
-    yield node
-    node.stop()
+def guarded_listener(make_listener) -> Listener:
+    return make_listener(allowed_calling_aets=["SCANNER1"])
 
 
 def test_unknown_calling_ae_is_rejected(guarded_listener: Listener, sessions: Sessions) -> None:

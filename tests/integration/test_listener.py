@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +15,14 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 from sqlalchemy import select
 
-from dicomnode.config import ListenerSettings
 from dicomnode.db.models import Instance, Series
 from dicomnode.net import status
 from dicomnode.net.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
-from tests.conftest import free_port
 from tests.factories import ct_series, repaired_j2k_series, write_series
 
 pytestmark = pytest.mark.skipif(
     shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
 )
-
-
-@pytest.fixture
-def listener(tmp_path: Path, sessions) -> Iterator[Listener]:
-    settings = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port())
-    node = Listener(settings, Ingestor(Spool(tmp_path / "spool"), sessions))
-    node.start()
-    yield node
-    node.stop()
 
 
 def sop_of(path: Path) -> str:

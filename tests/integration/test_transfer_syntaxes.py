@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,9 @@ import pytest
 from pydicom import uid
 from sqlalchemy import select
 
-from dicomnode.config import ListenerSettings
 from dicomnode.db.models import Instance
 from dicomnode.inference.volume import Volume, load_series
 from dicomnode.net.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
-from tests.conftest import free_port
 from tests.factories import repaired_j2k_series
 from tests.integration.test_listener import sop_of, spool_files
 
@@ -37,15 +33,6 @@ pytestmark = pytest.mark.skipif(
 SLICES = 4  # enough for a volume with real spacing, few enough to keep the module fast
 
 Encoder = Callable[[Path, Path], None]
-
-
-@pytest.fixture
-def listener(tmp_path: Path, sessions) -> Iterator[Listener]:
-    settings = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port())
-    node = Listener(settings, Ingestor(Spool(tmp_path / "spool"), sessions))
-    node.start()
-    yield node
-    node.stop()
 
 
 @pytest.fixture(scope="module")

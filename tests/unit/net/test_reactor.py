@@ -4,18 +4,12 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from pynetdicom import AE
 
-from dicomnode.config import ListenerSettings
 from dicomnode.net import reactor
 from dicomnode.net.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
-from tests.conftest import free_port
 
 
 def feed(sock: socket.socket, data: bytes, *, close: bool) -> threading.Thread:
@@ -51,15 +45,6 @@ def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
     sender.join()
     assert bytes(got) == data
     ours.close()
-
-
-@pytest.fixture
-def listener(tmp_path: Path, sessions):
-    settings = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port())
-    node = Listener(settings, Ingestor(Spool(tmp_path / "spool"), sessions))
-    node.start()
-    yield node
-    node.stop()
 
 
 def test_associations_get_event_driven_waiters(listener: Listener) -> None:
