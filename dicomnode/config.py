@@ -232,6 +232,14 @@ class WorkerSettings:
     threads: int = field(
         default=0, metadata=field_doc("CPU threads for inference; 0 uses all cores.", _non_negative)
     )
+    starvation_seconds: float = field(
+        default=600.0,
+        metadata=field_doc(
+            "A normal job queued this long is claimed as if urgent, so a stream of urgent "
+            "work cannot hold it back for ever.",
+            positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,13 @@ class Route:
     )
     models: list[str] = field(default_factory=list, metadata=field_doc("Model packages to run."))
     send_to: list[str] = field(default_factory=list, metadata=field_doc("Destination names."))
+    priority: str = field(
+        default="normal",
+        metadata=field_doc(
+            "urgent jobs are claimed before normal ones (e.g. a stroke or trauma route).",
+            one_of("normal", "urgent"),
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
@@ -111,8 +111,20 @@ def enqueue(
     return job
 
 
-def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Claim | None:
+URGENT = 10  # Job.priority of an urgent route's jobs; normal ones are 0
+
+
+def claim(
+    sessions: sessionmaker[Session],
+    owner: str,
+    lease_seconds: float,
+    starvation_seconds: float = 600.0,
+) -> Claim | None:
     """Claim the most urgent runnable job, taking a lease on it.
+
+    Urgent jobs go first, oldest first; a normal job that has waited longer than
+    ``starvation_seconds`` counts as urgent, so urgent traffic delays normal work
+    but never holds it back indefinitely.
 
     Parameters
     ----------
@@ -122,6 +134,8 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
         This worker's id, recorded as the lease owner.
     lease_seconds : float
         How long the lease lasts before it must be renewed.
+    starvation_seconds : float
+        Age at which a normal job is treated as urgent.
 
     Returns
     -------
@@ -129,11 +143,13 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
         The claimed job, or None when nothing is runnable.
     """
     now = utcnow()
+    starved = now - timedelta(seconds=starvation_seconds)
+    effective = case((Job.created_at <= starved, URGENT), else_=Job.priority)
     with transaction(sessions) as session:
         job = session.scalar(
             select(Job)
             .where(Job.state == JobState.QUEUED, Job.run_after <= now)
-            .order_by(Job.priority.desc(), Job.id)
+            .order_by(effective.desc(), Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import enqueue
+from dicomnode.db.jobs import URGENT, enqueue
 from dicomnode.db.models import Instance, Series, SeriesState, utcnow
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.routing import matching_routes
@@ -136,6 +136,7 @@ def _complete(
                     model=spec.name,
                     version=spec.version,
                     max_attempts=settings.worker.max_attempts,
+                    priority=URGENT if route.priority == "urgent" else 0,
                 )
                 queued += job is not None
         log.info(

@@ -131,7 +131,12 @@ class Worker:
         bool
             False when no job was runnable.
         """
-        claim = jobs.claim(self.sessions, self.id, self.settings.lease_seconds)
+        claim = jobs.claim(
+            self.sessions,
+            self.id,
+            self.settings.lease_seconds,
+            self.settings.starvation_seconds,
+        )
         if claim is None:
             return False
         self._run(claim)

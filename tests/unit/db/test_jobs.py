@@ -65,6 +65,18 @@ def test_claim_takes_urgent_first_then_oldest(sessions, series_id: int) -> None:
     assert job.lease_expires_at > utcnow() + timedelta(seconds=50)
 
 
+def test_a_long_waiting_normal_job_is_not_starved(sessions, series_id: int) -> None:
+    old = add_job(sessions, series_id, "old")
+    with transaction(sessions) as s:
+        s.get(Job, old).created_at = utcnow() - timedelta(seconds=700)
+    urgent = [add_job(sessions, series_id, f"u{i}", priority=jobs.URGENT) for i in range(3)]
+    fresh = add_job(sessions, series_id, "fresh")
+    order = [jobs.claim(sessions, "w1", 60, starvation_seconds=600) for _ in range(5)]
+    # The starved job counts as urgent and, being the oldest, goes first; the fresh
+    # normal job waits for the urgent ones.
+    assert [x.job_id for x in order if x] == [old, *urgent, fresh]
+
+
 def test_finish_only_by_the_lease_owner(sessions, series_id: int) -> None:
     job_id = add_job(sessions, series_id, "m")
     claim = jobs.claim(sessions, "w1", 60)

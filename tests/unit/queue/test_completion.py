@@ -9,6 +9,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicomnode.config import parse_settings
+from dicomnode.db import jobs
+from dicomnode.db.jobs import URGENT
 from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
 from dicomnode.inference.registry import load_registry
 from dicomnode.pipeline import encode
@@ -113,6 +115,34 @@ def test_two_routes_with_one_model_each_get_a_job(spool: Spool, sessions) -> Non
     sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=31))
     with sessions() as s:
         assert sorted(j.route for j in s.scalars(select(Job))) == ["clinical", "study"]
+
+
+def test_urgent_route_queues_urgent_jobs(spool: Spool, sessions) -> None:
+    settings = parse_settings(
+        {
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                              "port": 4242}],
+            "routes": [
+                {"name": "trauma", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
+                 "send_to": ["pacs"], "priority": "urgent"},
+                {"name": "routine", "match": {"Modality": "MR"}, "models": ["lung-unet2d"],
+                 "send_to": ["pacs"]},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    ct = ct_series(np.zeros((2, 8, 8), np.float32))
+    mr = ct_series(np.zeros((2, 8, 8), np.float32), modality="MR")
+    receive(spool, sessions, mr + ct)
+    sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=31))
+    with sessions() as s:
+        priorities = {j.route: j.priority for j in s.scalars(select(Job))}
+    assert priorities == {"trauma": URGENT, "routine": 0}
+    # The CT arrived last but its job is claimed first.
+    claim = jobs.claim(sessions, "w1", 60)
+    assert claim is not None
+    with sessions() as s:
+        assert s.get(Job, claim.job_id).route == "trauma"
 
 
 def test_late_instance_cancels_the_queued_job_of_the_old_generation(spool: Spool, sessions) -> None:
