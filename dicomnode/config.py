@@ -104,6 +104,15 @@ def _networks(value: list[str]) -> str | None:
     return None
 
 
+def _seconds_by_modality(value: dict[str, Any]) -> str | None:
+    for modality, seconds in value.items():
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality):
+            return f"{modality!r} is not a Modality value (CT, MR, ...)"
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            return f"{modality}: must be a number of seconds, 0 or more, got {seconds!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """The C-STORE / C-ECHO service class provider."""
@@ -206,6 +215,17 @@ class CompletionSettings:
     sweep_seconds: float = field(
         default=2.0, metadata=field_doc("How often the completion sweep runs.", positive)
     )
+    modality_quiet_seconds: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_doc(
+            "Quiet period per Modality, e.g. { MR = 90, CR = 5 }; others use quiet_seconds.",
+            _seconds_by_modality,
+        ),
+    )
+
+    def quiet_for(self, modality: str | None) -> float:
+        """Return the quiet period for a series of ``modality``."""
+        return float(self.modality_quiet_seconds.get(modality or "", self.quiet_seconds))
 
 
 @dataclass(frozen=True)
@@ -313,6 +333,14 @@ class Route:
     )
     models: list[str] = field(default_factory=list, metadata=field_doc("Model packages to run."))
     send_to: list[str] = field(default_factory=list, metadata=field_doc("Destination names."))
+    quiet_seconds: float | None = field(
+        default=None,
+        metadata=field_doc(
+            "Quiet period for the series this route matches, instead of the modality's or "
+            "the default; when several routes match, the longest applies.",
+            _non_negative,
+        ),
+    )
     priority: str = field(
         default="normal",
         metadata=field_doc(

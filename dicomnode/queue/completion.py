@@ -8,7 +8,7 @@ a series complete without its jobs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 import pydicom
@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
+from dicomnode.config import Route, Settings
 from dicomnode.db.engine import transaction
 from dicomnode.db.jobs import URGENT, enqueue
 from dicomnode.db.models import Instance, Series, SeriesState, utcnow
@@ -48,6 +48,39 @@ def _header(session: Session, spool: Spool, series: Series) -> Dataset:
         raise HeaderUnavailable(type(exc).__name__) from None
 
 
+def quiet_seconds(settings: Settings, modality: str | None, routes: Sequence[Route]) -> float:
+    """Return how long a series must be quiet before it is complete.
+
+    The modality's period (or the default) applies, unless matching routes set their
+    own: then the longest of theirs, so that no route gets a series too early.
+
+    Parameters
+    ----------
+    settings : Settings
+        The completion settings.
+    modality : str or None
+        The series' Modality.
+    routes : Sequence[Route]
+        The routes that match the series.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    base = settings.completion.quiet_for(modality)
+    own = [r.quiet_seconds for r in routes if r.quiet_seconds is not None]
+    return max(own) if own else base
+
+
+def shortest_quiet(settings: Settings) -> float:
+    """Return the shortest quiet period any series can have (which series to look at)."""
+    periods = [settings.completion.quiet_seconds]
+    periods += [float(v) for v in settings.completion.modality_quiet_seconds.values()]
+    periods += [r.quiet_seconds for r in settings.routes if r.quiet_seconds is not None]
+    return min(periods)
+
+
 def sweep(
     sessions: sessionmaker[Session],
     settings: Settings,
@@ -76,7 +109,7 @@ def sweep(
         How many series were completed.
     """
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=settings.completion.quiet_seconds)
+    cutoff = now - timedelta(seconds=shortest_quiet(settings))
     with sessions() as session:
         candidates = session.scalars(
             select(Series.id)
@@ -119,10 +152,13 @@ def _complete(
         if series is None:
             return 0
         header = _header(session, spool, series)
+        routes = matching_routes(settings.routes, header)
+        quiet = quiet_seconds(settings, series.modality, routes)
+        if series.last_received_at > now - timedelta(seconds=quiet):
+            return 0  # quiet long enough for some series, not yet for this one
         series.state = SeriesState.COMPLETE
         series.completed_at = now
         queued = 0
-        routes = matching_routes(settings.routes, header)
         for route in routes:
             for name in route.models:
                 spec = models.get(name)

@@ -174,3 +174,32 @@ def test_unreadable_header_leaves_the_series_for_the_next_sweep(spool: Spool, se
     assert sweep(sessions, SETTINGS, MODELS, spool, now=later) == 1
     with sessions() as s:
         assert len(s.scalars(select(Job)).all()) == 1
+
+
+def test_quiet_period_per_modality_and_per_route(spool: Spool, sessions) -> None:
+    settings = parse_settings(
+        {
+            "completion": {"quiet_seconds": 30, "modality_quiet_seconds": {"MR": 90}},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                              "port": 4242}],
+            "routes": [
+                {"name": "fast-ct", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
+                 "send_to": ["pacs"], "quiet_seconds": 5},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    ct = ct_series(np.zeros((2, 8, 8), np.float32))
+    mr = ct_series(np.zeros((2, 8, 8), np.float32), modality="MR")
+    pt = ct_series(np.zeros((2, 8, 8), np.float32), modality="PT")
+    receive(spool, sessions, ct + mr + pt)
+
+    def states(after: float) -> dict[str, SeriesState]:
+        sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=after))
+        with sessions() as s:
+            return {x.modality: x.state for x in s.scalars(select(Series))}
+
+    receiving, complete = SeriesState.RECEIVING, SeriesState.COMPLETE
+    assert states(6) == {"CT": complete, "MR": receiving, "PT": receiving}  # the route's 5 s
+    assert states(31) == {"CT": complete, "MR": receiving, "PT": complete}  # the default
+    assert states(91) == {"CT": complete, "MR": complete, "PT": complete}  # MR's 90 s
