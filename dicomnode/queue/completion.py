@@ -22,6 +22,7 @@ from dicomnode.db.jobs import URGENT, enqueue
 from dicomnode.db.models import Instance, Series, SeriesState, utcnow
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.routing import matching_routes
+from dicomnode.queue.volumetric import why_not_volumetric
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,15 @@ def _complete(
         series.state = SeriesState.COMPLETE
         series.completed_at = now
         queued = 0
+        skipped = why_not_volumetric(header, series.instance_count)
+        if skipped is not None and routes:
+            log.info(
+                "series complete series_uid=%s: not a volume (%s), no jobs for routes %s",
+                series.series_uid,
+                skipped,
+                ",".join(r.name for r in routes),
+            )
+            return 1
         for route in routes:
             for name in route.models:
                 spec = models.get(name)

@@ -203,3 +203,16 @@ def test_quiet_period_per_modality_and_per_route(spool: Spool, sessions) -> None
     assert states(6) == {"CT": complete, "MR": receiving, "PT": receiving}  # the route's 5 s
     assert states(31) == {"CT": complete, "MR": receiving, "PT": complete}  # the default
     assert states(91) == {"CT": complete, "MR": complete, "PT": complete}  # MR's 90 s
+
+
+def test_localizer_series_completes_without_model_jobs(spool: Spool, sessions) -> None:
+    scout = ct_series(np.zeros((2, 8, 8), np.float32))
+    for ds in scout:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    axial = ct_series(np.zeros((3, 8, 8), np.float32))
+    receive(spool, sessions, scout + axial)
+    assert sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=31)) == 2
+    with sessions() as s:
+        (job,) = s.scalars(select(Job)).all()  # the CT route matched both; one is a volume
+        assert s.get(Series, job.series_id).series_uid == axial[0].SeriesInstanceUID
+        assert {x.state for x in s.scalars(select(Series))} == {SeriesState.COMPLETE}
