@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alembic import context
 from sqlalchemy import Connection
 
+from alembic import context
 from dicomnode.db.engine import make_engine
 from dicomnode.db.models import Base
 

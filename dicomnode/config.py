@@ -215,6 +215,14 @@ class CompletionSettings:
     sweep_seconds: float = field(
         default=2.0, metadata=field_doc("How often the completion sweep runs.", positive)
     )
+    counted_quiet_seconds: float = field(
+        default=3.0,
+        metadata=field_doc(
+            "When every instance of a series gives the same Images in Acquisition and that "
+            "many have arrived, the series is complete after this quiet period instead.",
+            _non_negative,
+        ),
+    )
     modality_quiet_seconds: dict[str, Any] = field(
         default_factory=dict,
         metadata=field_doc(

@@ -151,6 +151,9 @@ class Series(Base):
     # re-run gets a new idempotency key and its results replace the earlier ones.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Images in Acquisition while every instance so far agrees on it (NULL when they
+    # carry none, -1 once two disagree): lets a counted series complete early.
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

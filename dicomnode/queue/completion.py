@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Route, Settings
@@ -75,7 +75,7 @@ def quiet_seconds(settings: Settings, modality: str | None, routes: Sequence[Rou
 
 
 def shortest_quiet(settings: Settings) -> float:
-    """Return the shortest quiet period any series can have (which series to look at)."""
+    """Return the shortest quiet period of any modality or route (which series to look at)."""
     periods = [settings.completion.quiet_seconds]
     periods += [float(v) for v in settings.completion.modality_quiet_seconds.values()]
     periods += [r.quiet_seconds for r in settings.routes if r.quiet_seconds is not None]
@@ -111,17 +111,24 @@ def sweep(
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=shortest_quiet(settings))
+    counted_cutoff = now - timedelta(seconds=settings.completion.counted_quiet_seconds)
+    due = or_(
+        Series.last_received_at <= cutoff,
+        # Every announced image is in: no need to wait the whole quiet period.
+        (Series.expected_instances == Series.instance_count)
+        & (Series.last_received_at <= counted_cutoff),
+    )
     with sessions() as session:
         candidates = session.scalars(
             select(Series.id)
-            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+            .where(Series.state == SeriesState.RECEIVING, due)
             .order_by(Series.last_received_at)
             .limit(SWEEP_BATCH)
         ).all()
     completed = 0
     for series_id in candidates:
         try:
-            completed += _complete(sessions, settings, models, spool, series_id, cutoff, now)
+            completed += _complete(sessions, settings, models, spool, series_id, due, now)
         except HeaderUnavailable as exc:
             # Rolled back: the series stays receiving and the next sweep tries again, so
             # a storage hiccup never completes a series without its jobs.
@@ -135,7 +142,7 @@ def _complete(
     models: Mapping[str, ModelSpec],
     spool: Spool,
     series_id: int,
-    cutoff: datetime,
+    due: ColumnElement[bool],
     now: datetime,
 ) -> int:
     """Complete one series and queue its jobs in one transaction; return 1 if done."""
@@ -146,7 +153,7 @@ def _complete(
             .where(
                 Series.id == series_id,
                 Series.state == SeriesState.RECEIVING,
-                Series.last_received_at <= cutoff,
+                due,
             )
             .with_for_update(skip_locked=True)
         )
@@ -155,6 +162,10 @@ def _complete(
         header = _header(session, spool, series)
         routes = matching_routes(settings.routes, header)
         quiet = quiet_seconds(settings, series.modality, routes)
+        if series.expected_instances is not None and (
+            series.instance_count == series.expected_instances
+        ):
+            quiet = min(quiet, settings.completion.counted_quiet_seconds)
         if series.last_received_at > now - timedelta(seconds=quiet):
             return 0  # quiet long enough for some series, not yet for this one
         series.state = SeriesState.COMPLETE

@@ -74,6 +74,7 @@ class InstanceHeader:
     transfer_syntax_uid: str
     modality: str | None
     instance_number: int | None
+    expected_instances: int | None  # Images in Acquisition, when given and positive
     patient_id: str | None
     accession_number: str | None
 
@@ -253,6 +254,13 @@ def _storage_error(exc: OSError) -> OutOfResources:
     return OutOfResources(f"cannot write to storage ({code})")
 
 
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # a malformed IS value is ignored, not a reason to refuse
+
+
 def _clip(value: str | None, length: int) -> str | None:
     return value[:length] if value is not None else None
 
@@ -340,11 +348,8 @@ def read_header(
         problem = uid_problem(value)
         if problem:
             raise InvalidUID(f"{keyword} {problem}")
-    number = _text(ds, "InstanceNumber")
-    try:
-        instance_number = int(number) if number is not None else None
-    except ValueError:
-        instance_number = None
+    instance_number = _int(_text(ds, "InstanceNumber"))
+    expected = _int(_text(ds, "ImagesInAcquisition"))
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -355,6 +360,7 @@ def read_header(
         # not make PostgreSQL refuse the row and the sender retry for ever.
         modality=_clip(_text(ds, "Modality"), 16),
         instance_number=instance_number,
+        expected_instances=expected if expected is not None and expected > 0 else None,
         patient_id=_clip(_text(ds, "PatientID"), 64),
         accession_number=_clip(_text(ds, "AccessionNumber"), 16),
     )
@@ -363,7 +369,10 @@ def read_header(
 # The statements of the fast path, written out once. The state is bound with the
 # column's own type so both databases store the same spelling the ORM does.
 _BUMP_SERIES = text(
-    "UPDATE series SET last_received_at = :now, instance_count = instance_count + 1 "
+    "UPDATE series SET last_received_at = :now, instance_count = instance_count + 1, "
+    # The announced count stays only while every instance announces the same one.
+    "expected_instances = CASE WHEN COALESCE(expected_instances, 0) = :expected "
+    "THEN expected_instances ELSE -1 END "
     "WHERE series_uid = :series_uid AND state = :receiving RETURNING id"
 ).bindparams(
     bindparam("now", type_=UTCDateTime()),
@@ -602,7 +611,12 @@ class Ingestor:
         now = utcnow()
         with self._engine.begin() as conn:
             series_id = conn.execute(
-                _BUMP_SERIES, {"now": now, "series_uid": header.series_uid}
+                _BUMP_SERIES,
+                {
+                    "now": now,
+                    "series_uid": header.series_uid,
+                    "expected": header.expected_instances or 0,
+                },
             ).scalar()
             if series_id is None:
                 raise _SlowPath
@@ -677,11 +691,14 @@ class Ingestor:
                 state=SeriesState.RECEIVING,
                 generation=0,
                 instance_count=0,
+                expected_instances=header.expected_instances,
                 first_received_at=now,
                 last_received_at=now,
             )
             session.add(series)
             session.flush()
+        elif (series.expected_instances or 0) != (header.expected_instances or 0):
+            series.expected_instances = -1
         elif series.state == SeriesState.COMPLETE:
             # A late or corrected instance: run the series' jobs again when it settles.
             series.state = SeriesState.RECEIVING

@@ -216,3 +216,29 @@ def test_localizer_series_completes_without_model_jobs(spool: Spool, sessions) -
         (job,) = s.scalars(select(Job)).all()  # the CT route matched both; one is a volume
         assert s.get(Series, job.series_id).series_uid == axial[0].SeriesInstanceUID
         assert {x.state for x in s.scalars(select(Series))} == {SeriesState.COMPLETE}
+
+
+def test_counted_series_completes_early_and_a_disagreeing_one_waits(spool: Spool, sessions) -> None:
+    counted = ct_series(np.zeros((3, 8, 8), np.float32))
+    partial = ct_series(np.zeros((3, 8, 8), np.float32))
+    mixed = ct_series(np.zeros((3, 8, 8), np.float32))
+    for ds in counted + partial:
+        ds.ImagesInAcquisition = 3
+    for ds, n in zip(mixed, (3, 3, 4), strict=True):
+        ds.ImagesInAcquisition = n  # the series contradicts itself: not trustworthy
+    receive(spool, sessions, counted + partial[:2] + mixed)
+
+    def complete_after(seconds: float) -> set[str]:
+        sweep(sessions, SETTINGS, MODELS, spool, now=utcnow() + timedelta(seconds=seconds))
+        with sessions() as s:
+            rows = s.scalars(select(Series).where(Series.state == SeriesState.COMPLETE))
+            return {x.series_uid for x in rows}
+
+    uid = {name: series[0].SeriesInstanceUID for name, series in
+           (("counted", counted), ("partial", partial), ("mixed", mixed))}  # fmt: skip
+    with sessions() as s:
+        expected = {x.series_uid: x.expected_instances for x in s.scalars(select(Series))}
+    assert expected == {uid["counted"]: 3, uid["partial"]: 3, uid["mixed"]: -1}
+    assert complete_after(1) == set()  # even a counted series gets its short quiet period
+    assert complete_after(4) == {uid["counted"]}  # 3 of 3 are in
+    assert complete_after(31) == set(uid.values())  # the others wait the full period
