@@ -96,21 +96,27 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """Read ``nr_bytes`` from the socket, or fewer if the peer closes it.
 
     pynetdicom's own version reads 4 KiB per call and appends; a 4 MiB P-DATA PDU
-    took a thousand system calls and as many Python iterations. This reads straight
-    into one buffer of the final size, as much as the kernel has each time.
+    took a thousand system calls and as many Python iterations. This reads as much
+    as the kernel has each time, straight into the buffer. The buffer grows with
+    what arrives, never ahead of it by more than one step: the length comes from the
+    peer, and a PDU header claiming 4 GiB must not cost 4 GiB before a byte of it.
     """
     sock = cast(socket.socket, self.socket)
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    buffer = bytearray()
     received = 0
     while received < nr_bytes:
-        count = sock.recv_into(view[received:], nr_bytes - received)
+        if len(buffer) == received:
+            buffer.extend(bytes(min(nr_bytes - received, _RECV_STEP, max(received, 65536))))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[received:])
         if not count:  # the connection was broken: return what arrived, as pynetdicom does
-            del view
-            del buffer[received:]
-            return buffer
+            break
         received += count
+    del buffer[received:]
     return buffer
+
+
+_RECV_STEP = 4 * 2**20  # the most the buffer grows ahead of the data it has
 
 
 def _waking_put(q: queue.Queue[Any], wake: Callable[[], None]) -> None:

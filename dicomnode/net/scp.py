@@ -15,6 +15,7 @@ TLS, and with ``tls_client_ca`` set it also demands a client certificate.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -49,9 +50,24 @@ STOP_GRACE_SECONDS = 10.0
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a listen backlog for a busy department."""
+    """pynetdicom's threaded server with a listen backlog for a busy department.
+
+    pynetdicom does the TLS handshake in ``get_request``, on the one thread that
+    accepts connections, with no timeout: one peer that connects and stays silent
+    would stop the port for everyone. Here the socket is only wrapped there, and the
+    handshake happens on the connection's own thread (see ``Listener._on_open``).
+    """
 
     request_queue_size = 64  # socketserver's 5 drops connections when scanners start at once
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock = cast(socket.socket, self.socket)
+        client, address = sock.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
 
 
 class _ReusePortServer(_Server):
@@ -241,11 +257,23 @@ class Listener:
         return any(ip in network for network in self._networks)
 
     def _on_open(self, event: evt.Event) -> None:
-        reactor.tune_connection(event)
+        # pynetdicom logs and ignores an exception raised here and starts the
+        # association anyway, so the access check comes first and cannot be skipped.
         assoc = event.assoc
-        chunked.receive_into(assoc.dul, self.ingestor.spool.tmp)
-        if not self._peer_allowed(str(assoc.requestor.address)):
+        try:
+            allowed = self._peer_allowed(str(assoc.requestor.address))
+        except Exception:
+            allowed = False
+        if not allowed:
             _reject_at_negotiation(assoc)
+        chunked.receive_into(assoc.dul, self.ingestor.spool.tmp)
+        try:
+            reactor.tune_connection(event)
+        except Exception:  # e.g. out of file descriptors: run at pynetdicom's own pace
+            log.warning("connection tuning failed peer=%s", _peer(event), exc_info=True)
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if isinstance(sock, ssl.SSLSocket):
+            _handshake(sock, _peer(event))
 
     def _on_close(self, event: evt.Event) -> None:
         chunked.discard_partial(event.assoc)
@@ -295,6 +323,29 @@ class Listener:
             outcome.replaced,
         )
         return status.SUCCESS
+
+
+TLS_HANDSHAKE_SECONDS = 30.0
+
+
+def _handshake(sock: ssl.SSLSocket, peer: str) -> None:
+    """Do the TLS handshake on the connection's own thread, within a deadline.
+
+    A failed handshake (no client certificate, an untrusted one, plain TCP) closes
+    the connection; the association then ends before it begins.
+    """
+    previous = sock.gettimeout()
+    sock.settimeout(TLS_HANDSHAKE_SECONDS)
+    try:
+        sock.do_handshake()
+    except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+        log.warning("TLS handshake failed peer=%s reason=%s", peer, type(exc).__name__)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
 
 
 def _reject_at_negotiation(assoc: Any) -> None:

@@ -71,7 +71,7 @@ def make_scheduler(
             id="completion-sweep",
         )
         scheduler.add_job(
-            _guarded("orphans", lambda: remove_orphans(spool, sessions)),
+            _guarded("orphans", lambda: (remove_orphans(spool, sessions), spool.clean_tmp())),
             "interval",
             seconds=ORPHAN_SWEEP_SECONDS,
             next_run_time=datetime.now(UTC) + timedelta(seconds=60),

@@ -27,7 +27,10 @@ ORPHAN_AGE_SECONDS = 600
 
 
 def remove_orphans(
-    spool: Spool, sessions: sessionmaker[Session], older_than: float = ORPHAN_AGE_SECONDS
+    spool: Spool,
+    sessions: sessionmaker[Session],
+    older_than: float = ORPHAN_AGE_SECONDS,
+    now: float | None = None,
 ) -> int:
     """Delete files under ``incoming/`` that no instance row points at.
 
@@ -38,7 +41,10 @@ def remove_orphans(
     sessions : sessionmaker[Session]
         Database sessions.
     older_than : float
-        Only files whose last change is at least this many seconds old go.
+        Only files renamed into place at least this many seconds ago go (the rename
+        sets the change time; the modification time is the last byte received).
+    now : float, optional
+        The current time (for tests); the clock otherwise.
 
     Returns
     -------
@@ -48,7 +54,7 @@ def remove_orphans(
     incoming = spool.root / INCOMING
     if not incoming.is_dir():
         return 0
-    cutoff = time.time() - older_than
+    cutoff = (time.time() if now is None else now) - older_than
     removed = 0
     for study in incoming.iterdir():
         for series in study.iterdir() if study.is_dir() else ():
@@ -63,7 +69,7 @@ def remove_orphans(
             for path in series.glob("*.dcm"):
                 relative = path.relative_to(spool.root).as_posix()
                 try:
-                    if relative not in known and path.stat().st_mtime < cutoff:
+                    if relative not in known and path.stat().st_ctime < cutoff:
                         path.unlink()
                         removed += 1
                 except FileNotFoundError:

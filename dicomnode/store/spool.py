@@ -18,6 +18,7 @@ Only UIDs that passed :func:`dicomnode.store.uids.uid_problem` become path compo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -290,8 +291,7 @@ def _make_dirs_durable(path: Path) -> None:
         missing.append(current)
         current = current.parent
     for folder in reversed(missing):
-        try:
+        # Another association may have created it meanwhile and not synced it yet.
+        with contextlib.suppress(FileExistsError):
             folder.mkdir()
-        except FileExistsError:  # another association created it meanwhile
-            continue
         _fsync_dir(folder.parent)

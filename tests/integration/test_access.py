@@ -7,6 +7,7 @@ here with openssl) and pynetdicom, against an in-process listener on loopback.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -220,3 +221,16 @@ def test_instances_over_the_size_limit_are_refused(
     assert incoming(listener) == [] and instance_rows(sessions) == 0
     roomy = make_listener(ingest={"max_instance_bytes": size + 1000})
     assert send_one(roomy, lidc1[0]) == status.SUCCESS
+
+
+def test_a_silent_connection_does_not_block_tls(
+    make_listener: MakeListener, pki: Path, lidc1: list[Path], sessions
+) -> None:
+    listener = make_listener(
+        tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key"
+    )
+    # Connects and says nothing: its handshake must not hold up anyone else's.
+    with socket.create_connection(("127.0.0.1", listener.port)):
+        ok = storescu(listener.port, lidc1[0], args=tls_args(pki, None))
+        assert ok.returncode == 0, ok.stderr
+    assert instance_rows(sessions) == 1

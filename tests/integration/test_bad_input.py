@@ -82,6 +82,14 @@ GARBAGE = {
 }
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (the listener runs in it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
     """Return what the peer sends until it closes; fail if it stays silent ``timeout`` s."""
     sock.settimeout(timeout)
@@ -100,12 +108,15 @@ def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 def test_non_dicom_bytes_are_dropped(
     listener: Listener, sessions: Sessions, payload: bytes
 ) -> None:
+    before = resident_bytes()
     with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as sock:
         # The listener may hang up before it has read everything: that is fine.
         with contextlib.suppress(ConnectionError):
             sock.sendall(payload)
         # While this peer is connected, others are served: one bad peer blocks nobody.
         assert dcmtk("echoscu", listener) == 0
+        # A length the peer merely claims (4 GiB) must not be allocated up front.
+        assert resident_bytes() - before < 256 * 2**20
         # Our end is done; the listener must let go of the connection, answering at
         # most with A-ABORT PDUs (a peer that says nothing more must not hold a thread).
         with contextlib.suppress(OSError):  # not connected any more, if it hung up
