@@ -266,7 +266,12 @@ class Listener:
             allowed = False
         if not allowed:
             _reject_at_negotiation(assoc)
-        chunked.receive_into(assoc.dul, self.ingestor.spool.tmp)
+        chunked.receive_into(
+            assoc.dul,
+            self.ingestor.spool.tmp,
+            max_bytes=self.ingestor.max_instance_bytes,
+            space_ok=self.ingestor.has_space,
+        )
         try:
             reactor.tune_connection(event)
         except Exception:  # e.g. out of file descriptors: run at pynetdicom's own pace

@@ -26,6 +26,7 @@ import logging
 import mmap
 import threading
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -219,6 +220,38 @@ def _expected_pixel_bytes(ds: Dataset) -> int | None:
     return (pixels * frames * bits + 7) // 8
 
 
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
+_META_PEEK = 2048  # the file meta is a few hundred bytes; its UIDs are in there
+# Deflate is for small objects (SR, presentation states); nobody deflates a volume.
+# pydicom inflates a deflated dataset in memory, so its inflated size is capped.
+MAX_INFLATED_BYTES = 256 * 2**20
+
+
+def _check_inflated_size(content: Buffer) -> None:
+    """Refuse a deflated dataset that would inflate beyond :data:`MAX_INFLATED_BYTES`.
+
+    A few megabytes of deflate can stand for gigabytes; this inflates in steps,
+    keeping nothing, before pydicom inflates it for real.
+    """
+    if bytes(content[128:132]) != b"DICM" or bytes(content[132:136]) != b"\x02\x00\x00\x00":
+        return  # no group length to find the dataset by: pydicom will judge it
+    start = 144 + int.from_bytes(content[140:144], "little")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, position, step = 0, start, 2**20
+    pending = bytes(content[position : position + step])
+    position += step
+    while pending and not inflater.eof:
+        try:
+            total += len(inflater.decompress(pending, step))
+        except zlib.error:
+            return  # not valid deflate: pydicom's reading will say it is unreadable
+        if total > MAX_INFLATED_BYTES:
+            raise InstanceTooLarge("deflated dataset inflates beyond 256 MiB")
+        pending = inflater.unconsumed_tail or bytes(content[position : position + step])
+        if not inflater.unconsumed_tail:
+            position += step
+
+
 def _check_deflated_pixel_data(content: Buffer, header: Dataset) -> None:
     """Check a deflated instance's pixel data, which offsets into the file cannot reach.
 
@@ -326,6 +359,8 @@ def read_header(
         If a UID is malformed or unsafe as a path component.
     """
     try:
+        if _DEFLATED in bytes(content[132:_META_PEEK]):
+            _check_inflated_size(content)
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
         if len(ds) == 0:
             raise UnreadableInstance("dataset has no readable elements")
@@ -338,7 +373,7 @@ def read_header(
         uids = {kw: _text(ds, kw) for kw in _REQUIRED_UIDS}
         uids["SOPClassUID"] = uids["SOPClassUID"] or default_sop_class
         uids["SOPInstanceUID"] = uids["SOPInstanceUID"] or default_sop_instance
-    except UnreadableInstance:
+    except (UnreadableInstance, InstanceTooLarge):
         raise
     except Exception as exc:  # the message may quote raw bytes, so only its type is kept
         raise UnreadableInstance(f"dataset cannot be parsed ({type(exc).__name__})") from None
@@ -426,6 +461,10 @@ class Ingestor:
             threading.Lock() if is_sqlite(engine) else contextlib.nullcontext()
         )
 
+    def has_space(self) -> bool:
+        """Return whether the spool's disk is above its free-space watermark."""
+        return not self.min_free_bytes or self.spool.free_bytes() >= self.min_free_bytes
+
     def check_space(self) -> None:
         """Refuse work while the spool's disk is below its free-space watermark.
 
@@ -434,7 +473,7 @@ class Ingestor:
         StorageLow
             If free space is below ``min_free_bytes``.
         """
-        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+        if not self.has_space():
             raise StorageLow("storage is below its free-space watermark")
 
     def store(

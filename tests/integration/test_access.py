@@ -226,9 +226,7 @@ def test_instances_over_the_size_limit_are_refused(
 def test_a_silent_connection_does_not_block_tls(
     make_listener: MakeListener, pki: Path, lidc1: list[Path], sessions
 ) -> None:
-    listener = make_listener(
-        tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key"
-    )
+    listener = make_listener(tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key")
     # Connects and says nothing: its handshake must not hold up anyone else's.
     with socket.create_connection(("127.0.0.1", listener.port)):
         ok = storescu(listener.port, lidc1[0], args=tls_args(pki, None))

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import zlib
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import select, text
 
 from dicomnode.db.models import Instance, Series, SeriesState, Study
 from dicomnode.errors import (
+    InstanceTooLarge,
     InvalidUID,
     MissingAttribute,
     OutOfResources,
@@ -259,3 +263,28 @@ def test_over_long_identifiers_are_clipped_not_refused(
     with sessions() as s:
         study = s.scalars(select(Study)).one()
         assert study.accession_number == "A" * 16 and study.patient_id == "P" * 64
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(ingestor: Ingestor, sessions) -> None:
+    # 300 MiB of zero pixels deflate to about 300 KiB; pydicom would inflate them all.
+    ds = ct_series(np.zeros((1, 8, 8), np.float32))[0]
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    del ds.PixelData
+    head = BytesIO()
+    ds.save_as(head, enforce_file_format=True)  # writes the meta and a deflated header
+    meta_end = 144 + int.from_bytes(head.getvalue()[140:144], "little")
+    plain = BytesIO()
+    ds.save_as(plain, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    body = bytearray()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body += deflater.compress(plain.getvalue()[meta_end:])
+    size = 300 * 2**20
+    body += deflater.compress(b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little"))
+    for _ in range(size // 2**20):
+        body += deflater.compress(bytes(2**20))
+    body += deflater.flush()
+    bomb = head.getvalue()[:meta_end] + bytes(body)
+    assert len(bomb) < 2 * 2**20
+    with pytest.raises(InstanceTooLarge, match="inflates beyond"):
+        ingestor.store(bomb)
+    assert files(ingestor) == []
