@@ -25,6 +25,7 @@ from dicomnode.inference.segment import ModelCache
 from dicomnode.net.receivers import Receivers, build_listener
 from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
+from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.scheduler import make_scheduler
 from dicomnode.queue.worker import Worker
 from dicomnode.store.spool import Spool
@@ -101,6 +102,7 @@ class Node:
     workers: list[Worker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
+    doorbell: Doorbell = field(default_factory=Doorbell)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
@@ -139,13 +141,15 @@ class Node:
             node.listener = build_listener(settings, sessions, spool, reuse_port=extra)
             node.receivers = Receivers(settings) if extra else None
         # Every role reaps expired leases: a transactional no-op when another did.
-        node.scheduler = make_scheduler(settings, sessions, models, spool, completion=listen)
+        node.scheduler = make_scheduler(
+            settings, sessions, models, spool, completion=listen, doorbell=node.doorbell
+        )
         if work:
             configure_threads(settings.worker.threads)
             cache = ModelCache(select_device(settings.worker.device))
             pipeline = Pipeline(settings, sessions, spool, models, cache)
             node.workers = [
-                Worker(sessions, pipeline, settings.worker, node.stop_event, index=i)
+                Worker(sessions, pipeline, settings.worker, node.stop_event, i, node.doorbell)
                 for i in range(settings.worker.count)
             ]
         return node
@@ -178,6 +182,7 @@ class Node:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.stop_event.set()
+        self.doorbell.ring()  # idle workers see the stop now, not after their poll
         for thread in self.threads:
             thread.join(timeout)
         self.engine.dispose()

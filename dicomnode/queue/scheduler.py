@@ -13,6 +13,7 @@ from dicomnode.config import Settings
 from dicomnode.db.jobs import reap_expired
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.completion import sweep
+from dicomnode.queue.doorbell import Doorbell
 from dicomnode.store.orphans import remove_orphans
 from dicomnode.store.spool import Spool
 
@@ -32,6 +33,17 @@ def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
+def _sweep_and_ring(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    models: Mapping[str, ModelSpec],
+    spool: Spool,
+    doorbell: Doorbell | None,
+) -> None:
+    if sweep(sessions, settings, models, spool) and doorbell is not None:
+        doorbell.ring()
+
+
 def make_scheduler(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -39,6 +51,7 @@ def make_scheduler(
     spool: Spool,
     *,
     completion: bool = True,
+    doorbell: Doorbell | None = None,
 ) -> BackgroundScheduler:
     """Create (but do not start) the housekeeping scheduler.
 
@@ -54,6 +67,8 @@ def make_scheduler(
         The spool.
     completion : bool
         Run the completion sweep; a worker-only process leaves it to the listener.
+    doorbell : Doorbell, optional
+        Rung after a sweep that completed series, to wake this process's workers.
 
     Returns
     -------
@@ -65,7 +80,9 @@ def make_scheduler(
     )
     if completion:
         scheduler.add_job(
-            _guarded("completion", lambda: sweep(sessions, settings, models, spool)),
+            _guarded(
+                "completion", lambda: _sweep_and_ring(sessions, settings, models, spool, doorbell)
+            ),
             "interval",
             seconds=settings.completion.sweep_seconds,
             id="completion-sweep",

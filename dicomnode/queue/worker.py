@@ -17,6 +17,7 @@ from dicomnode.db.jobs import Claim
 from dicomnode.db.models import JobState
 from dicomnode.errors import JobError, JobInterrupted, JobSuperseded
 from dicomnode.pipeline import Pipeline
+from dicomnode.queue.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class Worker:
         Set to stop; a running job is released at its next stage boundary.
     index : int
         The worker's number within the process.
+    doorbell : Doorbell, optional
+        Rung when jobs are queued in this process (and on stop), so an idle worker
+        need not wait out its poll interval.
     """
 
     def __init__(
@@ -103,24 +107,28 @@ class Worker:
         settings: WorkerSettings,
         stop: threading.Event,
         index: int = 0,
+        doorbell: Doorbell | None = None,
     ) -> None:
         self.sessions = sessions
         self.pipeline = pipeline
         self.settings = settings
         self.stop = stop
         self.id = worker_id(index)
+        self.doorbell = doorbell or Doorbell()
 
     def run_forever(self) -> None:
         """Claim and run jobs until :attr:`stop` is set."""
         log.info("worker started worker_id=%s", self.id)
         while not self.stop.is_set():
+            seen = self.doorbell.rings
             try:
                 ran = self.run_once()
             except Exception:  # a database outage must not kill the worker thread
                 log.exception("worker loop error worker_id=%s", self.id)
                 ran = False
             if not ran:
-                self.stop.wait(self.settings.poll_seconds)
+                # Until the poll interval ends, new work queued here, or the stop.
+                self.doorbell.wait(seen, self.settings.poll_seconds)
         log.info("worker stopped worker_id=%s", self.id)
 
     def run_once(self) -> bool:

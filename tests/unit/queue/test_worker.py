@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import threading
 import time
 
+from dicomnode.config import WorkerSettings
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobState, Series, Study
-from dicomnode.queue.worker import _Heartbeat
+from dicomnode.queue.doorbell import Doorbell
+from dicomnode.queue.worker import Worker, _Heartbeat
 
 
 def claimed(sessions) -> jobs.Claim:
@@ -47,3 +50,55 @@ def test_heartbeat_lets_a_stuck_job_go(sessions) -> None:
     assert jobs.reap_expired(sessions) == 1
     with sessions() as s:
         assert s.get(Job, claim.job_id).state == JobState.QUEUED
+
+
+def test_doorbell_counts_rings_so_none_is_missed() -> None:
+    bell = Doorbell()
+    seen = bell.rings
+    bell.ring()  # rings after the look, before the wait
+    assert bell.wait(seen, timeout=5)  # returns at once
+    assert not bell.wait(bell.rings, timeout=0.05)  # nothing new: times out
+
+
+class FinishingPipeline:
+    """Stands in for the model pipeline: this test is about when a worker looks."""
+
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
+        self.ran: list[int] = []
+
+    def run(self, claim: jobs.Claim, should_stop) -> dict[str, float]:
+        self.ran.append(claim.job_id)
+        return {}
+
+
+def test_an_idle_worker_wakes_when_work_is_queued(sessions) -> None:
+    bell, stop = Doorbell(), threading.Event()
+    pipeline = FinishingPipeline(sessions)
+    settings = WorkerSettings(poll_seconds=30)  # without the bell, a 30 s wait
+    worker = Worker(sessions, pipeline, settings, stop, 0, bell)  # type: ignore[arg-type]
+    thread = threading.Thread(target=worker.run_forever)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the worker found nothing and is waiting
+        with transaction(sessions) as s:
+            study = Study(study_uid="1.2")
+            s.add(study)
+            s.flush()
+            series = Series(study_id=study.id, series_uid="1.2.3")
+            s.add(series)
+            s.flush()
+            job = jobs.enqueue(s, series, route="r", model="m", version="1", max_attempts=2)
+            assert job is not None
+            s.flush()
+            job_id = job.id
+        started = time.monotonic()
+        bell.ring()
+        while not pipeline.ran and time.monotonic() - started < 5:
+            time.sleep(0.01)
+        assert pipeline.ran == [job_id]
+    finally:
+        stop.set()
+        bell.ring()  # as Node.stop does
+        thread.join(5)
+    assert not thread.is_alive()
