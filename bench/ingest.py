@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from tests.conftest import free_port, shared_path  # noqa: E402
+from tests.conftest import free_port, fresh_pg_database, memory_bytes, shared_path  # noqa: E402
 from tests.integration.node_process import NodeProcess, write_config  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: no Nagle on either side
@@ -143,23 +143,8 @@ def database(url: str | None, workdir: Path) -> Iterator[str]:
     if url is None:
         yield f"sqlite:///{workdir / f'node-{uuid.uuid4().hex[:6]}.db'}"
         return
-    name = f"dicomnode_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    with fresh_pg_database(url, prefix="dicomnode_bench") as fresh:
+        yield fresh
 
 
 def run_dicomnode(
@@ -185,7 +170,7 @@ def run_dicomnode(
             assert node.proc is not None
             port = int(config.read_text().split("port = ", 1)[1].split()[0])
             elapsed = send_all(port, "DICOMNODE", series)
-            rss = peak_rss(node.proc.pid)  # the parent; children are smaller
+            rss = memory_bytes(node.proc.pid)  # the parent; children are smaller
         engine = create_engine(url)
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*) FROM instances")).scalar()

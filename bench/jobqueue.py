@@ -29,43 +29,31 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from dicomnode.db import jobs, migrate  # noqa: E402
 from dicomnode.db.engine import make_engine, session_factory, transaction  # noqa: E402
 from dicomnode.db.models import JobState, Series, Study  # noqa: E402
 from dicomnode.queue.doorbell import Doorbell  # noqa: E402
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.conftest import fresh_pg_database  # noqa: E402
 
 
 @contextmanager
 def databases(workdir: Path) -> Iterator[list[tuple[str, str]]]:
     found = [("SQLite", f"sqlite:///{workdir / 'queue.db'}")]
-    name = f"dicomnode_bench_{uuid.uuid4().hex[:10]}"
-    admin = None
-    try:
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        found.append(("PostgreSQL", PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"))
-    except Exception as exc:  # no server here: SQLite only
-        print(f"(PostgreSQL skipped: {type(exc).__name__}: {exc})")
-        admin = None
-    try:
+    with ExitStack() as stack:
+        try:
+            pg = stack.enter_context(fresh_pg_database(prefix="dicomnode_bench"))
+            found.append(("PostgreSQL", pg))
+        except Exception as exc:  # no server here: SQLite only
+            print(f"(PostgreSQL skipped: {type(exc).__name__}: {exc})")
         yield found
-    finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
 
 
 def make_series(sessions: sessionmaker[Session], count: int) -> list[int]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,27 +42,53 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pg_admin():
-    from sqlalchemy import create_engine
+@contextmanager
+def fresh_pg_database(
+    admin_url: str = PG_ADMIN_URL, prefix: str = "dicomnode_test"
+) -> Iterator[str]:
+    """Create an empty PostgreSQL database, yield its URL, and drop it afterwards.
 
-    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    Used by the ``pg_url`` fixture and by the benchmarks.
+    """
+    from sqlalchemy import create_engine, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
-    from sqlalchemy import text
+    with fresh_pg_database() as url:
+        yield url
 
-    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def memory_bytes(pid: int | str = "self", field: str = "VmHWM") -> int:
+    """Return a process's memory figure from /proc: VmHWM (peak resident) or VmRSS (now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

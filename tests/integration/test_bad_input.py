@@ -13,7 +13,6 @@ import random
 import shutil
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.db.models import Instance
 from dicomnode.net import status
 from dicomnode.net.scp import Listener
+from tests.conftest import memory_bytes, wait_for
 from tests.factories import ct_series, write_series
 from tests.integration.test_listener import dcmtk, send, spool_files
 
@@ -82,14 +82,6 @@ GARBAGE = {
 }
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (the listener runs in it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
     """Return what the peer sends until it closes; fail if it stays silent ``timeout`` s."""
     sock.settimeout(timeout)
@@ -108,7 +100,7 @@ def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 def test_non_dicom_bytes_are_dropped(
     listener: Listener, sessions: Sessions, payload: bytes
 ) -> None:
-    before = resident_bytes()
+    before = memory_bytes(field="VmRSS")
     with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as sock:
         # The listener may hang up before it has read everything: that is fine.
         with contextlib.suppress(ConnectionError):
@@ -116,7 +108,7 @@ def test_non_dicom_bytes_are_dropped(
         # While this peer is connected, others are served: one bad peer blocks nobody.
         assert dcmtk("echoscu", listener) == 0
         # A length the peer merely claims (4 GiB) must not be allocated up front.
-        assert resident_bytes() - before < 256 * 2**20
+        assert memory_bytes(field="VmRSS") - before < 256 * 2**20
         # Our end is done; the listener must let go of the connection, answering at
         # most with A-ABORT PDUs (a peer that says nothing more must not hold a thread).
         with contextlib.suppress(OSError):  # not connected any more, if it hung up
@@ -174,15 +166,6 @@ class DropAfter:
         self.raw.close()
         # Tell our own DUL the connection is gone, so send_c_store returns at once.
         self.sock.event_queue.put("Evt17")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 # (how the peer drops, the listener's max PDU): with the default (MiBs, or unlimited) the

@@ -19,6 +19,7 @@ import pytest
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.db.engine import make_engine
+from tests.conftest import memory_bytes
 from tests.factories import ct_series
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 
@@ -27,13 +28,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 FRAMES, SIZE = 512, 512  # 512 frames of 512 x 512 x 16 bit = 256 MiB of pixel data
-
-
-def peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc status")
 
 
 def tail_digest(path: Path, length: int) -> str:
@@ -67,14 +61,14 @@ def test_large_multiframe_is_streamed_to_disk(tmp_path: Path) -> None:
     )
     with NodeProcess(config, command="listen") as node:
         assert node.proc is not None
-        before = peak_rss_bytes(node.proc.pid)
+        before = memory_bytes(node.proc.pid)
         proc = subprocess.run(
             ["storescu", "-aec", "DICOMNODE", "-to", "60", "-td", "120", "127.0.0.1",
              str(listener_port(config)), str(source)],
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        growth = peak_rss_bytes(node.proc.pid) - before
+        growth = memory_bytes(node.proc.pid) - before
     stored = list((tmp_path / "spool" / "incoming").rglob("*.dcm"))
     assert len(stored) == 1
     # The file meta is the listener's own; the dataset, pixel data last, is as sent.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import shared_path
+from tests.conftest import memory_bytes, shared_path
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 
 pytestmark = pytest.mark.skipif(
@@ -51,13 +51,6 @@ def eight_series(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
     return [sorted((root / f"s{i}").glob("*.dcm")) for i in range(ASSOCIATIONS)]
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_eight_concurrent_associations(
     eight_series: list[list[Path]], db_url: str, tmp_path: Path
 ) -> None:
@@ -67,7 +60,7 @@ def test_eight_concurrent_associations(
         assert upgrade.returncode == 0, upgrade.stderr
     with NodeProcess(config, command="listen") as node:
         assert node.proc is not None
-        idle = peak_rss_mib(node.proc.pid)
+        idle = memory_bytes(node.proc.pid) / 2**20
         senders = [
             subprocess.Popen(
                 [
@@ -92,7 +85,7 @@ def test_eight_concurrent_associations(
         ]
         for sender in senders:
             assert sender.wait(300) == 0, sender.stderr.read() if sender.stderr else ""
-        peak = peak_rss_mib(node.proc.pid)
+        peak = memory_bytes(node.proc.pid) / 2**20
     print(f"node peak RSS {peak:.0f} MiB (idle {idle:.0f} MiB)")
     total = ASSOCIATIONS * SLICES
     engine = create_engine(db_url)

@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import shared_path
+from tests.conftest import shared_path, wait_for
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 
 pytestmark = pytest.mark.skipif(
@@ -38,15 +37,6 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
 
 def receiver_pids(log: str) -> set[int]:
     return {int(m) for m in re.findall(r"receiver \d+ started pid=(\d+)", log)}
-
-
-def wait_for(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def alive(pid: int) -> bool:

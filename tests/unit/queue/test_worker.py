@@ -11,7 +11,7 @@ from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.worker import Worker, _Heartbeat
 
 
-def claimed(sessions) -> jobs.Claim:
+def queue_one(sessions) -> int:
     with transaction(sessions) as s:
         study = Study(study_uid="1.2")
         s.add(study)
@@ -19,7 +19,14 @@ def claimed(sessions) -> jobs.Claim:
         series = Series(study_id=study.id, series_uid="1.2.3")
         s.add(series)
         s.flush()
-        jobs.enqueue(s, series, route="r", model="m", version="1", max_attempts=2)
+        job = jobs.enqueue(s, series, route="r", model="m", version="1", max_attempts=2)
+        assert job is not None
+        s.flush()
+        return job.id
+
+
+def claimed(sessions) -> jobs.Claim:
+    queue_one(sessions)
     claim = jobs.claim(sessions, "w", 1.0)
     assert claim is not None
     return claim
@@ -81,17 +88,7 @@ def test_an_idle_worker_wakes_when_work_is_queued(sessions) -> None:
     thread.start()
     try:
         time.sleep(0.3)  # the worker found nothing and is waiting
-        with transaction(sessions) as s:
-            study = Study(study_uid="1.2")
-            s.add(study)
-            s.flush()
-            series = Series(study_id=study.id, series_uid="1.2.3")
-            s.add(series)
-            s.flush()
-            job = jobs.enqueue(s, series, route="r", model="m", version="1", max_attempts=2)
-            assert job is not None
-            s.flush()
-            job_id = job.id
+        job_id = queue_one(sessions)
         started = time.monotonic()
         bell.ring()
         while not pipeline.ran and time.monotonic() - started < 5:
