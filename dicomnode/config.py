@@ -113,6 +113,24 @@ def _seconds_by_modality(value: dict[str, Any]) -> str | None:
     return None
 
 
+def _model_names(value: list[str]) -> str | None:
+    for name in value:
+        problem = _name(name) if isinstance(name, str) else "must be a list of model names"
+        if problem:
+            return problem
+    return None
+
+
+def _model_limits(value: dict[str, Any]) -> str | None:
+    for name, limit in value.items():
+        problem = _name(name)
+        if problem:
+            return problem
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            return f"{name}: must be a whole number of jobs, 1 or more, got {limit!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """The C-STORE / C-ECHO service class provider."""
@@ -267,6 +285,43 @@ class WorkerSettings:
             "work cannot hold it back for ever.",
             positive,
         ),
+    )
+    reap_seconds: float = field(
+        default=15.0,
+        metadata=field_doc(
+            "How often expired leases are looked for; a crashed worker's job is re-queued "
+            "at most lease_seconds + reap_seconds after its last heartbeat.",
+            positive,
+        ),
+    )
+    models: list[str] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "Models this process runs (e.g. only the GPU models on a GPU host); "
+            "empty runs every model.",
+            _model_names,
+        ),
+    )
+    model_concurrency: dict[str, int] = field(
+        default_factory=dict,
+        metadata=field_doc(
+            "Most jobs of one model running at once in this process, e.g. "
+            "{ lung-unet2d = 1 } for one GPU job at a time; unlisted models are "
+            "limited only by count.",
+            _model_limits,
+        ),
+    )
+    delivery_retry_hours: float = field(
+        default=24.0,
+        metadata=field_doc(
+            "How long results keep being re-sent to a destination that is down before "
+            "the job fails; delivery retries do not use up max_attempts.",
+            positive,
+        ),
+    )
+    delivery_retry_max_seconds: float = field(
+        default=600.0,
+        metadata=field_doc("Longest wait between two delivery attempts.", positive),
     )
 
 

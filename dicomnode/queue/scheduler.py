@@ -19,7 +19,6 @@ from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
-REAPER_SECONDS = 15.0
 ORPHAN_SWEEP_SECONDS = 3600.0
 
 
@@ -97,7 +96,7 @@ def make_scheduler(
     scheduler.add_job(
         _guarded("reaper", lambda: reap_expired(sessions)),
         "interval",
-        seconds=REAPER_SECONDS,
+        seconds=settings.worker.reap_seconds,
         id="lease-reaper",
     )
     return scheduler
