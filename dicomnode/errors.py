@@ -39,6 +39,13 @@ class TransientJobError(JobError):
     retryable = True
 
 
+class DeliveryFailed(TransientJobError):
+    """The results are made and stored, but a destination did not take them yet.
+
+    Retried on the delivery schedule (for hours), not the model's attempt budget.
+    """
+
+
 class JobSuperseded(JobError):
     """Newer input made the job pointless (a late instance re-opened its series).
 

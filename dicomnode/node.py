@@ -27,14 +27,14 @@ from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.scheduler import make_scheduler
-from dicomnode.queue.worker import Worker
+from dicomnode.queue.worker import ModelSlots, Worker
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
 
 def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
-    """Refuse routes that name models which are not installed.
+    """Refuse routes and worker settings naming models that are not installed.
 
     Parameters
     ----------
@@ -48,11 +48,18 @@ def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
     ConfigError
         Naming the route and the unknown model.
     """
+    known = ", ".join(sorted(models)) or "none installed"
     for i, route in enumerate(settings.routes):
         for name in route.models:
             if name not in models:
-                known = ", ".join(sorted(models)) or "none installed"
                 raise ConfigError(f"routes[{i}].models: unknown model {name!r} (known: {known})")
+    for key, names in (
+        ("worker.models", settings.worker.models),
+        ("worker.model_concurrency", list(settings.worker.model_concurrency)),
+    ):
+        for name in names:
+            if name not in models:
+                raise ConfigError(f"{key}: unknown model {name!r} (known: {known})")
 
 
 def open_database(settings: Settings, *, auto_migrate: bool) -> Engine:
@@ -148,8 +155,11 @@ class Node:
             configure_threads(settings.worker.threads)
             cache = ModelCache(select_device(settings.worker.device))
             pipeline = Pipeline(settings, sessions, spool, models, cache)
+            slots = ModelSlots(settings.worker.model_concurrency)
             node.workers = [
-                Worker(sessions, pipeline, settings.worker, node.stop_event, i, node.doorbell)
+                Worker(
+                    sessions, pipeline, settings.worker, node.stop_event, i, node.doorbell, slots
+                )
                 for i in range(settings.worker.count)
             ]
         return node

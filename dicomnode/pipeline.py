@@ -41,7 +41,13 @@ from dicomnode.db.models import (
     SeriesState,
     utcnow,
 )
-from dicomnode.errors import JobInterrupted, JobSuperseded, PermanentJobError, TransientJobError
+from dicomnode.errors import (
+    DeliveryFailed,
+    JobInterrupted,
+    JobSuperseded,
+    PermanentJobError,
+    TransientJobError,
+)
 from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
@@ -412,7 +418,7 @@ class Pipeline:
         if failures:
             message = "; ".join(e for e, _ in failures)
             if any(r for _, r in failures):
-                raise TransientJobError(message)
+                raise DeliveryFailed(message)
             raise PermanentJobError(message)
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Job, JobState, Series, utcnow
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, Series, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,49 @@ class Claim:
     job_id: int
     owner: str
     attempt: int
+    model: str = ""
+
+
+def record_event(
+    session: Session,
+    job: Job,
+    to_state: JobState,
+    *,
+    from_state: JobState | None,
+    worker: str | None = None,
+    note: str | None = None,
+    at: datetime | None = None,
+) -> None:
+    """Append a transition to the job's history, inside the transaction that makes it.
+
+    Parameters
+    ----------
+    session : Session
+        The open transaction that changes the job.
+    job : Job
+        The job (already flushed, so it has an id).
+    to_state : JobState
+        The state it moves to.
+    from_state : JobState or None
+        The state it leaves; None when it is created.
+    worker : str, optional
+        The worker that made the change.
+    note : str, optional
+        Why, in one line without PHI.
+    at : datetime, optional
+        When; now if omitted.
+    """
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            at=at or utcnow(),
+            from_state=None if from_state is None else from_state.value,
+            to_state=to_state.value,
+            attempt=job.attempts,
+            worker=worker,
+            note=note,
+        )
+    )
 
 
 def idempotency_key(series_uid: str, generation: int, route: str, model: str, version: str) -> str:
@@ -108,6 +152,7 @@ def enqueue(
     )
     session.add(job)
     session.flush()
+    record_event(session, job, JobState.QUEUED, from_state=None, note=f"route {route}")
     return job
 
 
@@ -119,6 +164,9 @@ def claim(
     owner: str,
     lease_seconds: float,
     starvation_seconds: float = 600.0,
+    *,
+    only_models: Collection[str] = (),
+    skip_models: Collection[str] = (),
 ) -> Claim | None:
     """Claim the most urgent runnable job, taking a lease on it.
 
@@ -136,6 +184,10 @@ def claim(
         How long the lease lasts before it must be renewed.
     starvation_seconds : float
         Age at which a normal job is treated as urgent.
+    only_models : Collection[str]
+        Claim only jobs of these models (a GPU host's share); empty means any.
+    skip_models : Collection[str]
+        Leave jobs of these models to others (this process runs as many as it may).
 
     Returns
     -------
@@ -145,28 +197,38 @@ def claim(
     now = utcnow()
     starved = now - timedelta(seconds=starvation_seconds)
     effective = case((Job.created_at <= starved, URGENT), else_=Job.priority)
+    query = select(Job).where(Job.state == JobState.QUEUED, Job.run_after <= now)
+    if only_models:
+        query = query.where(Job.model.in_(list(only_models)))
+    if skip_models:
+        query = query.where(Job.model.not_in(list(skip_models)))
     with transaction(sessions) as session:
         job = session.scalar(
-            select(Job)
-            .where(Job.state == JobState.QUEUED, Job.run_after <= now)
-            .order_by(effective.desc(), Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
+            query.order_by(effective.desc(), Job.id).limit(1).with_for_update(skip_locked=True)
         )
         if job is None:
             return None
         job.state = JobState.RUNNING
         job.lease_owner = owner
+        job.claimed_by = owner
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
         job.heartbeat_at = now
         job.attempts += 1
         job.started_at = now
         job.last_error = None
-        return Claim(job_id=job.id, owner=owner, attempt=job.attempts)
+        job.updated_at = now
+        record_event(
+            session, job, JobState.RUNNING, from_state=JobState.QUEUED, worker=owner, at=now
+        )
+        return Claim(job_id=job.id, owner=owner, attempt=job.attempts, model=job.model)
 
 
-def _owned(claim: Claim) -> Any:
-    return (Job.id == claim.job_id) & (Job.lease_owner == claim.owner)
+def _owned_job(session: Session, claim: Claim) -> Job | None:
+    """Return the job locked for update if ``claim`` still holds it, else None."""
+    job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.lease_owner != claim.owner or job.state not in ACTIVE_STATES:
+        return None
+    return job
 
 
 def heartbeat(sessions: sessionmaker[Session], claim: Claim, lease_seconds: float) -> bool:
@@ -188,12 +250,12 @@ def heartbeat(sessions: sessionmaker[Session], claim: Claim, lease_seconds: floa
     """
     now = utcnow()
     with transaction(sessions) as session:
-        result = session.execute(
-            update(Job)
-            .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
-            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        job = _owned_job(session, claim)
+        if job is None:
+            return False
+        job.heartbeat_at = now
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        return True
 
 
 def set_state(session: Session, claim: Claim, state: JobState, **values: Any) -> bool:
@@ -215,12 +277,18 @@ def set_state(session: Session, claim: Claim, state: JobState, **values: Any) ->
     bool
         False if the lease was lost.
     """
-    result = session.execute(
-        update(Job)
-        .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
-        .values(state=state, updated_at=utcnow(), **values)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    job = _owned_job(session, claim)
+    if job is None:
+        return False
+    before = job.state
+    now = utcnow()
+    job.state = state
+    job.updated_at = now
+    for key, value in values.items():
+        setattr(job, key, value)
+    note = values.get("last_error")
+    record_event(session, job, state, from_state=before, worker=claim.owner, note=note, at=now)
+    return True
 
 
 def merge_timings(session: Session, claim: Claim, timings: dict[str, float]) -> None:
@@ -298,21 +366,23 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
         How many jobs were cancelled.
     """
     now = utcnow()
-    result = session.execute(
-        update(Job)
+    reason = "superseded: a late instance re-opened the series"
+    queued = session.scalars(
+        select(Job)
         .where(
             Job.series_id == series_id,
             Job.generation < generation,
             Job.state == JobState.QUEUED,
         )
-        .values(
-            state=JobState.CANCELLED,
-            last_error="superseded: a late instance re-opened the series",
-            finished_at=now,
-            updated_at=now,
-        )
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in queued:
+        job.state = JobState.CANCELLED
+        job.last_error = reason
+        job.finished_at = now
+        job.updated_at = now
+        record_event(session, job, JobState.CANCELLED, from_state=JobState.QUEUED, note=reason)
+    return len(queued)
 
 
 def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 3600.0) -> float:
@@ -332,8 +402,21 @@ def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 3600.0) 
     float
         Seconds to wait, at least half the exponential step so retries do spread out.
     """
-    step = min(cap_seconds, base_seconds * 2 ** max(attempt - 1, 0))
+    step = min(cap_seconds, base_seconds * 2 ** min(max(attempt - 1, 0), 30))
     return step / 2 + random.uniform(0, step / 2)
+
+
+@dataclass(frozen=True)
+class DeliveryRetry:
+    """How a job whose results could not be delivered is retried.
+
+    Delivery failures are retried for a time, not a number of attempts: a PACS down
+    for a night must get its results in the morning, and re-sending stored objects
+    costs nothing like re-running a model.
+    """
+
+    give_up_seconds: float
+    max_delay_seconds: float
 
 
 def fail(
@@ -343,6 +426,7 @@ def fail(
     *,
     retryable: bool,
     base_seconds: float,
+    delivery: DeliveryRetry | None = None,
 ) -> JobState:
     """Record a failed attempt: re-queue with backoff, or fail for good.
 
@@ -358,6 +442,10 @@ def fail(
         Whether another attempt may succeed.
     base_seconds : float
         Backoff scale.
+    delivery : DeliveryRetry, optional
+        Set when only delivery failed: the job is retried until its oldest
+        undelivered destination has been failing for ``give_up_seconds``, however
+        many attempts that takes.
 
     Returns
     -------
@@ -368,23 +456,38 @@ def fail(
     now = utcnow()
     with transaction(sessions) as session:
         # Locked, so that a reaper or another worker cannot change it between check and write.
-        job = session.get(Job, claim.job_id, with_for_update=True)
-        if job is None or job.lease_owner != claim.owner or job.state not in ACTIVE_STATES:
-            return job.state if job is not None else JobState.FAILED
+        job = _owned_job(session, claim)
+        if job is None:
+            current = session.get(Job, claim.job_id)
+            return current.state if current is not None else JobState.FAILED
+        before = job.state
         job.last_error = error
         job.lease_owner = None
         job.lease_expires_at = None
         job.updated_at = now
-        if retryable and job.attempts < job.max_attempts:
+        if retryable and delivery is not None:
+            since = session.scalar(
+                select(func.min(Delivery.created_at)).where(
+                    Delivery.job_id == job.id, Delivery.state != DeliveryState.SENT
+                )
+            )
+            failing = (now - since).total_seconds() if since is not None else 0.0
+            retry = failing < delivery.give_up_seconds
+            delay = retry_delay(job.attempts, base_seconds, delivery.max_delay_seconds)
+        else:
+            retry = retryable and job.attempts < job.max_attempts
+            delay = retry_delay(job.attempts, base_seconds)
+        if retry:
             job.state = JobState.QUEUED
-            job.run_after = now + timedelta(seconds=retry_delay(job.attempts, base_seconds))
+            job.run_after = now + timedelta(seconds=delay)
         else:
             job.state = JobState.FAILED
             job.finished_at = now
+        record_event(session, job, job.state, from_state=before, worker=claim.owner, note=error)
         return job.state
 
 
-def release(sessions: sessionmaker[Session], claim: Claim) -> None:
+def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
     """Give a job back untouched (the worker is shutting down).
 
     The attempt does not count: the job did not fail, it was interrupted.
@@ -395,20 +498,34 @@ def release(sessions: sessionmaker[Session], claim: Claim) -> None:
         Database sessions.
     claim : Claim
         The job.
+
+    Returns
+    -------
+    bool
+        False if the lease had already been lost.
     """
+    now = utcnow()
     with transaction(sessions) as session:
-        session.execute(
-            update(Job)
-            .where(_owned(claim), Job.state.in_(ACTIVE_STATES))
-            .values(
-                state=JobState.QUEUED,
-                lease_owner=None,
-                lease_expires_at=None,
-                attempts=Job.attempts - 1,
-                run_after=utcnow(),
-                updated_at=utcnow(),
-            )
+        job = _owned_job(session, claim)
+        if job is None:
+            return False
+        before = job.state
+        job.state = JobState.QUEUED
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.attempts -= 1
+        job.run_after = now
+        job.updated_at = now
+        record_event(
+            session,
+            job,
+            JobState.QUEUED,
+            from_state=before,
+            worker=claim.owner,
+            note="released: worker stopping",
+            at=now,
         )
+        return True
 
 
 def reap_expired(sessions: sessionmaker[Session]) -> int:
@@ -433,6 +550,7 @@ def reap_expired(sessions: sessionmaker[Session]) -> int:
             .with_for_update(skip_locked=True)
         ).all()
         for job in expired:
+            before = job.state
             job.last_error = f"lease of worker {job.lease_owner} expired"
             job.lease_owner = None
             job.lease_expires_at = None
@@ -443,6 +561,7 @@ def reap_expired(sessions: sessionmaker[Session]) -> int:
             else:
                 job.state = JobState.FAILED
                 job.finished_at = now
+            record_event(session, job, job.state, from_state=before, note=job.last_error, at=now)
             log.warning("lease expired job_id=%d state=%s", job.id, job.state)
             count += 1
     return count

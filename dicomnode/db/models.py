@@ -206,6 +206,8 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
     run_after: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
+    # The worker of the latest claim; unlike lease_owner it stays after the job ends.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -221,8 +223,32 @@ class Job(Base):
     series: Mapped[Series] = relationship()
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
 
     __table_args__ = (Index("ix_jobs_claim", "state", "priority", "run_after"),)
+
+
+class JobEvent(Base):
+    """One state transition of a job: the job's history, written in the same transaction.
+
+    Rows are only ever added. They answer "what happened to this job, when, and on
+    which worker" after the fact, which the job row alone (latest state, latest
+    error) cannot.
+    """
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # NULL for the creation; plain strings so that a new state needs no migration here.
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)  # one line, no PHI
+
+    job: Mapped[Job] = relationship(back_populates="events")
 
 
 class Output(Base):

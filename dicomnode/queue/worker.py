@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,7 +16,7 @@ from dicomnode.config import WorkerSettings
 from dicomnode.db import jobs
 from dicomnode.db.jobs import Claim
 from dicomnode.db.models import JobState
-from dicomnode.errors import JobError, JobInterrupted, JobSuperseded
+from dicomnode.errors import DeliveryFailed, JobError, JobInterrupted, JobSuperseded
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.doorbell import Doorbell
 
@@ -80,6 +81,51 @@ class _Heartbeat(threading.Thread):
                 log.exception("heartbeat failed job_id=%d", self.claim.job_id)
 
 
+class ModelSlots:
+    """Per-process limits on how many jobs of one model run at once.
+
+    ``worker.model_concurrency = { lung-unet2d = 1 }`` lets a process with four
+    worker threads keep its one GPU to one job of that model while the other threads
+    run CPU models. Claims go through :meth:`claim` so that two threads cannot both
+    take the last free slot.
+
+    Parameters
+    ----------
+    limits : dict[str, int]
+        Most concurrent jobs per model; unlisted models are unlimited.
+    """
+
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
+        self.limits = dict(limits or {})
+        self.running: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, take: Callable[[set[str]], Claim | None]) -> Claim | None:
+        """Claim a job with ``take(models_at_their_limit)`` and count it.
+
+        Parameters
+        ----------
+        take : callable
+            Claims a job that is not of one of the given models, or returns None.
+
+        Returns
+        -------
+        Claim or None
+            What ``take`` returned.
+        """
+        with self._lock:
+            full = {m for m, n in self.limits.items() if self.running.get(m, 0) >= n}
+            claim = take(full)
+            if claim is not None:
+                self.running[claim.model] = self.running.get(claim.model, 0) + 1
+            return claim
+
+    def release(self, model: str) -> None:
+        """Count a job of ``model`` as ended."""
+        with self._lock:
+            self.running[model] = max(self.running.get(model, 0) - 1, 0)
+
+
 class Worker:
     """Claims and runs jobs until told to stop.
 
@@ -98,6 +144,8 @@ class Worker:
     doorbell : Doorbell, optional
         Rung when jobs are queued in this process (and on stop), so an idle worker
         need not wait out its poll interval.
+    slots : ModelSlots, optional
+        Per-model limits shared by the workers of this process.
     """
 
     def __init__(
@@ -108,6 +156,7 @@ class Worker:
         stop: threading.Event,
         index: int = 0,
         doorbell: Doorbell | None = None,
+        slots: ModelSlots | None = None,
     ) -> None:
         self.sessions = sessions
         self.pipeline = pipeline
@@ -115,6 +164,11 @@ class Worker:
         self.stop = stop
         self.id = worker_id(index)
         self.doorbell = doorbell or Doorbell()
+        self.slots = slots or ModelSlots(settings.model_concurrency)
+        self.delivery_retry = jobs.DeliveryRetry(
+            give_up_seconds=settings.delivery_retry_hours * 3600,
+            max_delay_seconds=settings.delivery_retry_max_seconds,
+        )
 
     def run_forever(self) -> None:
         """Claim and run jobs until :attr:`stop` is set."""
@@ -139,15 +193,25 @@ class Worker:
         bool
             False when no job was runnable.
         """
-        claim = jobs.claim(
-            self.sessions,
-            self.id,
-            self.settings.lease_seconds,
-            self.settings.starvation_seconds,
+        claim = self.slots.claim(
+            lambda full: jobs.claim(
+                self.sessions,
+                self.id,
+                self.settings.lease_seconds,
+                self.settings.starvation_seconds,
+                only_models=self.settings.models,
+                skip_models=full,
+            )
         )
         if claim is None:
             return False
-        self._run(claim)
+        try:
+            self._run(claim)
+        finally:
+            self.slots.release(claim.model)
+            if claim.model in self.slots.limits:
+                # A slot is free: a sibling that skipped this model may claim now.
+                self.doorbell.ring()
         return True
 
     def _run(self, claim: Claim) -> None:
@@ -169,8 +233,7 @@ class Worker:
         except JobInterrupted:
             if beat.lost.is_set():
                 log.warning("job abandoned job_id=%d: lease lost", claim.job_id)
-            else:
-                jobs.release(self.sessions, claim)
+            elif jobs.release(self.sessions, claim):
                 log.info("job released job_id=%d: worker stopping", claim.job_id)
             return
         except JobSuperseded as exc:
@@ -184,6 +247,7 @@ class Worker:
                 str(exc),
                 retryable=exc.retryable,
                 base_seconds=self.settings.retry_base_seconds,
+                delivery=self.delivery_retry if isinstance(exc, DeliveryFailed) else None,
             )
             log.warning(
                 "job %s job_id=%d attempt=%d seconds=%.1f error=%s",

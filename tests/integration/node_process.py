@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -21,9 +22,22 @@ def write_config(
     quiet_seconds: float = 2,
     port: int | None = None,
     listener_extra: str = "",
+    models_path: Path | None = None,
+    model: str = "lung-unet2d",
+    worker_extra: str = "",
+    destinations_extra: str = "",
+    send_to: Sequence[str] = ("pacs",),
 ) -> Path:
+    """Write ``folder/node.toml``: one listener, one destination "pacs", one CT route.
+
+    ``models_path`` points [models] at test-built packages and ``model`` names the
+    route's model; ``worker_extra`` adds lines to [worker]; ``destinations_extra``
+    adds [[destinations]] tables, which ``send_to`` can name beside "pacs".
+    """
     port = port or free_port()
     config = folder / "node.toml"
+    models = f'[models]\npath = "{models_path}"\n' if models_path is not None else ""
+    routes_to = ", ".join(f'"{name}"' for name in send_to)
     config.write_text(
         f"""
 [listener]
@@ -41,6 +55,8 @@ quiet_seconds = {quiet_seconds}
 sweep_seconds = 0.5
 [worker]
 poll_seconds = 0.5
+{worker_extra}
+{models}
 [outputs]
 validate = "dciodvfy"
 [[destinations]]
@@ -49,11 +65,12 @@ ae_title = "{pacs_aet}"
 host = "127.0.0.1"
 port = {pacs_port}
 timeout_seconds = 20
+{destinations_extra}
 [[routes]]
 name = "chest-ct-lungs"
 match = {{ Modality = "CT" }}
-models = ["lung-unet2d"]
-send_to = ["pacs"]
+models = ["{model}"]
+send_to = [{routes_to}]
 """
     )
     return config
@@ -88,15 +105,25 @@ class NodeProcess:
         )
 
     def __enter__(self) -> NodeProcess:
-        log = self.log_path.open("wb")
+        self.start()
+        return self.wait_serving()
+
+    def start(self) -> NodeProcess:
+        """Start the process without waiting: several nodes can then start in parallel."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomnode", "--config", str(self.config), self.command],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.monotonic() + 60
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode", "--config", str(self.config), self.command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def wait_serving(self, timeout: float = 60) -> NodeProcess:
+        """Wait for the "serving:" line of a started process; stop it if it never comes."""
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(

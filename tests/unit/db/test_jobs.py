@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Job, JobState, Series, Study, utcnow
+from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Series, Study, utcnow
 
 
 @pytest.fixture
@@ -143,3 +143,102 @@ def test_retry_delay_grows_and_is_capped() -> None:
         delay = jobs.retry_delay(attempt, 10)
         assert step / 2 <= delay <= step
     assert jobs.retry_delay(50, 10) <= 3600
+
+
+def history(sessions, job_id: int) -> list[tuple[str | None, str, int, str | None]]:
+    with sessions() as s:
+        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+        return [(e.from_state, e.to_state, e.attempt, e.worker) for e in rows]
+
+
+def test_every_transition_is_recorded_with_its_worker(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=3)
+    first = jobs.claim(sessions, "w1", 60)
+    jobs.fail(sessions, first, "PACS down", retryable=True, base_seconds=0.001)
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(run_after=utcnow()))
+    second = jobs.claim(sessions, "w2", 60)
+    jobs.release(sessions, second)
+    third = jobs.claim(sessions, "w3", 60)
+    with transaction(sessions) as s:
+        assert jobs.set_state(s, third, JobState.SENDING)
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert jobs.reap_expired(sessions) == 1
+    fourth = jobs.claim(sessions, "w4", 60)
+    assert jobs.finish(sessions, fourth)
+    assert history(sessions, job_id) == [
+        (None, "queued", 0, None),
+        ("queued", "running", 1, "w1"),
+        ("running", "queued", 1, "w1"),
+        ("queued", "running", 2, "w2"),
+        ("running", "queued", 1, "w2"),  # released: the attempt is given back
+        ("queued", "running", 2, "w3"),
+        ("running", "sending", 2, "w3"),
+        ("sending", "queued", 2, None),  # reaped
+        ("queued", "running", 3, "w4"),
+        ("running", "done", 3, "w4"),
+    ]
+    job = state(sessions, job_id)
+    assert job.claimed_by == "w4" and job.lease_owner is None
+    with sessions() as s:
+        notes = s.scalars(select(JobEvent.note).where(JobEvent.job_id == job_id)).all()
+    assert "PACS down" in notes and "lease of worker w3 expired" in notes
+
+
+def test_a_lost_lease_changes_nothing_and_records_nothing(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m")
+    claim = jobs.claim(sessions, "w1", 60)
+    impostor = jobs.Claim(job_id=job_id, owner="w2", attempt=1, model="m")
+    before = history(sessions, job_id)
+    assert not jobs.release(sessions, impostor)
+    assert jobs.fail(sessions, impostor, "x", retryable=False, base_seconds=1) == "running"
+    with transaction(sessions) as s:
+        assert not jobs.set_state(s, impostor, JobState.SENDING)
+    assert history(sessions, job_id) == before
+    assert jobs.finish(sessions, claim)
+
+
+def test_cancelled_by_a_late_instance_is_recorded(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m")
+    with transaction(sessions) as s:
+        assert jobs.cancel_superseded(s, series_id, generation=1) == 1
+    job = state(sessions, job_id)
+    assert job.state == JobState.CANCELLED and job.last_error.startswith("superseded")
+    assert history(sessions, job_id)[-1] == ("queued", "cancelled", 0, None)
+
+
+def test_claim_honours_the_model_filters(sessions, series_id: int) -> None:
+    gpu = add_job(sessions, series_id, "gpu-model")
+    cpu = add_job(sessions, series_id, "cpu-model")
+    assert jobs.claim(sessions, "w1", 60, only_models=["nothing-here"]) is None
+    taken = jobs.claim(sessions, "w1", 60, skip_models={"gpu-model"})
+    assert taken is not None and taken.job_id == cpu and taken.model == "cpu-model"
+    taken = jobs.claim(sessions, "w1", 60, only_models=["gpu-model", "x"])
+    assert taken is not None and taken.job_id == gpu
+
+
+def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=1)
+    retry = jobs.DeliveryRetry(give_up_seconds=3600, max_delay_seconds=5)
+    with transaction(sessions) as s:
+        s.add(Delivery(job_id=job_id, destination="pacs", attempts=1))
+    for attempt in range(1, 4):  # well past max_attempts
+        claim = jobs.claim(sessions, "w1", 60)
+        assert claim is not None and claim.attempt == attempt
+        got = jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
+        assert got == "queued"
+        assert state(sessions, job_id).run_after <= utcnow() + timedelta(seconds=5)
+        with transaction(sessions) as s:
+            s.execute(update(Job).values(run_after=utcnow()))
+    # Once the destination has been failing for longer than give_up_seconds, it fails.
+    with transaction(sessions) as s:
+        s.execute(update(Delivery).values(created_at=utcnow() - timedelta(hours=2)))
+    claim = jobs.claim(sessions, "w1", 60)
+    got = jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
+    assert got == "failed"
+    # A permanent delivery error fails at once.
+    job_id = add_job(sessions, series_id, "m2", max_attempts=5)
+    claim = jobs.claim(sessions, "w1", 60)
+    got = jobs.fail(sessions, claim, "refused", retryable=False, base_seconds=1, delivery=retry)
+    assert got == "failed"

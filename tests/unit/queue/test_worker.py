@@ -8,7 +8,7 @@ from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobState, Series, Study
 from dicomnode.queue.doorbell import Doorbell
-from dicomnode.queue.worker import Worker, _Heartbeat
+from dicomnode.queue.worker import ModelSlots, Worker, _Heartbeat
 
 
 def queue_one(sessions) -> int:
@@ -99,3 +99,78 @@ def test_an_idle_worker_wakes_when_work_is_queued(sessions) -> None:
         bell.ring()  # as Node.stop does
         thread.join(5)
     assert not thread.is_alive()
+
+
+class ConcurrencyPipeline:
+    """Holds each job a while and records the most jobs of each model seen at once."""
+
+    def __init__(self, sessions, models: dict[int, str]) -> None:
+        self.sessions = sessions
+        self.models = models
+        self.lock = threading.Lock()
+        self.now: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.ran: list[int] = []
+
+    def run(self, claim: jobs.Claim, should_stop) -> dict[str, float]:
+        model = self.models[claim.job_id]
+        with self.lock:
+            self.now[model] = self.now.get(model, 0) + 1
+            self.peak[model] = max(self.peak.get(model, 0), self.now[model])
+        time.sleep(0.3)
+        with self.lock:
+            self.now[model] -= 1
+            self.ran.append(claim.job_id)
+        return {}
+
+
+def queue_models(sessions, models: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    with transaction(sessions) as s:
+        study = Study(study_uid="1.9")
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_uid="1.9.1")
+        s.add(series)
+        s.flush()
+        for i, model in enumerate(models):
+            job = jobs.enqueue(s, series, route=f"r{i}", model=model, version="1", max_attempts=2)
+            assert job is not None
+            out[job.id] = model
+    return out
+
+
+def test_model_concurrency_limits_one_model_not_the_others(sessions) -> None:
+    models = queue_models(sessions, ["gpu", "gpu", "gpu", "cpu", "cpu", "cpu"])
+    pipeline = ConcurrencyPipeline(sessions, models)
+    settings = WorkerSettings(poll_seconds=0.05, model_concurrency={"gpu": 1})
+    stop, bell, slots = threading.Event(), Doorbell(), ModelSlots(settings.model_concurrency)
+    workers = [Worker(sessions, pipeline, settings, stop, i, bell, slots) for i in range(3)]  # type: ignore[arg-type]
+    threads = [threading.Thread(target=w.run_forever) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(pipeline.ran) < len(models) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        bell.ring()
+        for t in threads:
+            t.join(5)
+    assert sorted(pipeline.ran) == sorted(models)
+    assert pipeline.peak["gpu"] == 1  # never two GPU jobs at once...
+    assert pipeline.peak["cpu"] >= 2  # ...while the other threads ran CPU work beside it
+    assert slots.running == {"gpu": 0, "cpu": 0}
+
+
+def test_a_worker_runs_only_its_models(sessions) -> None:
+    models = queue_models(sessions, ["gpu", "cpu"])
+    pipeline = ConcurrencyPipeline(sessions, models)
+    settings = WorkerSettings(poll_seconds=0.05, models=["cpu"])
+    worker = Worker(sessions, pipeline, settings, threading.Event())  # type: ignore[arg-type]
+    assert worker.run_once() and not worker.run_once()
+    assert [models[j] for j in pipeline.ran] == ["cpu"]
+    with sessions() as s:
+        states = {s.get(Job, j).model: s.get(Job, j).state for j in models}
+    assert states == {"gpu": JobState.QUEUED, "cpu": JobState.DONE}

@@ -1,0 +1,654 @@
+"""Scale-out for real: one `dicomnode listen` process and several `dicomnode worker`s.
+
+Every process is real and they share nothing but the database and the spool folder,
+as on a listener host with worker hosts. Series arrive by dcmtk's storescu; results go
+to counting Storage SCPs (tests/integration/counting_scp.py) or to Orthanc. What
+happened is read from the job table and from what the receivers got, never from logs
+(except which worker ran a job: the job table forgets its lease owner on finish).
+
+The models are test-built TorchScript packages on 64x64 synthetic CT: a fast one, and
+a slow one (about a second per slice, one slice per batch) for the tests that must
+catch a job in the middle of inference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.models import DeliveryState, Job, JobState, Series
+from tests.conftest import wait_for
+from tests.factories import ct_series, lung_phantom, write_series
+from tests.integration.counting_scp import CountingSCP
+from tests.integration.node_process import NodeProcess, listener_port, write_config
+from tests.integration.orthanc import Orthanc
+from tests.unit.inference.packages import build_package, build_slow_package
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("storescu", "dciodvfy")),
+        reason="dcmtk and dicom3tools are installed by .ci/run",
+    ),
+]
+
+MODEL = "test-lungs"
+QUIET_S = 1.5  # completion quiet period: short, the whole series goes in one storescu run
+START_TIMEOUT_S = 120  # every worker imports torch; several at once on two cores
+SLOW_SLICE_S = 1.0  # the slow model's time per slice (one slice per batch)
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def phantom_series(count: int, slices: int, per_study: int = 1) -> list[list[Dataset]]:
+    """Return ``count`` small CT series, ``per_study`` of them sharing a study."""
+    out = []
+    for i in range(count):
+        series = ct_series(lung_phantom(slices=slices, size=64))
+        if i % per_study:
+            for ds in series:  # the same study and frame of reference as the previous one
+                ds.StudyInstanceUID = out[-1][0].StudyInstanceUID
+                ds.FrameOfReferenceUID = out[-1][0].FrameOfReferenceUID
+        out.append(series)
+    return out
+
+
+def write_all(folder: Path, series: Sequence[Sequence[Dataset]]) -> list[Path]:
+    return [p for i, s in enumerate(series) for p in write_series(s, folder / f"s{i:03d}")]
+
+
+def send(config: Path, files: Sequence[Path]) -> None:
+    """Send files to the node's listener with dcmtk's storescu, on one association."""
+    sent = subprocess.run(
+        ["storescu", "-aec", "DICOMNODE", "-to", "30", "-ta", "30", "-td", "30",
+         "127.0.0.1", str(listener_port(config)), *map(str, files)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+
+# --- the database, as an operator would query it -----------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job with what the tests check, read in one session."""
+
+    id: int
+    series_uid: str
+    generation: int
+    state: JobState
+    attempts: int
+    last_error: str | None
+    lease_owner: str | None
+    started_at: datetime | None
+    deliveries: dict[str, tuple[DeliveryState, int]]  # destination -> (state, attempts)
+    outputs: dict[str, str]  # kind -> SOP Instance UID
+
+    @property
+    def lease_pid(self) -> int | None:
+        """The process id in lease_owner ("host:pid:index:random")."""
+        return int(self.lease_owner.split(":")[1]) if self.lease_owner else None
+
+
+class Database:
+    """Read-only view of a node's database from the test process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+
+    def jobs(self) -> list[JobRow]:
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Job)
+                .options(
+                    selectinload(Job.series), selectinload(Job.deliveries),
+                    selectinload(Job.outputs),
+                )
+                .order_by(Job.id)
+            ).all()  # fmt: skip
+            return [
+                JobRow(
+                    id=j.id,
+                    series_uid=j.series.series_uid,
+                    generation=j.generation,
+                    state=j.state,
+                    attempts=j.attempts,
+                    last_error=j.last_error,
+                    lease_owner=j.lease_owner,
+                    started_at=j.started_at,
+                    deliveries={d.destination: (d.state, d.attempts) for d in j.deliveries},
+                    outputs={o.kind: o.sop_instance_uid for o in j.outputs},
+                )
+                for j in rows
+            ]
+
+    def series_generation(self, series_uid: str) -> int | None:
+        with self.sessions() as session:
+            return session.scalar(select(Series.generation).where(Series.series_uid == series_uid))
+
+    def states(self) -> Counter[str]:
+        return Counter(str(j.state) for j in self.jobs())
+
+    def quiet(self) -> bool:
+        """True when no other connection holds a transaction open at this moment."""
+        if self.engine.dialect.name == "sqlite":
+            # Every dicomnode transaction on SQLite is BEGIN IMMEDIATE: holding one is
+            # holding the write lock, so taking it without waiting proves nobody does.
+            conn = sqlite3.connect(make_url(self.url).database, timeout=0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                return True
+            except sqlite3.OperationalError:
+                return False
+            finally:
+                conn.close()
+        with self.engine.connect() as conn:
+            busy = conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state NOT IN ('idle', 'disabled')"
+                )
+            )
+        return busy == 0
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def configure(
+    folder: Path, db_url: str, pacs: int, models: Path, *, pacs_aet: str = "COUNTER", **kw: object
+) -> Path:
+    """Write the node's configuration and migrate its database, as an operator would.
+
+    Every database is migrated up front, SQLite too: the processes then start in
+    parallel without racing to migrate an empty file.
+    """
+    config = write_config(
+        folder, db_url=db_url, pacs_port=pacs, pacs_aet=pacs_aet, quiet_seconds=QUIET_S,
+        models_path=models, model=MODEL, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    upgrade = NodeProcess(config).cli("db", "upgrade")
+    assert upgrade.returncode == 0, upgrade.stderr
+    return config
+
+
+def start(config: Path, *, listen: bool, workers: int, first: int = 0) -> list[NodeProcess]:
+    """Start a listener and/or worker processes at once; return them once all serve."""
+    nodes = [NodeProcess(config, "listen.log", "listen")] if listen else []
+    nodes += [
+        NodeProcess(config, f"worker{i}.log", "worker") for i in range(first, first + workers)
+    ]
+    for node in nodes:
+        node.start()
+    try:
+        for node in nodes:
+            node.wait_serving(START_TIMEOUT_S)
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return nodes
+
+
+def stop_all(nodes: Sequence[NodeProcess], timeout: float = 60) -> dict[NodeProcess, int]:
+    """SIGTERM every node at once, then wait for each; return their exit codes."""
+    for node in nodes:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    return {node: node.stop(timeout) for node in nodes}
+
+
+@contextmanager
+def running(nodes: list[NodeProcess]) -> Iterator[list[NodeProcess]]:
+    try:
+        yield nodes
+    finally:
+        stop_all(nodes)
+
+
+def tails(nodes: Sequence[NodeProcess], chars: int = 1500) -> str:
+    return "\n".join(f"--- {n.log_path.name}:\n{n.log()[-chars:]}" for n in nodes)
+
+
+def poll(
+    what: str,
+    condition: Callable[[], bool],
+    timeout: float,
+    nodes: Sequence[NodeProcess] = (),
+    state: Callable[[], object] | None = None,
+) -> None:
+    """Wait for ``condition``; fail naming ``what``, with the state and the logs, if not."""
+    if not wait_for(condition, timeout):
+        shown = f"\nstate: {state()}" if state is not None else ""
+        pytest.fail(f"not within {timeout} s: {what}{shown}\n{tails(nodes)}", pytrace=False)
+
+
+_STARTED = re.compile(r"job started job_id=(\d+) attempt=(\d+) worker_id=[^:\s]+:(\d+):")
+
+
+def started_by(nodes: Sequence[NodeProcess]) -> dict[int, set[int]]:
+    """Job id -> pids of the workers that started it, from the workers' logs.
+
+    The job table clears lease_owner when a job finishes, so it cannot say who ran it.
+    """
+    out: dict[int, set[int]] = {}
+    for node in nodes:
+        for match in _STARTED.finditer(node.log()):
+            out.setdefault(int(match[1]), set()).add(int(match[3]))
+    return out
+
+
+def running_for(db: Database, seconds: float) -> Callable[[], JobRow | None]:
+    """A condition: the only job has been running for ``seconds`` (in the middle of it)."""
+
+    def check() -> JobRow | None:
+        jobs = db.jobs()
+        if len(jobs) == 1 and jobs[0].state == JobState.RUNNING:
+            started = jobs[0].started_at
+            assert started is not None
+            if time.time() - started.timestamp() >= seconds:
+                return jobs[0]
+        return None
+
+    return check
+
+
+@contextmanager
+def frozen(node: NodeProcess, db: Database, timeout: float = 20) -> Iterator[None]:
+    """SIGSTOP a process at a moment it holds no database transaction; SIGCONT after.
+
+    A process stopped inside a transaction would hold its locks (the SQLite write
+    lock) and stall every other process, so it is stopped and let go again until
+    the database shows no open transaction besides ours.
+    """
+    assert node.proc is not None
+    pid = node.proc.pid
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "T", 5)
+        if db.quiet():
+            break
+        os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the database never went quiet"
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    db = Database(db_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'dicomnode.db'}")
+    yield db
+    db.dispose()
+
+
+# --- 1. many workers, each job exactly once -----------------------------------------------
+
+SERIES_COUNT = 40
+WORKERS = 4
+
+
+def test_exactly_once(tmp_path: Path, database: Database) -> None:
+    """40 series, 4 worker processes: each job runs once and each result arrives once."""
+    models = tmp_path / "models"
+    build_package(models, MODEL)
+    inputs = phantom_series(SERIES_COUNT, slices=8, per_study=4)
+    files = write_all(tmp_path / "in", inputs)
+    input_series = {s[0].SeriesInstanceUID for s in inputs}
+
+    with CountingSCP() as pacs:
+        config = configure(tmp_path, database.url, pacs.port, models)
+        with running(start(config, listen=True, workers=WORKERS)) as nodes:
+            send(config, files)
+            poll(
+                f"{SERIES_COUNT} jobs done",
+                lambda: database.states()["done"] == SERIES_COUNT,
+                timeout=300, nodes=nodes, state=database.states,
+            )  # fmt: skip
+            codes = stop_all(nodes)
+        received = pacs.received
+
+    # --- the job table: every job done at the first attempt, delivered once
+    jobs = database.jobs()
+    assert len(jobs) == SERIES_COUNT
+    assert {j.series_uid for j in jobs} == input_series
+    assert [j for j in jobs if j.state != JobState.DONE or j.attempts != 1] == []
+    assert all(j.deliveries == {"pacs": (DeliveryState.SENT, 1)} for j in jobs), jobs
+    assert all(sorted(j.outputs) == ["seg", "sr"] for j in jobs)
+
+    # --- the work was shared: more than one worker process ran jobs, none ran one twice
+    workers = nodes[1:]
+    ran = started_by(workers)
+    assert sorted(ran) == sorted(j.id for j in jobs)
+    assert all(len(pids) == 1 for pids in ran.values()), ran
+    pids = Counter(next(iter(p)) for p in ran.values())
+    assert len(pids) > 1, pids
+    assert set(pids) <= {w.proc.pid for w in workers if w.proc is not None}
+
+    # --- the PACS got one SEG and one SR per series, nothing twice
+    segs = [r for r in received if r.is_seg]
+    srs = [r for r in received if r.is_sr]
+    assert len(segs) == SERIES_COUNT and len(srs) == SERIES_COUNT
+    assert len(received) == 2 * SERIES_COUNT
+    assert pacs.duplicates() == {}
+    assert Counter(r.source_series for r in segs) == Counter(dict.fromkeys(input_series, 1))
+    assert {r.source_series for r in srs} == input_series
+    assert {r.sop_instance_uid for r in received} == {
+        uid for j in jobs for uid in j.outputs.values()
+    }
+    assert set(codes.values()) == {0}, tails(nodes)
+
+
+# --- 2. a worker dies: its job moves to another -------------------------------------------
+
+
+def test_worker_killed_mid_inference(tmp_path: Path, database: Database) -> None:
+    """kill -9 the worker holding a job: the lease lapses and the other worker finishes it."""
+    models = tmp_path / "models"
+    build_slow_package(models, MODEL, seconds_per_slice=SLOW_SLICE_S)
+    series = phantom_series(1, slices=8)[0]
+    files = write_series(series, tmp_path / "in")
+
+    with CountingSCP() as pacs:
+        config = configure(
+            tmp_path, database.url, pacs.port, models,
+            worker_extra="lease_seconds = 4\nreap_seconds = 1\n",
+        )  # fmt: skip
+        with running(start(config, listen=True, workers=2)) as nodes:
+            workers = {n.proc.pid: n for n in nodes[1:] if n.proc is not None}
+            send(config, files)
+            in_inference = running_for(database, 1.5 * SLOW_SLICE_S)
+            poll("the job in the middle of inference", lambda: in_inference() is not None,
+                 timeout=60, nodes=nodes, state=database.jobs)  # fmt: skip
+            job = in_inference()
+            assert job is not None and job.attempts == 1 and job.lease_pid in workers
+            holder = workers.pop(job.lease_pid)
+            survivor = next(iter(workers.values()))
+
+            assert holder.kill() == -signal.SIGKILL
+
+            # The survivor is held still until the job table shows the lapsed lease:
+            # taking the job again clears last_error, so this is the only moment the
+            # reason can be seen. The listener's reaper is the one that re-queues it.
+            def reaped() -> list[JobRow]:
+                return [
+                    j for j in database.jobs()
+                    if j.state == JobState.QUEUED and "expired" in (j.last_error or "")
+                ]  # fmt: skip
+
+            with frozen(survivor, database):
+                poll("the expired lease reaped", lambda: bool(reaped()),
+                     timeout=30, nodes=nodes, state=database.jobs)  # fmt: skip
+                requeued = reaped()[0]
+            assert requeued.id == job.id and requeued.lease_owner is None
+            assert job.lease_owner in (requeued.last_error or "")
+
+            poll("the job done on the surviving worker",
+                 lambda: [j.state for j in database.jobs()] == [JobState.DONE],
+                 timeout=120, nodes=nodes, state=database.jobs)  # fmt: skip
+            time.sleep(1)  # room for a stray second delivery to show up
+        received = pacs.received
+
+    done = database.jobs()
+    assert len(done) == 1 and done[0].id == job.id
+    assert done[0].state == JobState.DONE and done[0].attempts == 2
+    assert done[0].deliveries == {"pacs": (DeliveryState.SENT, 1)}
+    assert survivor.proc is not None
+    assert started_by([survivor]) == {job.id: {survivor.proc.pid}}
+    assert sorted(r.sop_class_uid for r in received) == sorted(
+        ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"]
+    )
+    assert {r.sop_instance_uid for r in received} == set(done[0].outputs.values())
+
+
+# --- 3. SIGTERM: the worker gives its job back and exits ----------------------------------
+
+SIGTERM_SLICES = 12
+
+
+def test_sigterm_releases_the_job(tmp_path: Path, database: Database) -> None:
+    """SIGTERM mid-inference: the worker exits at once and the job is queued, unspent."""
+    models = tmp_path / "models"
+    build_slow_package(models, MODEL, seconds_per_slice=SLOW_SLICE_S)
+    series = phantom_series(1, slices=SIGTERM_SLICES)[0]
+    files = write_series(series, tmp_path / "in")
+    # The job needs at least this long in inference alone; stopping must take far less.
+    job_seconds = SIGTERM_SLICES * SLOW_SLICE_S
+
+    with CountingSCP() as pacs:
+        config = configure(tmp_path, database.url, pacs.port, models)
+        with running(start(config, listen=True, workers=1)) as nodes:
+            worker = nodes[1]
+            send(config, files)
+            in_inference = running_for(database, 1.5 * SLOW_SLICE_S)
+            poll("the job in the middle of inference", lambda: in_inference() is not None,
+                 timeout=60, nodes=nodes, state=database.jobs)  # fmt: skip
+            assert worker.proc is not None
+            started = time.monotonic()
+            worker.proc.send_signal(signal.SIGTERM)
+            try:
+                code = worker.proc.wait(job_seconds / 2)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"worker still running {job_seconds / 2} s after SIGTERM\n"
+                            f"{tails([worker])}")  # fmt: skip
+            stop_seconds = time.monotonic() - started
+
+            released = database.jobs()
+            assert code == 0, tails([worker])
+            assert len(released) == 1
+            assert released[0].state == JobState.QUEUED
+            assert released[0].attempts == 0  # given back, not failed
+            assert released[0].lease_owner is None and released[0].last_error is None
+            assert released[0].outputs == {} and released[0].deliveries == {}
+
+            # --- another worker takes it and finishes it, at its first counted attempt
+            nodes += start(config, listen=False, workers=1, first=1)
+            poll("the job done by the second worker",
+                 lambda: [j.state for j in database.jobs()] == [JobState.DONE],
+                 timeout=120, nodes=nodes, state=database.jobs)  # fmt: skip
+        received = pacs.received
+
+    assert stop_seconds < job_seconds / 2
+    done = database.jobs()[0]
+    assert done.attempts == 1 and done.deliveries == {"pacs": (DeliveryState.SENT, 1)}
+    assert sorted(r.sop_class_uid for r in received) == sorted(
+        ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"]
+    )
+
+
+# --- 4. one of two destinations is down ---------------------------------------------------
+
+PACS_DOWN_SERIES = 3
+MAX_ATTEMPTS = 3
+
+
+def test_pacs_down(tmp_path: Path, sqlite_db: Database) -> None:
+    """A down while B is up: B gets everything at once, A everything once it is back.
+
+    A stays down for more delivery attempts than worker.max_attempts: retries of a
+    delivery must not use up the job's attempts (worker.delivery_retry_hours bounds
+    them instead), so no job may fail.
+    """
+    db = sqlite_db
+    models = tmp_path / "models"
+    build_package(models, MODEL)
+    inputs = phantom_series(PACS_DOWN_SERIES, slices=6)
+    files = write_all(tmp_path / "in", inputs)
+
+    with CountingSCP("PACSA") as a, CountingSCP("PACSB") as b:
+        a.stop()  # down before anything is sent; it comes back on the same port
+        config = configure(
+            tmp_path, db.url, a.port, models, pacs_aet="PACSA",
+            worker_extra=(
+                f"max_attempts = {MAX_ATTEMPTS}\nretry_base_seconds = 0.5\n"
+                "delivery_retry_max_seconds = 2\n"
+            ),
+            destinations_extra=(
+                '[[destinations]]\nname = "archive"\nae_title = "PACSB"\n'
+                f'host = "127.0.0.1"\nport = {b.port}\ntimeout_seconds = 5\n'
+            ),
+            send_to=("pacs", "archive"),
+        )  # fmt: skip
+        with running(start(config, listen=True, workers=1)) as nodes:
+            send(config, files)
+            poll("B has every SEG and SR while A is down",
+                 lambda: len(b.segs()) == len(b.srs()) == PACS_DOWN_SERIES,
+                 timeout=120, nodes=nodes, state=db.jobs)  # fmt: skip
+
+            def a_retried_enough() -> bool:
+                jobs = db.jobs()
+                failed = any(j.state == JobState.FAILED for j in jobs)
+                tries = [j.deliveries.get("pacs", (None, 0))[1] for j in jobs]
+                return failed or (len(jobs) == PACS_DOWN_SERIES and min(tries) > MAX_ATTEMPTS)
+
+            poll(f"more than {MAX_ATTEMPTS} delivery attempts to A", a_retried_enough,
+                 timeout=60, nodes=nodes, state=db.jobs)  # fmt: skip
+            down = db.jobs()
+            b_while_a_down = b.received
+
+            a.start()
+            poll("A has every SEG and SR, every job done",
+                 lambda: len(a.received) >= 2 * PACS_DOWN_SERIES
+                 and db.states()["done"] == PACS_DOWN_SERIES,
+                 timeout=60, nodes=nodes, state=db.jobs)  # fmt: skip
+            time.sleep(2)  # a retry period: room for a stray resend to show up
+        a_got, b_got = a.received, b.received
+
+    # --- while A was down: B had its results, A's waited, no job failed
+    assert len(down) == PACS_DOWN_SERIES
+    assert [j for j in down if j.state in (JobState.FAILED, JobState.DONE)] == [], down
+    for job in down:
+        assert job.deliveries["archive"] == (DeliveryState.SENT, 1), job
+        assert job.deliveries["pacs"][0] == DeliveryState.PENDING, job
+    assert len(b_while_a_down) == 2 * PACS_DOWN_SERIES
+
+    # --- once A was back: each result there exactly once, nothing twice at B
+    done = db.jobs()
+    assert all(j.state == JobState.DONE for j in done)
+    for job in done:
+        assert job.deliveries["pacs"][0] == DeliveryState.SENT
+        assert job.deliveries["archive"] == (DeliveryState.SENT, 1)
+        assert sorted(job.outputs) == ["seg", "sr"]  # made once, re-sent from the spool
+    results = {uid for j in done for uid in j.outputs.values()}
+    assert len(results) == 2 * PACS_DOWN_SERIES
+    assert a.duplicates() == {} and b.duplicates() == {}
+    assert {r.sop_instance_uid for r in a_got} == results
+    assert {r.sop_instance_uid for r in b_got} == results
+    assert b_got == b_while_a_down
+
+
+# --- 5. a late image: the results are made again and replace the first ones ---------------
+
+LATE_SLICES = 8
+
+
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="orthanc is installed by .ci/run")
+def test_late_image_replaces_results(tmp_path: Path, sqlite_db: Database) -> None:
+    """One more slice after the results went out: new results in the same result series."""
+    db = sqlite_db
+    models = tmp_path / "models"
+    build_package(models, MODEL)
+    # One slice more than is sent at first, and one beyond that so that the late slice
+    # has lung in it (the phantom's first and last slices have none): the new SEG
+    # then has a frame derived from the late image.
+    whole = ct_series(lung_phantom(slices=LATE_SLICES + 2, size=64))[: LATE_SLICES + 1]
+    first, late = whole[:LATE_SLICES], whole[LATE_SLICES]
+    series_uid = first[0].SeriesInstanceUID
+    source = {str(ds.SOPInstanceUID) for ds in whole}
+
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        config = configure(tmp_path, db.url, pacs.dicom_port, models, pacs_aet=pacs.aet)
+        with running(start(config, listen=True, workers=1)) as nodes:
+            send(config, write_series(first, tmp_path / "first"))
+            poll("the first job done",
+                 lambda: [j.state for j in db.jobs()] == [JobState.DONE],
+                 timeout=120, nodes=nodes, state=db.jobs)  # fmt: skip
+            before = pacs.series_by_modality()
+            assert len(before.get("SEG", [])) == 1 and len(before.get("SR", [])) == 1
+
+            send(config, write_series([late], tmp_path / "late"))
+            poll("a second job, done",
+                 lambda: [(j.generation, j.state) for j in db.jobs()]
+                 == [(0, JobState.DONE), (1, JobState.DONE)],
+                 timeout=120, nodes=nodes, state=db.jobs)  # fmt: skip
+            after = pacs.series_by_modality()
+            seg_series, sr_series = after.get("SEG", []), after.get("SR", [])
+            segs = {
+                str(ds.SOPInstanceUID): ds
+                for ds in (
+                    pydicom.dcmread(BytesIO(pacs.download(i)))
+                    for series in seg_series
+                    for i in series["Instances"]
+                )
+            }
+        old_job, new_job = db.jobs()
+
+    print(  # for the report: how replacement shows in the PACS is still being decided
+        f"\nOrthanc after the re-run: SEG series {len(seg_series)} with "
+        f"{[len(s['Instances']) for s in seg_series]} instances; SR series {len(sr_series)} "
+        f"with {[len(s['Instances']) for s in sr_series]} instances"
+    )
+
+    # --- the database: the series re-opened once and its newer job ran
+    assert db.series_generation(series_uid) == 1
+    assert old_job.series_uid == new_job.series_uid == series_uid
+    assert new_job.state == JobState.DONE and new_job.deliveries["pacs"][0] == DeliveryState.SENT
+    assert new_job.outputs["seg"] != old_job.outputs["seg"]  # other input, other object
+
+    # --- the PACS: still one SEG series and one SR series (stable series UIDs)
+    assert len(seg_series) == 1 and len(sr_series) == 1
+    assert seg_series[0]["ParentStudy"] == sr_series[0]["ParentStudy"]
+    assert new_job.outputs["seg"] in segs
+    newest = segs[new_job.outputs["seg"]]
+    assert newest.SeriesInstanceUID == before["SEG"][0]["MainDicomTags"]["SeriesInstanceUID"]
+
+    # --- the newest SEG refers to all N+1 source images, the late one included
+    referenced = newest.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series_uid
+    assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedInstanceSequence} == (
+        source
+    )
+    per_frame = {
+        str(src.ReferencedSOPInstanceUID)
+        for frame in newest.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for src in derivation.SourceImageSequence
+    }
+    assert per_frame <= source and str(late.SOPInstanceUID) in per_frame
