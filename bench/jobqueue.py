@@ -7,9 +7,14 @@ On SQLite (a file in a temporary folder) and on PostgreSQL (a fresh database on
 2. claim + finish: 1 and 4 worker threads draining the queue (the model's work
    itself is left out: this is what the queue costs);
 3. latency from "series complete" (the job row committed) to "job running" (claimed),
-   with jobs arriving every 20 ms to idle workers: woken by the doorbell, as in
-   ``dicomnode serve``, and by polling alone (``worker.poll_seconds = 0.5``), as a
-   worker in another process is.
+   with jobs arriving every 20 ms to 4 idle workers:
+
+   - in the same process, woken by the doorbell, as in ``dicomnode serve``;
+   - in another process, woken by the cross-process announcement (PostgreSQL
+     NOTIFY, or a datagram on a SQLite host), as ``dicomnode worker`` processes are
+     when ``dicomnode listen`` queues work;
+   - in the same process by polling alone (``worker.poll_seconds = 0.5``), the
+     reference: what a worker without any wakeup would add.
 
 Usage::
 
@@ -22,7 +27,9 @@ module from everything the script imports.)
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +48,7 @@ from dicomnode.db import jobs, migrate  # noqa: E402
 from dicomnode.db.engine import make_engine, session_factory, transaction  # noqa: E402
 from dicomnode.db.models import JobState, Series, Study  # noqa: E402
 from dicomnode.queue.doorbell import Doorbell  # noqa: E402
+from dicomnode.queue.wakeup import Announcer, WakeListener  # noqa: E402
 from tests.conftest import fresh_pg_database  # noqa: E402
 
 
@@ -135,6 +143,68 @@ def latency(
     return [claimed[j] - committed[j] for j in committed if j in claimed]
 
 
+def worker_process(url: str, spool: Path, workers: int) -> None:
+    """Run ``workers`` claiming threads woken by announcements, until SIGTERM."""
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    bell, stop = Doorbell(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), bell.ring()))
+    listener = WakeListener(engine, spool, bell, stop)
+    listener.start()
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            seen = bell.rings
+            claim = jobs.claim(sessions, f"proc-{i}", 60)
+            if claim is None:
+                bell.wait(seen, 0.5)
+                continue
+            # Wall clock, after the claim committed: what the in-process case measures too.
+            print(f"claimed {claim.job_id} {time.time()}", flush=True)
+            jobs.finish(sessions, claim, JobState.DONE)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    listener.ready.wait(30)
+    print("ready", flush=True)
+    for t in threads:
+        t.join()
+    listener.join(5)
+
+
+def latency_across_processes(
+    url: str, spool: Path, sessions: sessionmaker[Session], series: list[int]
+) -> list[float]:
+    """Seconds from commit to claim when the workers run in another process."""
+    engine = make_engine(url)
+    announcer = Announcer(engine, spool)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker-process", url, str(spool)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    committed: dict[int, float] = {}
+    try:
+        for series_id in series:
+            job_id = enqueue_one(sessions, series_id, "lat-proc")
+            committed[job_id] = time.time()  # wall clock, as the other process reports
+            announcer.announce()
+            time.sleep(0.02)
+        time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        announcer.close()
+        engine.dispose()
+    claimed = {
+        int(w[1]): float(w[2]) for w in map(str.split, out.splitlines()) if w[0] == "claimed"
+    }
+    return [claimed[j] - committed[j] for j in committed if j in claimed]
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -144,7 +214,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--latency-jobs", type=int, default=150)
+    parser.add_argument("--worker-process", nargs=2, metavar=("URL", "SPOOL"), help="internal")
     args = parser.parse_args()
+    if args.worker_process:
+        worker_process(args.worker_process[0], Path(args.worker_process[1]), 4)
+        return
     with tempfile.TemporaryDirectory() as tmp, databases(Path(tmp)) as found:
         for label, url in found:
             engine = make_engine(url)
@@ -163,10 +237,12 @@ def main() -> None:
                 assert drained == args.jobs, f"{drained} of {args.jobs} claimed"
                 print(f"  {workers} worker(s): enqueue {enq:6.0f} jobs/s, "
                       f"claim+finish {rate:6.0f} jobs/s")  # fmt: skip
-            for doorbell in (True, False):
+            for how in ("doorbell", "other process", "polling 0.5 s"):
                 series = make_series(sessions, args.latency_jobs)
-                lat = latency(sessions, series, 4, doorbell)
-                how = "doorbell" if doorbell else "polling 0.5 s"
+                if how == "other process":
+                    lat = latency_across_processes(url, Path(tmp), sessions, series)
+                else:
+                    lat = latency(sessions, series, 4, doorbell=how == "doorbell")
                 p50, p99 = 1e3 * statistics.median(lat), 1e3 * p(lat, 0.99)
                 print(f"  latency, 4 idle workers, {how:<13}: p50 {p50:6.1f} ms, "
                       f"p99 {p99:6.1f} ms ({len(lat)} jobs)")  # fmt: skip

@@ -27,6 +27,7 @@ from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.scheduler import make_scheduler
+from dicomnode.queue.wakeup import Announcer, WakeListener
 from dicomnode.queue.worker import ModelSlots, Worker
 from dicomnode.store.spool import Spool
 
@@ -110,6 +111,8 @@ class Node:
     threads: list[threading.Thread] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
     doorbell: Doorbell = field(default_factory=Doorbell)
+    announcer: Announcer | None = None
+    wake_listener: WakeListener | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
@@ -143,6 +146,8 @@ class Node:
         if removed:
             log.info("removed %d partial files left by an interrupted write", removed)
         node = cls(settings, engine, sessions, spool, models)
+        node.announcer = Announcer(engine, spool.root)
+        node.doorbell.remote = node.announcer.announce
         if listen:
             extra = settings.listener.processes > 1
             node.listener = build_listener(settings, sessions, spool, reuse_port=extra)
@@ -155,6 +160,7 @@ class Node:
             configure_threads(settings.worker.threads)
             cache = ModelCache(select_device(settings.worker.device))
             pipeline = Pipeline(settings, sessions, spool, models, cache)
+            node.wake_listener = WakeListener(engine, spool.root, node.doorbell, node.stop_event)
             slots = ModelSlots(settings.worker.model_concurrency)
             node.workers = [
                 Worker(
@@ -170,6 +176,8 @@ class Node:
             self.listener.start()
         if self.receivers is not None:
             self.receivers.start()
+        if self.wake_listener is not None:
+            self.wake_listener.start()
         if self.scheduler is not None:
             self.scheduler.start()
         for i, worker in enumerate(self.workers):
@@ -195,5 +203,9 @@ class Node:
         self.doorbell.ring()  # idle workers see the stop now, not after their poll
         for thread in self.threads:
             thread.join(timeout)
+        if self.wake_listener is not None and self.wake_listener.ident is not None:
+            self.wake_listener.join(5)  # it looks at the stop event every second
+        if self.announcer is not None:
+            self.announcer.close()
         self.engine.dispose()
         log.info("node stopped")

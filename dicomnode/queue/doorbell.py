@@ -3,21 +3,23 @@
 Workers that find the queue empty sleep ``worker.poll_seconds`` before they look
 again, so a job queued by the completion sweep of the same process (``serve``)
 waited up to a whole poll interval. The sweep now rings, and the sleepers answer
-at once. Workers in other processes (``dicomnode worker`` on other hosts) still
-find new work by polling.
+at once. :meth:`Doorbell.announce` also tells other processes and hosts, through
+:mod:`dicomnode.queue.wakeup`.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class Doorbell:
     """Rings counted, so a ring between a waiter's look and its wait is not missed."""
 
-    def __init__(self) -> None:
+    def __init__(self, remote: Callable[[], None] | None = None) -> None:
         self._condition = threading.Condition()
         self._rings = 0
+        self.remote = remote  # tells other processes; set by the node
 
     @property
     def rings(self) -> int:
@@ -30,6 +32,12 @@ class Doorbell:
         with self._condition:
             self._rings += 1
             self._condition.notify_all()
+
+    def announce(self) -> None:
+        """Wake every waiter here and, when the node set it up, in other processes."""
+        self.ring()
+        if self.remote is not None:
+            self.remote()
 
     def wait(self, seen: int, timeout: float) -> bool:
         """Wait until the bell rings after ``seen`` rings, or ``timeout`` seconds.

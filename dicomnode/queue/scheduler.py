@@ -40,7 +40,12 @@ def _sweep_and_ring(
     doorbell: Doorbell | None,
 ) -> None:
     if sweep(sessions, settings, models, spool) and doorbell is not None:
-        doorbell.ring()
+        doorbell.announce()
+
+
+def _reap_and_ring(sessions: sessionmaker[Session], doorbell: Doorbell | None) -> None:
+    if reap_expired(sessions) and doorbell is not None:
+        doorbell.announce()  # the re-queued jobs can run now, on any worker
 
 
 def make_scheduler(
@@ -67,7 +72,8 @@ def make_scheduler(
     completion : bool
         Run the completion sweep; a worker-only process leaves it to the listener.
     doorbell : Doorbell, optional
-        Rung after a sweep that completed series, to wake this process's workers.
+        Announced after a sweep that queued jobs or a reap that re-queued them, to
+        wake idle workers here and in other processes.
 
     Returns
     -------
@@ -94,7 +100,7 @@ def make_scheduler(
             id="orphan-sweep",
         )
     scheduler.add_job(
-        _guarded("reaper", lambda: reap_expired(sessions)),
+        _guarded("reaper", lambda: _reap_and_ring(sessions, doorbell)),
         "interval",
         seconds=settings.worker.reap_seconds,
         id="lease-reaper",

@@ -235,6 +235,7 @@ class Worker:
                 log.warning("job abandoned job_id=%d: lease lost", claim.job_id)
             elif jobs.release(self.sessions, claim):
                 log.info("job released job_id=%d: worker stopping", claim.job_id)
+                self.doorbell.announce()  # another process's worker can take it now
             return
         except JobSuperseded as exc:
             jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
