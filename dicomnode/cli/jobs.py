@@ -58,6 +58,7 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
     if detail:
         record.update(
             lease_owner=job.lease_owner,
+            claimed_by=job.claimed_by,
             lease_expires_at=job.lease_expires_at,
             run_after=job.run_after,
             timings=job.timings or {},
@@ -82,6 +83,17 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
                     "last_error": d.last_error,
                 }
                 for d in job.deliveries
+            ],
+            history=[
+                {
+                    "at": e.at,
+                    "from": e.from_state,
+                    "to": e.to_state,
+                    "attempt": e.attempt,
+                    "worker": e.worker,
+                    "note": e.note,
+                }
+                for e in job.events
             ],
         )
     return record
@@ -174,4 +186,11 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
         extra = f"  ({d['last_error']})" if d["last_error"] else ""
         tries = f"{d['attempts']} attempt(s)"
         print(f"delivery      {d['destination']}: {d['state']} after {tries}{extra}")
+    if record["history"]:
+        print("history")
+    for e in record["history"]:
+        step = f"{e['from'] or 'new'} -> {e['to']}"
+        where = f"  on {e['worker']}" if e["worker"] else ""
+        note = f"  ({e['note']})" if e["note"] else ""
+        print(f"  {format_time(e['at'])}  {step:<20} attempt {e['attempt']}{where}{note}")
     return 0

@@ -145,11 +145,16 @@ def test_db_commands_on_both_databases(
     assert record["timings"] == {"load_s": 1.5, "inference_s": 20.25}
     assert record["deliveries"][0]["state"] == "failed"
     assert record["study_uid"] == datasets[0].StudyInstanceUID
+    assert record["claimed_by"] == "w"
+    steps = [(e["from"], e["to"], e["attempt"], e["worker"]) for e in record["history"]]
+    assert steps == [(None, "queued", 0, None), ("queued", "running", 1, "w"),
+                     ("running", "failed", 1, "w")]  # fmt: skip
 
     code, out, _ = run(capsys, "--config", config, "jobs", "show", str(job_id))
     assert "error         destination pacs: association rejected" in out
     assert "inference" in out and "20.25" in out
     assert "delivery      pacs: failed after 1 attempt(s)" in out
+    assert "running -> failed" in out and "on w  (destination pacs: association rejected)" in out
     # Patient identifiers are never printed unless asked for.
     assert "PID-TEST-0001" not in out and "TEST^PATIENT" not in out
 
