@@ -1,15 +1,21 @@
-"""``dicomnode jobs``: list and inspect jobs."""
+"""``dicomnode jobs``: list, inspect, retry and cancel jobs."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.config import Settings
+from dicomnode.db import jobs, migrate
+from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Job, JobState
+from dicomnode.queue.wakeup import Announcer
 
 STAGES = (
     "receive_s",
@@ -194,3 +200,58 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
         note = f"  ({e['note']})" if e["note"] else ""
         print(f"  {format_time(e['at'])}  {step:<20} attempt {e['attempt']}{where}{note}")
     return 0
+
+
+def _act(
+    settings: Settings, args: argparse.Namespace, action: Callable[..., Job], verb: str
+) -> int:
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        sessions = session_factory(engine)
+        who = f"admin {getpass.getuser()}"
+        for job_id in args.ids:
+            job = action(sessions, job_id, who)
+            print(f"job {job.id} {verb}")
+        if verb == "queued again":
+            # Idle workers anywhere take it now rather than at their next poll.
+            Announcer(engine, settings.storage.path).announce()
+    finally:
+        engine.dispose()
+    return 0
+
+
+def retry_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue ended jobs again (``dicomnode jobs retry ID...``).
+
+    Parameters
+    ----------
+    settings : Settings
+        The database.
+    args : argparse.Namespace
+        ``ids``.
+
+    Returns
+    -------
+    int
+        Exit code 0; a job in the wrong state raises a one-line error.
+    """
+    return _act(settings, args, jobs.retry, "queued again")
+
+
+def cancel_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """Cancel jobs that have not ended (``dicomnode jobs cancel ID...``).
+
+    Parameters
+    ----------
+    settings : Settings
+        The database.
+    args : argparse.Namespace
+        ``ids``.
+
+    Returns
+    -------
+    int
+        Exit code 0; a job in the wrong state raises a one-line error.
+    """
+    return _act(settings, args, jobs.cancel, "cancelled")

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from dicomnode import __version__
-from dicomnode.cli.jobs import list_jobs, show_job
+from dicomnode.cli.jobs import cancel_jobs, list_jobs, retry_jobs, show_job
 from dicomnode.cli.logs import setup_logging
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import migrate
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_parser("upgrade", help="apply migrations up to the newest").set_defaults(run=_db_upgrade)
 
-    jobs = sub.add_parser("jobs", help="inspect jobs").add_subparsers(
+    jobs = sub.add_parser("jobs", help="inspect, retry and cancel jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="COMMAND"
     )
     p = jobs.add_parser("list", help="list jobs, newest first")
@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int, help="job id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_with_session(show_job))
+    p = jobs.add_parser("retry", help="queue ended jobs again (failed, cancelled or done)")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
+    p.set_defaults(run=retry_jobs)
+    p = jobs.add_parser("cancel", help="cancel queued or running jobs")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
+    p.set_defaults(run=cancel_jobs)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
@@ -565,3 +565,103 @@ def reap_expired(sessions: sessionmaker[Session]) -> int:
             log.warning("lease expired job_id=%d state=%s", job.id, job.state)
             count += 1
     return count
+
+
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobStateError(LookupError):
+    """An admin action that the job's state does not allow (the CLI's one-line error)."""
+
+
+def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> Job:
+    """Queue an ended job again, with a fresh attempt budget (``dicomnode jobs retry``).
+
+    A job whose results were already made only re-sends them to the destinations
+    that did not take them; otherwise the model runs again.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    job_id : int
+        The job.
+    who : str
+        Recorded in the job's history.
+
+    Returns
+    -------
+    Job
+        The job, now queued.
+
+    Raises
+    ------
+    JobStateError
+        If there is no such job or it has not ended.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise JobStateError(f"no job with id {job_id}")
+        if job.state not in FINAL_STATES:
+            raise JobStateError(
+                f"job {job_id} is {job.state.value}; only ended jobs can be retried"
+            )
+        before = job.state
+        job.state = JobState.QUEUED
+        job.attempts = 0
+        job.run_after = now
+        job.finished_at = None
+        job.last_error = None
+        job.updated_at = now
+        session.execute(
+            update(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
+            .values(state=DeliveryState.PENDING)
+        )
+        record_event(session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}")
+        return job
+
+
+def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> Job:
+    """Cancel a job that has not ended (``dicomnode jobs cancel``).
+
+    A running job's worker loses its lease at its next heartbeat and abandons the
+    job at its next checkpoint; nothing it does afterwards can change the job.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    job_id : int
+        The job.
+    who : str
+        Recorded in the job's history.
+
+    Returns
+    -------
+    Job
+        The job, now cancelled.
+
+    Raises
+    ------
+    JobStateError
+        If there is no such job or it has already ended.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise JobStateError(f"no job with id {job_id}")
+        if job.state in FINAL_STATES:
+            raise JobStateError(f"job {job_id} is already {job.state.value}")
+        before = job.state
+        job.state = JobState.CANCELLED
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.finished_at = now
+        job.last_error = f"cancelled by {who}"
+        job.updated_at = now
+        record_event(session, job, JobState.CANCELLED, from_state=before, note=job.last_error)
+        return job

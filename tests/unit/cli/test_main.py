@@ -158,6 +158,22 @@ def test_db_commands_on_both_databases(
     # Patient identifiers are never printed unless asked for.
     assert "PID-TEST-0001" not in out and "TEST^PATIENT" not in out
 
+    code, out, err = run(capsys, "--config", config, "jobs", "cancel", str(job_id))
+    assert code == 1 and err.strip() == f"dicomnode: job {job_id} is already failed"
+    code, out, _ = run(capsys, "--config", config, "jobs", "retry", str(job_id))
+    assert code == 0 and out.strip() == f"job {job_id} queued again"
+    code, out, _ = run(capsys, "--config", config, "jobs", "cancel", str(job_id))
+    assert code == 0 and out.strip() == f"job {job_id} cancelled"
+    code, out, _ = run(capsys, "--config", config, "jobs", "show", str(job_id), "--json")
+    history = json.loads(out)["history"]
+    assert [(e["from"], e["to"]) for e in history[-2:]] == [
+        ("failed", "queued"),
+        ("queued", "cancelled"),
+    ]
+    assert history[-1]["note"].startswith("cancelled by admin ")
+    code, _, err = run(capsys, "--config", config, "jobs", "retry", "424242")
+    assert code == 1 and err.strip() == "dicomnode: no job with id 424242"
+
 
 def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:

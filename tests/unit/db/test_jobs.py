@@ -242,3 +242,41 @@ def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int
     claim = jobs.claim(sessions, "w1", 60)
     got = jobs.fail(sessions, claim, "refused", retryable=False, base_seconds=1, delivery=retry)
     assert got == "failed"
+
+
+def test_admin_retry_and_cancel(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=1)
+    with pytest.raises(jobs.JobStateError, match="is queued; only ended jobs"):
+        jobs.retry(sessions, job_id)
+    claim = jobs.claim(sessions, "w1", 60)
+    with transaction(sessions) as s:
+        s.add(Delivery(job_id=job_id, destination="pacs", state="failed", attempts=3))
+    jobs.fail(sessions, claim, "refused", retryable=False, base_seconds=1)
+    job = jobs.retry(sessions, job_id, "admin alice")
+    assert job.state == JobState.QUEUED and job.attempts == 0 and job.last_error is None
+    with sessions() as s:
+        assert s.scalars(select(Delivery.state)).all() == ["pending"]  # tried again
+    # A running job is cancelled under its worker, which can change nothing after.
+    claim = jobs.claim(sessions, "w2", 60)
+    assert claim is not None and claim.attempt == 1
+    jobs.cancel(sessions, job_id, "admin bob")
+    assert not jobs.heartbeat(sessions, claim, 60)
+    assert not jobs.finish(sessions, claim)
+    job = state(sessions, job_id)
+    assert job.state == JobState.CANCELLED and job.last_error == "cancelled by admin bob"
+    with pytest.raises(jobs.JobStateError, match="already cancelled"):
+        jobs.cancel(sessions, job_id)
+    with pytest.raises(jobs.JobStateError, match="no job with id 999"):
+        jobs.cancel(sessions, 999)
+    steps = [(f, t) for f, t, _, _ in history(sessions, job_id)]
+    assert steps == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "failed"),
+        ("failed", "queued"),
+        ("queued", "running"),
+        ("running", "cancelled"),
+    ]
+    with sessions() as s:
+        notes = s.scalars(select(JobEvent.note).where(JobEvent.job_id == job_id)).all()
+    assert "retried by admin alice" in notes and "cancelled by admin bob" in notes
