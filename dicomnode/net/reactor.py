@@ -166,6 +166,8 @@ def attach(assoc: Any) -> bool:
     _waking_put(dimse.msg_queue, arrived.set)
     _waking_put(dul.to_user_queue, arrived.set)
     setattr(assoc, _WAITER, assoc_wait)
+    if getattr(assoc, "is_requestor", False):
+        _keep_responses_for_the_caller(assoc, dimse)
 
     # DUL thread: woken by incoming bytes or by a PDU the association queued to send.
     read_fd, write_fd = os.pipe()
@@ -198,6 +200,34 @@ def attach(assoc: Any) -> bool:
     # it runs, so the descriptors are never closed under a running select.
     weakref.finalize(dul, _close, read_fd, write_fd)
     return True
+
+
+def _keep_responses_for_the_caller(assoc: Any, dimse: Any) -> None:
+    """Stop an association we opened from taking its own responses off the queue.
+
+    pynetdicom's ``send_c_store`` pauses the association thread with a handshake
+    (clear an event, spin until a flag says "paused") that has a window: the
+    thread can set the flag, pass the event just before it is cleared, and then
+    take the C-STORE response meant for the caller, log it as "unexpected" and
+    drop it. The caller then waits out the whole DIMSE timeout and the delivery is
+    retried, so the PACS gets the objects twice. Waking that thread as soon as a
+    message arrives makes the window easy to hit under load (8 in 200 two-object
+    sends, against none without the wake-ups).
+
+    On associations we open we only ever send requests and wait for their
+    responses, never serve the peer's requests, so the association thread has no
+    business reading DIMSE messages at all: its non-blocking reads return nothing,
+    and every message waits for the blocking read of the thread that sent the
+    request.
+    """
+    get_msg = dimse.get_msg
+
+    def caller_only(block: bool = False) -> Any:
+        if not block and threading.current_thread() is assoc:
+            return None, None
+        return get_msg(block)
+
+    dimse.get_msg = caller_only
 
 
 def set_nodelay(event: Any) -> None:

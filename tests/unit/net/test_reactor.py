@@ -63,3 +63,36 @@ def test_associations_get_event_driven_waiters(listener: Listener) -> None:
             assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
+
+
+def test_our_associations_leave_responses_to_the_caller(listener: Listener) -> None:
+    """The association thread of an association we open never takes a DIMSE message.
+
+    pynetdicom's pause handshake lets that thread take a C-STORE response meant for
+    the sender now and then under load; the sender then times out and the results
+    are sent twice. Here a message is queued while the thread runs its loop (every
+    millisecond, and woken by the queueing itself): it must still be there for the
+    caller's blocking read.
+    """
+    from pynetdicom import evt
+
+    ae = AE(ae_title="TESTSCU")
+    ae.dimse_timeout = 2  # bounds the blocking read if the message was taken
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(
+        "127.0.0.1",
+        listener.port,
+        ae_title="DICOMNODE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, reactor.tune_connection)],
+    )
+    assert assoc.is_established
+    try:
+        assert assoc.is_alive()
+        marker = SimpleNamespace(name="a response for the caller")
+        assoc.dimse.msg_queue.put((1, marker))
+        time.sleep(0.2)  # two hundred turns of the association thread's loop
+        assert assoc.dimse.msg_queue.qsize() == 1
+        assert assoc.dimse.get_msg(block=True) == (1, marker)
+        assert assoc.send_c_echo().Status == 0  # and the caller's own reads still work
+    finally:
+        assoc.abort()  # needs no reply, so it works even if the thread died on the marker
