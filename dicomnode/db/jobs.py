@@ -473,7 +473,14 @@ def fail(
             )
             failing = (now - since).total_seconds() if since is not None else 0.0
             retry = failing < delivery.give_up_seconds
-            delay = retry_delay(job.attempts, base_seconds, delivery.max_delay_seconds)
+            delay = retry_delay(
+                _delivery_tries(session, job.id), base_seconds, delivery.max_delay_seconds
+            )
+            if retry:
+                # Like a release, the attempt is given back: ``attempts`` counts tries at
+                # making the results, and a PACS that is down must not use them up (each
+                # delivery row counts its own tries).
+                job.attempts -= 1
         else:
             retry = retryable and job.attempts < job.max_attempts
             delay = retry_delay(job.attempts, base_seconds)
@@ -485,6 +492,15 @@ def fail(
             job.finished_at = now
         record_event(session, job, job.state, from_state=before, worker=claim.owner, note=error)
         return job.state
+
+
+def _delivery_tries(session: Session, job_id: int) -> int:
+    tries = session.scalar(
+        select(func.max(Delivery.attempts)).where(
+            Delivery.job_id == job_id, Delivery.state != DeliveryState.SENT
+        )
+    )
+    return int(tries or 1)
 
 
 def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
@@ -528,13 +544,15 @@ def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
         return True
 
 
-def reap_expired(sessions: sessionmaker[Session]) -> int:
+def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
     """Re-queue jobs whose worker stopped renewing its lease (it crashed or hung).
 
     Parameters
     ----------
     sessions : sessionmaker[Session]
         Database sessions.
+    by : str, optional
+        Who reaps (host and pid), recorded in the jobs' history.
 
     Returns
     -------
@@ -561,7 +579,9 @@ def reap_expired(sessions: sessionmaker[Session]) -> int:
             else:
                 job.state = JobState.FAILED
                 job.finished_at = now
-            record_event(session, job, job.state, from_state=before, note=job.last_error, at=now)
+            record_event(
+                session, job, job.state, from_state=before, worker=by, note=job.last_error, at=now
+            )
             log.warning("lease expired job_id=%d state=%s", job.id, job.state)
             count += 1
     return count

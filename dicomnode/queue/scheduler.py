@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -44,7 +46,7 @@ def _sweep_and_ring(
 
 
 def _reap_and_ring(sessions: sessionmaker[Session], doorbell: Doorbell | None) -> None:
-    if reap_expired(sessions) and doorbell is not None:
+    if reap_expired(sessions, by=f"reaper {socket.gethostname()}:{os.getpid()}") and doorbell:
         doorbell.announce()  # the re-queued jobs can run now, on any worker
 
 

@@ -62,20 +62,23 @@ class WrongShape(torch.nn.Module):
 class SlowLungWindow(torch.nn.Module):
     """LungWindow that first burns CPU: ``iterations`` matrix products per forward pass.
 
-    For tests that must catch a job in the middle of inference. The products use an
-    identity matrix, so the values stay finite, and their result feeds the output, so
-    TorchScript cannot drop the loop.
+    For tests that must catch a job in the middle of inference. The products are few
+    and large (each is one parallel region of torch's thread pool), so a busy machine
+    slows a batch in proportion instead of stalling it at thousands of thread
+    barriers. They multiply by the identity, so the values stay finite, and their
+    result feeds the output, so TorchScript cannot drop the loop.
     """
 
-    def __init__(self, iterations: int, size: int = 256) -> None:
+    def __init__(self, iterations: int, size: int = 1024) -> None:
         super().__init__()
         self.iterations = iterations
-        self.register_buffer("weight", torch.eye(size))
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = self.weight
+        weight = torch.eye(self.size, device=x.device)
+        acc = weight
         for _ in range(self.iterations):
-            acc = torch.mm(acc, self.weight)
+            acc = torch.mm(acc, weight)
         return torch.sigmoid((80.0 - torch.abs(x - 174.0)) / 5.0) + 0.0 * acc[0, 0]
 
 
@@ -85,13 +88,14 @@ def slow_iterations(seconds: float) -> int:
     Measured here, with this process's torch threads; a loaded machine only makes a
     batch slower, which is what the slow-model tests want.
     """
-    probe = torch.jit.script(SlowLungWindow(200))
+    probe = torch.jit.script(SlowLungWindow(10))
     x = torch.zeros(1, 1, 64, 64)
     with torch.inference_mode():
-        probe(x)  # the first call compiles
+        probe(x)  # the first calls profile and compile
+        probe(x)
         started = time.perf_counter()
         probe(x)
-        per_iteration = (time.perf_counter() - started) / 200
+        per_iteration = (time.perf_counter() - started) / 10
     return max(1, round(seconds / per_iteration))
 
 
