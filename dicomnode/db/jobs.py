@@ -21,7 +21,16 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, Series, utcnow
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobEvent,
+    JobState,
+    Output,
+    Series,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -476,10 +485,15 @@ def fail(
             delay = retry_delay(
                 _delivery_tries(session, job.id), base_seconds, delivery.max_delay_seconds
             )
-            if retry:
-                # Like a release, the attempt is given back: ``attempts`` counts tries at
-                # making the results, and a PACS that is down must not use them up (each
-                # delivery row counts its own tries).
+            made_now = session.scalar(
+                select(func.count(Output.id)).where(
+                    Output.job_id == job.id, Output.created_at >= job.started_at
+                )
+            )
+            if retry and not made_now:
+                # An attempt that only re-sent stored results is given back, like a
+                # release: ``attempts`` counts tries at making the results, and a PACS
+                # that is down must not use them up (each delivery row counts its own).
                 job.attempts -= 1
         else:
             retry = retryable and job.attempts < job.max_attempts

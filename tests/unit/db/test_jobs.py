@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Series, Study, utcnow
+from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, Study, utcnow
 
 
 @pytest.fixture
@@ -281,3 +281,21 @@ def test_admin_retry_and_cancel(sessions, series_id: int) -> None:
     with sessions() as s:
         notes = s.scalars(select(JobEvent.note).where(JobEvent.job_id == job_id)).all()
     assert "retried by admin alice" in notes and "cancelled by admin bob" in notes
+
+
+def test_the_attempt_that_made_the_results_counts(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=3)
+    retry = jobs.DeliveryRetry(give_up_seconds=3600, max_delay_seconds=5)
+    claim = jobs.claim(sessions, "w1", 60)
+    with transaction(sessions) as s:  # the model ran in this attempt, then sending failed
+        s.add(Output(job_id=job_id, kind="seg", sop_class_uid="1.2", sop_instance_uid="1.2.3",
+                     series_uid="1.2.4", path="results/x.dcm", size_bytes=1))  # fmt: skip
+        s.add(Delivery(job_id=job_id, destination="pacs", attempts=1))
+    jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
+    assert state(sessions, job_id).attempts == 1
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(run_after=utcnow()))
+    claim = jobs.claim(sessions, "w1", 60)  # this one only re-sends: it is given back
+    assert claim.attempt == 2
+    jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
+    assert state(sessions, job_id).attempts == 1
