@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dicomnode import __version__
 from dicomnode.cli.jobs import cancel_jobs, list_jobs, retry_jobs, show_job
 from dicomnode.cli.logs import setup_logging
+from dicomnode.cli.models import check_models, list_models, show_model
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, session_factory
@@ -191,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("cancel", help="cancel queued or running jobs")
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
     p.set_defaults(run=cancel_jobs)
+
+    models = sub.add_parser("models", help="installed model packages").add_subparsers(
+        dest="models_command", required=True, metavar="COMMAND"
+    )
+    p = models.add_parser("list", help="list the installed model packages")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=list_models)
+    p = models.add_parser("show", help="show one package: input contract, outputs, licence")
+    p.add_argument("name", help="model name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=show_model)
+    p = models.add_parser("check", help="load the weights and run one batch on the CPU")
+    p.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
+    p.set_defaults(run=check_models)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")

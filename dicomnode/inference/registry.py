@@ -12,6 +12,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dicomnode.errors import ConfigError, ModelPackageError
 from dicomnode.schema import build, field_doc, one_of, positive
@@ -82,15 +83,45 @@ class SegmentSpec:
     )
 
 
+WEIGHT_FORMATS = ("torchscript", "state_dict", "monai_bundle")
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """Where the weights lie and in which format."""
 
-    file: str = field(metadata=field_doc("Weights file, relative to the package."))
-    format: str = field(
-        default="torchscript", metadata=field_doc("Weights format.", one_of("torchscript"))
+    file: str = field(
+        metadata=field_doc(
+            "Weights file relative to the package; for monai_bundle, the bundle folder."
+        )
     )
-    sha256: str = field(default="", metadata=field_doc("Expected SHA-256 of the file."))
+    format: str = field(
+        default="torchscript",
+        metadata=field_doc(
+            "torchscript (a TorchScript file), state_dict (a PyTorch state dict for the "
+            "MONAI network in [network]) or monai_bundle (a MONAI bundle folder: "
+            "configs/inference.json and models/model.pt).",
+            one_of(*WEIGHT_FORMATS),
+        ),
+    )
+    sha256: str = field(
+        default="",
+        metadata=field_doc("Expected SHA-256 of the file (of models/model.pt in a bundle)."),
+    )
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A MONAI network to build before loading a state dict into it."""
+
+    name: str = field(
+        default="",
+        metadata=field_doc("A class of monai.networks.nets, e.g. UNet, BasicUNet, DenseNet121."),
+    )
+    args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_doc("Its constructor arguments, e.g. { spatial_dims = 2, ... }."),
+    )
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,10 @@ class ModelSpec:
     weights: WeightsSpec = field(
         default_factory=lambda: WeightsSpec(file=""), metadata=field_doc("Weights.")
     )
+    network: NetworkSpec = field(
+        default_factory=NetworkSpec,
+        metadata=field_doc("The network, for state_dict weights."),
+    )
     input: InputSpec = field(
         default_factory=lambda: InputSpec(modality=[]), metadata=field_doc("Input contract.")
     )
@@ -174,7 +209,9 @@ class ModelSpec:
 
     @property
     def weights_path(self) -> Path:
-        """Return the absolute path of the weights file."""
+        """Return the absolute path of the weights file (a bundle's model.pt)."""
+        if self.weights.format == "monai_bundle":
+            return self.path / self.weights.file / "models" / "model.pt"
         return self.path / self.weights.file
 
 
@@ -195,8 +232,15 @@ def _check_package(spec: ModelSpec, folder: Path) -> None:
             raise ConfigError(
                 "output.segments: split-left-right needs exactly one 'left' and one 'right' segment"
             )
-    if not (folder / spec.weights.file).is_file():
+    weights = folder / spec.weights.file
+    if spec.weights.format == "monai_bundle":
+        for part in ("configs/inference.json", "models/model.pt"):
+            if not (weights / part).is_file():
+                raise ConfigError(f"weights.file: bundle {spec.weights.file} has no {part}")
+    elif not weights.is_file():
         raise ConfigError(f"weights.file: {spec.weights.file} not found in the package")
+    if spec.weights.format == "state_dict" and not spec.network.name:
+        raise ConfigError("network.name: state_dict weights need the MONAI network to build")
 
 
 def load_model_spec(folder: Path) -> ModelSpec:

@@ -22,7 +22,7 @@ from dicomnode.errors import ModelPackageError, PermanentJobError, TransientJobE
 from dicomnode.inference.lungs import split_left_right
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.volume import Volume
-from dicomnode.inference.weights import load_torchscript
+from dicomnode.inference.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ class ModelCache:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._models: dict[tuple[str, str], torch.jit.ScriptModule] = {}
+        self._models: dict[tuple[str, str], torch.nn.Module] = {}
         self._lock = threading.Lock()
 
-    def get(self, spec: ModelSpec) -> torch.jit.ScriptModule:
+    def get(self, spec: ModelSpec) -> torch.nn.Module:
         """Return the loaded model for ``spec``, loading it on first use.
 
         Parameters
@@ -59,14 +59,14 @@ class ModelCache:
 
         Returns
         -------
-        torch.jit.ScriptModule
+        torch.nn.Module
             The model in eval mode on :attr:`device`.
         """
         key = (spec.name, spec.version)
         with self._lock:
             if key not in self._models:
                 started = time.perf_counter()
-                self._models[key] = load_torchscript(spec, self.device)
+                self._models[key] = load_model(spec, self.device)
                 log.info(
                     "model loaded model=%s version=%s device=%s seconds=%.2f",
                     spec.name,
@@ -100,7 +100,7 @@ def check_input(spec: ModelSpec, volume: Volume) -> None:
 
 
 def predict_foreground(
-    module: torch.jit.ScriptModule,
+    module: torch.nn.Module,
     spec: ModelSpec,
     pixels: np.ndarray,
     device: torch.device,
@@ -110,7 +110,7 @@ def predict_foreground(
 
     Parameters
     ----------
-    module : torch.jit.ScriptModule
+    module : torch.nn.Module
         The loaded network: ``[N, 1, H, W]`` in, ``[N, 1, H, W]`` out.
     spec : ModelSpec
         Its package (intensity transform, matrix, batch size, output kind).

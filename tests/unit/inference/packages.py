@@ -130,3 +130,100 @@ def build_slow_package(
     """
     module = SlowLungWindow(slow_iterations(seconds_per_slice))
     return build_package(root, name, module=module, batch_size=1)
+
+
+MONAI_MANIFEST = """
+name = "{name}"
+version = "0.1"
+task = "segmentation"
+licence = "test"
+intended_use = "tests only"
+
+[weights]
+file = "{file}"
+format = "{format}"
+{network}
+[input]
+modality = ["CT"]
+matrix = [32, 32]
+offset = 1024.0
+scale = 0.001
+batch_size = 4
+
+[output]
+kind = "logits"
+threshold = 0.5
+
+[[output.segments]]
+label = "Lung"
+color = [0, 255, 0]
+category = {{ scheme = "SCT", value = "123037004", meaning = "Anatomical Structure" }}
+type = {{ scheme = "SCT", value = "39607008", meaning = "Lung" }}
+"""
+
+# A small 2D MONAI U-Net: one input channel, one output channel (logits).
+UNET_ARGS = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "num_res_units": 1,
+}
+UNET_TOML = (
+    '[network]\nname = "UNet"\n'
+    "args = { spatial_dims = 2, in_channels = 1, out_channels = 1, channels = [4, 8, 16], "
+    "strides = [2, 2], num_res_units = 1 }\n"
+)
+
+
+def monai_unet(seed: int = 0) -> torch.nn.Module:
+    """The network of the state-dict and bundle test packages, with seeded weights."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    return UNet(**UNET_ARGS).eval()  # type: ignore[arg-type]
+
+
+def build_state_dict_package(
+    root: Path, name: str = "test-unet", network_toml: str = UNET_TOML, seed: int = 0
+) -> Path:
+    """A package of a state dict plus the MONAI network named in model.toml."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    torch.save(monai_unet(seed).state_dict(), folder / "weights.pt")
+    (folder / "model.toml").write_text(
+        MONAI_MANIFEST.format(
+            name=name, file="weights.pt", format="state_dict", network=network_toml
+        )
+    )
+    return folder
+
+
+def build_bundle_package(
+    root: Path, name: str = "test-bundle", network_def: dict | None = None, seed: int = 0
+) -> Path:
+    """A package wrapping a MONAI bundle folder (configs/inference.json, models/model.pt).
+
+    The network definition uses an @reference, as real bundles do.
+    """
+    import json
+
+    folder = root / name
+    bundle = folder / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    torch.save(monai_unet(seed).state_dict(), bundle / "models" / "model.pt")
+    args = {k: v for k, v in UNET_ARGS.items() if k != "channels"}
+    config = {
+        "unet_channels": UNET_ARGS["channels"],
+        "network_def": network_def
+        or {"_target_": "UNet", "channels": "@unet_channels", "_requires_": "@x", **args},
+        "x": None,
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32]},
+    }
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    (folder / "model.toml").write_text(
+        MONAI_MANIFEST.format(name=name, file="bundle", format="monai_bundle", network="")
+    )
+    return folder

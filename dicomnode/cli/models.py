@@ -1,0 +1,185 @@
+"""``dicomnode models``: list, show and check the installed model packages."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+from dicomnode.cli.output import print_json, print_table
+from dicomnode.config import Settings
+from dicomnode.errors import ModelPackageError
+from dicomnode.inference.registry import ModelSpec, load_registry
+
+
+def model_record(spec: ModelSpec) -> dict[str, Any]:
+    """Return a package's description as a JSON-ready mapping.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The package.
+
+    Returns
+    -------
+    dict[str, Any]
+        Its manifest, with the folder it was read from.
+    """
+    record = dataclasses.asdict(spec)
+    record["path"] = str(spec.path)
+    return record
+
+
+def _registry(settings: Settings) -> dict[str, ModelSpec]:
+    return load_registry(settings.models.path)
+
+
+def _one(settings: Settings, name: str) -> ModelSpec:
+    models = _registry(settings)
+    if name not in models:
+        known = ", ".join(sorted(models)) or "none installed"
+        raise LookupError(f"no model named {name!r} (installed: {known})")
+    return models[name]
+
+
+def list_models(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the installed packages (``dicomnode models list``).
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the packages are (``models.path``).
+    args : argparse.Namespace
+        ``json``.
+
+    Returns
+    -------
+    int
+        Exit code 0.
+    """
+    models = _registry(settings)
+    if args.json:
+        print_json([model_record(m) for m in models.values()])
+        return 0
+    if not models:
+        print("no models installed")
+        return 0
+    print_table(
+        ["NAME", "VERSION", "TASK", "WEIGHTS", "MODALITY", "SEGMENTS", "LICENCE"],
+        [
+            [
+                m.name,
+                m.version,
+                m.task,
+                m.weights.format,
+                ",".join(m.input.modality),
+                len(m.output.segments),
+                m.licence[:40],
+            ]
+            for m in models.values()
+        ],
+    )
+    return 0
+
+
+def show_model(settings: Settings, args: argparse.Namespace) -> int:
+    """Print one package in full (``dicomnode models show NAME``).
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the packages are.
+    args : argparse.Namespace
+        ``name`` and ``json``.
+
+    Returns
+    -------
+    int
+        Exit code 0; an unknown name raises a one-line error.
+    """
+    spec = _one(settings, args.name)
+    if args.json:
+        print_json(model_record(spec))
+        return 0
+    rows: list[tuple[str, object]] = [
+        ("name", spec.name),
+        ("version", spec.version),
+        ("task", spec.task),
+        ("summary", spec.summary),
+        ("licence", spec.licence),
+        ("intended use", spec.intended_use),
+        ("clinical use", "yes" if spec.clinical_use else "no (outputs say 'not for clinical use')"),
+        ("folder", spec.path),
+        ("weights", f"{spec.weights.file} ({spec.weights.format})"),
+    ]
+    if spec.weights.format == "state_dict":
+        rows.append(("network", f"monai.networks.nets.{spec.network.name} {spec.network.args}"))
+    rows += [
+        ("modality", ", ".join(spec.input.modality)),
+        ("matrix", "x".join(map(str, spec.input.matrix))),
+        ("intensity", f"(value + {spec.input.offset:g}) x {spec.input.scale:g}"),
+        ("batch size", spec.input.batch_size),
+        ("output", _output_line(spec)),
+    ]
+    for key, value in rows:
+        print(f"{key:<14}{value}")
+    for i, seg in enumerate(spec.output.segments, 1):
+        print(
+            f"segment {i:<6}{seg.label}: {seg.type.scheme} {seg.type.value} "
+            f"'{seg.type.meaning}', colour {tuple(seg.color)}"
+        )
+    return 0
+
+
+def _output_line(spec: ModelSpec) -> str:
+    out = spec.output
+    return f"{out.kind}, threshold {out.threshold:g}, post-processing {out.postprocess}"
+
+
+def check_models(settings: Settings, args: argparse.Namespace) -> int:
+    """Load each package's weights and run one batch (``dicomnode models check``).
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the packages are.
+    args : argparse.Namespace
+        ``names`` (all when empty).
+
+    Returns
+    -------
+    int
+        0 if every package loaded and answered with the promised shape, else 1.
+    """
+    import torch
+
+    from dicomnode.inference.weights import load_model
+
+    models = _registry(settings)
+    names = args.names or sorted(models)
+    failed = 0
+    for name in names:
+        spec = _one(settings, name) if name not in models else models[name]
+        started = time.perf_counter()
+        try:
+            module = load_model(spec, torch.device("cpu"))
+            rows, cols = spec.input.matrix
+            with torch.inference_mode():
+                y = module(torch.zeros(1, 1, rows, cols))
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != (1, 1, rows, cols):
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ModelPackageError(
+                    f"model {name}: expected output [N, 1, {rows}, {cols}], got {got}"
+                )
+        except ModelPackageError as exc:
+            print(f"FAILED {exc}")
+            failed += 1
+            continue
+        except Exception as exc:  # a forward pass can raise anything
+            print(f"FAILED model {name}: forward pass: {type(exc).__name__}")
+            failed += 1
+            continue
+        seconds = time.perf_counter() - started
+        print(f"ok     {name} {spec.version}: loaded and ran one batch in {seconds:.2f} s")
+    return 1 if failed else 0
