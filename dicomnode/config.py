@@ -278,6 +278,21 @@ class WorkerSettings:
     threads: int = field(
         default=0, metadata=field_doc("CPU threads for inference; 0 uses all cores.", _non_negative)
     )
+    backend: str = field(
+        default="auto",
+        metadata=field_doc(
+            "auto (OpenVINO on the CPU when installed, checked against PyTorch on the first "
+            "batch), torch or openvino.",
+            one_of("auto", "torch", "openvino"),
+        ),
+    )
+    precision: str = field(
+        default="auto",
+        metadata=field_doc(
+            "For OpenVINO: auto (bf16 where the CPU has it), fp32 or bf16.",
+            one_of("auto", "fp32", "bf16"),
+        ),
+    )
     starvation_seconds: float = field(
         default=600.0,
         metadata=field_doc(

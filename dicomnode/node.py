@@ -157,8 +157,13 @@ class Node:
             settings, sessions, models, spool, completion=listen, doorbell=node.doorbell
         )
         if work:
-            configure_threads(settings.worker.threads)
-            cache = ModelCache(select_device(settings.worker.device))
+            threads = configure_threads(settings.worker.threads)
+            cache = ModelCache(
+                select_device(settings.worker.device),
+                backend=settings.worker.backend,
+                precision=settings.worker.precision,
+                threads=threads,
+            )
             pipeline = Pipeline(settings, sessions, spool, models, cache)
             node.wake_listener = WakeListener(engine, spool.root, node.doorbell, node.stop_event)
             slots = ModelSlots(settings.worker.model_concurrency)

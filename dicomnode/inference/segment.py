@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import ModelPackageError, PermanentJobError, TransientJobError
+from dicomnode.inference.backends import (
+    OpenVINOModel,
+    compile_openvino,
+    masks_agree,
+    openvino_available,
+)
 from dicomnode.inference.lungs import split_left_right
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.volume import Volume
@@ -38,19 +44,39 @@ class SegmentationResult:
 class ModelCache:
     """Loaded models, kept warm between jobs (one copy per model and device).
 
+    On the CPU a model may also be compiled by a faster back-end (OpenVINO); it is
+    used once it has agreed with the PyTorch model on the first batch of real data.
+
     Parameters
     ----------
     device : torch.device
         Where models are loaded.
+    backend : str
+        ``auto`` (OpenVINO on the CPU when installed), ``torch`` or ``openvino``.
+    precision : str
+        For the faster back-end: ``auto`` (bf16 where the CPU has it), ``fp32`` or ``bf16``.
+    threads : int
+        CPU threads for the faster back-end; 0 lets it decide.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        backend: str = "torch",
+        precision: str = "auto",
+        threads: int = 0,
+    ) -> None:
         self.device = device
+        self.backend = backend
+        self.precision = precision
+        self.threads = threads
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
+        self._fast: dict[tuple[str, str], OpenVINOModel | None] = {}
+        self._trusted: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     def get(self, spec: ModelSpec) -> torch.nn.Module:
-        """Return the loaded model for ``spec``, loading it on first use.
+        """Return the loaded PyTorch model for ``spec``, loading it on first use.
 
         Parameters
         ----------
@@ -76,6 +102,79 @@ class ModelCache:
                 )
             return self._models[key]
 
+    def fast(self, spec: ModelSpec) -> OpenVINOModel | None:
+        """Return the model compiled by the faster back-end, or None to use PyTorch.
+
+        Parameters
+        ----------
+        spec : ModelSpec
+            The package.
+
+        Returns
+        -------
+        OpenVINOModel or None
+            None on a GPU, with ``backend = "torch"``, when OpenVINO is missing, when
+            it cannot compile this model, or after it disagreed with PyTorch.
+        """
+        if self.device.type != "cpu" or self.backend == "torch":
+            return None
+        key = (spec.name, spec.version)
+        module = self.get(spec)
+        with self._lock:
+            if key not in self._fast:
+                self._fast[key] = self._compile(spec, module)
+            return self._fast[key]
+
+    def _compile(self, spec: ModelSpec, module: torch.nn.Module) -> OpenVINOModel | None:
+        if not openvino_available():
+            if self.backend == "openvino":
+                log.warning("worker.backend is openvino but it is not installed; using PyTorch")
+            return None
+        started = time.perf_counter()
+        example = torch.zeros(spec.input.batch_size, 1, *spec.input.matrix)
+        try:
+            compiled = compile_openvino(module, example, self.threads, self.precision)
+        except Exception as exc:  # an operator OpenVINO lacks: PyTorch still runs it
+            log.warning(
+                "model %s: OpenVINO cannot compile it (%s); using PyTorch",
+                spec.name,
+                type(exc).__name__,
+            )
+            return None
+        log.info(
+            "model compiled model=%s backend=openvino precision=%s seconds=%.2f",
+            spec.name,
+            compiled.precision,
+            time.perf_counter() - started,
+        )
+        return compiled
+
+    def trusted(self, spec: ModelSpec) -> bool:
+        """Return whether the faster back-end has agreed with PyTorch for ``spec``."""
+        with self._lock:
+            return (spec.name, spec.version) in self._trusted
+
+    def verdict(self, spec: ModelSpec, agreed: bool) -> None:
+        """Record the agreement check: trust the faster back-end, or drop it.
+
+        Parameters
+        ----------
+        spec : ModelSpec
+            The package.
+        agreed : bool
+            Whether its first batch matched PyTorch's.
+        """
+        key = (spec.name, spec.version)
+        with self._lock:
+            if agreed:
+                self._trusted.add(key)
+            else:
+                self._fast[key] = None
+                log.warning(
+                    "model %s: OpenVINO disagrees with PyTorch or failed; using PyTorch",
+                    spec.name,
+                )
+
 
 def check_input(spec: ModelSpec, volume: Volume) -> None:
     """Refuse a volume the model was not made for.
@@ -99,12 +198,17 @@ def check_input(spec: ModelSpec, volume: Volume) -> None:
         )
 
 
+class Disagreement(Exception):
+    """The faster back-end's first batch did not match PyTorch's."""
+
+
 def predict_foreground(
-    module: torch.nn.Module,
+    module: Callable[[torch.Tensor], torch.Tensor],
     spec: ModelSpec,
     pixels: np.ndarray,
     device: torch.device,
     checkpoint: Callable[[], None] | None = None,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Return the per-voxel foreground probability of a slice-wise model.
 
@@ -120,6 +224,9 @@ def predict_foreground(
         Where to run.
     checkpoint : callable, optional
         Called between batches; it raises to abandon the work (worker shutdown).
+    reference : callable, optional
+        The PyTorch model, when ``module`` is a faster back-end not yet trusted: the
+        first batch runs through both and must agree (:func:`masks_agree`).
 
     Returns
     -------
@@ -162,6 +269,13 @@ def predict_foreground(
                 )
             if spec.output.kind == "logits":
                 y = torch.sigmoid(y)
+            if reference is not None:
+                expected = reference(x)
+                if spec.output.kind == "logits":
+                    expected = torch.sigmoid(expected)
+                if not masks_agree(expected.float(), y.float(), spec.output.threshold):
+                    raise Disagreement(spec.name)
+                reference = None  # one batch decides
             if resample:
                 y = F.interpolate(y, size=(rows, cols), mode="bilinear", align_corners=False)
             out[start : start + y.shape[0]] = y[:, 0].float().cpu().numpy()
@@ -202,11 +316,25 @@ def segment(
     check_input(spec, volume)
     try:
         module = cache.get(spec)
+        fast = cache.fast(spec)
     except ModelPackageError as exc:
         raise PermanentJobError(str(exc)) from None
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    prob = predict_foreground(module, spec, volume.pixels, cache.device, checkpoint)
+    prob: np.ndarray | None = None
+    if fast is not None:
+        reference = None if cache.trusted(spec) else module
+        try:
+            prob = predict_foreground(
+                fast, spec, volume.pixels, cache.device, checkpoint, reference=reference
+            )
+            if reference is not None:
+                cache.verdict(spec, agreed=True)
+        except (Disagreement, PermanentJobError):
+            # Disagreed, or failed where PyTorch may not: PyTorch decides, from now on.
+            cache.verdict(spec, agreed=False)
+    if prob is None:
+        prob = predict_foreground(module, spec, volume.pixels, cache.device, checkpoint)
     timings["inference_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
