@@ -198,6 +198,35 @@ def check_input(spec: ModelSpec, volume: Volume) -> None:
         )
 
 
+def _forward_in_pieces(
+    module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str
+) -> torch.Tensor:
+    """Run a batch; out of device memory, run it again in halves, down to one slice.
+
+    A GPU shared with other work (or a larger matrix than usual) can run out of memory
+    at the package's batch size and still manage a smaller one: the job slows down
+    instead of failing. Only a single slice that does not fit fails the attempt, as a
+    transient error, so it is retried later (or on another worker).
+    """
+    try:
+        return module(x)
+    except torch.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise TransientJobError(
+                f"model {name}: out of device memory even for one slice"
+            ) from None
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        half = (x.shape[0] + 1) // 2
+        log.warning(
+            "model %s: out of device memory at batch %d; retrying in batches of %d",
+            name,
+            x.shape[0],
+            half,
+        )
+        return torch.cat([_forward_in_pieces(module, p, name) for p in torch.split(x, half)])
+
+
 class Disagreement(Exception):
     """The faster back-end's first batch did not match PyTorch's."""
 
@@ -254,9 +283,7 @@ def predict_foreground(
             if resample:
                 x = F.interpolate(x, size=matrix, mode="bilinear", align_corners=False)
             try:
-                y = module(x)
-            except torch.OutOfMemoryError:
-                raise TransientJobError(f"model {spec.name}: out of device memory") from None
+                y = _forward_in_pieces(module, x, spec.name)
             except RuntimeError as exc:
                 raise PermanentJobError(
                     f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicomnode.errors import JobInterrupted, ModelPackageError, PermanentJobError
+from dicomnode.errors import (
+    JobInterrupted,
+    ModelPackageError,
+    PermanentJobError,
+    TransientJobError,
+)
 from dicomnode.inference.registry import load_model_spec
 from dicomnode.inference.segment import ModelCache, segment
 from dicomnode.inference.volume import volume_from_datasets
@@ -96,3 +101,34 @@ def test_checkpoint_interrupts_between_batches(tmp_path: Path) -> None:
     with pytest.raises(JobInterrupted):
         segment(spec, phantom_volume(), ModelCache(CPU), checkpoint=checkpoint)
     assert len(calls) == 2
+
+
+class MemoryLimited(torch.nn.Module):
+    """Runs out of 'device memory' above ``limit`` slices per batch, as a full GPU would."""
+
+    def __init__(self, inner: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.limit = limit
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_in_smaller_batches(tmp_path: Path) -> None:
+    from dicomnode.inference.segment import predict_foreground
+    from tests.unit.inference.packages import LungWindow
+
+    spec = load_model_spec(build_package(tmp_path, batch_size=8))
+    pixels = lung_phantom(slices=12).astype(np.float32)
+    expected = predict_foreground(LungWindow(), spec, pixels, CPU)
+    limited = MemoryLimited(LungWindow(), limit=3)
+    got = predict_foreground(limited, spec, pixels, CPU)
+    assert np.array_equal(got, expected)
+    assert max(limited.batches) <= 3 and sum(limited.batches) == 12
+    with pytest.raises(TransientJobError, match="out of device memory even for one slice"):
+        predict_foreground(MemoryLimited(LungWindow(), limit=0), spec, pixels, CPU)
