@@ -13,10 +13,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from dicomnode import __version__
+from dicomnode.cli.evaluate import evaluate
 from dicomnode.cli.jobs import cancel_jobs, list_jobs, retry_jobs, show_job
 from dicomnode.cli.logs import setup_logging
 from dicomnode.cli.models import check_models, list_models, show_model
@@ -206,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = models.add_parser("check", help="load the weights and run one batch on the CPU")
     p.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
     p.set_defaults(run=check_models)
+
+    p = sub.add_parser(
+        "evaluate", help="compare our SEGs with reference SEGs: Dice, IoU, HD95, volumes"
+    )
+    p.add_argument("ours", type=Path, help="a SEG file, or a folder of them")
+    p.add_argument("reference", type=Path, help="reference SEG file or folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=evaluate)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")
