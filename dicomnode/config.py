@@ -398,6 +398,37 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class ContentCheck:
+    """What a series must show before a route's models run on it.
+
+    Header rules (``match``) cannot tell a usable series from a scout or a partial
+    one; these look at the images and at another model's verdict.
+    """
+
+    min_slices: int = field(
+        default=0, metadata=field_doc("Fewest slices the series must have.", _non_negative)
+    )
+    axial: bool = field(
+        default=False,
+        metadata=field_doc("Slices must be axial (normal within 10 degrees of head-foot)."),
+    )
+    model: str = field(
+        default="",
+        metadata=field_doc(
+            "A model that must have run on the same series first (from any route), "
+            "e.g. the lung U-Net; its job is waited for."
+        ),
+    )
+    min_volume_ml: float = field(
+        default=0.0,
+        metadata=field_doc(
+            "Least total segment volume that model must have found, e.g. a non-empty lung mask.",
+            _non_negative,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Route:
     """Which models run on which series, and where the results go."""
 
@@ -424,6 +455,13 @@ class Route:
         metadata=field_doc(
             "urgent jobs are claimed before normal ones (e.g. a stroke or trauma route).",
             one_of("normal", "urgent"),
+        ),
+    )
+    requires: ContentCheck = field(
+        default_factory=ContentCheck,
+        metadata=field_doc(
+            "Content checks before the models run; a series that fails them gets its "
+            "jobs cancelled with the reason."
         ),
     )
 
@@ -539,6 +577,13 @@ def _cross_check(settings: Settings) -> None:
             raise ConfigError(f"routes[{i}].name: duplicate route {route.name!r}")
         if not route.models:
             raise ConfigError(f"routes[{i}].models: a route needs at least one model")
+        if route.requires.model in route.models:
+            raise ConfigError(
+                f"routes[{i}].requires.model: {route.requires.model!r} is run by this route "
+                "itself; name a model another route runs first"
+            )
+        if route.requires.min_volume_ml and not route.requires.model:
+            raise ConfigError(f"routes[{i}].requires.min_volume_ml: needs requires.model")
         for dest in route.send_to:
             if dest not in names:
                 raise ConfigError(

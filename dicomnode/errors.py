@@ -53,6 +53,22 @@ class JobSuperseded(JobError):
     """
 
 
+class ContentCheckFailed(JobError):
+    """The series is not what the route's models are for; the job is cancelled.
+
+    Too few slices, not axial, or another model found nothing: the reason says which.
+    """
+
+
+class WaitingForModel(JobError):
+    """The route needs another model's verdict on the series, and it is not in yet.
+
+    The job goes back to the queue for a while; the attempt does not count.
+    """
+
+    retryable = True
+
+
 class JobInterrupted(DicomnodeError):
     """The worker is shutting down; the job goes back to the queue untouched."""
 

@@ -54,6 +54,11 @@ def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
         for name in route.models:
             if name not in models:
                 raise ConfigError(f"routes[{i}].models: unknown model {name!r} (known: {known})")
+        needed = route.requires.model
+        if needed and needed not in models:
+            raise ConfigError(
+                f"routes[{i}].requires.model: unknown model {needed!r} (known: {known})"
+            )
     for key, names in (
         ("worker.models", settings.worker.models),
         ("worker.model_concurrency", list(settings.worker.model_concurrency)),

@@ -58,6 +58,7 @@ from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file
+from dicomnode.queue import content
 from dicomnode.store.spool import REJECTED, RESULTS, Spool
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class JobContext:
     """What a job needs from the database, read once at the start."""
 
     job_id: int
+    series_id: int
+    generation: int
     route: str
     model: str
     model_version: str
@@ -176,7 +179,9 @@ class Pipeline:
         outputs = ctx.outputs
         if not outputs:
             checkpoint()
-            built, summary, stage_times = self._make_outputs(ctx, checkpoint)
+            with self.sessions() as session:
+                content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
+            built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
             timings.update(stage_times)
             checkpoint()
             outputs = self._store_outputs(claim, ctx, built, summary, timings)
@@ -216,6 +221,8 @@ class Pipeline:
             ).all()
             return JobContext(
                 job_id=job.id,
+                series_id=series.id,
+                generation=job.generation,
                 route=job.route,
                 model=job.model,
                 model_version=job.model_version,
@@ -247,7 +254,7 @@ class Pipeline:
         return spec
 
     def _make_outputs(
-        self, ctx: JobContext, checkpoint: Callable[[], None]
+        self, ctx: JobContext, route: Route, checkpoint: Callable[[], None]
     ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
         spec = self._spec(ctx)
         timings: dict[str, float] = {}
@@ -255,6 +262,7 @@ class Pipeline:
         started = time.perf_counter()
         volume = load_series([self.spool.absolute(p) for p in ctx.instance_paths])
         timings["load_s"] = time.perf_counter() - started
+        content.check_images(route.requires, volume.shape[0], volume.normal)
         checkpoint()
 
         result = segment(spec, volume, self.cache, checkpoint=checkpoint)

@@ -558,6 +558,53 @@ def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
         return True
 
 
+def postpone(sessions: sessionmaker[Session], claim: Claim, seconds: float, reason: str) -> bool:
+    """Put a job back to wait for something else (another model's verdict).
+
+    Like :func:`release`, the attempt does not count; unlike it, the job is not
+    runnable again for ``seconds``.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    claim : Claim
+        The job.
+    seconds : float
+        How long to wait.
+    reason : str
+        Recorded in the job's history and ``last_error``.
+
+    Returns
+    -------
+    bool
+        False if the lease had already been lost.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        job = _owned_job(session, claim)
+        if job is None:
+            return False
+        before = job.state
+        job.state = JobState.QUEUED
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.attempts -= 1
+        job.run_after = now + timedelta(seconds=seconds)
+        job.last_error = reason
+        job.updated_at = now
+        record_event(
+            session,
+            job,
+            JobState.QUEUED,
+            from_state=before,
+            worker=claim.owner,
+            note=reason,
+            at=now,
+        )
+        return True
+
+
 def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
     """Re-queue jobs whose worker stopped renewing its lease (it crashed or hung).
 

@@ -16,8 +16,16 @@ from dicomnode.config import WorkerSettings
 from dicomnode.db import jobs
 from dicomnode.db.jobs import Claim
 from dicomnode.db.models import JobState
-from dicomnode.errors import DeliveryFailed, JobError, JobInterrupted, JobSuperseded
+from dicomnode.errors import (
+    ContentCheckFailed,
+    DeliveryFailed,
+    JobError,
+    JobInterrupted,
+    JobSuperseded,
+    WaitingForModel,
+)
 from dicomnode.pipeline import Pipeline
+from dicomnode.queue import content
 from dicomnode.queue.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
@@ -240,6 +248,14 @@ class Worker:
         except JobSuperseded as exc:
             jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
             log.info("job cancelled job_id=%d: superseded by newer input", claim.job_id)
+            return
+        except ContentCheckFailed as exc:
+            jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
+            log.info("job cancelled job_id=%d: %s", claim.job_id, exc)
+            return
+        except WaitingForModel as exc:
+            jobs.postpone(self.sessions, claim, content.WAIT_SECONDS, str(exc))
+            log.info("job postponed job_id=%d: %s", claim.job_id, exc)
             return
         except JobError as exc:
             state = jobs.fail(

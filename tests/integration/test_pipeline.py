@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from dicomnode.config import Settings, parse_settings
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, Output, utcnow
 from dicomnode.errors import JobSuperseded, PermanentJobError
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
@@ -297,3 +297,101 @@ def test_object_failing_validation_is_not_sent_and_kept_aside(
     with sessions() as s:
         assert s.scalars(select(Output)).all() == []
     assert scp.received == []
+
+
+def gated_node(tmp_path: Path, db_url: str, sessions, scp: CountingSCP, requires: dict) -> dict:
+    """Two routes: the lung model, and a second model that needs the lungs' verdict."""
+    models = tmp_path / "models"
+    build_package(models)
+    build_package(models, "second-model")
+    settings = parse_settings(
+        {
+            "database": {"url": db_url},
+            "storage": {"path": str(tmp_path / "spool")},
+            "completion": {"quiet_seconds": 0},
+            "worker": {"lease_seconds": 30, "retry_base_seconds": 1},
+            "models": {"path": str(models)},
+            "outputs": {"validate": "off"},
+            "destinations": [
+                {"name": "counter", "ae_title": "COUNTER", "host": "127.0.0.1",
+                 "port": scp.port, "timeout_seconds": 5},
+            ],
+            "routes": [
+                {"name": "gated", "match": {"Modality": "CT"}, "models": ["second-model"],
+                 "send_to": ["counter"], "requires": requires},
+                {"name": "lungs", "match": {"Modality": "CT"}, "models": ["test-lungs"],
+                 "send_to": ["counter"]},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    registry = load_registry(settings.models.path)
+    spool = Spool(settings.storage.path)
+    pipeline = Pipeline(settings, sessions, spool, registry, ModelCache(torch.device("cpu")))
+    worker = Worker(sessions, pipeline, settings.worker, threading.Event())
+    return {"settings": settings, "models": registry, "spool": spool, "worker": worker,
+            "sessions": sessions}  # fmt: skip
+
+
+def jobs_by_model(sessions) -> dict[str, Job]:
+    with sessions() as s:
+        rows = s.scalars(select(Job)).all()
+        for job in rows:
+            s.expunge(job)
+        return {j.model: j for j in rows}
+
+
+def receive_gated(node: dict, **kwargs: object) -> None:
+    ingestor = Ingestor(node["spool"], node["sessions"])
+    for ds in ct_series(lung_phantom(), **kwargs):
+        ingestor.store(encode(ds))
+    assert sweep(node["sessions"], node["settings"], node["models"], node["spool"]) == 1
+
+
+def test_a_route_waits_for_another_models_verdict(
+    tmp_path: Path, db_url: str, sessions, scp: CountingSCP
+) -> None:
+    scp.start()
+    requires = {"model": "test-lungs", "min_volume_ml": 1, "min_slices": 5, "axial": True}
+    node = gated_node(tmp_path, db_url, sessions, scp, requires)
+    receive_gated(node)
+    # The gated job comes first (its route is first) and must wait for the lungs.
+    assert node["worker"].run_once()
+    gated = jobs_by_model(sessions)["second-model"]
+    assert gated.state == JobState.QUEUED and gated.attempts == 0
+    assert gated.last_error == "waiting for test-lungs on this series"
+    assert node["worker"].run_once()  # the lungs job
+    assert jobs_by_model(sessions)["test-lungs"].state == JobState.DONE
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(run_after=utcnow()))
+    assert node["worker"].run_once()
+    gated = jobs_by_model(sessions)["second-model"]
+    assert gated.state == JobState.DONE and gated.attempts == 1
+    assert len(scp.received) == 4  # SEG and SR from each model
+
+
+@pytest.mark.parametrize(
+    ("requires", "kwargs", "reason"),
+    [
+        ({"min_slices": 50}, {}, "content check: 12 slices, fewer than the 50 required"),
+        ({"axial": True}, {"orientation": (0, 1, 0, 0, 0, -1)},
+         "content check: slices are not axial (90 degrees from head-foot)"),
+        ({"model": "test-lungs", "min_volume_ml": 10**6}, {},
+         "content check: test-lungs found"),
+    ],
+)  # fmt: skip
+def test_a_series_failing_the_checks_is_cancelled_with_the_reason(
+    tmp_path: Path, db_url: str, sessions, scp: CountingSCP, requires, kwargs, reason
+) -> None:
+    scp.start()
+    node = gated_node(tmp_path, db_url, sessions, scp, requires)
+    receive_gated(node, **kwargs)
+    for _ in range(6):  # until both ended; a postponed job waits, so wake it when idle
+        if not node["worker"].run_once():
+            with transaction(sessions) as s:
+                s.execute(update(Job).values(run_after=utcnow()))
+    gated = jobs_by_model(sessions)["second-model"]
+    assert gated.state == JobState.CANCELLED and gated.last_error.startswith(reason)
+    with sessions() as s:
+        notes = s.scalars(select(JobEvent.note).where(JobEvent.job_id == gated.id)).all()
+    assert notes[-1] == gated.last_error

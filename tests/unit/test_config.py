@@ -185,3 +185,19 @@ def test_bad_listener_settings_are_named(tmp_path: Path, text: str, message: str
     cfg.write_text(f"[listener]\n{text}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(cfg, environ={})
+
+
+def test_route_content_checks_are_validated() -> None:
+    def route(requires: dict) -> dict:
+        return {**MINIMAL, "routes": [{**MINIMAL["routes"][0], "requires": requires}]}
+
+    settings = parse_settings(route({"min_slices": 40, "axial": True}), environ={})
+    assert settings.routes[0].requires.min_slices == 40 and settings.routes[0].requires.axial
+    assert error_for(route({"model": "m"})).startswith(
+        "routes[0].requires.model: 'm' is run by this route itself"
+    )
+    assert error_for(route({"min_volume_ml": 5})) == (
+        "routes[0].requires.min_volume_ml: needs requires.model"
+    )
+    assert "routes[0].requires.min_slices" in error_for(route({"min_slices": -1}))
+    assert "routes[0].requires.colour" in error_for(route({"colour": 1}))
