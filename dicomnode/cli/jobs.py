@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -209,13 +210,18 @@ def _act(
     try:
         migrate.require_current(engine)
         sessions = session_factory(engine)
-        who = f"admin {getpass.getuser()}"
-        for job_id in args.ids:
-            job = action(sessions, job_id, who)
-            print(f"job {job.id} {verb}")
-        if verb == "queued again":
-            # Idle workers anywhere take it now rather than at their next poll.
-            Announcer(engine, settings.storage.path).announce()
+        try:
+            who = f"admin {getpass.getuser()}"
+        except (KeyError, OSError):  # a container uid without a passwd entry
+            who = f"admin uid {os.getuid()}"
+        try:
+            for job_id in args.ids:
+                job = action(sessions, job_id, who)
+                print(f"job {job.id} {verb}")
+        finally:
+            if verb == "queued again":
+                # Idle workers anywhere take it now rather than at their next poll.
+                Announcer(engine, settings.storage.path).announce()
     finally:
         engine.dispose()
     return 0

@@ -474,6 +474,8 @@ def fail(
         job.lease_owner = None
         job.lease_expires_at = None
         job.updated_at = now
+        resend_only = _resend_only(session, job)
+        give_back = False
         if retryable and delivery is not None:
             since = session.scalar(
                 select(func.min(Delivery.created_at)).where(
@@ -485,16 +487,15 @@ def fail(
             delay = retry_delay(
                 _delivery_tries(session, job.id), base_seconds, delivery.max_delay_seconds
             )
-            made_now = session.scalar(
-                select(func.count(Output.id)).where(
-                    Output.job_id == job.id, Output.created_at >= job.started_at
-                )
-            )
-            if retry and not made_now:
-                # An attempt that only re-sent stored results is given back, like a
-                # release: ``attempts`` counts tries at making the results, and a PACS
-                # that is down must not use them up (each delivery row counts its own).
-                job.attempts -= 1
+            # An attempt that only re-sent stored results is given back, like a
+            # release: ``attempts`` counts tries at making the results, and a PACS
+            # that is down must not use them up (each delivery row counts its own).
+            give_back = retry and resend_only
+        elif retryable and resend_only:
+            # The results exist; a hiccup while re-sending them (the database, say)
+            # must not fail a job whose model budget was spent making them.
+            retry, give_back = True, True
+            delay = retry_delay(job.attempts, base_seconds)
         else:
             retry = retryable and job.attempts < job.max_attempts
             delay = retry_delay(job.attempts, base_seconds)
@@ -505,7 +506,21 @@ def fail(
             job.state = JobState.FAILED
             job.finished_at = now
         record_event(session, job, job.state, from_state=before, worker=claim.owner, note=error)
+        if give_back:
+            job.attempts -= 1  # after the event, which records the attempt that ran
         return job.state
+
+
+def _resend_only(session: Session, job: Job) -> bool:
+    """Return whether the job's results were made by an earlier attempt than this one."""
+    if job.started_at is None:
+        return False
+    earlier = session.scalar(
+        select(func.count(Output.id)).where(
+            Output.job_id == job.id, Output.created_at < job.started_at
+        )
+    )
+    return bool(earlier)
 
 
 def _delivery_tries(session: Session, job_id: int) -> int:
@@ -634,7 +649,8 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
             job.lease_owner = None
             job.lease_expires_at = None
             job.updated_at = now
-            if job.attempts < job.max_attempts:
+            resend_only = _resend_only(session, job)
+            if resend_only or job.attempts < job.max_attempts:
                 job.state = JobState.QUEUED
                 job.run_after = now
             else:
@@ -643,6 +659,8 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
             record_event(
                 session, job, job.state, from_state=before, worker=by, note=job.last_error, at=now
             )
+            if resend_only:
+                job.attempts -= 1  # it was only re-sending stored results
             log.warning("lease expired job_id=%d state=%s", job.id, job.state)
             count += 1
     return count
@@ -696,10 +714,12 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
         job.finished_at = None
         job.last_error = None
         job.updated_at = now
+        # A fresh delivery window too: the outage that failed the job is not held
+        # against the retry an admin asked for.
         session.execute(
             update(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
-            .values(state=DeliveryState.PENDING)
+            .where(Delivery.job_id == job_id, Delivery.state != DeliveryState.SENT)
+            .values(state=DeliveryState.PENDING, created_at=now, attempts=0)
         )
         record_event(session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}")
         return job

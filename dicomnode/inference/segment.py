@@ -211,20 +211,22 @@ def _forward_in_pieces(
     try:
         return module(x)
     except torch.OutOfMemoryError:
-        if x.shape[0] == 1:
-            raise TransientJobError(
-                f"model {name}: out of device memory even for one slice"
-            ) from None
-        if x.is_cuda:
-            torch.cuda.empty_cache()
-        half = (x.shape[0] + 1) // 2
-        log.warning(
-            "model %s: out of device memory at batch %d; retrying in batches of %d",
-            name,
-            x.shape[0],
-            half,
-        )
-        return torch.cat([_forward_in_pieces(module, p, name) for p in torch.split(x, half)])
+        pass  # leave the handler first: its traceback holds the failed pass's tensors
+    if x.shape[0] == 1:
+        raise TransientJobError(f"model {name}: out of device memory even for one slice")
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    half = (x.shape[0] + 1) // 2
+    log.warning(
+        "model %s: out of device memory at batch %d; retrying in batches of %d",
+        name,
+        x.shape[0],
+        half,
+    )
+    return torch.cat([_forward_in_pieces(module, p, name) for p in torch.split(x, half)])
+
+
+DECISIVE_VOXELS = 1000  # foreground voxels a compared batch needs to settle the check
 
 
 class Disagreement(Exception):
@@ -302,7 +304,10 @@ def predict_foreground(
                     expected = torch.sigmoid(expected)
                 if not masks_agree(expected.float(), y.float(), spec.output.threshold):
                     raise Disagreement(spec.name)
-                reference = None  # one batch decides
+                # The first batch with real foreground decides; empty ones (the first
+                # slices above the lungs, say) prove little, so they are checked too.
+                if int((expected >= spec.output.threshold).sum()) >= DECISIVE_VOXELS:
+                    reference = None
             if resample:
                 y = F.interpolate(y, size=(rows, cols), mode="bilinear", align_corners=False)
             out[start : start + y.shape[0]] = y[:, 0].float().cpu().numpy()
@@ -346,6 +351,8 @@ def segment(
         fast = cache.fast(spec)
     except ModelPackageError as exc:
         raise PermanentJobError(str(exc)) from None
+    if checkpoint is not None:
+        checkpoint()  # loading and compiling can take a while: a stop is honoured here
     timings: dict[str, float] = {}
     started = time.perf_counter()
     prob: np.ndarray | None = None
@@ -355,7 +362,10 @@ def segment(
             prob = predict_foreground(
                 fast, spec, volume.pixels, cache.device, checkpoint, reference=reference
             )
-            if reference is not None:
+            # Every batch was compared until one had enough foreground; a volume with
+            # hardly any leaves the back-end on probation for the next job.
+            decisive = int((prob >= spec.output.threshold).sum()) >= DECISIVE_VOXELS
+            if reference is not None and decisive:
                 cache.verdict(spec, agreed=True)
         except (Disagreement, PermanentJobError):
             # Disagreed, or failed where PyTorch may not: PyTorch decides, from now on.

@@ -85,7 +85,9 @@ class Announcer:
                     address = "\0" + entry.read_text().strip()
                     self._socket.sendto(b"!", address)
                 except (ConnectionRefusedError, FileNotFoundError):
-                    entry.unlink(missing_ok=True)  # its process is gone
+                    if not _alive(entry.name):
+                        entry.unlink(missing_ok=True)  # its process is gone
+                    # else: alive but unreachable (another network namespace): keep it
                 except BlockingIOError:
                     pass  # its queue is full: it is awake already
                 except OSError:
@@ -97,6 +99,21 @@ class Announcer:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+
+
+def _alive(name: str) -> bool:
+    """Return whether the process in a registration name (``dicomnode-wake-PID-...``) runs."""
+    try:
+        pid = int(name.split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: it exists
+    return True
 
 
 class WakeListener(threading.Thread):

@@ -286,7 +286,7 @@ def test_object_failing_validation_is_not_sent_and_kept_aside(
 ) -> None:
     pipeline, claim = claimed_job(node, scp, sessions)
     ctx = pipeline._context(claim)
-    built, summary, timings = pipeline._make_outputs(ctx, lambda: None)
+    built, summary, timings = pipeline._make_outputs(ctx, pipeline._route(ctx), lambda: None)
     seg = next(b for b in built if b.kind == "seg")
     del seg.dataset.SegmentSequence  # a real defect dciodvfy must catch
     with pytest.raises(PermanentJobError, match=r"failed validation: Error .*kept at rejected/"):

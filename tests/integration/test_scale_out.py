@@ -55,6 +55,10 @@ SLOW_SLICE_S = 0.5  # the slow model's time per slice (one slice per batch)
 # Twelve slices' time: a machine busy enough to slow a slice several times over must
 # not make a live worker look dead (it renews its lease only between batches).
 LEASE_S = 6
+# The slow-model tests time a job by the slow model's pace in PyTorch. OpenVINO would
+# compile its loop of products into something far faster (and take a while doing
+# so), so those tests pin the back-end; the exactly-once test runs the default.
+TORCH = 'backend = "torch"\n'
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -394,7 +398,7 @@ def test_worker_killed_mid_inference(tmp_path: Path, database: Database) -> None
     with CountingSCP() as pacs:
         config = configure(
             tmp_path, database.url, pacs.port, models,
-            worker_extra=f"lease_seconds = {LEASE_S}\nreap_seconds = 1\n",
+            worker_extra=f"lease_seconds = {LEASE_S}\nreap_seconds = 1\n{TORCH}",
         )  # fmt: skip
         with running(start(config, listen=True, workers=2)) as nodes:
             workers = {n.proc.pid: n for n in nodes[1:] if n.proc is not None}
@@ -457,7 +461,7 @@ def test_sigterm_releases_the_job(tmp_path: Path, database: Database) -> None:
     assert SIGTERM_SLICES * SLOW_SLICE_S >= 2 * STOP_BOUND_S  # stopping is not finishing
 
     with CountingSCP() as pacs:
-        config = configure(tmp_path, database.url, pacs.port, models)
+        config = configure(tmp_path, database.url, pacs.port, models, worker_extra=TORCH)
         with running(start(config, listen=True, workers=1)) as nodes:
             worker = nodes[1]
             send(config, files)

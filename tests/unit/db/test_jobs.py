@@ -223,6 +223,10 @@ def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int
     retry = jobs.DeliveryRetry(give_up_seconds=3600, max_delay_seconds=5)
     with transaction(sessions) as s:
         s.add(Delivery(job_id=job_id, destination="pacs", attempts=1))
+        # Made by an earlier attempt: the claims below only re-send them.
+        s.add(Output(job_id=job_id, kind="seg", sop_class_uid="1.2", sop_instance_uid="1.2.3",
+                     series_uid="1.2.4", path="results/x.dcm", size_bytes=1,
+                     created_at=utcnow() - timedelta(minutes=5)))  # fmt: skip
     for _ in range(3):  # well past max_attempts
         claim = jobs.claim(sessions, "w1", 60)
         # A delivery failure gives its attempt back: the budget is for making results.
@@ -299,3 +303,38 @@ def test_the_attempt_that_made_the_results_counts(sessions, series_id: int) -> N
     assert claim.attempt == 2
     jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
     assert state(sessions, job_id).attempts == 1
+
+
+def test_a_resend_only_attempt_that_dies_does_not_fail_the_job(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=1)
+    with transaction(sessions) as s:
+        s.add(Output(job_id=job_id, kind="seg", sop_class_uid="1.2", sop_instance_uid="1.2.3",
+                     series_uid="1.2.4", path="results/x.dcm", size_bytes=1,
+                     created_at=utcnow() - timedelta(minutes=5)))  # fmt: skip
+        s.get(Job, job_id).attempts = 1  # the attempt that made them, the only one allowed
+    claim = jobs.claim(sessions, "w1", 60)
+    assert claim.attempt == 2
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert jobs.reap_expired(sessions) == 1
+    job = state(sessions, job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 1
+    claim = jobs.claim(sessions, "w1", 60)
+    got = jobs.fail(sessions, claim, "internal error", retryable=True, base_seconds=0.001)
+    assert got == "queued" and state(sessions, job_id).attempts == 1
+    assert history(sessions, job_id)[-1] == ("running", "queued", 2, "w1")
+
+
+def test_admin_retry_opens_a_fresh_delivery_window(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=1)
+    claim = jobs.claim(sessions, "w1", 60)
+    with transaction(sessions) as s:
+        s.add(Delivery(job_id=job_id, destination="pacs", attempts=9,
+                       created_at=utcnow() - timedelta(days=2)))  # fmt: skip
+    retry = jobs.DeliveryRetry(give_up_seconds=3600, max_delay_seconds=5)
+    assert jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1,
+                     delivery=retry) == "failed"  # fmt: skip
+    jobs.retry(sessions, job_id)
+    claim = jobs.claim(sessions, "w1", 60)
+    assert jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1,
+                     delivery=retry) == "queued"  # fmt: skip

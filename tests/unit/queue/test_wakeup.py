@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -71,13 +72,20 @@ def test_a_dead_processs_registration_is_removed(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     registry = tmp_path / "run" / "wake"
     registry.mkdir(parents=True)
-    (registry / "dicomnode-wake-1-dead").write_text("dicomnode-wake-1-dead")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = f"dicomnode-wake-{gone.stdout.strip()}-dead"
+    # Alive but unreachable (another network namespace, say): must be kept.
+    unreachable = f"dicomnode-wake-{os.getpid()}-elsewhere"
+    for name in (dead, unreachable):
+        (registry / name).write_text(name)
     announcer = Announcer(engine, tmp_path)
     started = time.monotonic()
     announcer.announce()
     announcer.close()
     assert time.monotonic() - started < 1
-    assert not (registry / "dicomnode-wake-1-dead").exists()
+    assert not (registry / dead).exists()
+    assert (registry / unreachable).exists()
 
 
 def test_doorbell_announce_rings_here_and_calls_remote() -> None:
