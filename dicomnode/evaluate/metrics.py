@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,7 +50,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
-def hausdorff95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
+def hausdorff95(
+    a: np.ndarray,
+    b: np.ndarray,
+    spacing: Sequence[float],
+    slice_positions: Sequence[float] | None = None,
+) -> float:
     """Return the 95th percentile symmetric surface distance in millimetres.
 
     Parameters
@@ -59,6 +64,9 @@ def hausdorff95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float
         Boolean masks of the same shape.
     spacing : sequence of float
         Voxel size along each axis, in mm.
+    slice_positions : sequence of float, optional
+        Where each slice (first axis) lies along the slice normal, in mm, when the
+        gaps are not all ``spacing[0]`` (slices missing from both masks, say).
 
     Returns
     -------
@@ -73,6 +81,12 @@ def hausdorff95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float
     if not a.any() or not b.any():
         return float("inf")
     surface_a, surface_b = _surface(a), _surface(b)
+    if slice_positions is not None:
+        points_a = _points(surface_a, spacing, slice_positions)
+        points_b = _points(surface_b, spacing, slice_positions)
+        d_ab, _ = spatial.cKDTree(points_b).query(points_a)
+        d_ba, _ = spatial.cKDTree(points_a).query(points_b)
+        return float(np.percentile(np.concatenate([d_ab, d_ba]), 95))
     to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)
     to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)
     distances = np.concatenate([to_b[surface_a], to_a[surface_b]])
@@ -121,7 +135,10 @@ class SegmentationScores:
 
 
 def score_segmentation(
-    predicted: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
+    predicted: np.ndarray,
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    slice_positions: Sequence[float] | None = None,
 ) -> SegmentationScores:
     """Compute every segmentation metric for one mask.
 
@@ -131,6 +148,8 @@ def score_segmentation(
         Boolean masks on the same grid.
     spacing : sequence of float
         Voxel size in mm.
+    slice_positions : sequence of float, optional
+        Each slice's position along the normal, for uneven gaps (see :func:`hausdorff95`).
 
     Returns
     -------
@@ -140,7 +159,7 @@ def score_segmentation(
     return SegmentationScores(
         dice=dice(predicted, reference),
         iou=iou(predicted, reference),
-        hausdorff95_mm=hausdorff95(predicted, reference, spacing),
+        hausdorff95_mm=hausdorff95(predicted, reference, spacing, slice_positions),
         volume_ml=volume_ml(predicted, spacing),
         reference_volume_ml=volume_ml(reference, spacing),
     )
@@ -284,6 +303,14 @@ def _masks(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape:
         raise ValueError(f"masks differ in shape: {a.shape} and {b.shape}")
     return a, b
+
+
+def _points(
+    surface: np.ndarray, spacing: Sequence[float], slice_positions: Sequence[float]
+) -> np.ndarray:
+    idx = np.argwhere(surface).astype(float)
+    z = np.asarray(slice_positions, dtype=float)[idx[:, 0].astype(int)]
+    return np.column_stack([z, idx[:, 1] * spacing[1], idx[:, 2] * spacing[2]])
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

@@ -57,6 +57,28 @@ def _spacing(seg: hd.seg.Segmentation, path: Path) -> tuple[float, float, float]
         raise EvaluationError(f"{path}: the SEG has no usable pixel measures") from None
 
 
+def _slice_offsets(seg: hd.seg.Segmentation) -> dict[str, float]:
+    """Return each framed source instance's position along the slice normal, in mm."""
+    try:
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        orientation = np.array(
+            shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float
+        )
+    except (AttributeError, IndexError):
+        return {}
+    normal = np.cross(orientation[:3], orientation[3:])
+    out: dict[str, float] = {}
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        try:
+            position = np.array(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+            for derivation in frame.DerivationImageSequence:
+                for source in derivation.SourceImageSequence:
+                    out[str(source.ReferencedSOPInstanceUID)] = float(position @ normal)
+        except (AttributeError, IndexError):
+            continue
+    return out
+
+
 def _labels(seg: hd.seg.Segmentation) -> dict[str, int]:
     return {
         str(item.SegmentLabel).strip().lower(): int(item.SegmentNumber)
@@ -88,7 +110,14 @@ def compare_segs(ours: Path, reference: Path) -> list[SegmentComparison]:
     series_b, uids_b = _source(b, reference)
     if series_a != series_b:
         raise EvaluationError(f"{ours} segments series {series_a}, {reference} segments {series_b}")
-    uids = sorted(set(uids_a) | set(uids_b))
+    # Slices in body order, by where the frames of either SEG say each source lies;
+    # a source with frames in neither SEG is empty in both and left out, its gap kept
+    # by the real positions.
+    offsets = {**_slice_offsets(b), **_slice_offsets(a)}
+    uids = sorted((u for u in set(uids_a) | set(uids_b) if u in offsets), key=offsets.__getitem__)
+    if not uids:
+        raise EvaluationError(f"{ours} and {reference} have no frames to compare")
+    positions = [offsets[u] for u in uids]
     labels_a, labels_b = _labels(a), _labels(b)
     shared = [label for label in labels_a if label in labels_b]
     if not shared:
@@ -98,12 +127,15 @@ def compare_segs(ours: Path, reference: Path) -> list[SegmentComparison]:
     mask_a = _stack(a, uids, [labels_a[label] for label in shared])
     mask_b = _stack(b, uids, [labels_b[label] for label in shared])
     spacing = _spacing(b, reference)
+    if len(positions) > 1:
+        gaps = np.diff(positions)
+        spacing = (float(np.median(gaps)), spacing[1], spacing[2])
     names = {n: str(s.SegmentLabel) for s in a.SegmentSequence for n in [int(s.SegmentNumber)]}
     out = [
         SegmentComparison(
             series_a,
             names[labels_a[label]],
-            score_segmentation(mask_a[..., i], mask_b[..., i], spacing),
+            score_segmentation(mask_a[..., i], mask_b[..., i], spacing, positions),
         )
         for i, label in enumerate(shared)
     ]
@@ -111,7 +143,9 @@ def compare_segs(ours: Path, reference: Path) -> list[SegmentComparison]:
         SegmentComparison(
             series_a,
             "all segments",
-            score_segmentation(np.any(mask_a, axis=-1), np.any(mask_b, axis=-1), spacing),
+            score_segmentation(
+                np.any(mask_a, axis=-1), np.any(mask_b, axis=-1), spacing, positions
+            ),
         )
     )
     return out

@@ -108,3 +108,33 @@ def test_bad_inputs_are_one_line_errors(
     junk.write_bytes(b"nope")
     with pytest.raises(EvaluationError, match="not a readable DICOM SEG"):
         compare_segs(junk, case["ref_path"])
+
+
+def test_hd95_follows_the_body_not_the_uid_order(tmp_path: Path) -> None:
+    # A block that starts one slice earlier in ours: HD95 is one slice gap, whatever
+    # order the source UIDs sort in.
+    hu = lung_phantom(slices=20, size=48)
+    volume = volume_from_datasets(ct_series(hu, spacing=(0.7, 0.7)))
+    reference = np.zeros(hu.shape, np.uint8)
+    reference[6:14, 10:30, 10:30] = 1
+    ours = np.zeros_like(reference)
+    ours[5:13, 10:30, 10:30] = 1
+    a = write_seg(tmp_path / "a.dcm", volume, ours, "a")
+    b = write_seg(tmp_path / "b.dcm", volume, reference, "b")
+    left = compare_segs(a, b)[0]
+    gap = volume.slice_spacing
+    expected = metrics.hausdorff95(ours == 1, reference == 1, (gap, *volume.pixel_spacing))
+    assert left.scores.hausdorff95_mm == pytest.approx(expected)
+    assert left.scores.hausdorff95_mm == pytest.approx(gap)
+
+
+def test_hd95_with_slice_positions_matches_uniform_spacing_and_keeps_gaps() -> None:
+    a = np.zeros((6, 10, 10), bool)
+    a[1:4, 2:8, 2:8] = True
+    b = np.roll(a, 1, axis=0)
+    uniform = metrics.hausdorff95(a, b, (2.0, 1.0, 1.0))
+    positions = [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert metrics.hausdorff95(a, b, (2.0, 1.0, 1.0), positions) == pytest.approx(uniform)
+    # The same slices with a 10 mm hole between the 2nd and 3rd: distances grow with it.
+    holed = [0.0, 2.0, 12.0, 14.0, 16.0, 18.0]
+    assert metrics.hausdorff95(a, b, (2.0, 1.0, 1.0), holed) > uniform
