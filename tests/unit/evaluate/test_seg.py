@@ -114,7 +114,12 @@ def test_hd95_follows_the_body_not_the_uid_order(tmp_path: Path) -> None:
     # A block that starts one slice earlier in ours: HD95 is one slice gap, whatever
     # order the source UIDs sort in.
     hu = lung_phantom(slices=20, size=48)
-    volume = volume_from_datasets(ct_series(hu, spacing=(0.7, 0.7)))
+    datasets = ct_series(hu, spacing=(0.7, 0.7))
+    shuffled = np.random.default_rng(3).permutation(len(datasets))
+    for ds, rank in zip(datasets, shuffled, strict=True):  # UIDs that sort out of body order
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.99.{rank + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    volume = volume_from_datasets(datasets)
     reference = np.zeros(hu.shape, np.uint8)
     reference[6:14, 10:30, 10:30] = 1
     ours = np.zeros_like(reference)
