@@ -549,28 +549,7 @@ def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
     bool
         False if the lease had already been lost.
     """
-    now = utcnow()
-    with transaction(sessions) as session:
-        job = _owned_job(session, claim)
-        if job is None:
-            return False
-        before = job.state
-        job.state = JobState.QUEUED
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.attempts -= 1
-        job.run_after = now
-        job.updated_at = now
-        record_event(
-            session,
-            job,
-            JobState.QUEUED,
-            from_state=before,
-            worker=claim.owner,
-            note="released: worker stopping",
-            at=now,
-        )
-        return True
+    return _give_back(sessions, claim, 0.0, "released: worker stopping", error=None)
 
 
 def postpone(sessions: sessionmaker[Session], claim: Claim, seconds: float, reason: str) -> bool:
@@ -595,6 +574,13 @@ def postpone(sessions: sessionmaker[Session], claim: Claim, seconds: float, reas
     bool
         False if the lease had already been lost.
     """
+    return _give_back(sessions, claim, seconds, reason, error=reason)
+
+
+def _give_back(
+    sessions: sessionmaker[Session], claim: Claim, seconds: float, note: str, error: str | None
+) -> bool:
+    """Re-queue a job this worker holds without counting the attempt."""
     now = utcnow()
     with transaction(sessions) as session:
         job = _owned_job(session, claim)
@@ -606,16 +592,11 @@ def postpone(sessions: sessionmaker[Session], claim: Claim, seconds: float, reas
         job.lease_expires_at = None
         job.attempts -= 1
         job.run_after = now + timedelta(seconds=seconds)
-        job.last_error = reason
+        if error is not None:
+            job.last_error = error
         job.updated_at = now
         record_event(
-            session,
-            job,
-            JobState.QUEUED,
-            from_state=before,
-            worker=claim.owner,
-            note=reason,
-            at=now,
+            session, job, JobState.QUEUED, from_state=before, worker=claim.owner, note=note, at=now
         )
         return True
 
