@@ -87,12 +87,20 @@ def _match_rules(value: dict[str, Any]) -> str | None:
     return None
 
 
-def _ae_titles(value: list[str]) -> str | None:
-    for title in value:
-        problem = _ae_title(title) if isinstance(title, str) else "must be a string"
-        if problem:
-            return problem
-    return None
+def _each(check: Any, what: str) -> Any:
+    """Turn a check of one string into a check of a list of them."""
+
+    def check_list(value: list[str]) -> str | None:
+        for item in value:
+            problem = check(item) if isinstance(item, str) else f"must be a list of {what}"
+            if problem:
+                return problem
+        return None
+
+    return check_list
+
+
+_ae_titles = _each(_ae_title, "AE titles")
 
 
 def _networks(value: list[str]) -> str | None:
@@ -113,12 +121,7 @@ def _seconds_by_modality(value: dict[str, Any]) -> str | None:
     return None
 
 
-def _model_names(value: list[str]) -> str | None:
-    for name in value:
-        problem = _name(name) if isinstance(name, str) else "must be a list of model names"
-        if problem:
-            return problem
-    return None
+_model_names = _each(_name, "model names")
 
 
 def _model_limits(value: dict[str, Any]) -> str | None:

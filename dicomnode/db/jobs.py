@@ -654,6 +654,14 @@ class JobStateError(LookupError):
     """An admin action that the job's state does not allow (the CLI's one-line error)."""
 
 
+def _locked(session: Session, job_id: int) -> Job:
+    """Return a job locked for an admin action, or raise naming the unknown id."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise JobStateError(f"no job with id {job_id}")
+    return job
+
+
 def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> Job:
     """Queue an ended job again, with a fresh attempt budget (``dicomnode jobs retry``).
 
@@ -681,9 +689,7 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
     """
     now = utcnow()
     with transaction(sessions) as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            raise JobStateError(f"no job with id {job_id}")
+        job = _locked(session, job_id)
         if job.state not in FINAL_STATES:
             raise JobStateError(
                 f"job {job_id} is {job.state.value}; only ended jobs can be retried"
@@ -733,9 +739,7 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
     """
     now = utcnow()
     with transaction(sessions) as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            raise JobStateError(f"no job with id {job_id}")
+        job = _locked(session, job_id)
         if job.state in FINAL_STATES:
             raise JobStateError(f"job {job_id} is already {job.state.value}")
         before = job.state
