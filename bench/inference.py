@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from dicomnode.inference.device import configure_threads  # noqa: E402
 from dicomnode.inference.registry import ModelSpec, load_registry  # noqa: E402
-from dicomnode.inference.segment import ModelCache, predict_foreground, segment  # noqa: E402
+from dicomnode.inference.segment import ModelCache, predict_slices, segment  # noqa: E402
 from dicomnode.inference.volume import Volume, load_series  # noqa: E402
 
 DEFAULT_SERIES = REPO.parent / "shared" / "data" / "ct" / "LIDC-IDRI-0001"
@@ -103,7 +103,7 @@ def raw_mask(cache: ModelCache, spec: ModelSpec, volume: Volume) -> np.ndarray:
     """Our back-end's thresholded output, before post-processing."""
     fast = cache.fast(spec)
     module = fast if fast is not None else cache.get(spec)
-    prob = predict_foreground(module, spec, volume.pixels, cache.device)
+    prob = predict_slices(module, spec, volume.pixels, cache.device)
     return prob >= spec.output.threshold
 
 

@@ -48,11 +48,18 @@ from dicomnode.errors import (
     PermanentJobError,
     TransientJobError,
 )
+from dicomnode.inference.detect import DetectionResult, detect
 from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
 from dicomnode.inference.volume import load_series
 from dicomnode.net import scu
+from dicomnode.outputs.findings import (
+    detection_summary,
+    finding_segments,
+    reported_findings,
+    study_finding,
+)
 from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
@@ -253,6 +260,15 @@ class Pipeline:
             )
         return spec
 
+    def _mask_spec(self, spec: ModelSpec) -> ModelSpec:
+        mask = self.models.get(spec.detection.lung_model)
+        if mask is None:
+            raise PermanentJobError(
+                f"model {spec.name} needs mask model {spec.detection.lung_model}, "
+                "which is not installed"
+            )
+        return mask
+
     def _make_outputs(
         self, ctx: JobContext, route: Route, checkpoint: Callable[[], None]
     ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
@@ -265,12 +281,22 @@ class Pipeline:
         content.check_images(route.requires, volume.shape[0], volume.normal)
         checkpoint()
 
-        result = segment(spec, volume, self.cache, checkpoint=checkpoint)
-        timings.update(result.timings)
+        detection: DetectionResult | None = None
+        if spec.task == "detection":
+            detection = detect(
+                spec, self._mask_spec(spec), volume, self.cache, checkpoint=checkpoint
+            )
+            timings.update(detection.timings)
+            labels = detection.labels(volume.shape)
+            segments = finding_segments(spec, len(detection.findings))
+        else:
+            result = segment(spec, volume, self.cache, checkpoint=checkpoint)
+            timings.update(result.timings)
+            labels, segments = result.labels, list(spec.output.segments)
         checkpoint()
 
-        names = [s.label for s in spec.output.segments]
-        stats = segment_stats(result.labels, volume.pixels, volume.voxel_volume_ml, names)
+        names = [s.label for s in segments]
+        stats = segment_stats(labels, volume.pixels, volume.voxel_volume_ml, names)
         provenance = Provenance(
             model_name=spec.name,
             model_version=spec.version,
@@ -291,19 +317,22 @@ class Pipeline:
                 "job %d: repaired %d non-conformant source header values", ctx.job_id, repaired
             )
 
-        started = time.perf_counter()
-        with _building("SEG"):
-            seg = build_segmentation(
-                volume.datasets,
-                result.labels,
-                spec.output.segments,
-                provenance,
-                series_uid=provenance.uid(*identity, "seg"),
-                sop_uid=provenance.uid(*identity, *version, "seg"),
-                series_number=base_number + 1,
-            )
-        timings["seg_s"] = time.perf_counter() - started
-        checkpoint()
+        seg: Dataset | None = None
+        if segments:  # a detection that found nothing has nothing to segment
+            started = time.perf_counter()
+            with _building("SEG"):
+                seg = build_segmentation(
+                    volume.datasets,
+                    labels,
+                    segments,
+                    provenance,
+                    series_uid=provenance.uid(*identity, "seg"),
+                    sop_uid=provenance.uid(*identity, *version, "seg"),
+                    series_number=base_number + 1,
+                    frames=volume.frames,
+                )
+            timings["seg_s"] = time.perf_counter() - started
+            checkpoint()
 
         started = time.perf_counter()
         with _building("SR"):
@@ -311,11 +340,13 @@ class Pipeline:
                 seg,
                 volume.datasets,
                 stats,
-                spec.output.segments,
+                segments,
                 provenance,
                 series_uid=provenance.uid(*identity, "sr"),
                 sop_uid=provenance.uid(*identity, *version, "sr"),
                 series_number=base_number + 2,
+                findings=[] if detection is None else reported_findings(detection, volume),
+                study=None if detection is None else study_finding(spec, detection),
             )
         timings["sr_s"] = time.perf_counter() - started
 
@@ -333,7 +364,10 @@ class Pipeline:
             "total_volume_ml": round(sum(s.volume_ml for s in stats), 2),
             "slices": volume.shape[0],
         }
-        return [BuiltOutput("seg", seg), BuiltOutput("sr", report)], summary, timings
+        if detection is not None:
+            summary["detection"] = detection_summary(detection)
+        built = [] if seg is None else [BuiltOutput("seg", seg)]
+        return [*built, BuiltOutput("sr", report)], summary, timings
 
     def _store_outputs(
         self,

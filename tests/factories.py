@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,29 @@ def repaired_j2k_series(source: Path, dest: Path, limit: int | None = None) -> l
         ds.save_as(dest / path.name, enforce_file_format=True)
         out.append(dest / path.name)
     return out
+
+
+def legacy_enhanced(
+    datasets: Sequence[Dataset], *, frame_order: Sequence[int] | None = None
+) -> Dataset:
+    """Convert single-frame CT images into one Legacy Converted Enhanced CT image.
+
+    Frame ``i`` of the result is ``datasets[frame_order[i]]`` (the input order by
+    default): highdicom is told not to sort, so tests choose the frame order.
+    """
+    import highdicom as hd
+
+    order = list(range(len(datasets))) if frame_order is None else list(frame_order)
+    first = datasets[0]
+    converted = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [datasets[i] for i in order],
+        series_instance_uid=str(first.SeriesInstanceUID),
+        series_number=int(first.get("SeriesNumber", 1) or 1),
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        include_dimension_index=False,
+    )
+    # Round trip through bytes: the node only ever sees what a file holds.
+    buffer = BytesIO()
+    converted.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(BytesIO(buffer.getvalue()))

@@ -115,13 +115,37 @@ def show_model(settings: Settings, args: argparse.Namespace) -> int:
     ]
     if spec.weights.format == "state_dict":
         rows.append(("network", f"monai.networks.nets.{spec.network.name} {spec.network.args}"))
+    inp = spec.input
+    clip = f"clip {inp.clip[0]:g}..{inp.clip[1]:g}, then " if inp.clip else ""
     rows += [
-        ("modality", ", ".join(spec.input.modality)),
-        ("matrix", "x".join(map(str, spec.input.matrix))),
-        ("intensity", f"(value + {spec.input.offset:g}) x {spec.input.scale:g}"),
-        ("batch size", spec.input.batch_size),
+        ("modality", ", ".join(inp.modality)),
+        ("dimensions", inp.dimensions),
+    ]
+    if inp.dimensions == 3:
+        spacing = "x".join(f"{v:g}" for v in inp.spacing) + " mm" if inp.spacing else "as acquired"
+        rows += [
+            ("window", f"{'x'.join(map(str, inp.roi))} ({inp.axes}), overlap {inp.overlap:g}"),
+            ("spacing", spacing),
+        ]
+    else:
+        rows.append(("matrix", "x".join(map(str, inp.matrix))))
+    rows += [
+        ("intensity", f"{clip}(value + {inp.offset:g}) x {inp.scale:g}"),
+        ("batch size", inp.batch_size),
         ("output", _output_line(spec)),
     ]
+    if spec.task == "detection":
+        det = spec.detection
+        rows += [
+            ("mask model", det.lung_model),
+            (
+                "candidates",
+                f"up to {det.max_candidates}; patches {det.patch_mm:g} mm at "
+                f"{', '.join(f'{v:g}' for v in det.slice_offsets_mm)} mm",
+            ),
+            ("findings", f"{det.finding.meaning} ({det.finding.scheme} {det.finding.value}), "
+             f">= {det.min_diameter_mm:g} mm, merged within {det.merge_mm:g} mm"),
+        ]  # fmt: skip
     for key, value in rows:
         print(f"{key:<14}{value}")
     for i, seg in enumerate(spec.output.segments, 1):
@@ -154,6 +178,7 @@ def check_models(settings: Settings, args: argparse.Namespace) -> int:
     """
     import torch
 
+    from dicomnode.inference.transforms import example_shapes
     from dicomnode.inference.weights import load_model
 
     models = _registry(settings)
@@ -164,13 +189,14 @@ def check_models(settings: Settings, args: argparse.Namespace) -> int:
         started = time.perf_counter()
         try:
             module = load_model(spec, torch.device("cpu"))
-            rows, cols = spec.input.matrix
+            given, wanted = example_shapes(spec)
             with torch.inference_mode():
-                y = module(torch.zeros(1, 1, rows, cols))
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != (1, 1, rows, cols):
+                y = module(torch.zeros(given))
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != wanted:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelPackageError(
-                    f"model {name}: expected output [N, 1, {rows}, {cols}], got {got}"
+                    f"model {name}: for input {list(given)} expected output {list(wanted)}, "
+                    f"got {got}"
                 )
         except ModelPackageError as exc:
             print(f"FAILED {exc}")

@@ -8,7 +8,8 @@ its segments the same way. Voxel spacing comes from the SEG's pixel measures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ class EvaluationError(DicomnodeError):
     """A case that cannot be compared: one line, naming the file and the problem."""
 
 
+class UsageError(EvaluationError):
+    """An option given wrongly (``dicomnode evaluate`` exits 2 on it)."""
+
+
 @dataclass(frozen=True)
 class SegmentComparison:
     """One segment (or all of them together) of one case."""
@@ -30,6 +35,101 @@ class SegmentComparison:
     case: str  # the source series UID
     segment: str  # the label, or "all segments"
     scores: SegmentationScores
+    averaged: bool = True  # False: a detail row (one nodule) left out of the means
+
+
+@dataclass(frozen=True)
+class CaseMasks:
+    """One case's comparisons with the masks they were computed on (for plots)."""
+
+    results: list[SegmentComparison]
+    ours: np.ndarray  # (slices, rows, columns): the compared segments together
+    reference: np.ndarray
+    sop_uids: list[str]  # source instance of each slice ("" where unknown)
+    files: dict[str, Path] = field(default_factory=dict)  # source image files by SOP UID
+
+
+def read_seg(path: Path) -> hd.seg.Segmentation:
+    """Read a DICOM SEG, or raise :class:`EvaluationError` naming the file.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        The SEG.
+    """
+    return _read(path)
+
+
+def segment_names(seg: hd.seg.Segmentation) -> dict[int, str]:
+    """Return each segment's label by segment number.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        The SEG.
+
+    Returns
+    -------
+    dict[int, str]
+        Labels as written.
+    """
+    return {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+
+
+def score_masks(
+    case: str,
+    names: Sequence[str],
+    ours: np.ndarray,
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    positions: Sequence[float],
+    together: str = "all segments",
+) -> list[SegmentComparison]:
+    """Score each segment's masks, then all of them together.
+
+    Parameters
+    ----------
+    case : str
+        The source series UID.
+    names : sequence of str
+        One label per segment (last axis of the masks).
+    ours, reference : np.ndarray
+        ``(slices, rows, columns, segments)`` booleans on one grid.
+    spacing : sequence of float
+        (slice gap, row spacing, column spacing) in mm.
+    positions : sequence of float
+        Each slice's offset along the normal, for HD95 across uneven gaps.
+    together : str
+        Label of the row for all segments together; no such row if empty or if
+        there is only one segment.
+
+    Returns
+    -------
+    list[SegmentComparison]
+        One per segment, then the combined one.
+    """
+    out = [
+        SegmentComparison(
+            case, name, score_segmentation(ours[..., i], reference[..., i], spacing, positions)
+        )
+        for i, name in enumerate(names)
+    ]
+    if together and (len(names) > 1 or together == "all segments"):
+        out.append(
+            SegmentComparison(
+                case,
+                together,
+                score_segmentation(
+                    np.any(ours, axis=-1), np.any(reference, axis=-1), spacing, positions
+                ),
+            )
+        )
+    return out
 
 
 def _read(path: Path) -> hd.seg.Segmentation:
@@ -105,6 +205,22 @@ def compare_segs(ours: Path, reference: Path) -> list[SegmentComparison]:
         If a file is not a SEG, the two segment different series, or they share no
         segment label.
     """
+    return compare_seg_case(ours, reference).results
+
+
+def compare_seg_case(ours: Path, reference: Path) -> CaseMasks:
+    """Do what :func:`compare_segs` does, keeping the masks (see there).
+
+    Parameters
+    ----------
+    ours, reference : Path
+        SEG files of the same source series.
+
+    Returns
+    -------
+    CaseMasks
+        The comparisons and the masks of all shared segments together.
+    """
     a, b = _read(ours), _read(reference)
     series_a, uids_a = _source(a, ours)
     series_b, uids_b = _source(b, reference)
@@ -124,40 +240,46 @@ def compare_segs(ours: Path, reference: Path) -> list[SegmentComparison]:
         raise EvaluationError(
             f"no segment label in common: {sorted(labels_a)} against {sorted(labels_b)}"
         )
-    mask_a = _stack(a, uids, [labels_a[label] for label in shared])
-    mask_b = _stack(b, uids, [labels_b[label] for label in shared])
+    mask_a = stack_segments(a, uids, [labels_a[label] for label in shared])
+    mask_b = stack_segments(b, uids, [labels_b[label] for label in shared])
     spacing = _spacing(b, reference)
     if len(positions) > 1:
         gaps = np.diff(positions)
         spacing = (float(np.median(gaps)), spacing[1], spacing[2])
-    names = {n: str(s.SegmentLabel) for s in a.SegmentSequence for n in [int(s.SegmentNumber)]}
-    out = [
-        SegmentComparison(
-            series_a,
-            names[labels_a[label]],
-            score_segmentation(mask_a[..., i], mask_b[..., i], spacing, positions),
-        )
-        for i, label in enumerate(shared)
-    ]
-    out.append(
-        SegmentComparison(
-            series_a,
-            "all segments",
-            score_segmentation(
-                np.any(mask_a, axis=-1), np.any(mask_b, axis=-1), spacing, positions
-            ),
-        )
+    names = segment_names(a)
+    results = score_masks(
+        series_a, [names[labels_a[label]] for label in shared], mask_a, mask_b, spacing, positions
     )
-    return out
+    return CaseMasks(results, np.any(mask_a, axis=-1), np.any(mask_b, axis=-1), uids)
 
 
-def _stack(seg: hd.seg.Segmentation, uids: list[str], numbers: list[int]) -> np.ndarray:
-    """Return ``(sources, rows, columns, segments)`` booleans; absent frames are empty."""
+def stack_segments(
+    seg: hd.seg.Segmentation, uids: Sequence[str], numbers: Sequence[int]
+) -> np.ndarray:
+    """Return ``(sources, rows, columns, segments)`` booleans; absent frames are empty.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        The SEG.
+    uids : sequence of str
+        Source SOP Instance UIDs, one per slice wanted; one the SEG does not reference
+        (or "") gives an empty slice.
+    numbers : sequence of int
+        Segment numbers, one per mask.
+
+    Returns
+    -------
+    np.ndarray
+        The masks.
+    """
     referenced = {
         str(i.ReferencedSOPInstanceUID)
         for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
     }
     present = [u for u in uids if u in referenced]
+    if not present or not numbers:
+        return np.zeros((len(uids), int(seg.Rows), int(seg.Columns), len(numbers)), dtype=bool)
     pixels: Any = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=present,
         segment_numbers=numbers,

@@ -141,3 +141,24 @@ def masks_agree(reference: torch.Tensor, candidate: torch.Tensor, threshold: flo
     differ = int((a ^ b).sum())
     union = int((a | b).sum())
     return differ <= max(AGREEMENT_TOLERANCE * union, EMPTY_TOLERANCE * a.numel())
+
+
+def labels_agree(reference: torch.Tensor, candidate: torch.Tensor) -> bool:
+    """Return whether two label maps (argmax of a multi-class output) agree, within tolerance.
+
+    Parameters
+    ----------
+    reference, candidate : torch.Tensor
+        Integer labels of the same batch.
+
+    Returns
+    -------
+    bool
+        True if they differ on at most 1% of the voxels either calls foreground (or on
+        at most 0.01% of all voxels, for nearly empty batches).
+    """
+    if reference.shape != candidate.shape:
+        return False
+    differ = int((reference != candidate).sum())
+    union = int(((reference > 0) | (candidate > 0)).sum())
+    return differ <= max(AGREEMENT_TOLERANCE * union, EMPTY_TOLERANCE * reference.numel())

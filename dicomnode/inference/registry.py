@@ -47,6 +47,18 @@ def _matrix(value: list[int]) -> str | None:
     return None
 
 
+def _triple_int(value: list[int]) -> str | None:
+    if value and (len(value) != 3 or not all(isinstance(v, int) and v > 0 for v in value)):
+        return f"must be three positive integers, got {value!r}"
+    return None
+
+
+def _triple_positive(value: list[float]) -> str | None:
+    if value and (len(value) != 3 or not all(v > 0 for v in value)):
+        return f"must be three positive numbers, got {value!r}"
+    return None
+
+
 def _probability(value: float) -> str | None:
     return None if 0 < value < 1 else f"must be between 0 and 1, got {value}"
 
@@ -132,13 +144,59 @@ class InputSpec:
     dimensions: int = field(
         default=2,
         metadata=field_doc(
-            "2: the model sees one slice at a time.",
-            lambda v: None if v == 2 else "only 2 (slice by slice) is supported",
+            "2: the model sees one slice at a time; 3: it sees 3D patches of the volume "
+            "(sliding window, see roi).",
+            lambda v: None if v in (2, 3) else f"must be 2 or 3, got {v}",
         ),
     )
     matrix: list[int] = field(
         default_factory=lambda: [512, 512],
-        metadata=field_doc("[rows, columns] the network expects; others are resampled.", _matrix),
+        metadata=field_doc(
+            "2D: [rows, columns] the network expects; others are resampled.", _matrix
+        ),
+    )
+    roi: list[int] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "3D: the sliding-window patch in voxels, in the order of axes.", _triple_int
+        ),
+    )
+    spacing: list[float] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "3D: voxel spacing in mm the network was trained at, in the order of axes; "
+            "the volume is resampled to it and the labels back. Empty: as acquired.",
+            _triple_positive,
+        ),
+    )
+    overlap: float = field(
+        default=0.25,
+        metadata=field_doc(
+            "3D: overlap of neighbouring windows (0 to 0.9).",
+            lambda v: None if 0 <= v <= 0.9 else f"must be between 0 and 0.9, got {v}",
+        ),
+    )
+    axes: str = field(
+        default="slice-row-column",
+        metadata=field_doc(
+            "3D: array order the network expects: slice-row-column (as stored), or ras "
+            "(x, y, z with increasing indices towards the patient's right, anterior and "
+            "superior, as MONAI's Orientationd(axcodes='RAS') makes from NIfTI).",
+            one_of("slice-row-column", "ras"),
+        ),
+    )
+    clip: list[float] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "[low, high]: values are clipped to this range (HU for CT) before offset and "
+            "scale, e.g. [-57, 164] with offset 57 and scale 1/221 for MONAI's "
+            "ScaleIntensityRanged(a_min=-57, a_max=164, b_min=0, b_max=1, clip=True).",
+            lambda v: (
+                None
+                if len(v) == 2 and v[0] < v[1]
+                else f"must be [low, high] with low < high, got {v!r}"
+            ),
+        ),
     )
     offset: float = field(
         default=0.0, metadata=field_doc("Added to the rescaled values (HU) before the model.")
@@ -154,7 +212,10 @@ class OutputSpec:
     kind: str = field(
         default="probability",
         metadata=field_doc(
-            "probability (activation applied) or logits.", one_of("probability", "logits")
+            "probability (one channel, activation applied), logits (one channel), or "
+            "softmax (one channel per segment plus background first; labels by argmax "
+            "on the network's grid, before any resampling).",
+            one_of("probability", "logits", "softmax"),
         ),
     )
     threshold: float = field(
@@ -179,13 +240,53 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class DetectionSpec:
+    """How a detection model finds and reports its findings (lung nodules, today)."""
+
+    lung_model: str = field(
+        default="",
+        metadata=field_doc(
+            "The segmentation model whose mask bounds the candidate search (its segments "
+            "together); it runs first, from the same warm cache."
+        ),
+    )
+    patch_mm: float = field(
+        default=48.0, metadata=field_doc("Width of each candidate's patches, in mm.", positive)
+    )
+    slice_offsets_mm: list[float] = field(
+        default_factory=lambda: [-5.0, -2.5, 0.0, 2.5, 5.0],
+        metadata=field_doc(
+            "Where the stacked axial patches lie relative to the candidate, in mm; their "
+            "number is the network's input channels."
+        ),
+    )
+    max_candidates: int = field(
+        default=300, metadata=field_doc("Candidates scored per series, strongest first.", positive)
+    )
+    merge_mm: float = field(
+        default=10.0, metadata=field_doc("Findings closer than this are one finding.", positive)
+    )
+    min_diameter_mm: float = field(
+        default=3.0, metadata=field_doc("Smaller findings are not reported.")
+    )
+    finding: CodeSpec = field(
+        default_factory=lambda: CodeSpec("SCT", "786838002", "Pulmonary nodule"),
+        metadata=field_doc("What a finding is, as a code."),
+    )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A validated model package."""
 
     name: str = field(metadata=field_doc("Model name; routes refer to it."))
     version: str = field(metadata=field_doc("Model version; part of the job's identity."))
     task: str = field(
-        metadata=field_doc("What the model does.", one_of("segmentation")),
+        metadata=field_doc(
+            "What the model does: segmentation (labels per voxel) or detection (findings "
+            "with a position, a size and a probability).",
+            one_of("segmentation", "detection"),
+        ),
     )
     summary: str = field(default="", metadata=field_doc("One line saying what it does."))
     licence: str = field(default="", metadata=field_doc("Licence of the weights."))
@@ -205,6 +306,9 @@ class ModelSpec:
         default_factory=lambda: InputSpec(modality=[]), metadata=field_doc("Input contract.")
     )
     output: OutputSpec = field(default_factory=OutputSpec, metadata=field_doc("Outputs."))
+    detection: DetectionSpec = field(
+        default_factory=DetectionSpec, metadata=field_doc("For task = detection.")
+    )
     path: Path = field(default=Path("."), metadata={"internal": True})
 
     @property
@@ -224,8 +328,19 @@ def _check_package(spec: ModelSpec, folder: Path) -> None:
         raise ConfigError(f"weights.sha256: {_sha256(spec.weights.sha256)}")
     if not spec.input.modality:
         raise ConfigError("input.modality: at least one modality is required")
-    if not spec.output.segments:
+    if spec.task == "segmentation" and not spec.output.segments:
         raise ConfigError("output.segments: a segmentation model needs at least one segment")
+    if spec.task == "detection":
+        if not spec.detection.lung_model:
+            raise ConfigError("detection.lung_model: a detection model needs a mask model")
+        if spec.detection.lung_model == spec.name:
+            raise ConfigError("detection.lung_model: must name another model")
+        if not spec.detection.slice_offsets_mm:
+            raise ConfigError("detection.slice_offsets_mm: at least one offset is needed")
+    if spec.input.dimensions == 3 and not spec.input.roi:
+        raise ConfigError("input.roi: a 3D model needs its sliding-window patch size")
+    if spec.output.kind == "softmax" and spec.output.postprocess != "none":
+        raise ConfigError("output.postprocess: must be none for softmax (multi-class) outputs")
     if spec.output.postprocess == "split-left-right":
         sides = sorted(s.side for s in spec.output.segments)
         if sides != ["left", "right"]:
@@ -301,4 +416,13 @@ def load_registry(root: Path | None) -> dict[str, ModelSpec]:
     for sub in sorted(p for p in folder.iterdir() if (p / MANIFEST).is_file()):
         spec = load_model_spec(sub)
         registry[spec.name] = spec
+    for spec in registry.values():
+        if spec.task != "detection":
+            continue
+        mask = registry.get(spec.detection.lung_model)
+        if mask is None or mask.task != "segmentation":
+            raise ModelPackageError(
+                f"{spec.path / MANIFEST}: detection.lung_model: {spec.detection.lung_model!r} "
+                "is not an installed segmentation model"
+            )
     return registry

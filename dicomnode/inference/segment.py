@@ -22,11 +22,14 @@ from dicomnode.errors import ModelPackageError, PermanentJobError, TransientJobE
 from dicomnode.inference.backends import (
     OpenVINOModel,
     compile_openvino,
+    labels_agree,
     masks_agree,
     openvino_available,
 )
 from dicomnode.inference.lungs import split_left_right
 from dicomnode.inference.registry import ModelSpec
+from dicomnode.inference.sliding import predict_volume
+from dicomnode.inference.transforms import channels, foreground_count, intensity, to_output
 from dicomnode.inference.volume import Volume
 from dicomnode.inference.weights import load_model
 
@@ -116,7 +119,7 @@ class ModelCache:
             None on a GPU, with ``backend = "torch"``, when OpenVINO is missing, when
             it cannot compile this model, or after it disagreed with PyTorch.
         """
-        if self.device.type != "cpu" or self.backend == "torch":
+        if self.device.type != "cpu" or self.backend == "torch" or spec.input.dimensions == 3:
             return None
         key = (spec.name, spec.version)
         module = self.get(spec)
@@ -233,7 +236,13 @@ class Disagreement(Exception):
     """The faster back-end's first batch did not match PyTorch's."""
 
 
-def predict_foreground(
+def _agree(expected: torch.Tensor, got: torch.Tensor, spec: ModelSpec) -> bool:
+    if spec.output.kind == "softmax":
+        return labels_agree(expected, got)
+    return masks_agree(expected.float(), got.float(), spec.output.threshold)
+
+
+def predict_slices(
     module: Callable[[torch.Tensor], torch.Tensor],
     spec: ModelSpec,
     pixels: np.ndarray,
@@ -241,12 +250,13 @@ def predict_foreground(
     checkpoint: Callable[[], None] | None = None,
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Return the per-voxel foreground probability of a slice-wise model.
+    """Run a slice-wise model over a volume, in batches.
 
     Parameters
     ----------
     module : torch.nn.Module
-        The loaded network: ``[N, 1, H, W]`` in, ``[N, 1, H, W]`` out.
+        The loaded network: ``[N, 1, H, W]`` in, ``[N, C, H, W]`` out, where ``C`` is 1,
+        or the number of segments + 1 for ``output.kind = "softmax"``.
     spec : ModelSpec
         Its package (intensity transform, matrix, batch size, output kind).
     pixels : np.ndarray
@@ -257,12 +267,14 @@ def predict_foreground(
         Called between batches; it raises to abandon the work (worker shutdown).
     reference : callable, optional
         The PyTorch model, when ``module`` is a faster back-end not yet trusted: the
-        first batch runs through both and must agree (:func:`masks_agree`).
+        first batch runs through both and must agree (:func:`masks_agree`,
+        :func:`labels_agree`).
 
     Returns
     -------
     np.ndarray
-        ``(slices, rows, columns)`` float32 probabilities on the input grid.
+        ``(slices, rows, columns)`` on the input grid: float32 foreground
+        probabilities for one channel, uint8 labels (argmax) for several.
 
     Raises
     ------
@@ -274,14 +286,15 @@ def predict_foreground(
     rows, cols = pixels.shape[1:]
     matrix = tuple(spec.input.matrix)
     resample = (rows, cols) != matrix
-    out = np.empty(pixels.shape, dtype=np.float32)
+    multi = spec.output.kind == "softmax"
+    out = np.empty(pixels.shape, dtype=np.uint8 if multi else np.float32)
     batch = spec.input.batch_size
+    expected_shape = (channels(spec), *matrix)
     with torch.inference_mode():
         for start in range(0, pixels.shape[0], batch):
             if checkpoint is not None:
                 checkpoint()
-            x = torch.from_numpy(pixels[start : start + batch]).to(device)[:, None]
-            x = (x + spec.input.offset) * spec.input.scale
+            x = intensity(torch.from_numpy(pixels[start : start + batch]).to(device)[:, None], spec)
             if resample:
                 x = F.interpolate(x, size=matrix, mode="bilinear", align_corners=False)
             try:
@@ -290,28 +303,31 @@ def predict_foreground(
                 raise PermanentJobError(
                     f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"
                 ) from None
-            if not isinstance(y, torch.Tensor) or tuple(y.shape[1:]) != (1, *matrix):
+            if not isinstance(y, torch.Tensor) or tuple(y.shape[1:]) != expected_shape:
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise PermanentJobError(
-                    f"model {spec.name}: expected output [N, 1, {matrix[0]}, {matrix[1]}], "
-                    f"got {shape}"
+                    f"model {spec.name}: expected output [N, {', '.join(map(str, expected_shape))}]"
+                    f", got {shape}"
                 )
-            if spec.output.kind == "logits":
-                y = torch.sigmoid(y)
+            y = to_output(y, spec)
             if reference is not None:
-                expected = reference(x)
-                if spec.output.kind == "logits":
-                    expected = torch.sigmoid(expected)
-                if not masks_agree(expected.float(), y.float(), spec.output.threshold):
+                expected = to_output(reference(x), spec)
+                if not _agree(expected, y, spec):
                     raise Disagreement(spec.name)
                 # The first batch with real foreground decides; empty ones (the first
                 # slices above the lungs, say) prove little, so they are checked too.
-                if int((expected >= spec.output.threshold).sum()) >= DECISIVE_VOXELS:
+                if foreground_count(expected, spec) >= DECISIVE_VOXELS:
                     reference = None
             if resample:
-                y = F.interpolate(y, size=(rows, cols), mode="bilinear", align_corners=False)
-            out[start : start + y.shape[0]] = y[:, 0].float().cpu().numpy()
+                mode = "nearest" if multi else "bilinear"
+                y = F.interpolate(
+                    y.float(), size=(rows, cols), mode=mode, **({} if multi else _CORNERS)
+                )
+            out[start : start + y.shape[0]] = y[:, 0].cpu().numpy()
     return out
+
+
+_CORNERS = {"align_corners": False}
 
 
 def segment(
@@ -355,33 +371,39 @@ def segment(
         checkpoint()  # loading and compiling can take a while: a stop is honoured here
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    prob: np.ndarray | None = None
-    if fast is not None:
+    out: np.ndarray | None = None
+    if spec.input.dimensions == 3:
+        out = predict_volume(module, spec, volume, cache.device, checkpoint)
+    elif fast is not None:
         reference = None if cache.trusted(spec) else module
         try:
-            prob = predict_foreground(
+            out = predict_slices(
                 fast, spec, volume.pixels, cache.device, checkpoint, reference=reference
             )
             # Every batch was compared until one had enough foreground; a volume with
             # hardly any leaves the back-end on probation for the next job.
-            decisive = int((prob >= spec.output.threshold).sum()) >= DECISIVE_VOXELS
+            decisive = foreground_count(out, spec) >= DECISIVE_VOXELS
             if reference is not None and decisive:
                 cache.verdict(spec, agreed=True)
         except (Disagreement, PermanentJobError):
             # Disagreed, or failed where PyTorch may not: PyTorch decides, from now on.
             cache.verdict(spec, agreed=False)
-    if prob is None:
-        prob = predict_foreground(module, spec, volume.pixels, cache.device, checkpoint)
+            out = None
+    if out is None:
+        out = predict_slices(module, spec, volume.pixels, cache.device, checkpoint)
     timings["inference_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    foreground = prob >= spec.output.threshold
-    if spec.output.postprocess == "split-left-right":
-        left, right = split_left_right(foreground, volume, spec.output.min_component_fraction)
-        labels = np.zeros(foreground.shape, dtype=np.uint8)
-        for index, seg in enumerate(spec.output.segments, start=1):
-            labels[left if seg.side == "left" else right] = index
+    if spec.output.kind == "softmax":
+        labels = out.astype(np.uint8, copy=False)
     else:
-        labels = foreground.astype(np.uint8)
+        foreground = out >= spec.output.threshold
+        if spec.output.postprocess == "split-left-right":
+            left, right = split_left_right(foreground, volume, spec.output.min_component_fraction)
+            labels = np.zeros(foreground.shape, dtype=np.uint8)
+            for index, seg in enumerate(spec.output.segments, start=1):
+                labels[left if seg.side == "left" else right] = index
+        else:
+            labels = foreground.astype(np.uint8)
     timings["postprocess_s"] = time.perf_counter() - started
     return SegmentationResult(labels=labels, timings=timings)

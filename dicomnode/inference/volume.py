@@ -4,6 +4,11 @@ Every model and every output uses the :class:`Volume` built here: slices sorted
 by position along the slice normal, values rescaled to Hounsfield units (or the
 modality's real values), and the geometry needed to map voxels back to patient
 space and masks back onto the exact source frames.
+
+A series is either single-frame instances (CT Image, MR Image: one slice each) or
+enhanced multi-frame instances (Enhanced CT, Enhanced MR, Legacy Converted
+Enhanced CT: many slices each, with their geometry in the functional groups). Both
+become the same list of frames, which is sorted and checked as one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ class Volume:
     pixels : np.ndarray
         ``(slices, rows, columns)`` float32, rescaled (HU for CT).
     datasets : list[Dataset]
-        The source headers in the same order as ``pixels`` (pixel data dropped).
+        The distinct source headers (pixel data dropped), in the order in which
+        their first slice appears in ``pixels``. For a series of single-frame
+        instances that is one header per slice, in the order of ``pixels``; for
+        multi-frame instances it is one header per instance (often just one), and
+        ``frames`` says which frame of which header each slice is.
     row_direction : np.ndarray
         Unit vector along a row (increasing column index), from ImageOrientationPatient.
     column_direction : np.ndarray
@@ -49,6 +58,10 @@ class Volume:
     slice_spacing : float
         Distance between slice centres along the normal in mm (the median gap);
         SliceThickness (or 1.0) for a single slice.
+    frames : tuple[tuple[int, int], ...]
+        For each slice, ``(index into datasets, frame number)``; frame numbers
+        start at 1 as in DICOM (ReferencedFrameNumber), and are 1 for single-frame
+        instances.
     """
 
     pixels: np.ndarray
@@ -59,6 +72,7 @@ class Volume:
     positions: np.ndarray
     pixel_spacing: tuple[float, float]
     slice_spacing: float
+    frames: tuple[tuple[int, int], ...]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,6 +89,27 @@ class Volume:
     def modality(self) -> str:
         """Return the Modality of the series."""
         return str(self.datasets[0].get("Modality", ""))
+
+    @property
+    def is_multiframe(self) -> bool:
+        """Return whether the slices come from enhanced multi-frame instances."""
+        return any(is_enhanced(ds) for ds in self.datasets)
+
+    def source_of(self, index: int) -> tuple[Dataset, int]:
+        """Return the source header and frame number of one slice.
+
+        Parameters
+        ----------
+        index : int
+            Slice index into ``pixels``.
+
+        Returns
+        -------
+        tuple[Dataset, int]
+            The header and the frame number in it (1 for single-frame instances).
+        """
+        source, number = self.frames[index]
+        return self.datasets[source], number
 
     def patient_x(self, indices: np.ndarray) -> np.ndarray:
         """Return the patient-space x (the patient's left is +x) of voxel indices.
@@ -116,30 +151,157 @@ class Volume:
         )
 
 
-def _floats(ds: Dataset, keyword: str, count: int) -> np.ndarray:
+@dataclass(frozen=True)
+class _Frame:
+    """One slice as found in the input, before sorting."""
+
+    source: int  # index into the input datasets
+    number: int  # frame number in that instance, from 1
+    orientation: np.ndarray
+    position: np.ndarray
+    spacing: np.ndarray
+    thickness: float | None
+    slope: float
+    intercept: float
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    """Return whether an instance keeps its geometry in multi-frame functional groups.
+
+    Enhanced CT and MR and the Legacy Converted Enhanced images do, even with a
+    single frame; classic CT and MR images do not.
+
+    Parameters
+    ----------
+    ds : Dataset
+        An image header.
+
+    Returns
+    -------
+    bool
+        True if it has a Per-Frame or Shared Functional Groups Sequence.
+    """
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _what(ds: Dataset, number: int | None) -> str:
+    # Names the instance (and frame) in messages: UIDs only, never patient data.
+    where = f"instance {ds.get('SOPInstanceUID', '(no SOP Instance UID)')}"
+    return where if number is None else f"{where} frame {number}"
+
+
+def _floats(ds: Dataset, keyword: str, count: int, what: str | None = None) -> np.ndarray:
     value = ds.get(keyword)
-    if value is None or len(value) != count:
-        raise PermanentJobError(f"instance {ds.SOPInstanceUID}: {keyword} is missing or malformed")
-    return np.array([float(v) for v in value], dtype=np.float64)
+    try:
+        if value is not None and len(value) == count:
+            return np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        pass  # an empty or non-numeric value: reported below like a missing one
+    raise PermanentJobError(f"{what or _what(ds, None)}: {keyword} is missing or malformed")
 
 
-def _rescaled(ds: Dataset) -> np.ndarray:
+def _number(item: Dataset | None, keyword: str, default: float) -> float:
+    value = None if item is None else item.get(keyword)
+    return float(value) if value not in (None, "") else default
+
+
+def _functional_item(ds: Dataset, per_frame: Dataset | None, keyword: str) -> Dataset | None:
+    """Return the one item of a functional group macro for a frame.
+
+    The per-frame group wins; the shared group applies to every frame that lacks it
+    (PS3.3 C.7.6.16: a macro is in one of the two, not both).
+    """
+    for group in (per_frame, _shared(ds)):
+        if group is not None and keyword in group and len(group[keyword].value) > 0:
+            item: Dataset = group[keyword].value[0]
+            return item
+    return None
+
+
+def _shared(ds: Dataset) -> Dataset | None:
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    return shared[0] if shared else None
+
+
+def _single_frame(ds: Dataset, source: int) -> _Frame:
+    thickness = ds.get("SliceThickness")
+    return _Frame(
+        source=source,
+        number=1,
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        position=_floats(ds, "ImagePositionPatient", 3),
+        spacing=_floats(ds, "PixelSpacing", 2),
+        thickness=float(thickness) if thickness not in (None, "") else None,
+        slope=_number(ds, "RescaleSlope", 1.0) or 1.0,
+        intercept=_number(ds, "RescaleIntercept", 0.0),
+    )
+
+
+def _enhanced_frames(ds: Dataset, source: int) -> list[_Frame]:
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != count:
+        raise PermanentJobError(
+            f"{_what(ds, None)}: Per-Frame Functional Groups Sequence has {len(per_frame)} "
+            f"items for {count} frames"
+        )
+    frames = []
+    for number, group in enumerate(per_frame, start=1):
+        what = _what(ds, number)
+        orientation = _functional_item(ds, group, "PlaneOrientationSequence")
+        position = _functional_item(ds, group, "PlanePositionSequence")
+        measures = _functional_item(ds, group, "PixelMeasuresSequence")
+        # Enhanced MR may leave the transformation out: its values are not rescaled.
+        rescale = _functional_item(ds, group, "PixelValueTransformationSequence")
+        thickness = _number(measures, "SliceThickness", 0.0)
+        frames.append(
+            _Frame(
+                source=source,
+                number=number,
+                orientation=_floats(orientation or Dataset(), "ImageOrientationPatient", 6, what),
+                position=_floats(position or Dataset(), "ImagePositionPatient", 3, what),
+                spacing=_floats(measures or Dataset(), "PixelSpacing", 2, what),
+                thickness=thickness or None,
+                slope=_number(rescale, "RescaleSlope", 1.0) or 1.0,
+                intercept=_number(rescale, "RescaleIntercept", 0.0),
+            )
+        )
+    return frames
+
+
+def _frames_of(ds: Dataset, source: int) -> list[_Frame]:
+    if is_enhanced(ds):
+        return _enhanced_frames(ds, source)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        # Without functional groups a multi-frame image has one position for all
+        # its frames (NM, old cine MR): nothing says where each slice lies.
+        raise PermanentJobError(
+            f"{_what(ds, None)}: multi-frame image without per-frame functional groups "
+            "(no position per frame) is not supported"
+        )
+    return [_single_frame(ds, source)]
+
+
+def _decoded(ds: Dataset, count: int) -> np.ndarray:
+    """Return the stored values as ``(frames, rows, columns)``."""
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID", "unknown") if meta is not None else "unknown"
         raise PermanentJobError(
-            f"instance {ds.SOPInstanceUID}: cannot decode pixel data "
+            f"{_what(ds, None)}: cannot decode pixel data "
             f"(transfer syntax {syntax}): {type(exc).__name__}"
         ) from None
-    if pixels.ndim != 2:
+    expected = (count, int(ds.Rows), int(ds.Columns))
+    if pixels.ndim == 2 and count == 1:
+        pixels = pixels[np.newaxis]  # pydicom drops the frame axis of a single frame
+    if pixels.shape != expected:
         raise PermanentJobError(
-            f"instance {ds.SOPInstanceUID}: expected one grey-scale frame, "
+            f"{_what(ds, None)}: expected {count} grey-scale frame(s), "
             f"got pixel array of shape {pixels.shape}"
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return pixels
 
 
 def _fill_identity_from_meta(ds: Dataset) -> None:
@@ -156,13 +318,63 @@ def _fill_identity_from_meta(ds: Dataset) -> None:
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
 
 
+def _check_consistent(datasets: Sequence[Dataset], frames: Sequence[_Frame]) -> None:
+    first = frames[0]
+    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    for ds in datasets[1:]:
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise PermanentJobError("series mixes matrix sizes")
+    for frame in frames[1:]:
+        if np.abs(frame.orientation - first.orientation).max() > _ORIENTATION_TOLERANCE:
+            raise PermanentJobError("series mixes slice orientations")
+        if np.abs(frame.spacing - first.spacing).max() > 1e-4:
+            raise PermanentJobError("series mixes pixel spacings")
+
+
+def _sorted_frames(frames: Sequence[_Frame]) -> tuple[list[_Frame], np.ndarray]:
+    """Sort frames along the normal of the first; return them and their distances."""
+    iop = frames[0].orientation
+    normal = np.cross(iop[:3], iop[3:])
+    along = np.array([f.position @ normal for f in frames])
+    # Stable, so equal positions keep input order and a single instance's frames
+    # sort the same way here as in build_segmentation's frame_order.
+    order = np.argsort(along, kind="stable")
+    return [frames[i] for i in order], along[order]
+
+
+def frame_order(ds: Dataset) -> list[int]:
+    """Return the frame numbers of one multi-frame instance in volume (slice) order.
+
+    This is the order :func:`volume_from_datasets` gives the slices of a series of
+    that one instance, so a mask on its volume can be put back in frame order.
+
+    Parameters
+    ----------
+    ds : Dataset
+        An enhanced multi-frame header.
+
+    Returns
+    -------
+    list[int]
+        Frame numbers (from 1), one per slice of the volume.
+
+    Raises
+    ------
+    PermanentJobError
+        If the frames' geometry is missing.
+    """
+    ordered, _ = _sorted_frames(_frames_of(ds, 0))
+    return [f.number for f in ordered]
+
+
 def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
-    """Build a :class:`Volume` from single-frame datasets in any order.
+    """Build a :class:`Volume` from a series' instances in any order.
 
     Parameters
     ----------
     datasets : Sequence[Dataset]
-        One series' instances, with pixel data. Their pixel data is released
+        One series' instances, with pixel data: single-frame images, or enhanced
+        multi-frame images (each frame a slice). Their pixel data is released
         once decoded, to keep memory at one copy of the volume.
 
     Returns
@@ -174,42 +386,34 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     ------
     PermanentJobError
         If the series has no images, mixed orientations or matrix sizes, missing
-        geometry, two slices at one position, gantry tilt, uneven spacing,
-        multi-frame instances, or pixel data that cannot be decoded.
+        geometry or pixel data, two slices at one position, gantry tilt, uneven
+        spacing, multi-frame instances without per-frame geometry, or pixel data
+        that cannot be decoded.
     """
     if not datasets:
         raise PermanentJobError("series has no instances")
-    for ds in datasets:
+    frames: list[_Frame] = []
+    for source, ds in enumerate(datasets):
         _fill_identity_from_meta(ds)
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise PermanentJobError(
-                f"instance {ds.SOPInstanceUID}: multi-frame images are not supported yet"
-            )
-    first = datasets[0]
-    iop = _floats(first, "ImageOrientationPatient", 6)
-    spacing = _floats(first, "PixelSpacing", 2)
-    shape = (int(first.Rows), int(first.Columns))
-    for ds in datasets[1:]:
-        if np.abs(_floats(ds, "ImageOrientationPatient", 6) - iop).max() > _ORIENTATION_TOLERANCE:
-            raise PermanentJobError("series mixes slice orientations")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise PermanentJobError("series mixes matrix sizes")
-        if np.abs(_floats(ds, "PixelSpacing", 2) - spacing).max() > 1e-4:
-            raise PermanentJobError("series mixes pixel spacings")
+        if "PixelData" not in ds:
+            # Checked before anything is decoded: pydicom would only say AttributeError.
+            raise PermanentJobError(f"{_what(ds, None)}: has no pixel data")
+        frames.extend(_frames_of(ds, source))
+    _check_consistent(datasets, frames)
 
+    ordered, along = _sorted_frames(frames)
+    first = ordered[0]
+    iop = first.orientation
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    positions = np.stack([_floats(ds, "ImagePositionPatient", 3) for ds in datasets])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    positions = positions[order]
-    ordered = [datasets[i] for i in order]
+    positions = np.stack([f.position for f in ordered])
 
     if len(ordered) > 1:
         gaps = np.diff(along)
         if gaps.min() < 1e-3:
-            raise PermanentJobError("series has two slices at the same position")
+            # Enhanced MR often holds several echoes, phases or stacks in one instance.
+            hint = " (several stacks, echoes or phases?)" if len(frames) > len(datasets) else ""
+            raise PermanentJobError(f"series has two slices at the same position{hint}")
         slice_spacing = float(np.median(gaps))
         if np.abs(gaps - slice_spacing).max() > _SPACING_TOLERANCE * slice_spacing:
             raise PermanentJobError(
@@ -223,11 +427,29 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
                 f"series is tilted (gantry tilt about {tilt:.1f} degrees); not supported yet"
             )
     else:
-        slice_spacing = float(first.get("SliceThickness", 1.0) or 1.0)
+        slice_spacing = first.thickness or 1.0
 
-    pixels = np.empty((len(ordered), *shape), dtype=np.float32)
-    for i, ds in enumerate(ordered):
-        pixels[i] = _rescaled(ds)
+    # Distinct sources in the order their first slice appears: for single-frame
+    # series exactly one header per slice, in slice order, as callers expect.
+    index_of: dict[int, int] = {}
+    for frame in ordered:
+        index_of.setdefault(frame.source, len(index_of))
+    sources = list(index_of)
+
+    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    pixels = np.empty((len(ordered), rows, columns), dtype=np.float32)
+    slices_of: dict[int, list[tuple[int, _Frame]]] = {s: [] for s in sources}
+    for k, frame in enumerate(ordered):
+        slices_of[frame.source].append((k, frame))
+    for source in sources:
+        ds = datasets[source]
+        count = int(ds.NumberOfFrames) if is_enhanced(ds) else 1
+        stored = _decoded(ds, count)
+        for k, frame in slices_of[source]:
+            pixels[k] = stored[frame.number - 1].astype(np.float32) * np.float32(
+                frame.slope
+            ) + np.float32(frame.intercept)
+        del stored
         # Headers stay for the outputs; the encoded pixels (and pydicom's decoded
         # cache, which goes with them) are no longer needed.
         if "PixelData" in ds:
@@ -235,13 +457,14 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
 
     return Volume(
         pixels=pixels,
-        datasets=ordered,
+        datasets=[datasets[s] for s in sources],
         row_direction=row_dir,
         column_direction=col_dir,
         normal=normal,
         positions=positions,
-        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        pixel_spacing=(float(first.spacing[0]), float(first.spacing[1])),
         slice_spacing=slice_spacing,
+        frames=tuple((index_of[f.source], f.number) for f in ordered),
     )
 
 

@@ -8,6 +8,14 @@ from pydicom.sr.codedict import codes
 from dicomnode.inference.registry import CodeSpec
 
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+DIAMETER = codes.SCT.Diameter
+PROBABILITY = codes.DCM.Probability
+LUNG = codes.SCT.Lung
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+MORPHOLOGICALLY_ABNORMAL = CodeSpec("SCT", "49755003", "Morphologically Abnormal Structure")
 HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 VOLUME = codes.SCT.Volume
 MEAN = codes.SCT.Mean

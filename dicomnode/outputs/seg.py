@@ -9,7 +9,9 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicomnode.errors import PermanentJobError
 from dicomnode.inference.registry import SegmentSpec
+from dicomnode.inference.volume import frame_order, is_enhanced
 from dicomnode.outputs.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_EQUIPMENT, coded
 from dicomnode.outputs.provenance import MANUFACTURER, RESEARCH_NOTICE, Provenance
 
@@ -56,6 +58,65 @@ def contributing_equipment(provenance: Provenance) -> hd.ContributingEquipment:
     )
 
 
+def labels_in_source_order(
+    source_images: Sequence[Dataset],
+    labels: np.ndarray,
+    frames: Sequence[tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """Return labels in the frame order highdicom expects of the source images.
+
+    For single-frame sources that is the order of ``source_images`` (one slice
+    each), which is already the volume's order. A single multi-frame source needs
+    its frames in frame-number order, while the volume sorted them along the normal.
+
+    Parameters
+    ----------
+    source_images : Sequence[Dataset]
+        The volume's source headers (:attr:`Volume.datasets`).
+    labels : np.ndarray
+        ``(slices, rows, columns)`` labels in the volume's slice order.
+    frames : Sequence[tuple[int, int]] or None
+        The volume's ``(source index, frame number)`` per slice
+        (:attr:`Volume.frames`); None to derive them from the source's geometry
+        the way the volume did.
+
+    Returns
+    -------
+    np.ndarray
+        ``(frames, rows, columns)`` labels, frame ``i`` on source frame ``i + 1``
+        for a multi-frame source; ``labels`` itself for single-frame sources.
+
+    Raises
+    ------
+    PermanentJobError
+        If the sources are several multi-frame instances (one SEG can reference
+        the frames of only one), or the labels do not match the sources' frames.
+    """
+    if not any(is_enhanced(ds) for ds in source_images):
+        if len(source_images) != labels.shape[0]:
+            raise PermanentJobError(
+                f"SEG: {labels.shape[0]} label slices for {len(source_images)} source images"
+            )
+        return labels
+    if len(source_images) > 1:
+        # highdicom (and the SEG IOD's common use) references one multi-frame source.
+        raise PermanentJobError(
+            f"SEG: a series of {len(source_images)} multi-frame instances is not supported; "
+            "only one multi-frame instance per series"
+        )
+    source = source_images[0]
+    count = int(source.get("NumberOfFrames", 1) or 1)
+    numbers = frame_order(source) if frames is None else [number for _, number in frames]
+    if len(numbers) != labels.shape[0] or sorted(numbers) != list(range(1, count + 1)):
+        raise PermanentJobError(
+            f"SEG: {labels.shape[0]} label slices do not match the {count} frames of "
+            f"instance {source.SOPInstanceUID}"
+        )
+    in_frame_order = np.zeros((count, *labels.shape[1:]), dtype=labels.dtype)
+    in_frame_order[np.asarray(numbers) - 1] = labels
+    return in_frame_order
+
+
 def build_segmentation(
     source_images: Sequence[Dataset],
     labels: np.ndarray,
@@ -65,15 +126,19 @@ def build_segmentation(
     series_uid: str,
     sop_uid: str,
     series_number: int,
+    frames: Sequence[tuple[int, int]] | None = None,
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM SEG of a label map on the source images' grid.
 
     Parameters
     ----------
     source_images : Sequence[Dataset]
-        The source instances, in the order of ``labels``' first axis.
+        The source instances: :attr:`Volume.datasets`. Single-frame instances
+        are in the order of ``labels``' first axis; a single enhanced multi-frame
+        instance holds every slice as one of its frames.
     labels : np.ndarray
-        ``(frames, rows, columns)`` integer labels: 0 background, ``i`` segment ``i``.
+        ``(slices, rows, columns)`` integer labels in the volume's slice order:
+        0 background, ``i`` segment ``i``.
     segments : Sequence[SegmentSpec]
         Label, codes and colour of each segment, in label order.
     provenance : Provenance
@@ -82,12 +147,23 @@ def build_segmentation(
         UIDs of the new object.
     series_number : int
         Series Number of the new series.
+    frames : Sequence[tuple[int, int]] or None
+        :attr:`Volume.frames`, which maps slices to source frames; derived from
+        the source's geometry when not given.
 
     Returns
     -------
     highdicom.seg.Segmentation
-        The object; frames reference their source instances.
+        The object; frames reference their source instances (and, for a
+        multi-frame source, their source frame numbers).
+
+    Raises
+    ------
+    PermanentJobError
+        If the slices cannot be mapped onto the source frames
+        (see :func:`labels_in_source_order`).
     """
+    pixel_array = labels_in_source_order(source_images, labels, frames)
     algorithm = algorithm_identification(provenance)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -106,7 +182,7 @@ def build_segmentation(
     content_label = re.sub(r"[^A-Z0-9_ ]", "_", provenance.model_name.upper())[:16]
     return hd.seg.Segmentation(
         source_images=list(source_images),
-        pixel_array=labels,
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_uid,

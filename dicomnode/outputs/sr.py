@@ -3,29 +3,44 @@
 One Volumetric ROI Measurements group per segment, each referencing its SEG
 segment and the source series, so that OHIF and other TID 1500 readers can show
 the measurements beside the segmentation.
+
+A detection model adds, per finding, a Planar ROI group: a circle of the finding's
+diameter on the source image through its centre (what OHIF and other viewers draw),
+with the diameter and the model's probability. Its Tracking UID is that of the
+finding's SEG segment, so both groups describe one finding. A study-level group
+then says whether any such finding is present, with the best probability seen.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from highdicom import sr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomnode.inference.measurements import SegmentStats
-from dicomnode.inference.registry import SegmentSpec
+from dicomnode.inference.registry import CodeSpec, SegmentSpec
 from dicomnode.outputs.codes import (
+    ABSENT,
     ATTENUATION,
     CT_CHEST,
     CT_UNSPECIFIED,
+    DIAMETER,
     HOUNSFIELD_UNIT,
     IMAGING_PROCEDURE,
+    LUNG,
     MEAN,
     MILLILITER,
+    MILLIMETER,
     MR_UNSPECIFIED,
+    NO_UNITS,
+    PRESENT,
+    PROBABILITY,
     VOLUME,
     coded,
 )
@@ -43,8 +58,120 @@ def _procedure(source: Dataset) -> hd.sr.CodedConcept:
     return IMAGING_PROCEDURE
 
 
+@dataclass(frozen=True)
+class ReportedFinding:
+    """A detection model's finding, as the report states it.
+
+    Attributes
+    ----------
+    segment_number : int
+        Its segment in the SEG (findings and segments are numbered alike).
+    source : Dataset
+        The source image through the finding's centre.
+    frame_number : int or None
+        That image's frame, for a multi-frame source.
+    column, row : float
+        The centre on that image, in pixels.
+    radius_px : float
+        Half the diameter, in pixels along a row.
+    diameter_mm : float
+        Longest axial diameter.
+    probability : float
+        The model's probability.
+    """
+
+    segment_number: int
+    source: Dataset
+    frame_number: int | None
+    column: float
+    row: float
+    radius_px: float
+    diameter_mm: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class StudyFinding:
+    """The study-level classification: is such a finding present at all."""
+
+    finding: CodeSpec
+    present: bool
+    best_probability: float
+
+
+def _finding_group(
+    finding: ReportedFinding,
+    code: CodeSpec,
+    tracking: sr.TrackingIdentifier,
+    algorithm: sr.AlgorithmIdentification,
+) -> sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    region = sr.ImageRegion(
+        graphic_type=sr.GraphicTypeValues.CIRCLE,
+        # A circle is its centre and one point on its edge.
+        graphic_data=np.array(
+            [
+                [finding.column, finding.row],
+                [finding.column + max(finding.radius_px, 1.0), finding.row],
+            ]
+        ),
+        source_image=sr.SourceImageForRegion(
+            referenced_sop_class_uid=finding.source.SOPClassUID,
+            referenced_sop_instance_uid=finding.source.SOPInstanceUID,
+            referenced_frame_numbers=(
+                None if finding.frame_number is None else [finding.frame_number]
+            ),
+        ),
+    )
+    return sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=coded(code),
+        finding_sites=[sr.FindingSite(LUNG)],
+        algorithm_id=algorithm,
+        measurements=[
+            sr.Measurement(
+                name=DIAMETER,
+                value=round(finding.diameter_mm, 1),
+                unit=MILLIMETER,
+                algorithm_id=algorithm,
+            ),
+            sr.Measurement(
+                name=PROBABILITY,
+                value=round(finding.probability, 4),
+                unit=NO_UNITS,
+                algorithm_id=algorithm,
+            ),
+        ],
+    )
+
+
+def _study_group(
+    study: StudyFinding, algorithm: sr.AlgorithmIdentification, provenance: Provenance
+) -> sr.MeasurementsAndQualitativeEvaluations:
+    return sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=sr.TrackingIdentifier(
+            uid=provenance.uid(provenance.model_name, "study-level", study.finding.value),
+            identifier="Study-level classification",
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            sr.QualitativeEvaluation(
+                name=coded(study.finding), value=PRESENT if study.present else ABSENT
+            )
+        ],
+        measurements=[
+            sr.Measurement(
+                name=PROBABILITY,
+                value=round(study.best_probability, 4),
+                unit=NO_UNITS,
+                algorithm_id=algorithm,
+            )
+        ],
+    )
+
+
 def build_measurement_report(
-    segmentation: Dataset,
+    segmentation: Dataset | None,
     source_images: Sequence[Dataset],
     stats: Sequence[SegmentStats],
     segments: Sequence[SegmentSpec],
@@ -53,13 +180,15 @@ def build_measurement_report(
     series_uid: str,
     sop_uid: str,
     series_number: int,
+    findings: Sequence[ReportedFinding] = (),
+    study: StudyFinding | None = None,
 ) -> sr.Comprehensive3DSR:
-    """Build a TID 1500 report of per-segment volume and mean value.
+    """Build a TID 1500 report of per-segment volume and mean value (and findings).
 
     Parameters
     ----------
-    segmentation : Dataset
-        The SEG whose segments are measured.
+    segmentation : Dataset or None
+        The SEG whose segments are measured; None when a detection found nothing.
     source_images : Sequence[Dataset]
         The source instances (evidence).
     stats : Sequence[SegmentStats]
@@ -72,6 +201,10 @@ def build_measurement_report(
         UIDs of the new object.
     series_number : int
         Series Number of the new series.
+    findings : sequence of ReportedFinding
+        A detection model's findings, each with its own segment.
+    study : StudyFinding, optional
+        The study-level classification of a detection model.
 
     Returns
     -------
@@ -91,9 +224,11 @@ def build_measurement_report(
             model_name=provenance.model_name,
         ),
     )
-    tracking_uids = {
-        int(item.SegmentNumber): str(item.TrackingUID) for item in segmentation.SegmentSequence
-    }
+    tracking_uids = (
+        {}
+        if segmentation is None
+        else {int(i.SegmentNumber): str(i.TrackingUID) for i in segmentation.SegmentSequence}
+    )
     is_ct = source_images[0].get("Modality") == "CT"
     groups = []
     for stat, seg in zip(stats, segments, strict=True):
@@ -120,8 +255,8 @@ def build_measurement_report(
                     uid=tracking_uids[stat.number], identifier=seg.label
                 ),
                 referenced_segment=sr.ReferencedSegment(
-                    sop_class_uid=segmentation.SOPClassUID,
-                    sop_instance_uid=segmentation.SOPInstanceUID,
+                    sop_class_uid=segmentation.SOPClassUID,  # type: ignore[union-attr]
+                    sop_instance_uid=segmentation.SOPInstanceUID,  # type: ignore[union-attr]
                     segment_number=stat.number,
                     source_series=sr.SourceSeriesForSegmentation(source_series),
                 ),
@@ -131,13 +266,22 @@ def build_measurement_report(
                 measurements=measurements,
             )
         )
+    finding_groups: list[sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for finding in findings:
+        segment = segments[finding.segment_number - 1]
+        tracking = sr.TrackingIdentifier(
+            uid=tracking_uids[finding.segment_number], identifier=segment.label
+        )
+        finding_groups.append(_finding_group(finding, segment.type, tracking, algorithm))
+    study_groups = [] if study is None else [_study_group(study, algorithm, provenance)]
     report = sr.MeasurementReport(
         observation_context=sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_procedure(source_images[0]),
-        imaging_measurements=groups,
+        imaging_measurements=[*groups, *finding_groups, *study_groups],
     )
+    evidence = list(source_images) if segmentation is None else [segmentation, *source_images]
     return sr.Comprehensive3DSR(
-        evidence=[segmentation, *source_images],
+        evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
         series_number=series_number,

@@ -88,7 +88,9 @@ def test_check_names_what_is_broken(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert lines[0].startswith("FAILED model broken: weights do not fit network UNet")
     assert lines[1].startswith("ok     good 0.1")
     assert (
-        lines[2] == "FAILED model wrong-shape: expected output [N, 1, 64, 64], got (1, 1, 32, 32)"
+        lines[2]
+        == "FAILED model wrong-shape: for input [1, 1, 64, 64] expected output [1, 1, 64, 64], "
+        "got (1, 1, 32, 32)"
     )
     code, out, _ = run(capsys, "--config", str(config), "models", "check", "good")
     assert code == 0 and len(out.splitlines()) == 1

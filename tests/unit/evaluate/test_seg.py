@@ -11,14 +11,14 @@ import pytest
 from dicomnode.cli.main import main
 from dicomnode.evaluate import metrics
 from dicomnode.evaluate.seg import EvaluationError, compare_segs
-from dicomnode.inference.registry import load_registry
+from dicomnode.inference.registry import load_model_spec, shipped_models_path
 from dicomnode.inference.volume import volume_from_datasets
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.pipeline import encode
 from tests.factories import ct_series, lung_phantom
 
-SPEC = load_registry(None)["lung-unet2d"]
+SPEC = load_model_spec(shipped_models_path() / "lung-unet2d")
 
 
 def write_seg(path: Path, volume, labels: np.ndarray, tag: str) -> Path:
@@ -82,7 +82,8 @@ def test_the_command_prints_a_table_and_json(case, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["SERIES", "SEGMENT", "DICE"]
-    assert len(lines) == 4 and "all segments" in lines[3]
+    assert len(lines) == 7 and "all segments" in lines[3]
+    assert [line.split()[:3] for line in lines[4:]] == [["mean", "of", "1"]] * 3
     assert main(["evaluate", str(case["ours_path"]), str(case["ref_path"]), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     dice = {c["segment"]: c["dice"] for c in record["cases"]}

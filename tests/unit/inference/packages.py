@@ -227,3 +227,62 @@ def build_bundle_package(
         MONAI_MANIFEST.format(name=name, file="bundle", format="monai_bundle", network="")
     )
     return folder
+
+
+DETECTION_MANIFEST = """
+name = "{name}"
+version = "0.1"
+task = "detection"
+licence = "test"
+intended_use = "tests only"
+
+[weights]
+file = "model.ts.pt"
+format = "torchscript"
+
+[input]
+modality = ["CT"]
+matrix = [32, 32]
+batch_size = 16
+
+[output]
+kind = "logits"
+threshold = 0.5
+
+[detection]
+lung_model = "{lung_model}"
+patch_mm = 40.0
+max_candidates = 50
+"""
+
+
+class CentreDensity(torch.nn.Module):
+    """A stand-in CNN: the denser the centre of the middle patch, the likelier a nodule.
+
+    Soft tissue (about 0 HU, 0.71 after the 0..1 window) scores near 1, lung (-850 HU,
+    0.11) near 0: the phantom's nodule is found, and nothing else in its lungs is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        middle = x.shape[1] // 2
+        centre = x[:, middle, 14:18, 14:18].mean(dim=(1, 2))
+        return ((centre - 0.4) * 40.0)[:, None]
+
+
+class TwoScores(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2, 0, 0]
+
+
+def build_detection_package(
+    root: Path,
+    name: str = "test-nodules",
+    module: torch.nn.Module | None = None,
+    lung_model: str = "test-lungs",
+) -> Path:
+    """A detection package whose candidates are searched in ``lung_model``'s mask."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module or CentreDensity()), str(folder / "model.ts.pt"))
+    (folder / "model.toml").write_text(DETECTION_MANIFEST.format(name=name, lung_model=lung_model))
+    return folder

@@ -120,15 +120,15 @@ class MemoryLimited(torch.nn.Module):
 
 
 def test_out_of_memory_retries_in_smaller_batches(tmp_path: Path) -> None:
-    from dicomnode.inference.segment import predict_foreground
+    from dicomnode.inference.segment import predict_slices
     from tests.unit.inference.packages import LungWindow
 
     spec = load_model_spec(build_package(tmp_path, batch_size=8))
     pixels = lung_phantom(slices=12).astype(np.float32)
-    expected = predict_foreground(LungWindow(), spec, pixels, CPU)
+    expected = predict_slices(LungWindow(), spec, pixels, CPU)
     limited = MemoryLimited(LungWindow(), limit=3)
-    got = predict_foreground(limited, spec, pixels, CPU)
+    got = predict_slices(limited, spec, pixels, CPU)
     assert np.array_equal(got, expected)
     assert max(limited.batches) <= 3 and sum(limited.batches) == 12
     with pytest.raises(TransientJobError, match="out of device memory even for one slice"):
-        predict_foreground(MemoryLimited(LungWindow(), limit=0), spec, pixels, CPU)
+        predict_slices(MemoryLimited(LungWindow(), limit=0), spec, pixels, CPU)

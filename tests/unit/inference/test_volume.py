@@ -166,3 +166,41 @@ def test_shipped_demo_sample_loads(tmp_path: Path) -> None:
     assert vol.slice_spacing == pytest.approx(2.5)
     assert vol.datasets[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
     assert (vol.pixels < -900).mean() > 0.2  # lungs and air
+
+
+def test_missing_pixel_data_names_the_instance() -> None:
+    # A header-only instance (e.g. stored without pixels by a misconfigured sender)
+    # must fail the job with its UID, not with pydicom's AttributeError.
+    datasets = ct_series(ramp())
+    del datasets[2].PixelData
+    uid = datasets[2].SOPInstanceUID
+    with pytest.raises(PermanentJobError, match=rf"^instance {uid}: has no pixel data$"):
+        volume_from_datasets(datasets)
+
+
+def test_undecodable_pixels_without_file_meta_fail_clearly() -> None:
+    datasets = ct_series(ramp())
+    del datasets[1].file_meta
+    datasets[1].PixelData = b"\x00" * 10
+    uid = datasets[1].SOPInstanceUID
+    with pytest.raises(
+        PermanentJobError,
+        match=rf"^instance {uid}: cannot decode pixel data \(transfer syntax unknown\)",
+    ):
+        volume_from_datasets(datasets)
+
+
+def test_mixed_orientation_message_for_a_coronal_slice_among_axial() -> None:
+    datasets = ct_series(ramp())
+    datasets[3].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    with pytest.raises(PermanentJobError, match=r"^series mixes slice orientations$"):
+        volume_from_datasets(datasets)
+
+
+def test_each_slice_maps_to_its_own_instance() -> None:
+    datasets = ct_series(ramp())
+    random.Random(5).shuffle(datasets)
+    vol = volume_from_datasets(datasets)
+    assert not vol.is_multiframe
+    assert vol.frames == tuple((k, 1) for k in range(5))
+    assert [vol.source_of(k)[0] for k in range(5)] == vol.datasets

@@ -1,0 +1,198 @@
+"""Run a detection model: mask model, candidate search, CNN scoring, findings.
+
+A detection package (``task = "detection"``) names the segmentation model whose mask
+bounds the search (``detection.lung_model``). Both run from the same warm cache; the
+mask model's own faster back-end and agreement check apply as in a segmentation job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.inference.nodules import (
+    detect_candidates,
+    extract_patches,
+    nodule_extent,
+    score_patches,
+    suppress,
+)
+from dicomnode.inference.registry import ModelSpec
+from dicomnode.inference.segment import ModelCache, check_input, segment
+from dicomnode.inference.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One detected object.
+
+    Attributes
+    ----------
+    center_index : np.ndarray
+        ``(3,)`` voxel index ``(slice, row, column)`` of its centre.
+    center : np.ndarray
+        ``(3,)`` patient coordinates (LPS, mm).
+    diameter_mm : float
+        Longest axial diameter.
+    probability : float
+        The CNN's probability that it is what the package detects.
+    voxels : np.ndarray
+        ``(m, 3)`` voxel indices of the object, for the SEG and its volume.
+    """
+
+    center_index: np.ndarray
+    center: np.ndarray
+    diameter_mm: float
+    probability: float
+    voxels: np.ndarray
+
+    @property
+    def slice_index(self) -> int:
+        """Return the slice nearest the centre."""
+        return round(float(self.center_index[0]))
+
+
+@dataclass
+class DetectionResult:
+    """Findings above the package's threshold, best first, and what led to them."""
+
+    findings: list[Finding]
+    candidates: int
+    best_probability: float  # over all candidates; 0 when there were none
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def labels(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Return a label volume: finding ``i`` (from 1) where its voxels lie."""
+        labels = np.zeros(shape, dtype=np.uint8)
+        # Later (weaker) findings never overwrite earlier ones where they touch.
+        for number in range(len(self.findings), 0, -1):
+            voxels = self.findings[number - 1].voxels
+            labels[tuple(voxels.T)] = number
+        return labels
+
+
+MAX_FINDINGS = 50  # a scan with more is a failed search, not 50 nodules to list
+
+
+def detect(
+    spec: ModelSpec,
+    mask_spec: ModelSpec,
+    volume: Volume,
+    cache: ModelCache,
+    checkpoint: Callable[[], None] | None = None,
+) -> DetectionResult:
+    """Find objects in a volume with a detection package.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The detection package.
+    mask_spec : ModelSpec
+        The segmentation package named by ``spec.detection.lung_model``.
+    volume : Volume
+        The input series.
+    cache : ModelCache
+        Warm models.
+    checkpoint : callable, optional
+        Called between steps; it raises to abandon the work.
+
+    Returns
+    -------
+    DetectionResult
+        The findings and the time spent in each step.
+
+    Raises
+    ------
+    PermanentJobError
+        If the series does not fit the models, or a model misbehaves.
+    TransientJobError
+        If the device runs out of memory.
+    """
+    check_input(spec, volume)
+    if volume.shape[0] < 3:
+        raise PermanentJobError(
+            f"model {spec.name}: needs at least 3 slices, the series has {volume.shape[0]}"
+        )
+    lungs = segment(mask_spec, volume, cache, checkpoint=checkpoint)
+    timings = {f"mask_{k}": v for k, v in lungs.timings.items()}
+    if checkpoint is not None:
+        checkpoint()
+
+    settings = spec.detection
+    spacing = (volume.slice_spacing, *volume.pixel_spacing)
+    started = time.perf_counter()
+    candidates = detect_candidates(
+        volume.pixels, lungs.labels > 0, spacing, limit=settings.max_candidates
+    )
+    timings["candidates_s"] = time.perf_counter() - started
+    if checkpoint is not None:
+        checkpoint()
+
+    started = time.perf_counter()
+    patches = extract_patches(
+        volume.pixels,
+        spacing,
+        candidates.centers,
+        size_mm=settings.patch_mm,
+        pixels=spec.input.matrix[0],
+        offsets_mm=settings.slice_offsets_mm,
+    )
+    try:
+        module = cache.get(spec)
+    except ModelPackageError as exc:
+        raise PermanentJobError(str(exc)) from None
+    try:
+        probability = score_patches(
+            module,
+            patches,
+            cache.device,
+            spec.input.batch_size,
+            logits=spec.output.kind == "logits",
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise PermanentJobError(
+            f"model {spec.name}: scoring failed: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    timings["inference_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    points = volume.to_patient(candidates.centers)
+    findings: list[Finding] = []
+    claimed = np.zeros(volume.shape, dtype=bool)
+    for i in suppress(points, probability, settings.merge_mm):
+        if probability[i] < spec.output.threshold or len(findings) == MAX_FINDINGS:
+            break  # suppress() returns the best first
+        diameter, voxels = nodule_extent(
+            volume.pixels, spacing, candidates.centers[i], lung=lungs.labels > 0
+        )
+        if diameter < settings.min_diameter_mm or len(voxels) == 0:
+            continue
+        # A large nodule can hold two candidates further apart than merge_mm: the
+        # weaker one is the same object when most of it is already a finding.
+        if claimed[tuple(voxels.T)].mean() > 0.5:
+            continue
+        claimed[tuple(voxels.T)] = True
+        findings.append(
+            Finding(
+                center_index=candidates.centers[i],
+                center=points[i],
+                diameter_mm=diameter,
+                probability=float(probability[i]),
+                voxels=voxels,
+            )
+        )
+    timings["postprocess_s"] = time.perf_counter() - started
+    log.debug("detection: %d candidates, %d findings", len(candidates), len(findings))
+    return DetectionResult(
+        findings=findings,
+        candidates=len(candidates),
+        best_probability=float(probability.max()) if len(probability) else 0.0,
+        timings=timings,
+    )

@@ -1,0 +1,108 @@
+"""A detection model's findings, turned into SEG segments, SR items and a job summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dicomnode.inference.detect import DetectionResult
+from dicomnode.inference.registry import ModelSpec, SegmentSpec
+from dicomnode.inference.volume import Volume
+from dicomnode.outputs.codes import MORPHOLOGICALLY_ABNORMAL
+from dicomnode.outputs.sr import ReportedFinding, StudyFinding
+
+# Warm colours that stand out against lung and against the lung masks' greens.
+PALETTE = (
+    [255, 200, 0],
+    [255, 110, 0],
+    [230, 40, 60],
+    [220, 0, 200],
+    [0, 200, 255],
+    [150, 90, 255],
+)
+
+
+def finding_segments(spec: ModelSpec, count: int) -> list[SegmentSpec]:
+    """Return one SEG segment per finding: "Nodule 1", "Nodule 2", ...
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The detection package; its ``detection.finding`` is each segment's type.
+    count : int
+        How many findings there are.
+
+    Returns
+    -------
+    list[SegmentSpec]
+        In finding order (best first).
+    """
+    word = spec.detection.finding.meaning.split()[-1].capitalize()
+    return [
+        SegmentSpec(
+            label=f"{word} {number}",
+            category=MORPHOLOGICALLY_ABNORMAL,
+            type=spec.detection.finding,
+            color=PALETTE[(number - 1) % len(PALETTE)],
+        )
+        for number in range(1, count + 1)
+    ]
+
+
+def reported_findings(result: DetectionResult, volume: Volume) -> list[ReportedFinding]:
+    """Return the findings as the SR states them, each on its centre's source image.
+
+    Parameters
+    ----------
+    result : DetectionResult
+        The findings.
+    volume : Volume
+        Their series.
+
+    Returns
+    -------
+    list[ReportedFinding]
+        Numbered like their segments.
+    """
+    out = []
+    for number, finding in enumerate(result.findings, start=1):
+        source, frame = volume.source_of(finding.slice_index)
+        out.append(
+            ReportedFinding(
+                segment_number=number,
+                source=source,
+                frame_number=frame if volume.is_multiframe else None,
+                column=round(float(finding.center_index[2]), 2),
+                row=round(float(finding.center_index[1]), 2),
+                radius_px=finding.diameter_mm / 2 / volume.pixel_spacing[1],
+                diameter_mm=finding.diameter_mm,
+                probability=finding.probability,
+            )
+        )
+    return out
+
+
+def study_finding(spec: ModelSpec, result: DetectionResult) -> StudyFinding:
+    """Return the study-level classification: any finding present or not."""
+    return StudyFinding(
+        finding=spec.detection.finding,
+        present=bool(result.findings),
+        best_probability=result.best_probability,
+    )
+
+
+def detection_summary(result: DetectionResult) -> dict[str, Any]:
+    """Return the findings for the job's summary (``dicomnode jobs show``)."""
+    return {
+        "candidates": result.candidates,
+        "present": bool(result.findings),
+        "best_probability": round(result.best_probability, 4),
+        "findings": [
+            {
+                "number": number,
+                "center_mm": [round(float(v), 1) for v in finding.center],
+                "diameter_mm": round(finding.diameter_mm, 1),
+                "probability": round(finding.probability, 4),
+            }
+            for number, finding in enumerate(result.findings, start=1)
+        ],
+    }
