@@ -11,13 +11,17 @@ What it does, all on this machine:
 
 Usage::
 
-    python bench/stages.py [SERIES_DIR]    # default: ../shared/data/ct/LIDC-IDRI-0001
+    python bench/stages.py [SERIES_DIR] [--model lung-nodule-cnn]
+    # default: ../shared/data/ct/LIDC-IDRI-0001 and lung-unet2d
+
+With a detection model the reference is compared with its mask model's stage.
 
 It reuses the test suite's Orthanc and process helpers, so run it from the checkout.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -43,10 +47,11 @@ from tests.integration.node_process import (  # noqa: E402
 from tests.integration.orthanc import Orthanc  # noqa: E402
 
 
-def run_job(series: list[Path], workdir: Path) -> dict:
+def run_job(series: list[Path], workdir: Path, model: str) -> dict:
     with Orthanc(workdir / "orthanc") as pacs:
         config = write_config(workdir, db_url=f"sqlite:///{workdir / 'node.db'}",
-                              pacs_port=pacs.dicom_port, quiet_seconds=2)  # fmt: skip
+                              pacs_port=pacs.dicom_port, quiet_seconds=2,
+                              model=model)  # fmt: skip
         with NodeProcess(config) as node:
             started = time.perf_counter()
             subprocess.run(
@@ -57,7 +62,7 @@ def run_job(series: list[Path], workdir: Path) -> dict:
             sent = time.perf_counter() - started
             while True:
                 found = pacs.series_by_modality()
-                if "SEG" in found and "SR" in found:
+                if "SR" in found:  # a detection that finds nothing sends no SEG
                     break
                 if time.perf_counter() - started > 1200:
                     raise RuntimeError("no results after 20 minutes:\n" + node.log()[-2000:])
@@ -87,27 +92,33 @@ def eager_reference(series: list[Path]) -> tuple[float, int]:
 
 
 def main() -> None:
-    folder = (
-        Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared/data/ct/LIDC-IDRI-0001"
+    parser = argparse.ArgumentParser(description="Time every stage of one real job.")
+    parser.add_argument(
+        "folder", nargs="?", type=Path, default=REPO.parent / "shared/data/ct/LIDC-IDRI-0001"
     )
+    parser.add_argument("--model", default="lung-unet2d")
+    args = parser.parse_args()
+    folder = args.folder
     series = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in ("", ".dcm"))
     threads = configure_threads(0)
     print(f"series: {folder} ({len(series)} files); torch {torch.__version__}, {threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        job = run_job(series, Path(tmp))
+        job = run_job(series, Path(tmp), args.model)
     timings = job["timings"]
     print(f"\njob {job['id']}: {job['state']}, {job['summary'].get('slices')} slices")
     print(f"{'stage':<18}{'seconds':>9}")
-    for stage in STAGES:
-        if stage in timings:
-            print(f"{stage[:-2]:<18}{timings[stage]:>9.2f}")
+    for stage in [s for s in STAGES if s in timings] + [s for s in timings if s not in STAGES]:
+        print(f"{stage.removesuffix('_s'):<18}{timings[stage]:>9.2f}")
     print(f"{'storescu (client)':<18}{job['storescu_s']:>9.2f}")
     print(f"{'send to results':<18}{job['wall_s']:>9.2f}   (first byte sent -> SEG+SR in the PACS)")
     for seg in job["summary"]["segments"]:
         print(f"  {seg['label']}: {seg['volume_ml']:.0f} mL, mean {seg['mean']:.0f} HU")
+    for finding in job["summary"].get("detection", {}).get("findings", []):
+        print(f"  finding {finding['number']}: centre {finding['center_mm']} mm, "
+              f"{finding['diameter_mm']} mm, p {finding['probability']:.3f}")  # fmt: skip
 
     eager_s, slices = eager_reference(series)
-    ours = timings["inference_s"]
+    ours = timings.get("mask_inference_s", timings["inference_s"])
     print("\ninference, same slices, same model")
     print(f"  plain eager fp32 TorchScript : {eager_s:7.2f} s  {slices / eager_s:6.2f} slices/s")
     print(f"  dicomnode inference stage    : {ours:7.2f} s  {slices / ours:6.2f} slices/s")

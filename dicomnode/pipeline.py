@@ -22,6 +22,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -48,6 +49,7 @@ from dicomnode.errors import (
     PermanentJobError,
     TransientJobError,
 )
+from dicomnode.inference.classify import ClassificationResult, classify
 from dicomnode.inference.detect import DetectionResult, detect
 from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
@@ -58,6 +60,7 @@ from dicomnode.outputs.findings import (
     detection_summary,
     finding_segments,
     reported_findings,
+    series_class,
     study_finding,
 )
 from dicomnode.outputs.headers import repair_source_headers
@@ -282,7 +285,12 @@ class Pipeline:
         checkpoint()
 
         detection: DetectionResult | None = None
-        if spec.task == "detection":
+        classification: ClassificationResult | None = None
+        if spec.task == "classification":
+            classification = classify(spec, volume, self.cache, checkpoint=checkpoint)
+            timings.update(classification.timings)
+            labels, segments = np.zeros((0,), dtype=np.uint8), []
+        elif spec.task == "detection":
             detection = detect(
                 spec, self._mask_spec(spec), volume, self.cache, checkpoint=checkpoint
             )
@@ -296,7 +304,9 @@ class Pipeline:
         checkpoint()
 
         names = [s.label for s in segments]
-        stats = segment_stats(labels, volume.pixels, volume.voxel_volume_ml, names)
+        stats = (
+            segment_stats(labels, volume.pixels, volume.voxel_volume_ml, names) if segments else []
+        )
         provenance = Provenance(
             model_name=spec.name,
             model_version=spec.version,
@@ -346,7 +356,13 @@ class Pipeline:
                 sop_uid=provenance.uid(*identity, *version, "sr"),
                 series_number=base_number + 2,
                 findings=[] if detection is None else reported_findings(detection, volume),
-                study=None if detection is None else study_finding(spec, detection),
+                study=(
+                    study_finding(spec, detection)
+                    if detection is not None
+                    else None
+                    if classification is None
+                    else series_class(spec, classification)
+                ),
             )
         timings["sr_s"] = time.perf_counter() - started
 
@@ -366,6 +382,11 @@ class Pipeline:
         }
         if detection is not None:
             summary["detection"] = detection_summary(detection)
+        if classification is not None:
+            summary["classification"] = {
+                "class": None if classification.chosen is None else classification.chosen.label,
+                "probabilities": {k: round(v, 4) for k, v in classification.probabilities.items()},
+            }
         built = [] if seg is None else [BuiltOutput("seg", seg)]
         return [*built, BuiltOutput("sr", report)], summary, timings
 

@@ -22,6 +22,9 @@ STAGES = (
     "receive_s",
     "wait_s",
     "load_s",
+    "mask_inference_s",  # a detection model's mask model, then its candidate search
+    "mask_postprocess_s",
+    "candidates_s",
     "inference_s",
     "postprocess_s",
     "seg_s",

@@ -131,9 +131,20 @@ def detect_candidates(
     # Work at about 1.4 mm: nodules of 3 mm and up survive, and the filters run on a
     # quarter of the voxels of a 0.7 mm scan.
     factors = _block_factors(spacing, (2.0, 1.4, 1.4))
-    coarse_hu = _reduce(hu.astype(np.float32, copy=False), factors, "mean")
     coarse_lung = _reduce(lung, factors, "max")
     coarse_spacing = np.asarray(spacing, dtype=np.float64) * np.asarray(factors)
+    if not coarse_lung.any():
+        return Candidates(np.empty((0, 3)), np.empty(0, np.float32), np.empty(0))
+    # Only the lungs' bounding box is filtered, with a margin as wide as the filters
+    # reach (4 sigma), so every value inside the box is what the whole volume gives.
+    margin = np.ceil(4 * max(sigmas_mm) / coarse_spacing).astype(int) + 1
+    found = np.argwhere(coarse_lung)
+    low = np.maximum(found.min(axis=0) - margin, 0)
+    high = np.minimum(found.max(axis=0) + margin + 1, coarse_lung.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    coarse_lung = coarse_lung[box]
+    fine_box = tuple(slice(a * f, b * f) for a, b, f in zip(low, high, factors, strict=True))
+    coarse_hu = _reduce(hu[fine_box].astype(np.float32, copy=False), factors, "mean")
     region = lung_region(coarse_lung, coarse_spacing)
 
     image = np.clip(coarse_hu, HU_LOW, HU_HIGH)
@@ -153,7 +164,7 @@ def detect_candidates(
     where, strength = where[order], strength[order]
     # Back to the input grid: the centre of each coarse block.
     offset = (np.asarray(factors) - 1) / 2.0
-    centers = where * np.asarray(factors) + offset
+    centers = (where + low) * np.asarray(factors) + offset
     sigmas = np.asarray(sigmas_mm, dtype=np.float64)[scale[tuple(where.T)]]
     return Candidates(centers=centers.astype(np.float64), response=strength, sigma_mm=sigmas)
 

@@ -95,6 +95,14 @@ class SegmentSpec:
     )
 
 
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class of a classification model."""
+
+    label: str = field(metadata=field_doc("Class name shown in reports."))
+    code: CodeSpec = field(metadata=field_doc("What the class means, as a code."))
+
+
 WEIGHT_FORMATS = ("torchscript", "state_dict", "monai_bundle")
 
 
@@ -237,6 +245,21 @@ class OutputSpec:
     segments: list[SegmentSpec] = field(
         default_factory=list, metadata=field_doc("The output segments, in label order.")
     )
+    classes: list[ClassSpec] = field(
+        default_factory=list,
+        metadata=field_doc(
+            "For task = classification: the classes in output-channel order. With one "
+            "channel (probability or logits) there is one class, present or not."
+        ),
+    )
+    aggregate: str = field(
+        default="mean",
+        metadata=field_doc(
+            "For task = classification: how slice scores make the series' score: mean, "
+            "or max (a finding on any slice counts).",
+            one_of("mean", "max"),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -283,9 +306,10 @@ class ModelSpec:
     version: str = field(metadata=field_doc("Model version; part of the job's identity."))
     task: str = field(
         metadata=field_doc(
-            "What the model does: segmentation (labels per voxel) or detection (findings "
-            "with a position, a size and a probability).",
-            one_of("segmentation", "detection"),
+            "What the model does: segmentation (labels per voxel), classification (one "
+            "class for the series) or detection (findings with a position, a size and a "
+            "probability).",
+            one_of("segmentation", "classification", "detection"),
         ),
     )
     summary: str = field(default="", metadata=field_doc("One line saying what it does."))
@@ -330,6 +354,16 @@ def _check_package(spec: ModelSpec, folder: Path) -> None:
         raise ConfigError("input.modality: at least one modality is required")
     if spec.task == "segmentation" and not spec.output.segments:
         raise ConfigError("output.segments: a segmentation model needs at least one segment")
+    if spec.task == "classification":
+        if not spec.output.classes:
+            raise ConfigError("output.classes: a classification model needs at least one class")
+        if spec.input.dimensions != 2:
+            raise ConfigError("input.dimensions: classification models see slices (2)")
+        if spec.output.kind != "softmax" and len(spec.output.classes) != 1:
+            raise ConfigError(
+                "output.classes: one-channel outputs (probability, logits) have one class; "
+                "use kind = softmax for several"
+            )
     if spec.task == "detection":
         if not spec.detection.lung_model:
             raise ConfigError("detection.lung_model: a detection model needs a mask model")

@@ -201,7 +201,7 @@ def check_input(spec: ModelSpec, volume: Volume) -> None:
         )
 
 
-def _forward_in_pieces(
+def forward_in_pieces(
     module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str
 ) -> torch.Tensor:
     """Run a batch; out of device memory, run it again in halves, down to one slice.
@@ -210,6 +210,25 @@ def _forward_in_pieces(
     at the package's batch size and still manage a smaller one: the job slows down
     instead of failing. Only a single slice that does not fit fails the attempt, as a
     transient error, so it is retried later (or on another worker).
+
+    Parameters
+    ----------
+    module : callable
+        The network (or a faster back-end's compiled model).
+    x : torch.Tensor
+        The batch.
+    name : str
+        The model's name, for the log and the error.
+
+    Returns
+    -------
+    torch.Tensor
+        The network's output for the whole batch.
+
+    Raises
+    ------
+    TransientJobError
+        If even one item does not fit in device memory.
     """
     try:
         return module(x)
@@ -226,7 +245,7 @@ def _forward_in_pieces(
         x.shape[0],
         half,
     )
-    return torch.cat([_forward_in_pieces(module, p, name) for p in torch.split(x, half)])
+    return torch.cat([forward_in_pieces(module, p, name) for p in torch.split(x, half)])
 
 
 DECISIVE_VOXELS = 1000  # foreground voxels a compared batch needs to settle the check
@@ -298,7 +317,7 @@ def predict_slices(
             if resample:
                 x = F.interpolate(x, size=matrix, mode="bilinear", align_corners=False)
             try:
-                y = _forward_in_pieces(module, x, spec.name)
+                y = forward_in_pieces(module, x, spec.name)
             except RuntimeError as exc:
                 raise PermanentJobError(
                     f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dicomnode.inference.classify import ClassificationResult
 from dicomnode.inference.detect import DetectionResult
 from dicomnode.inference.registry import ModelSpec, SegmentSpec
 from dicomnode.inference.volume import Volume
@@ -87,6 +88,40 @@ def study_finding(spec: ModelSpec, result: DetectionResult) -> StudyFinding:
         finding=spec.detection.finding,
         present=bool(result.findings),
         best_probability=result.best_probability,
+    )
+
+
+def series_class(spec: ModelSpec, result: ClassificationResult) -> StudyFinding:
+    """Return a classification model's verdict on the series, as the SR states it.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The classification package.
+    result : ClassificationResult
+        Its scores.
+
+    Returns
+    -------
+    StudyFinding
+        One class: present or absent with its probability. Several: the chosen class as
+        the Finding, with its probability.
+    """
+    classes = spec.output.classes
+    if len(classes) == 1 and spec.output.kind != "softmax":
+        return StudyFinding(
+            finding=classes[0].code,
+            present=result.chosen is not None,
+            best_probability=result.probability,
+            scope="Series-level",
+        )
+    assert result.chosen is not None  # argmax always chooses
+    return StudyFinding(
+        finding=classes[0].code,  # what the group is about stays one code across re-runs
+        present=True,
+        best_probability=result.probability,
+        chosen=result.chosen.code,
+        scope="Series-level",
     )
 
 

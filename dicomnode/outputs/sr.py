@@ -92,11 +92,27 @@ class ReportedFinding:
 
 @dataclass(frozen=True)
 class StudyFinding:
-    """The study-level classification: is such a finding present at all."""
+    """A classification of the whole series: a finding present or absent, or a class.
+
+    Attributes
+    ----------
+    finding : CodeSpec
+        What is classified, e.g. "Pulmonary nodule".
+    present : bool
+        Whether it is present (ignored when ``chosen`` is given).
+    best_probability : float
+        The probability behind the verdict.
+    chosen : CodeSpec, optional
+        For a multi-class model: the chosen class, reported as the group's Finding.
+    scope : str
+        "Study-level" or "Series-level", for the group's tracking identifier.
+    """
 
     finding: CodeSpec
     present: bool
     best_probability: float
+    chosen: CodeSpec | None = None
+    scope: str = "Study-level"
 
 
 def _finding_group(
@@ -146,19 +162,33 @@ def _finding_group(
 
 
 def _study_group(
-    study: StudyFinding, algorithm: sr.AlgorithmIdentification, provenance: Provenance
+    study: StudyFinding,
+    algorithm: sr.AlgorithmIdentification,
+    provenance: Provenance,
+    source_series: str,
 ) -> sr.MeasurementsAndQualitativeEvaluations:
-    return sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=sr.TrackingIdentifier(
-            uid=provenance.uid(provenance.model_name, "study-level", study.finding.value),
-            identifier="Study-level classification",
-        ),
-        algorithm_id=algorithm,
-        qualitative_evaluations=[
+    # A chosen class is the group's Finding (TID 1501's own row); a yes/no verdict is a
+    # qualitative evaluation of the finding in question.
+    evaluations = (
+        []
+        if study.chosen is not None
+        else [
             sr.QualitativeEvaluation(
                 name=coded(study.finding), value=PRESENT if study.present else ABSENT
             )
-        ],
+        ]
+    )
+    return sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=sr.TrackingIdentifier(
+            # One finding of this series by this model: its identity across re-runs.
+            uid=provenance.uid(
+                source_series, provenance.model_name, study.scope, study.finding.value
+            ),
+            identifier=f"{study.scope} classification",
+        ),
+        algorithm_id=algorithm,
+        finding_type=None if study.chosen is None else coded(study.chosen),
+        qualitative_evaluations=evaluations,
         measurements=[
             sr.Measurement(
                 name=PROBABILITY,
@@ -273,7 +303,9 @@ def build_measurement_report(
             uid=tracking_uids[finding.segment_number], identifier=segment.label
         )
         finding_groups.append(_finding_group(finding, segment.type, tracking, algorithm))
-    study_groups = [] if study is None else [_study_group(study, algorithm, provenance)]
+    study_groups = (
+        [] if study is None else [_study_group(study, algorithm, provenance, source_series)]
+    )
     report = sr.MeasurementReport(
         observation_context=sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_procedure(source_images[0]),

@@ -286,3 +286,87 @@ def build_detection_package(
     torch.jit.save(torch.jit.script(module or CentreDensity()), str(folder / "model.ts.pt"))
     (folder / "model.toml").write_text(DETECTION_MANIFEST.format(name=name, lung_model=lung_model))
     return folder
+
+
+CLASSIFICATION_MANIFEST = """
+name = "{name}"
+version = "0.1"
+task = "classification"
+licence = "test"
+intended_use = "tests only"
+
+[weights]
+file = "model.ts.pt"
+format = "torchscript"
+
+[input]
+modality = ["CT"]
+matrix = [32, 32]
+offset = 1024.0
+batch_size = 4
+
+[output]
+kind = "{kind}"
+threshold = 0.5
+aggregate = "{aggregate}"
+{classes}
+"""
+
+LUNG_CLASS = """
+[[output.classes]]
+label = "Lungs visible"
+code = {{ scheme = "SCT", value = "39607008", meaning = "Lung" }}
+"""
+
+TWO_CLASSES = """
+[[output.classes]]
+label = "No lungs"
+code = {{ scheme = "SCT", value = "272519000", meaning = "Absent" }}
+
+[[output.classes]]
+label = "Lungs visible"
+code = {{ scheme = "SCT", value = "39607008", meaning = "Lung" }}
+"""
+
+
+class LungPresence(torch.nn.Module):
+    """A stand-in slice classifier: lungs visible when over 5% of the slice is lung.
+
+    Input is HU + 1024, so lung (-850 HU) is about 174. ``two`` returns the logits of
+    [no lungs, lungs] for softmax; otherwise one logit.
+    """
+
+    def __init__(self, two: bool = False) -> None:
+        super().__init__()
+        self.two = two
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lung = (torch.abs(x - 174.0) < 80.0).float().mean(dim=(1, 2, 3))
+        logit = (lung - 0.05) * 200.0
+        if self.two:
+            return torch.stack([-logit, logit], dim=1)
+        return logit[:, None]
+
+
+def build_classification_package(
+    root: Path,
+    name: str = "test-classes",
+    kind: str = "logits",
+    aggregate: str = "mean",
+    module: torch.nn.Module | None = None,
+) -> Path:
+    """A slice classifier package: one class (logits) or two (softmax)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    two = kind == "softmax"
+    scripted = torch.jit.script(module or LungPresence(two=two))
+    torch.jit.save(scripted, str(folder / "model.ts.pt"))
+    (folder / "model.toml").write_text(
+        CLASSIFICATION_MANIFEST.format(
+            name=name,
+            kind=kind,
+            aggregate=aggregate,
+            classes=(TWO_CLASSES if two else LUNG_CLASS).format(),
+        )
+    )
+    return folder

@@ -1,0 +1,97 @@
+"""Classification jobs through the real pipeline: one SR with the series' class, no SEG.
+
+The SR passes dciodvfy before it leaves and is read back with highdicom.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+import torch
+from pydicom.sr.codedict import codes
+
+from dicomnode.config import parse_settings
+from dicomnode.db.models import JobState
+from dicomnode.inference.registry import load_registry
+from dicomnode.inference.segment import ModelCache
+from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue.completion import sweep
+from dicomnode.queue.worker import Worker
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.factories import ct_series, lung_phantom
+from tests.integration.test_pipeline import CountingSCP, job_row, scp  # noqa: F401 - fixture
+from tests.unit.inference.packages import build_classification_package
+
+LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+
+
+def run_classification(tmp_path: Path, db_url: str, sessions, scp: CountingSCP, kind: str):  # noqa: F811
+    models = tmp_path / "models"
+    build_classification_package(models, "test-classes", kind=kind)
+    settings = parse_settings(
+        {
+            "database": {"url": db_url},
+            "storage": {"path": str(tmp_path / "spool")},
+            "completion": {"quiet_seconds": 0},
+            "models": {"path": str(models)},
+            "outputs": {"validate": "dciodvfy"},
+            "destinations": [
+                {"name": "counter", "ae_title": "COUNTER", "host": "127.0.0.1",
+                 "port": scp.port, "timeout_seconds": 5},
+            ],
+            "routes": [
+                {"name": "classes", "match": {"Modality": "CT"}, "models": ["test-classes"],
+                 "send_to": ["counter"]},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    registry = load_registry(settings.models.path)
+    spool = Spool(settings.storage.path)
+    ingestor = Ingestor(spool, sessions)
+    for ds in ct_series(lung_phantom(slices=10)):
+        ingestor.store(encode(ds))
+    assert sweep(sessions, settings, registry, spool) == 1
+    scp.start()
+    pipeline = Pipeline(settings, sessions, spool, registry, ModelCache(torch.device("cpu")))
+    assert Worker(sessions, pipeline, settings.worker, threading.Event()).run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.DONE, job.last_error
+    assert [str(ds.SOPClassUID) for ds in scp.received] == ["1.2.840.10008.5.1.4.1.1.88.34"]
+    content = hd.sr.Comprehensive3DSR.from_dataset(scp.received[0]).content
+    (group,) = content.get_image_measurement_groups()
+    probability = float(group.get_measurements(name=codes.DCM.Probability)[0].value)
+    return job, group, probability
+
+
+def test_one_class_present_with_its_probability(
+    tmp_path: Path,
+    db_url: str,
+    sessions,
+    scp: CountingSCP,  # noqa: F811
+) -> None:
+    job, group, probability = run_classification(tmp_path, db_url, sessions, scp, "logits")
+    assert job.summary["classification"]["class"] == "Lungs visible"
+    assert job.summary["classification"]["probabilities"]["Lungs visible"] == pytest.approx(0.8)
+    assert group.tracking_identifier == "Series-level classification"
+    (evaluation,) = group.get_qualitative_evaluations(name=LUNG)
+    assert evaluation.value == codes.SCT.Present
+    assert probability == pytest.approx(0.8, abs=1e-4)
+    assert "inference_s" in job.timings and "seg_s" not in job.timings
+
+
+def test_softmax_reports_the_chosen_class_as_the_finding(
+    tmp_path: Path,
+    db_url: str,
+    sessions,
+    scp: CountingSCP,  # noqa: F811
+) -> None:
+    job, group, probability = run_classification(tmp_path, db_url, sessions, scp, "softmax")
+    assert job.summary["classification"]["class"] == "Lungs visible"
+    assert group.finding_type == LUNG  # TID 1501's Finding row holds the chosen class
+    assert group.get_qualitative_evaluations() == []
+    assert probability == pytest.approx(0.8, abs=1e-4)
