@@ -284,16 +284,17 @@ class WorkerSettings:
     backend: str = field(
         default="auto",
         metadata=field_doc(
-            "auto (OpenVINO on the CPU when installed, checked against PyTorch on the first "
-            "batch), torch or openvino.",
+            "auto (OpenVINO on the CPU when installed; autocast on a GPU; either checked "
+            "against plain PyTorch on the first batch), torch or openvino.",
             one_of("auto", "torch", "openvino"),
         ),
     )
     precision: str = field(
         default="auto",
         metadata=field_doc(
-            "For OpenVINO: auto (bf16 where the CPU has it), fp32 or bf16.",
-            one_of("auto", "fp32", "bf16"),
+            "auto (bf16 where the CPU or GPU has it; fp16 on a GPU without), fp32, bf16, or "
+            "fp16 (GPU only; bf16 on the CPU).",
+            one_of("auto", "fp32", "bf16", "fp16"),
         ),
     )
     starvation_seconds: float = field(

@@ -158,6 +158,11 @@ def show_model(settings: Settings, args: argparse.Namespace) -> int:
 
 def _output_line(spec: ModelSpec) -> str:
     out = spec.output
+    if out.kind == "softmax":
+        # No threshold: the argmax of the channels decides.
+        if spec.task == "classification":
+            return f"softmax, argmax of {len(out.classes)} classes"
+        return f"softmax, argmax of {len(out.segments) + 1} channels (background first)"
     return f"{out.kind}, threshold {out.threshold:g}, post-processing {out.postprocess}"
 
 

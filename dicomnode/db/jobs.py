@@ -574,13 +574,23 @@ def postpone(sessions: sessionmaker[Session], claim: Claim, seconds: float, reas
     bool
         False if the lease had already been lost.
     """
-    return _give_back(sessions, claim, seconds, reason, error=reason)
+    return _give_back(sessions, claim, seconds, reason, error=reason, collapse=True)
 
 
 def _give_back(
-    sessions: sessionmaker[Session], claim: Claim, seconds: float, note: str, error: str | None
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    seconds: float,
+    note: str,
+    error: str | None,
+    collapse: bool = False,
 ) -> bool:
-    """Re-queue a job this worker holds without counting the attempt."""
+    """Re-queue a job this worker holds without counting the attempt.
+
+    With ``collapse``, a give-back for the same reason as the job's previous one leaves
+    no trace of this claim in the history: a job waiting hours for another model's
+    verdict shows one wait, not two events every few seconds.
+    """
     now = utcnow()
     with transaction(sessions) as session:
         job = _owned_job(session, claim)
@@ -595,10 +605,29 @@ def _give_back(
         if error is not None:
             job.last_error = error
         job.updated_at = now
+        if collapse and _repeats_last_wait(session, job.id, note):
+            return True
         record_event(
             session, job, JobState.QUEUED, from_state=before, worker=claim.owner, note=note, at=now
         )
         return True
+
+
+def _repeats_last_wait(session: Session, job_id: int, note: str) -> bool:
+    """Drop this claim's event if the wait before it had the same reason; say whether."""
+    last = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(2)
+    ).all()
+    if (
+        len(last) == 2
+        and last[0].from_state == JobState.QUEUED
+        and last[0].to_state == JobState.RUNNING
+        and last[1].to_state == JobState.QUEUED
+        and last[1].note == note
+    ):
+        session.delete(last[0])
+        return True
+    return False
 
 
 def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:

@@ -371,6 +371,8 @@ def _check_package(spec: ModelSpec, folder: Path) -> None:
             raise ConfigError("detection.lung_model: must name another model")
         if not spec.detection.slice_offsets_mm:
             raise ConfigError("detection.slice_offsets_mm: at least one offset is needed")
+        if spec.input.dimensions != 2:
+            raise ConfigError("input.dimensions: detection models see stacks of slices (2)")
     if spec.input.dimensions == 3 and not spec.input.roi:
         raise ConfigError("input.roi: a 3D model needs its sliding-window patch size")
     if spec.output.kind == "softmax" and spec.output.postprocess != "none":

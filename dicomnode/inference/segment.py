@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import ModelPackageError, PermanentJobError, TransientJobError
+from dicomnode.inference.autocast import AutocastModel, autocast_dtype
 from dicomnode.inference.backends import (
     OpenVINOModel,
     compile_openvino,
@@ -29,7 +30,14 @@ from dicomnode.inference.backends import (
 from dicomnode.inference.lungs import split_left_right
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.sliding import predict_volume
-from dicomnode.inference.transforms import channels, foreground_count, intensity, to_output
+from dicomnode.inference.transforms import (
+    FORWARD_ERRORS,
+    channels,
+    failure_reason,
+    foreground_count,
+    intensity,
+    to_output,
+)
 from dicomnode.inference.volume import Volume
 from dicomnode.inference.weights import load_model
 
@@ -74,7 +82,7 @@ class ModelCache:
         self.precision = precision
         self.threads = threads
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
-        self._fast: dict[tuple[str, str], OpenVINOModel | None] = {}
+        self._fast: dict[tuple[str, str], OpenVINOModel | AutocastModel | None] = {}
         self._trusted: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -105,8 +113,8 @@ class ModelCache:
                 )
             return self._models[key]
 
-    def fast(self, spec: ModelSpec) -> OpenVINOModel | None:
-        """Return the model compiled by the faster back-end, or None to use PyTorch.
+    def fast(self, spec: ModelSpec) -> OpenVINOModel | AutocastModel | None:
+        """Return the model on its faster path, or None to use plain PyTorch.
 
         Parameters
         ----------
@@ -115,18 +123,33 @@ class ModelCache:
 
         Returns
         -------
-        OpenVINOModel or None
-            None on a GPU, with ``backend = "torch"``, when OpenVINO is missing, when
-            it cannot compile this model, or after it disagreed with PyTorch.
+        OpenVINOModel, AutocastModel or None
+            On the CPU, the model compiled by OpenVINO; on a GPU, the model under
+            autocast with channels-last inputs. None with ``backend = "torch"``, for 3D
+            models, when OpenVINO is missing or cannot compile the model, with
+            ``precision = "fp32"`` on a GPU, or after it disagreed with PyTorch.
         """
-        if self.device.type != "cpu" or self.backend == "torch" or spec.input.dimensions == 3:
+        if self.backend == "torch" or spec.input.dimensions == 3:
             return None
         key = (spec.name, spec.version)
         module = self.get(spec)
         with self._lock:
             if key not in self._fast:
-                self._fast[key] = self._compile(spec, module)
+                if self.device.type == "cuda":
+                    self._fast[key] = self._autocast(spec, module)
+                elif self.device.type == "cpu":
+                    self._fast[key] = self._compile(spec, module)
+                else:
+                    self._fast[key] = None
             return self._fast[key]
+
+    def _autocast(self, spec: ModelSpec, module: torch.nn.Module) -> AutocastModel | None:
+        dtype = autocast_dtype(self.precision, torch.cuda.is_bf16_supported())
+        if dtype is None:
+            return None
+        fast = AutocastModel(module, "cuda", dtype)
+        log.info("model %s: autocast %s, channels-last on the GPU", spec.name, fast.precision)
+        return fast
 
     def _compile(self, spec: ModelSpec, module: torch.nn.Module) -> OpenVINOModel | None:
         if not openvino_available():
@@ -318,9 +341,9 @@ def predict_slices(
                 x = F.interpolate(x, size=matrix, mode="bilinear", align_corners=False)
             try:
                 y = forward_in_pieces(module, x, spec.name)
-            except RuntimeError as exc:
+            except FORWARD_ERRORS as exc:
                 raise PermanentJobError(
-                    f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"
+                    f"model {spec.name}: forward pass failed: {failure_reason(exc)}"
                 ) from None
             if not isinstance(y, torch.Tensor) or tuple(y.shape[1:]) != expected_shape:
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -338,7 +361,9 @@ def predict_slices(
                 if foreground_count(expected, spec) >= DECISIVE_VOXELS:
                     reference = None
             if resample:
-                mode = "nearest" if multi else "bilinear"
+                # nearest-exact samples pixel centres, as bilinear with align_corners
+                # False does on the way in; plain nearest shifts labels by up to a pixel.
+                mode = "nearest-exact" if multi else "bilinear"
                 y = F.interpolate(
                     y.float(), size=(rows, cols), mode=mode, **({} if multi else _CORNERS)
                 )

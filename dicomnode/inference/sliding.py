@@ -14,9 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
-from dicomnode.errors import PermanentJobError
+from dicomnode.errors import PermanentJobError, TransientJobError
 from dicomnode.inference.registry import ModelSpec
-from dicomnode.inference.transforms import channels, intensity, to_output
+from dicomnode.inference.transforms import (
+    FORWARD_ERRORS,
+    channels,
+    failure_reason,
+    intensity,
+    to_output,
+)
 from dicomnode.inference.volume import Volume
 
 _RAS_SIGN = np.array([-1.0, -1.0, 1.0])  # RAS = LPS with x and y reversed
@@ -111,6 +117,8 @@ def predict_volume(
     ------
     PermanentJobError
         If the network fails or returns the wrong number of channels.
+    TransientJobError
+        If the device runs out of memory.
     """
     from monai.inferers import sliding_window_inference  # imported when a 3D model runs
 
@@ -149,9 +157,12 @@ def predict_volume(
                 overlap=spec.input.overlap,
                 mode="gaussian",
             )
-        except RuntimeError as exc:
+        except torch.OutOfMemoryError:
+            # A RuntimeError too, but one a retry (or a smaller batch) can cure.
+            raise TransientJobError(f"model {spec.name}: out of device memory") from None
+        except FORWARD_ERRORS as exc:
             raise PermanentJobError(
-                f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"
+                f"model {spec.name}: forward pass failed: {failure_reason(exc)}"
             ) from None
         assert isinstance(y, torch.Tensor)  # one tensor in, one tensor out
         out = _from_network(to_output(y, spec), layout)
@@ -160,7 +171,7 @@ def predict_volume(
             out = F.interpolate(
                 out.float(),
                 size=tuple(int(v) for v in shape),
-                mode="nearest" if multi else "trilinear",
+                mode="nearest-exact" if multi else "trilinear",  # centres, not corners
                 **({} if multi else {"align_corners": False}),
             )
         result: np.ndarray = out[0, 0].cpu().numpy()

@@ -67,10 +67,33 @@ def example_shapes(spec: ModelSpec, batch: int = 1) -> tuple[tuple[int, ...], tu
     tuple
         ``(input shape, output shape)``: slices ``[N, 1, rows, columns]`` to
         ``[N, C, rows, columns]``; 3D windows ``[N, 1, *roi]`` to ``[N, C, *roi]``;
-        detection patch stacks ``[N, offsets, rows, columns]`` to ``[N, 1]``.
+        classified slices ``[N, 1, rows, columns]`` to ``[N, classes]`` (``[N, 1]``
+        for one channel); detection patch stacks ``[N, offsets, rows, columns]`` to
+        ``[N, 1]``.
     """
     if spec.task == "detection":
         depth = len(spec.detection.slice_offsets_mm)
         return (batch, depth, *spec.input.matrix), (batch, 1)
+    if spec.task == "classification":
+        width = len(spec.output.classes) if spec.output.kind == "softmax" else 1
+        return (batch, 1, *spec.input.matrix), (batch, width)
     grid = spec.input.roi if spec.input.dimensions == 3 else spec.input.matrix
     return (batch, 1, *grid), (batch, channels(spec), *grid)
+
+
+# What a failing forward pass raises: kernels raise RuntimeError; a TorchScript
+# network's own ``raise`` (a shape check, say) comes out as torch.jit.Error.
+FORWARD_ERRORS: tuple[type[Exception], ...] = (RuntimeError, torch.jit.Error)
+_TORCHSCRIPT_PREAMBLE = "The following operation failed in the TorchScript interpreter"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Return the line of a forward-pass error that says what went wrong.
+
+    TorchScript puts its interpreter traceback first and the error itself last;
+    eager PyTorch puts the error first.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith(_TORCHSCRIPT_PREAMBLE) else lines[0]

@@ -23,7 +23,11 @@ WAIT_SECONDS = 5.0  # how long a job waits before it looks for the other verdict
 
 
 def check_verdict(session: Session, check: ContentCheck, series_id: int, generation: int) -> None:
-    """Require the other model's job on this series to be done and to have found enough.
+    """Require the other model's job on this series to have found enough.
+
+    Its verdict stands as soon as its outputs are made and recorded (the job's summary),
+    whatever happens to their delivery: a PACS that is down must not hold up the
+    models that wait for this one.
 
     Parameters
     ----------
@@ -37,9 +41,10 @@ def check_verdict(session: Session, check: ContentCheck, series_id: int, generat
     Raises
     ------
     WaitingForModel
-        If that model's job has not ended yet.
+        If that model's job has not made its outputs yet.
     ContentCheckFailed
-        If it failed, was cancelled, never ran, or found less than ``min_volume_ml``.
+        If it failed or was cancelled before making them, never ran, or found less than
+        ``min_volume_ml``.
     """
     if not check.model:
         return
@@ -56,12 +61,12 @@ def check_verdict(session: Session, check: ContentCheck, series_id: int, generat
         raise ContentCheckFailed(
             f"content check: no {check.model} job for this series (no route runs it here)"
         )
-    if any(j.state in (JobState.QUEUED, JobState.RUNNING, JobState.SENDING) for j in jobs):
-        raise WaitingForModel(f"waiting for {check.model} on this series")
-    done = [j for j in jobs if j.state == JobState.DONE]
-    if not done:
+    decided = [j for j in jobs if "total_volume_ml" in (j.summary or {})]
+    if not decided:
+        if any(j.state in (JobState.QUEUED, JobState.RUNNING, JobState.SENDING) for j in jobs):
+            raise WaitingForModel(f"waiting for {check.model} on this series")
         raise ContentCheckFailed(f"content check: {check.model} did not succeed on this series")
-    found = max(float((j.summary or {}).get("total_volume_ml", 0.0)) for j in done)
+    found = max(float(j.summary["total_volume_ml"]) for j in decided)
     if found < check.min_volume_ml or (check.min_volume_ml == 0 and found <= 0):
         raise ContentCheckFailed(
             f"content check: {check.model} found {found:.1f} mL, "

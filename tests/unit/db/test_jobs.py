@@ -338,3 +338,30 @@ def test_admin_retry_opens_a_fresh_delivery_window(sessions, series_id: int) -> 
     claim = jobs.claim(sessions, "w1", 60)
     assert jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1,
                      delivery=retry) == "queued"  # fmt: skip
+
+
+def test_repeated_waits_for_the_same_reason_are_one_wait_in_the_history(
+    sessions, series_id: int
+) -> None:
+    job_id = add_job(sessions, series_id, "m")
+    for reason in ["waiting for lungs", "waiting for lungs", "waiting for lungs", "other"]:
+        claim = jobs.claim(sessions, "w1", 60)
+        assert claim is not None
+        assert jobs.postpone(sessions, claim, 0, reason)
+        with transaction(sessions) as s:
+            s.execute(update(Job).values(run_after=utcnow()))
+    assert history(sessions, job_id) == [
+        (None, "queued", 0, None),
+        ("queued", "running", 1, "w1"),
+        ("running", "queued", 0, "w1"),  # waiting for lungs, three times over
+        ("queued", "running", 1, "w1"),
+        ("running", "queued", 0, "w1"),  # other
+    ]
+    claim = jobs.claim(sessions, "w1", 60)
+    assert jobs.finish(sessions, claim)
+    assert history(sessions, job_id)[-2:] == [
+        ("queued", "running", 1, "w1"),
+        ("running", "done", 1, "w1"),
+    ]
+    job = state(sessions, job_id)
+    assert job.state == JobState.DONE and job.attempts == 1

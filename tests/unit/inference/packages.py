@@ -370,3 +370,191 @@ def build_classification_package(
         )
     )
     return folder
+
+
+MULTICLASS_MANIFEST = """
+name = "{name}"
+version = "0.1"
+task = "segmentation"
+licence = "test"
+intended_use = "tests only"
+
+[weights]
+file = "model.ts.pt"
+format = "torchscript"
+
+[input]
+modality = ["CT"]
+{input}
+offset = 1024.0
+batch_size = {batch_size}
+
+[output]
+kind = "{kind}"
+threshold = 0.5
+postprocess = "{postprocess}"
+{segments}
+"""
+
+LUNG_SEGMENT = """
+[[output.segments]]
+label = "Lung"
+color = [0, 255, 0]
+category = {{ scheme = "SCT", value = "123037004", meaning = "Anatomical Structure" }}
+type = {{ scheme = "SCT", value = "39607008", meaning = "Lung" }}
+"""
+
+TISSUE_SEGMENT = """
+[[output.segments]]
+label = "Soft tissue"
+color = [255, 128, 0]
+category = {{ scheme = "SCT", value = "123037004", meaning = "Anatomical Structure" }}
+type = {{ scheme = "SCT", value = "87784001", meaning = "Soft tissue" }}
+"""
+
+SIDED_SEGMENTS = """
+[[output.segments]]
+label = "Left lung"
+side = "left"
+category = {{ scheme = "SCT", value = "123037004", meaning = "Anatomical Structure" }}
+type = {{ scheme = "SCT", value = "44029006", meaning = "Left lung" }}
+
+[[output.segments]]
+label = "Right lung"
+side = "right"
+category = {{ scheme = "SCT", value = "123037004", meaning = "Anatomical Structure" }}
+type = {{ scheme = "SCT", value = "3341006", meaning = "Right lung" }}
+"""
+
+
+class TissueClasses(torch.nn.Module):
+    """Three channels: background, lung (HU -930..-770), soft tissue (HU -60..140).
+
+    Input is HU + 1024. Element-wise, so it takes slices ``[N, 1, H, W]`` and windows
+    ``[N, 1, D, H, W]`` alike; on the phantom (-1000, -850 and 40 HU) the argmax is
+    exactly background, lung and tissue.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lung = 80.0 - torch.abs(x - 174.0)
+        tissue = 100.0 - torch.abs(x - 1064.0)
+        return torch.cat([torch.zeros_like(x), lung, tissue], dim=1)
+
+
+class AirOrTissue(torch.nn.Module):
+    """Three channels whose middle one never wins: labels are only 0 (air) or 2 (tissue).
+
+    Labels interpolated between 0 and 2 would show a 1 at every edge; argmax labels
+    resampled by nearest neighbour never do.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        edge = x - 544.0  # half-way between air (24) and tissue (1064)
+        return torch.cat([-edge, torch.full_like(x, -1e4), edge], dim=1)
+
+
+class TissueProbability(torch.nn.Module):
+    """One channel: the probability of soft tissue (HU -60..140), any dimensionality."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((100.0 - torch.abs(x - 1064.0)) / 5.0)
+
+
+class LowHalfOfFirstAxis(torch.nn.Module):
+    """Probability 1 in the half of the window with low indices along its first axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[:, :, : x.shape[2] // 2] = 1.0
+        return out
+
+
+class Failing(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:
+            raise RuntimeError("simulated kernel failure")
+        return x
+
+
+def build_multiclass_package(
+    root: Path,
+    name: str = "test-tissue",
+    module: torch.nn.Module | None = None,
+    matrix: tuple[int, int] = (64, 64),
+    postprocess: str = "none",
+    batch_size: int = 4,
+) -> Path:
+    """A 2D softmax package: segments Lung (1) and Soft tissue (2), TissueClasses."""
+    segments = (
+        SIDED_SEGMENTS if postprocess == "split-left-right" else LUNG_SEGMENT + TISSUE_SEGMENT
+    )
+    return _build_custom(
+        root,
+        name,
+        module or TissueClasses(),
+        input_toml=f"matrix = [{matrix[0]}, {matrix[1]}]",
+        kind="softmax",
+        postprocess=postprocess,
+        segments=segments,
+        batch_size=batch_size,
+    )
+
+
+def build_volume_package(
+    root: Path,
+    name: str = "test-3d",
+    module: torch.nn.Module | None = None,
+    roi: tuple[int, int, int] = (8, 32, 32),
+    spacing: tuple[float, float, float] | None = None,
+    axes: str = "slice-row-column",
+    clip: tuple[float, float] | None = None,
+    overlap: float = 0.25,
+    kind: str = "probability",
+    batch_size: int = 2,
+) -> Path:
+    """A 3D package (sliding window): one Soft tissue segment, or Lung + Soft tissue
+    for ``kind = "softmax"``; TissueProbability or TissueClasses by default."""
+    lines = ["dimensions = 3", f"roi = {list(roi)}", f"overlap = {overlap}", f'axes = "{axes}"']
+    if spacing is not None:
+        lines.append(f"spacing = {list(spacing)}")
+    if clip is not None:
+        lines.append(f"clip = {list(clip)}")
+    multi = kind == "softmax"
+    default: torch.nn.Module = TissueClasses() if multi else TissueProbability()
+    return _build_custom(
+        root,
+        name,
+        module or default,
+        input_toml="\n".join(lines),
+        kind=kind,
+        postprocess="none",
+        segments=LUNG_SEGMENT + TISSUE_SEGMENT if multi else TISSUE_SEGMENT,
+        batch_size=batch_size,
+    )
+
+
+def _build_custom(
+    root: Path,
+    name: str,
+    module: torch.nn.Module,
+    *,
+    input_toml: str,
+    kind: str,
+    postprocess: str,
+    segments: str,
+    batch_size: int,
+) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(folder / "model.ts.pt"))
+    (folder / "model.toml").write_text(
+        MULTICLASS_MANIFEST.format(
+            name=name,
+            input=input_toml,
+            kind=kind,
+            postprocess=postprocess,
+            segments=segments.format(),
+            batch_size=batch_size,
+        )
+    )
+    return folder

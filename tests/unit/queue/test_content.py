@@ -13,7 +13,8 @@ from dicomnode.errors import ContentCheckFailed, WaitingForModel
 from dicomnode.queue.content import check_images, check_verdict
 
 
-def series_with_job(sessions, state: JobState, volume_ml: float, generation: int = 0) -> int:
+def series_with_job(sessions, state: JobState, volume_ml: float | None, generation: int = 0) -> int:
+    """A series with one lungs job; ``volume_ml`` None: it has made no outputs yet."""
     with transaction(sessions) as s:
         study = Study(study_uid="1.5")
         s.add(study)
@@ -24,7 +25,7 @@ def series_with_job(sessions, state: JobState, volume_ml: float, generation: int
         job = jobs.enqueue(s, series, route="lungs", model="lungs", version="1", max_attempts=1)
         assert job is not None
         job.state = state
-        job.summary = {"total_volume_ml": volume_ml}
+        job.summary = None if volume_ml is None else {"total_volume_ml": volume_ml}
         return series.id
 
 
@@ -36,13 +37,19 @@ CHECK = ContentCheck(model="lungs", min_volume_ml=100)
     [
         (JobState.DONE, 250.0, None),
         (JobState.DONE, 50.0, "found 50.0 mL, less than the 100 mL required"),
-        (JobState.QUEUED, 0.0, "waiting for lungs"),
-        (JobState.RUNNING, 0.0, "waiting for lungs"),
-        (JobState.FAILED, 0.0, "lungs did not succeed"),
-        (JobState.CANCELLED, 0.0, "lungs did not succeed"),
+        (JobState.QUEUED, None, "waiting for lungs"),
+        (JobState.RUNNING, None, "waiting for lungs"),
+        (JobState.FAILED, None, "lungs did not succeed"),
+        (JobState.CANCELLED, None, "lungs did not succeed"),
+        # Outputs made, delivery still being retried or given up: the verdict stands,
+        # so a PACS that is down holds up no other model.
+        (JobState.QUEUED, 250.0, None),
+        (JobState.SENDING, 250.0, None),
+        (JobState.FAILED, 250.0, None),
+        (JobState.SENDING, 50.0, "found 50.0 mL"),
     ],
 )
-def test_verdicts(sessions, state: JobState, volume: float, outcome: str | None) -> None:
+def test_verdicts(sessions, state: JobState, volume: float | None, outcome: str | None) -> None:
     series_id = series_with_job(sessions, state, volume)
     with sessions() as s:
         if outcome is None:
