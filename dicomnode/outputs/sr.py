@@ -151,13 +151,14 @@ def _finding_group(
                 unit=MILLIMETER,
                 algorithm_id=algorithm,
             ),
-            sr.Measurement(
-                name=PROBABILITY,
-                value=round(finding.probability, 4),
-                unit=NO_UNITS,
-                algorithm_id=algorithm,
-            ),
+            _probability(finding.probability, algorithm),
         ],
+    )
+
+
+def _probability(value: float, algorithm: sr.AlgorithmIdentification) -> sr.Measurement:
+    return sr.Measurement(
+        name=PROBABILITY, value=round(value, 4), unit=NO_UNITS, algorithm_id=algorithm
     )
 
 
@@ -189,14 +190,7 @@ def _study_group(
         algorithm_id=algorithm,
         finding_type=None if study.chosen is None else coded(study.chosen),
         qualitative_evaluations=evaluations,
-        measurements=[
-            sr.Measurement(
-                name=PROBABILITY,
-                value=round(study.best_probability, 4),
-                unit=NO_UNITS,
-                algorithm_id=algorithm,
-            )
-        ],
+        measurements=[_probability(study.best_probability, algorithm)],
     )
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from pydicom.sr.codedict import codes
 
-from dicomnode.config import parse_settings
 from dicomnode.db.models import JobState
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
@@ -23,7 +22,12 @@ from dicomnode.queue.worker import Worker
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.factories import ct_series, lung_phantom
-from tests.integration.test_pipeline import CountingSCP, job_row, scp  # noqa: F401 - fixture
+from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
+    CountingSCP,
+    job_row,
+    make_settings,
+    scp,
+)
 from tests.unit.inference.packages import build_classification_package
 
 LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
@@ -32,24 +36,7 @@ LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
 def run_classification(tmp_path: Path, db_url: str, sessions, scp: CountingSCP, kind: str):  # noqa: F811
     models = tmp_path / "models"
     build_classification_package(models, "test-classes", kind=kind)
-    settings = parse_settings(
-        {
-            "database": {"url": db_url},
-            "storage": {"path": str(tmp_path / "spool")},
-            "completion": {"quiet_seconds": 0},
-            "models": {"path": str(models)},
-            "outputs": {"validate": "dciodvfy"},
-            "destinations": [
-                {"name": "counter", "ae_title": "COUNTER", "host": "127.0.0.1",
-                 "port": scp.port, "timeout_seconds": 5},
-            ],
-            "routes": [
-                {"name": "classes", "match": {"Modality": "CT"}, "models": ["test-classes"],
-                 "send_to": ["counter"]},
-            ],
-        },
-        environ={},
-    )  # fmt: skip
+    settings = make_settings(tmp_path, db_url, scp.port, models=models, model="test-classes")
     registry = load_registry(settings.models.path)
     spool = Spool(settings.storage.path)
     ingestor = Ingestor(spool, sessions)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pydicom.sr.codedict import codes
 
-from dicomnode.config import Settings, parse_settings
+from dicomnode.config import Settings
 from dicomnode.db.models import JobState
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
@@ -24,7 +24,12 @@ from dicomnode.queue.completion import sweep
 from dicomnode.queue.worker import Worker
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
-from tests.integration.test_pipeline import CountingSCP, job_row, scp  # noqa: F401 - fixture
+from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
+    CountingSCP,
+    job_row,
+    make_settings,
+    scp,
+)
 from tests.unit.inference.packages import build_detection_package, build_package
 from tests.unit.inference.test_detect import NODULE_MM, nodule_volume
 
@@ -36,25 +41,7 @@ def settings_for(tmp_path: Path, db_url: str, port: int) -> Settings:
     models = tmp_path / "models"
     build_package(models, "test-lungs")
     build_detection_package(models, "test-nodules")
-    return parse_settings(
-        {
-            "database": {"url": db_url},
-            "storage": {"path": str(tmp_path / "spool")},
-            "completion": {"quiet_seconds": 0},
-            "worker": {"lease_seconds": 30, "retry_base_seconds": 1},
-            "models": {"path": str(models)},
-            "outputs": {"validate": "dciodvfy"},
-            "destinations": [
-                {"name": "counter", "ae_title": "COUNTER", "host": "127.0.0.1",
-                 "port": port, "timeout_seconds": 5},
-            ],
-            "routes": [
-                {"name": "nodules", "match": {"Modality": "CT"}, "models": ["test-nodules"],
-                 "send_to": ["counter"]},
-            ],
-        },
-        environ={},
-    )  # fmt: skip
+    return make_settings(tmp_path, db_url, port, models=models, model="test-nodules")
 
 
 def run_detection(tmp_path: Path, db_url: str, sessions, scp: CountingSCP, pixels=None):  # noqa: F811

@@ -75,9 +75,14 @@ def scp() -> Iterator[CountingSCP]:
     receiver.stop()
 
 
-def make_settings(tmp_path: Path, db_url: str, scp_port: int) -> Settings:
-    models = tmp_path / "models"
-    build_package(models)
+def make_settings(
+    tmp_path: Path, db_url: str, scp_port: int, models: Path | None = None, model: str = ""
+) -> Settings:
+    """Settings for one CT route to ``model`` (the test lung package, built here, by
+    default) with its results sent to the counting SCP on ``scp_port``."""
+    if models is None:
+        models = tmp_path / "models"
+        build_package(models)
     return parse_settings(
         {
             "database": {"url": db_url},
@@ -91,7 +96,7 @@ def make_settings(tmp_path: Path, db_url: str, scp_port: int) -> Settings:
                  "port": scp_port, "timeout_seconds": 5},
             ],
             "routes": [
-                {"name": "lungs", "match": {"Modality": "CT"}, "models": ["test-lungs"],
+                {"name": "lungs", "match": {"Modality": "CT"}, "models": [model or "test-lungs"],
                  "send_to": ["counter"]},
             ],
         },
