@@ -401,6 +401,39 @@ class Destination:
     )
 
 
+SEG_COMPRESSIONS = ("none", "jpeg2000", "jpeg-ls", "rle")
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How a route's DICOM SEG is encoded, for the viewers and PACS it goes to."""
+
+    type: str = field(
+        default="binary",
+        metadata=field_doc(
+            "binary (one bit per pixel and frame per segment; what every SEG viewer reads) "
+            "or labelmap (one frame per slice, a segment number per pixel; Label Map "
+            "Segmentation Storage, which older viewers and validators do not know).",
+            one_of("binary", "labelmap"),
+        ),
+    )
+    compression: str = field(
+        default="none",
+        metadata=field_doc(
+            "Lossless compression of the frames: none, jpeg2000, or, for labelmap only, "
+            "jpeg-ls and rle.",
+            one_of(*SEG_COMPRESSIONS),
+        ),
+    )
+    empty_frames: bool = field(
+        default=False,
+        metadata=field_doc(
+            "Keep a frame for every source image and segment even where it is empty, for "
+            "viewers that need one frame per source image."
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class ContentCheck:
     """What a series must show before a route's models run on it.
@@ -467,6 +500,10 @@ class Route:
             "Content checks before the models run; a series that fails them gets its "
             "jobs cancelled with the reason."
         ),
+    )
+    seg: SegOptions = field(
+        default_factory=SegOptions,
+        metadata=field_doc("How this route's SEG is encoded: type, compression, empty frames."),
     )
 
 
@@ -588,6 +625,12 @@ def _cross_check(settings: Settings) -> None:
             )
         if route.requires.min_volume_ml and not route.requires.model:
             raise ConfigError(f"routes[{i}].requires.min_volume_ml: needs requires.model")
+        if route.seg.type == "binary" and route.seg.compression in ("jpeg-ls", "rle"):
+            # highdicom packs binary frames 8 pixels a byte; only JPEG 2000 takes them.
+            raise ConfigError(
+                f"routes[{i}].seg.compression: {route.seg.compression} needs seg.type = "
+                "labelmap; binary SEGs take none or jpeg2000"
+            )
         for dest in route.send_to:
             if dest not in names:
                 raise ConfigError(

@@ -65,6 +65,7 @@ from dicomnode.outputs.findings import (
 )
 from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.rejection import build_rejection_note
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file
@@ -72,6 +73,8 @@ from dicomnode.queue import content
 from dicomnode.store.spool import REJECTED, RESULTS, Spool
 
 log = logging.getLogger(__name__)
+
+REJECTION = "rejection"  # the output kind of an IOCM rejection note
 
 
 @dataclass
@@ -192,6 +195,7 @@ class Pipeline:
             with self.sessions() as session:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
             built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
+            built += self._rejection(ctx, built)
             timings.update(stage_times)
             checkpoint()
             outputs = self._store_outputs(claim, ctx, built, summary, timings)
@@ -340,6 +344,7 @@ class Pipeline:
                     sop_uid=provenance.uid(*identity, *version, "seg"),
                     series_number=base_number + 1,
                     frames=volume.frames,
+                    options=route.seg,
                 )
             timings["seg_s"] = time.perf_counter() - started
             checkpoint()
@@ -374,6 +379,7 @@ class Pipeline:
                     "volume_ml": round(s.volume_ml, 2),
                     "mean": None if s.voxels == 0 else round(s.mean, 2),
                     "std": None if s.voxels == 0 else round(s.std, 2),
+                    "below_950_percent": None if s.voxels == 0 else round(s.below_950, 2),
                 }
                 for s in stats
             ],
@@ -389,6 +395,57 @@ class Pipeline:
             }
         built = [] if seg is None else [BuiltOutput("seg", seg)]
         return [*built, BuiltOutput("sr", report)], summary, timings
+
+    def _rejection(self, ctx: JobContext, built: list[BuiltOutput]) -> list[BuiltOutput]:
+        """Return an IOCM rejection note for the previous run's results this one replaces.
+
+        Each run rejects its predecessor's instances (those this run does not re-make
+        with the same UIDs), so the chain of re-runs rejects every earlier one.
+        """
+        made = {str(out.dataset.SOPInstanceUID) for out in built}
+        with self.sessions() as session:
+            previous = session.scalar(
+                select(Job.id)
+                .join(Output, Output.job_id == Job.id)
+                .where(
+                    Job.series_id == ctx.series_id,
+                    Job.model == ctx.model,
+                    Job.id != ctx.job_id,
+                    Output.kind != REJECTION,
+                )
+                .order_by(Job.id.desc())
+                .limit(1)
+            )
+            rows = session.execute(
+                select(Output.path, Output.sop_instance_uid).where(
+                    Output.job_id == previous, Output.kind != REJECTION
+                )
+            ).all()
+        superseded = [
+            self.spool.absolute(path)
+            for path, uid in rows
+            if uid not in made and self.spool.absolute(path).exists()
+        ]
+        if not superseded:
+            return []
+        spec = self._spec(ctx)
+        provenance = Provenance(
+            model_name=spec.name,
+            model_version=spec.version,
+            clinical_use=spec.clinical_use,
+            uid_root=self.settings.outputs.uid_root,
+        )
+        identity = (ctx.series_uid, spec.name)
+        with _building("rejection note"):
+            note = build_rejection_note(
+                superseded,
+                provenance,
+                series_uid=provenance.uid(*identity, REJECTION),
+                sop_uid=provenance.uid(*identity, spec.version, ctx.input_digest, REJECTION),
+                series_number=self.settings.outputs.series_number + 9,
+            )
+        log.info("job %d: rejecting %d superseded instance(s)", ctx.job_id, len(superseded))
+        return [BuiltOutput(REJECTION, note)]
 
     def _store_outputs(
         self,

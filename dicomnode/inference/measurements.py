@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+LAA_THRESHOLD = -950.0  # HU; the usual emphysema threshold on CT
+
 
 @dataclass(frozen=True)
 class SegmentStats:
@@ -18,6 +20,7 @@ class SegmentStats:
     volume_ml: float
     mean: float  # mean rescaled value (HU for CT); NaN for an empty segment
     std: float
+    below_950: float = float("nan")  # % of voxels below -950 (%LAA-950 for lungs); NaN if empty
 
 
 def segment_stats(
@@ -47,6 +50,8 @@ def segment_stats(
     counts = np.bincount(flat, minlength=n)
     sums = np.bincount(flat, weights=values, minlength=n)
     squares = np.bincount(flat, weights=values * values, minlength=n)
+    # Emphysema index: voxels below -950 HU (LAA = low attenuation area).
+    low = np.bincount(flat, weights=(values < LAA_THRESHOLD).astype(np.float64), minlength=n)
     out = []
     for number, name in enumerate(names, start=1):
         count = int(counts[number])
@@ -54,8 +59,9 @@ def segment_stats(
             mean = sums[number] / count
             var = max(squares[number] / count - mean * mean, 0.0)
             std = float(np.sqrt(var))
+            below = 100.0 * low[number] / count
         else:
-            mean, std = float("nan"), float("nan")
+            mean, std, below = float("nan"), float("nan"), float("nan")
         out.append(
             SegmentStats(
                 number=number,
@@ -64,6 +70,7 @@ def segment_stats(
                 volume_ml=count * voxel_volume_ml,
                 mean=float(mean),
                 std=std,
+                below_950=float(below),
             )
         )
     return out

@@ -66,6 +66,7 @@ ACCEPTED_SOP_CLASSES: list[str] = [
     uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
     # Derived objects: priors, and our own results when a PACS routes them back
     uid.SegmentationStorage,
+    uid.UID("1.2.840.10008.5.1.4.1.1.66.7"),  # Label Map Segmentation (pydicom lacks a name)
     uid.ParametricMapStorage,
     uid.Comprehensive3DSRStorage,
     uid.ComprehensiveSRStorage,

@@ -11,6 +11,14 @@ MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 DIAMETER = codes.SCT.Diameter
+STANDARD_DEVIATION = codes.SCT.StandardDeviation
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+# No standard code names %LAA-950, so a private scheme (99 prefix, as Part 16 asks)
+# carries it; its meaning says exactly what was measured.
+LAA_950 = hd.sr.CodedConcept(
+    "LAA950", "99DICOMNODE", "Percentage of lung volume below -950 HU (%LAA-950)"
+)
+LUNG_CODES = {"39607008", "44029006", "3341006"}  # SCT lung, left lung, right lung
 PROBABILITY = codes.DCM.Probability
 LUNG = codes.SCT.Lung
 PRESENT = codes.SCT.Present

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from dicomnode.config import SegOptions
 from dicomnode.errors import PermanentJobError
 from dicomnode.inference.registry import SegmentSpec
 from dicomnode.inference.volume import frame_order, is_enhanced
@@ -117,6 +119,14 @@ def labels_in_source_order(
     return in_frame_order
 
 
+TRANSFER_SYNTAXES = {
+    "none": ExplicitVRLittleEndian,
+    "jpeg2000": JPEG2000Lossless,
+    "jpeg-ls": JPEGLSLossless,
+    "rle": RLELossless,
+}
+
+
 def build_segmentation(
     source_images: Sequence[Dataset],
     labels: np.ndarray,
@@ -127,8 +137,9 @@ def build_segmentation(
     sop_uid: str,
     series_number: int,
     frames: Sequence[tuple[int, int]] | None = None,
+    options: SegOptions | None = None,
 ) -> hd.seg.Segmentation:
-    """Build a BINARY DICOM SEG of a label map on the source images' grid.
+    """Build a DICOM SEG (BINARY by default) of a label map on the source images' grid.
 
     Parameters
     ----------
@@ -150,6 +161,9 @@ def build_segmentation(
     frames : Sequence[tuple[int, int]] or None
         :attr:`Volume.frames`, which maps slices to source frames; derived from
         the source's geometry when not given.
+    options : SegOptions, optional
+        The route's encoding: BINARY or LABELMAP, lossless compression, and whether
+        empty frames are kept; BINARY, uncompressed, empty frames left out by default.
 
     Returns
     -------
@@ -163,6 +177,7 @@ def build_segmentation(
         If the slices cannot be mapped onto the source frames
         (see :func:`labels_in_source_order`).
     """
+    options = options or SegOptions()
     pixel_array = labels_in_source_order(source_images, labels, frames)
     algorithm = algorithm_identification(provenance)
     descriptions = [
@@ -183,8 +198,16 @@ def build_segmentation(
     return hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.LABELMAP
+            if options.type == "labelmap"
+            else hd.seg.SegmentationTypeValues.BINARY
+        ),
         segment_descriptions=descriptions,
+        transfer_syntax_uid=TRANSFER_SYNTAXES[options.compression],
+        # Left out, an empty frame is simply absent; some viewers (and PACS tiling
+        # logic) expect one frame per source image, which empty_frames restores.
+        omit_empty_frames=not options.empty_frames,
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,

@@ -33,14 +33,18 @@ from dicomnode.outputs.codes import (
     DIAMETER,
     HOUNSFIELD_UNIT,
     IMAGING_PROCEDURE,
+    LAA_950,
     LUNG,
+    LUNG_CODES,
     MEAN,
     MILLILITER,
     MILLIMETER,
     MR_UNSPECIFIED,
     NO_UNITS,
+    PERCENT,
     PRESENT,
     PROBABILITY,
+    STANDARD_DEVIATION,
     VOLUME,
     coded,
 )
@@ -263,15 +267,25 @@ def build_measurement_report(
         ]
         # Only CT values are calibrated (HU); for other modalities a mean has no unit.
         if is_ct and not math.isnan(stat.mean):
-            measurements.append(
+            measurements += [
                 sr.Measurement(
                     name=ATTENUATION,
-                    value=round(stat.mean, 3),
+                    value=round(value, 3),
                     unit=HOUNSFIELD_UNIT,
-                    derivation=MEAN,
+                    derivation=derivation,
                     algorithm_id=algorithm,
                 )
-            )
+                for value, derivation in ((stat.mean, MEAN), (stat.std, STANDARD_DEVIATION))
+            ]
+            if seg.type.scheme == "SCT" and seg.type.value in LUNG_CODES:
+                measurements.append(
+                    sr.Measurement(
+                        name=LAA_950,
+                        value=round(stat.below_950, 3),
+                        unit=PERCENT,
+                        algorithm_id=algorithm,
+                    )
+                )
         groups.append(
             sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 # The same Tracking UID as the SEG segment: one finding, one identity.

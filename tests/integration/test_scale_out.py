@@ -624,6 +624,11 @@ def test_late_image_replaces_results(tmp_path: Path, sqlite_db: Database) -> Non
                  timeout=120, nodes=nodes, state=db.jobs)  # fmt: skip
             after = pacs.series_by_modality()
             seg_series, sr_series = after.get("SEG", []), after.get("SR", [])
+            notes = [
+                pydicom.dcmread(BytesIO(pacs.download(i)))
+                for series in after.get("KO", [])
+                for i in series["Instances"]
+            ]
             segs = {
                 str(ds.SOPInstanceUID): ds
                 for ds in (
@@ -633,12 +638,6 @@ def test_late_image_replaces_results(tmp_path: Path, sqlite_db: Database) -> Non
                 )
             }
         old_job, new_job = db.jobs()
-
-    print(  # for the report: how replacement shows in the PACS is still being decided
-        f"\nOrthanc after the re-run: SEG series {len(seg_series)} with "
-        f"{[len(s['Instances']) for s in seg_series]} instances; SR series {len(sr_series)} "
-        f"with {[len(s['Instances']) for s in sr_series]} instances"
-    )
 
     # --- the database: the series re-opened once and its newer job ran
     assert db.series_generation(series_uid) == 1
@@ -650,6 +649,14 @@ def test_late_image_replaces_results(tmp_path: Path, sqlite_db: Database) -> Non
     assert len(seg_series) == 1 and len(sr_series) == 1
     assert seg_series[0]["ParentStudy"] == sr_series[0]["ParentStudy"]
     assert new_job.outputs["seg"] in segs
+    # --- and the old SEG and SR are rejected by an IOCM note sent with the new results
+    (note,) = notes
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in note.ContentSequence
+        if "ReferencedSOPSequence" in item
+    } == {old_job.outputs["seg"], old_job.outputs["sr"]}
     newest = segs[new_job.outputs["seg"]]
     assert newest.SeriesInstanceUID == before["SEG"][0]["MainDicomTags"]["SeriesInstanceUID"]
 
