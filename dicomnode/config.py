@@ -367,12 +367,18 @@ class OutputSettings:
     validate: str = field(
         default="auto",
         metadata=field_doc(
-            "auto (dciodvfy when installed), dciodvfy (required) or off.",
+            "Our own checks always, plus dciodvfy: auto (when installed), dciodvfy "
+            "(required) or off (no checks at all).",
             one_of("auto", "dciodvfy", "off"),
         ),
     )
     series_number: int = field(
-        default=9900, metadata=field_doc("Series number of the first result series.", positive)
+        default=9900,
+        metadata=field_doc(
+            "Series Numbers of results start here; each installed model (in name order) "
+            "takes the next 10: SEG +1, SR +2, overlay +3, rejection notes +9.",
+            positive,
+        ),
     )
 
 

@@ -267,6 +267,14 @@ class Pipeline:
             )
         return spec
 
+    def _series_base(self, spec: ModelSpec) -> int:
+        """Return the first Series Number of a model's results: 10 apart per model.
+
+        Two models on one series then never share a Series Number (SEG +1, SR +2,
+        overlay +3, rejection notes +9), and a model keeps its numbers across re-runs.
+        """
+        return self.settings.outputs.series_number + 10 * sorted(self.models).index(spec.name)
+
     def _mask_spec(self, spec: ModelSpec) -> ModelSpec:
         mask = self.models.get(spec.detection.lung_model)
         if mask is None:
@@ -323,7 +331,7 @@ class Pipeline:
         # the same object (a resend is no duplicate), different input a new one.
         identity = (ctx.series_uid, spec.name)
         version = (spec.version, ctx.input_digest)
-        base_number = self.settings.outputs.series_number
+        base_number = self._series_base(spec)
 
         repaired = repair_source_headers(volume.datasets)
         if repaired:
@@ -442,7 +450,7 @@ class Pipeline:
                 provenance,
                 series_uid=provenance.uid(*identity, REJECTION),
                 sop_uid=provenance.uid(*identity, spec.version, ctx.input_digest, REJECTION),
-                series_number=self.settings.outputs.series_number + 9,
+                series_number=self._series_base(spec) + 9,
             )
         log.info("job %d: rejecting %d superseded instance(s)", ctx.job_id, len(superseded))
         return [BuiltOutput(REJECTION, note)]
