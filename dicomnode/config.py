@@ -511,6 +511,13 @@ class Route:
         default_factory=SegOptions,
         metadata=field_doc("How this route's SEG is encoded: type, compression, empty frames."),
     )
+    overlay: bool = field(
+        default=False,
+        metadata=field_doc(
+            "Also send an RGB Secondary Capture series of the slices with segments, "
+            "outlines and legend burned in, for viewers that cannot show SEG."
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from dicomnode.outputs.findings import (
 )
 from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.sc import build_overlay_capture
 from dicomnode.outputs.rejection import build_rejection_note
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
@@ -402,7 +403,24 @@ class Pipeline:
                 "probabilities": {k: round(v, 4) for k, v in classification.probabilities.items()},
             }
         built = [] if seg is None else [BuiltOutput("seg", seg)]
-        return [*built, BuiltOutput("sr", report)], summary, timings
+        built.append(BuiltOutput("sr", report))
+        if route.overlay and segments:  # for PACS viewers that cannot show SEG
+            checkpoint()
+            started = time.perf_counter()
+            with _building("SC"):
+                overlay = build_overlay_capture(
+                    volume,
+                    labels,
+                    segments,
+                    provenance,
+                    series_uid=provenance.uid(*identity, "sc"),
+                    sop_uid=provenance.uid(*identity, *version, "sc"),
+                    series_number=base_number + 3,
+                    summary=summary,
+                )
+            timings["sc_s"] = time.perf_counter() - started
+            built.append(BuiltOutput("sc", overlay))
+        return built, summary, timings
 
     def _rejection(self, ctx: JobContext, built: list[BuiltOutput]) -> list[BuiltOutput]:
         """Return an IOCM rejection note for the previous run's results this one replaces.

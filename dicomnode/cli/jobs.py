@@ -29,6 +29,7 @@ STAGES = (
     "postprocess_s",
     "seg_s",
     "sr_s",
+    "sc_s",
     "write_validate_s",
     "send_s",
 )

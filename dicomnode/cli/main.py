@@ -98,6 +98,14 @@ def _with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namesp
     return run
 
 
+def _show_job(settings: Settings, args: argparse.Namespace) -> int:
+    if args.preview is None:
+        return _with_session(show_job)(settings, args)
+    from dicomnode.cli.preview import show_job_command  # highdicom and Pillow: only here
+
+    return show_job_command(settings, args)
+
+
 def _echo(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.net.scu import echo
 
@@ -187,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
     p.add_argument("id", type=int, help="job id")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_with_session(show_job))
+    p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="PNG",
+        help="also write a PNG montage of the job's SEG over its source, with measurements",
+    )
+    p.set_defaults(run=_show_job)
     p = jobs.add_parser("retry", help="queue ended jobs again (failed, cancelled or done)")
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
     p.set_defaults(run=retry_jobs)

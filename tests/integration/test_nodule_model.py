@@ -83,7 +83,9 @@ def test_held_out_nodule_found_sent_validated_and_scored(
         for path in lidc1:
             ingestor.store(path.read_bytes())
         assert sweep(sessions, settings, models, spool) == 1
-        pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))
+        pipeline = Pipeline(
+            settings, sessions, spool, models, ModelCache(torch.device("cpu"), backend="auto")
+        )
         assert Worker(sessions, pipeline, settings.worker, threading.Event()).run_once()
 
         job = job_row(sessions)

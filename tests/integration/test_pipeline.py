@@ -76,10 +76,16 @@ def scp() -> Iterator[CountingSCP]:
 
 
 def make_settings(
-    tmp_path: Path, db_url: str, scp_port: int, models: Path | None = None, model: str = ""
+    tmp_path: Path,
+    db_url: str,
+    scp_port: int,
+    models: Path | None = None,
+    model: str = "",
+    overlay: bool = False,
 ) -> Settings:
     """Settings for one CT route to ``model`` (the test lung package, built here, by
-    default) with its results sent to the counting SCP on ``scp_port``."""
+    default) with its results sent to the counting SCP on ``scp_port``; ``overlay``
+    adds the Secondary Capture overlay series."""
     if models is None:
         models = tmp_path / "models"
         build_package(models)
@@ -97,7 +103,7 @@ def make_settings(
             ],
             "routes": [
                 {"name": "lungs", "match": {"Modality": "CT"}, "models": [model or "test-lungs"],
-                 "send_to": ["counter"]},
+                 "send_to": ["counter"], "overlay": overlay},
             ],
         },
         environ={},
@@ -145,6 +151,39 @@ def test_job_runs_and_delivers_seg_and_sr(node: dict, scp: CountingSCP, sessions
     for ds in scp.received:
         assert ds.StudyInstanceUID == sources[0].StudyInstanceUID
     assert not node["worker"].run_once()  # nothing else to do
+
+
+def test_route_with_overlay_also_sends_a_secondary_capture(
+    tmp_path: Path, db_url: str, sessions, scp: CountingSCP
+) -> None:
+    settings = make_settings(tmp_path, db_url, scp.port, overlay=True)
+    models = load_registry(settings.models.path)
+    spool = Spool(settings.storage.path)
+    pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))
+    worker = Worker(sessions, pipeline, settings.worker, threading.Event())
+    node = {"settings": settings, "models": models, "spool": spool, "sessions": sessions}
+    scp.start()
+    sources = receive_phantom(node)
+    assert worker.run_once()
+    job = job_row(sessions)
+    assert job.state == JobState.DONE, job.last_error
+    assert "sc_s" in job.timings
+    received = {str(ds.SOPClassUID): ds for ds in scp.received}
+    assert set(received) == {
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "1.2.840.10008.5.1.4.1.1.88.34",
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+    }
+    sc = received["1.2.840.10008.5.1.4.1.1.7.4"]
+    assert sc.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesInstanceUID not in {d.SeriesInstanceUID for d in scp.received if d is not sc}
+    assert sc.SeriesDescription == "AI test-lungs overlay - RESEARCH, NOT FOR CLINICAL USE"
+    referenced = {i.ReferencedSOPInstanceUID for i in sc.SourceImageSequence}
+    assert referenced <= {d.SOPInstanceUID for d in sources} and referenced
+    with sessions() as s:
+        kinds = sorted(o.kind for o in s.scalars(select(Output)))
+    assert kinds == ["sc", "seg", "sr"]
 
 
 def test_pacs_down_then_up_resends_without_rerunning_the_model(

@@ -1,0 +1,304 @@
+"""``dicomnode jobs show ID --preview out.png``: a PNG montage of a job's SEG over its source.
+
+For an admin without a viewer at hand: up to 12 slices with the segments outlined, a
+legend and the key measurements of the job's summary. It reads what the job left in
+the spool, the SEG (through highdicom) and the source instances, and draws it with
+:mod:`dicomnode.outputs.overlay`; no patient data goes into the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomnode.cli.jobs import show_job
+from dicomnode.config import Settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.models import Instance, Job, Output
+from dicomnode.errors import DicomnodeError
+from dicomnode.inference.volume import Volume, load_series
+from dicomnode.outputs.findings import PALETTE
+from dicomnode.outputs.overlay import (
+    LegendEntry,
+    colorize,
+    default_window,
+    measurement_texts,
+    montage,
+    select_slices,
+    windowed,
+)
+from dicomnode.outputs.provenance import RESEARCH_NOTICE
+from dicomnode.store.spool import Spool
+
+MAX_SLICES = 12
+TILE_WIDTH = 256
+COLUMNS = 4
+
+
+class PreviewError(DicomnodeError):
+    """The preview cannot be made: no SEG yet, files missing, or the path is unwritable."""
+
+
+def check_target(path: Path) -> None:
+    """Refuse a PNG path that cannot be written, before any work is done.
+
+    Parameters
+    ----------
+    path : Path
+        Where the PNG is to go.
+
+    Raises
+    ------
+    PreviewError
+        If its folder is missing or not writable, or the path is a folder.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise PreviewError(f"cannot write the preview to {path}: it is a directory")
+    if not folder.is_dir():
+        raise PreviewError(f"cannot write the preview to {path}: no directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PreviewError(f"cannot write the preview to {path}: {folder} is not writable")
+
+
+def seg_output(session: Session, job: Job) -> Output:
+    """Return the job's SEG output.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    job : Job
+        The job.
+
+    Returns
+    -------
+    Output
+        The newest SEG row of the job.
+
+    Raises
+    ------
+    PreviewError
+        If the job has none (not run yet, or nothing was segmented).
+    """
+    row = session.scalars(
+        select(Output)
+        .where(Output.job_id == job.id, Output.kind == "seg")
+        .order_by(Output.id.desc())
+    ).first()
+    if row is None:
+        raise PreviewError(
+            f"job {job.id} has no SEG output yet (state {job.state.value}); nothing to preview"
+        )
+    return row
+
+
+def label_volume(seg: hd.seg.Segmentation, volume: Volume) -> np.ndarray:
+    """Return the SEG's segments as one label volume on the source grid.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        The job's SEG.
+    volume : Volume
+        Its source series.
+
+    Returns
+    -------
+    np.ndarray
+        ``(slices, rows, columns)`` segment numbers in the volume's slice order, 0 where
+        no segment is (frames the SEG left out are empty).
+    """
+    if volume.is_multiframe:
+        source = volume.datasets[0]
+        array = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=str(source.SOPInstanceUID),
+            source_frame_numbers=[number for _, number in volume.frames],
+            combine_segments=True,
+            skip_overlap_checks=True,  # overlaps: the higher segment number shows
+            assert_missing_frames_are_empty=True,
+        )
+    else:
+        array = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(d.SOPInstanceUID) for d in volume.datasets],
+            combine_segments=True,
+            skip_overlap_checks=True,
+            assert_missing_frames_are_empty=True,
+        )
+    return np.asarray(array).reshape(volume.shape)
+
+
+def segment_entries(seg: hd.seg.Segmentation, summary: dict[str, Any]) -> list[LegendEntry]:
+    """Return the legend of a SEG: each segment's label, display colour and measurement.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        The SEG.
+    summary : dict
+        The job summary, for the measurements.
+
+    Returns
+    -------
+    list[LegendEntry]
+        In segment-number order (segment ``i`` at index ``i - 1``).
+    """
+    items = sorted(seg.SegmentSequence, key=lambda item: int(item.SegmentNumber))
+    texts = measurement_texts(summary, len(items))
+    entries = []
+    for n, item in enumerate(items):
+        color = tuple(PALETTE[n % len(PALETTE)])
+        if "RecommendedDisplayCIELabValue" in item:
+            lab = [int(v) for v in item.RecommendedDisplayCIELabValue]
+            color = hd.color.CIELabColor.from_dicom_value(lab).to_rgb(clip=True)
+        rgb = (int(color[0]), int(color[1]), int(color[2]))
+        entries.append(LegendEntry(str(item.SegmentLabel), rgb, texts[n]))
+    return entries
+
+
+def headline(job: Job) -> list[str]:
+    """Return the header lines: the job and its key result (no patient data)."""
+    summary = job.summary or {}
+    lines = [f"job {job.id}  {job.model} {job.model_version}  ({job.state.value})"]
+    detection = summary.get("detection")
+    if detection is not None:
+        found = len(detection.get("findings", []))
+        best = detection.get("best_probability")
+        lines.append(
+            f"{found} finding(s) of {detection.get('candidates', '?')} candidates"
+            + ("" if best is None else f", best probability {best:.2f}")
+        )
+    elif "total_volume_ml" in summary:
+        lines.append(f"total segment volume {summary['total_volume_ml']:.1f} mL")
+    return lines
+
+
+def render_preview(
+    spool: Spool, session: Session, job: Job, output: Output
+) -> tuple[Image.Image, int]:
+    """Draw the montage of a job's SEG over its source series.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where the SEG and the source instances lie.
+    session : Session
+        Database session.
+    job : Job
+        The job.
+    output : Output
+        Its SEG row (:func:`seg_output`).
+
+    Returns
+    -------
+    tuple[PIL.Image.Image, int]
+        The montage and how many slices it shows.
+
+    Raises
+    ------
+    PreviewError
+        If the SEG or the source images are gone from the spool.
+    """
+    paths = [
+        spool.absolute(p)
+        for p in session.scalars(
+            select(Instance.path).where(Instance.series_id == job.series_id)
+        ).all()
+    ]
+    seg_path = spool.absolute(output.path)
+    missing = [p for p in [seg_path, *paths] if not p.is_file()]
+    if missing or not paths:
+        raise PreviewError(
+            f"job {job.id}: {len(missing)} of its files are no longer in the spool"
+            if missing
+            else f"job {job.id}: its series has no instances left"
+        )
+    volume = load_series(paths)
+    seg = hd.seg.segread(seg_path)
+    labels = label_volume(seg, volume)
+    entries = segment_entries(seg, job.summary or {})
+    window = default_window(
+        volume.modality,
+        str(volume.datasets[0].get("BodyPartExamined", "") or ""),
+        [e.label for e in entries],
+    )
+    shown = select_slices(labels, MAX_SLICES)
+    rows, cols = volume.shape[1:]
+    size = (TILE_WIDTH, max(1, round(rows * TILE_WIDTH / cols)))
+    tiles = []
+    for k in shown:
+        # Scale first, then outline: a crisp outline at the tile's own resolution.
+        grey = Image.fromarray(windowed(volume.pixels[k], window)).resize(
+            size, Image.Resampling.BILINEAR
+        )
+        small = Image.fromarray(labels[k].astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+        tiles.append(colorize(np.asarray(grey), np.asarray(small), [e.color for e in entries]))
+    research = RESEARCH_NOTICE == seg.get("ContentDescription") or "NOT FOR CLINICAL USE" in str(
+        seg.get("SeriesDescription", "")
+    )
+    image = montage(
+        tiles,
+        [f"slice {k + 1}/{volume.shape[0]}" for k in shown],
+        header=headline(job),
+        entries=entries,
+        clinical_use=not research,
+        columns=COLUMNS,
+    )
+    return image, len(shown)
+
+
+def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``dicomnode jobs show``, writing the ``--preview`` PNG when asked.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database and the spool.
+    args : argparse.Namespace
+        ``id``, ``json`` and ``preview`` (a path or None).
+
+    Returns
+    -------
+    int
+        Exit code 0; an unknown job, a job without a SEG or an unwritable path raise a
+        one-line error (exit code 1).
+    """
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        with session_factory(engine)() as session:
+            target: Path | None = getattr(args, "preview", None)
+            if target is None:
+                return show_job(session, args)
+            job = session.get(Job, args.id)
+            if job is None:
+                raise LookupError(f"no job with id {args.id}")
+            # Everything that can be refused is refused before anything is printed.
+            check_target(target)
+            output = seg_output(session, job)
+            code = show_job(session, args)
+            image, count = render_preview(Spool(settings.storage.path), session, job, output)
+            try:
+                image.save(target, format="PNG")
+            except OSError as exc:
+                raise PreviewError(
+                    f"cannot write the preview to {target}: {exc.strerror or exc}"
+                ) from None
+            message = f"preview       {target} ({count} slices, {image.width}x{image.height})"
+            if args.json:  # stdout holds the JSON record alone
+                print(message, file=sys.stderr)
+            else:
+                print(message)
+            return code
+    finally:
+        engine.dispose()

@@ -1,0 +1,179 @@
+"""Every output type from two real chest CTs, through the real pipeline, into Orthanc.
+
+LIDC-IDRI-0001 and LIDC-IDRI-0003 run through the shipped lung U-Net and nodule
+model. What Orthanc kept is downloaded through its REST API, passes dciodvfy, and is
+read back with highdicom; each SR measurement is compared with numpy on the mask read
+back from the SEG and the HU read from the source files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.sr.codedict import codes
+from sqlalchemy import select
+
+from dicomnode.config import parse_settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.models import Job, JobState
+from dicomnode.inference.registry import load_registry
+from dicomnode.inference.segment import ModelCache
+from dicomnode.outputs.codes import LAA_950
+from dicomnode.pipeline import Pipeline
+from dicomnode.queue.completion import sweep
+from dicomnode.queue.worker import Worker
+from dicomnode.store.ingest import Ingestor
+from dicomnode.store.spool import Spool
+from tests.integration.orthanc import Orthanc
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("Orthanc", "dciodvfy")),
+        reason="orthanc and dicom3tools are installed by .ci/run",
+    ),
+]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    return [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+
+
+@pytest.mark.parametrize("case", ["LIDC-IDRI-0001", "LIDC-IDRI-0003"])
+def test_every_output_of_a_real_ct_validates_and_measures_right(
+    tmp_path: Path, shared: Path, case: str
+) -> None:
+    sources = sorted((shared / "data" / "ct" / case).glob("*.dcm"))
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    sessions = session_factory(engine)
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        settings = parse_settings(
+            {
+                "database": {"url": url},
+                "storage": {"path": str(tmp_path / "spool")},
+                "completion": {"quiet_seconds": 0},
+                "outputs": {"validate": "dciodvfy"},
+                "destinations": [
+                    {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                     "port": pacs.dicom_port, "timeout_seconds": 30},
+                ],
+                "routes": [
+                    {"name": "lungs", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
+                     "send_to": ["pacs"], "seg": {"compression": "jpeg2000"}},
+                    {"name": "nodules", "match": {"Modality": "CT"},
+                     "models": ["lung-nodule-cnn"], "send_to": ["pacs"]},
+                ],
+            },
+            environ={},
+        )  # fmt: skip
+        models = load_registry(None)
+        spool = Spool(settings.storage.path)
+        ingestor = Ingestor(spool, sessions)
+        for path in sources:
+            ingestor.store(path.read_bytes())
+        assert sweep(sessions, settings, models, spool) == 1  # one series, two jobs
+        pipeline = Pipeline(
+            settings, sessions, spool, models, ModelCache(torch.device("cpu"), backend="auto")
+        )
+        worker = Worker(sessions, pipeline, settings.worker, threading.Event())
+        assert worker.run_once() and worker.run_once()
+        with sessions() as s:
+            jobs = {j.model: j for j in s.scalars(select(Job))}
+            for job in jobs.values():
+                s.expunge(job)
+        received = {}
+        for series in pacs.get("/series?expand"):
+            for instance in series["Instances"]:
+                data = pacs.download(instance)
+                ds = pydicom.dcmread(BytesIO(data))
+                received[(str(ds.SeriesDescription).split()[1], str(ds.Modality))] = data
+    engine.dispose()
+
+    assert all(j.state == JobState.DONE for j in jobs.values()), [
+        j.last_error for j in jobs.values()
+    ]
+    assert set(received) == {
+        ("lung-unet2d", "SEG"), ("lung-unet2d", "SR"),
+        ("lung-nodule-cnn", "SEG"), ("lung-nodule-cnn", "SR"),
+    }  # fmt: skip
+    for (model, modality), data in received.items():
+        path = tmp_path / f"{model}-{modality}.dcm"
+        path.write_bytes(data)
+        assert dciodvfy_errors(path) == [], (model, modality)
+
+    # --- the lungs: every SR value equals numpy on the SEG read back and the source HU
+    seg = hd.seg.segread(tmp_path / "lung-unet2d-SEG.dcm")
+    assert seg.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
+    headers = {str(d.SOPInstanceUID): d for d in map(pydicom.dcmread, sources)}
+    uids = sorted(headers, key=lambda u: float(headers[u].ImagePositionPatient[2]))
+    mask = np.asarray(
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids,
+            segment_numbers=[1, 2],
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+        )
+    )
+    hu = np.stack(
+        [
+            headers[u].pixel_array * float(headers[u].RescaleSlope)
+            + float(headers[u].RescaleIntercept)
+            for u in uids
+        ]
+    )
+    first = headers[uids[0]]
+    voxel_ml = (
+        float(first.PixelSpacing[0])
+        * float(first.PixelSpacing[1])
+        * abs(
+            float(headers[uids[1]].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+        )
+        / 1000
+    )
+    report = hd.sr.srread(tmp_path / "lung-unet2d-SR.dcm").content
+    groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    assert set(groups) == {"Left lung", "Right lung"}
+    for number, name in ((1, "Left lung"), (2, "Right lung")):
+        values = hu[mask == number]
+        assert values.size * voxel_ml > 800  # a real lung, not a speck
+        got = {
+            (m.name.meaning, None if m.derivation is None else m.derivation.meaning): float(m.value)
+            for m in groups[name].get_measurements()
+        }
+        assert got[("Volume", None)] == pytest.approx(values.size * voxel_ml, abs=0.01)
+        assert got[("Attenuation Coefficient", "Mean")] == pytest.approx(values.mean(), abs=1e-3)
+        assert got[("Attenuation Coefficient", "Standard Deviation")] == pytest.approx(
+            values.std(), abs=1e-3
+        )
+        laa = float(groups[name].get_measurements(name=LAA_950)[0].value)
+        assert laa == pytest.approx(100 * (values < -950).mean(), abs=1e-3)
+        assert groups[name].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+
+    # --- the nodules: each finding's circle, diameter and probability as in the job
+    findings = jobs["lung-nodule-cnn"].summary["detection"]["findings"]
+    assert findings, "both scans have nodules the model finds (see its card)"
+    nodule_report = hd.sr.srread(tmp_path / "lung-nodule-cnn-SR.dcm").content
+    circles = nodule_report.get_planar_roi_measurement_groups()
+    assert len(circles) == len(findings)
+    for group, finding in zip(circles, findings, strict=True):
+        assert group.roi.GraphicType == "CIRCLE"
+        diameter = float(group.get_measurements(name=codes.SCT.Diameter)[0].value)
+        probability = float(group.get_measurements(name=codes.DCM.Probability)[0].value)
+        assert diameter == pytest.approx(finding["diameter_mm"], abs=0.05)
+        assert probability == pytest.approx(finding["probability"], abs=1e-4)
+    (study,) = nodule_report.get_image_measurement_groups()
+    nodule = hd.sr.CodedConcept("786838002", "SCT", "Pulmonary nodule")
+    assert study.get_qualitative_evaluations(name=nodule)[0].value == codes.SCT.Present
