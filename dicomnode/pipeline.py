@@ -65,8 +65,8 @@ from dicomnode.outputs.findings import (
 )
 from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.sc import build_overlay_capture
 from dicomnode.outputs.rejection import build_rejection_note
+from dicomnode.outputs.sc import build_overlay_capture
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file

@@ -243,7 +243,7 @@ def render_preview(
         )
         small = Image.fromarray(labels[k].astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
         tiles.append(colorize(np.asarray(grey), np.asarray(small), [e.color for e in entries]))
-    research = RESEARCH_NOTICE == seg.get("ContentDescription") or "NOT FOR CLINICAL USE" in str(
+    research = seg.get("ContentDescription") == RESEARCH_NOTICE or "NOT FOR CLINICAL USE" in str(
         seg.get("SeriesDescription", "")
     )
     image = montage(

@@ -226,7 +226,7 @@ def _text_size(
     draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont
 ) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return int(math.ceil(right - min(left, 0))), int(math.ceil(bottom - min(top, 0)))
+    return math.ceil(right - min(left, 0)), math.ceil(bottom - min(top, 0))
 
 
 def legend_font_size(columns: int) -> int:
@@ -450,7 +450,8 @@ def select_slices(labels: np.ndarray, limit: int) -> list[int]:
         chosen.add(int(np.argmax((flat == value).sum(axis=1))))
     occupied = np.flatnonzero(flat.any(axis=1))
     pool = occupied if occupied.size else np.arange(slices)
-    spread = pool[np.unique(np.linspace(0, pool.size - 1, min(limit, pool.size)).round().astype(int))]
+    steps = np.linspace(0, pool.size - 1, min(limit, pool.size)).round().astype(int)
+    spread = pool[np.unique(steps)]
     for index in spread:
         if len(chosen) >= limit:
             break

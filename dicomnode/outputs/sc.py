@@ -187,7 +187,7 @@ def build_overlay_capture(
     ds.SecondaryCaptureDeviceManufacturer = MANUFACTURER
     ds.SecondaryCaptureDeviceManufacturerModelName = provenance.model_name
     ds.SecondaryCaptureDeviceSoftwareVersions = provenance.software_versions
-    ds.ContributingEquipmentSequence = DicomSequence([contributing_equipment(provenance)])
+    ds.ContributingEquipmentSequence = [contributing_equipment(provenance)]
 
     # General Image and General Reference.
     ds.ImageType = ["DERIVED", "SECONDARY"]

@@ -23,6 +23,7 @@ DCIODVFY = "dciodvfy"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7.4"  # our overlay: Multi-frame True Color SC
 # IODs newer than the dciodvfy in Debian (Label Map Segmentation, Sup 243): it answers
 # "Information Object Not found", so only our own checks apply to them.
 UNKNOWN_TO_DCIODVFY = {LABELMAP_SEG_CLASS}
@@ -70,6 +71,12 @@ def own_check_errors(path: Path) -> list[str]:
                 errors.append("pixel data does not hold NumberOfFrames frames")
         elif sop_class in SR_CLASSES:
             hd.sr.srread(path)
+        elif sop_class == SC_CLASS:
+            if int(ds.SamplesPerPixel) != 3 or ds.PhotometricInterpretation != "RGB":
+                errors.append("the overlay is not RGB")
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if ds.pixel_array.size != frames * int(ds.Rows) * int(ds.Columns) * 3:
+                errors.append("pixel data does not hold NumberOfFrames frames")
     except Exception as exc:  # highdicom raises many kinds for malformed objects
         errors.append(f"does not parse as its IOD: {type(exc).__name__}")
     return errors

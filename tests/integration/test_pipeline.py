@@ -332,7 +332,8 @@ def test_object_failing_validation_is_not_sent_and_kept_aside(
     ctx = pipeline._context(claim)
     built, summary, timings = pipeline._make_outputs(ctx, pipeline._route(ctx), lambda: None)
     seg = next(b for b in built if b.kind == "seg")
-    del seg.dataset.SegmentSequence  # a real defect dciodvfy must catch
+    # A defect only dciodvfy catches: a Code String in lower case.
+    seg.dataset.ContentLabel = "lower case"
     with pytest.raises(PermanentJobError, match=r"failed validation: Error .*kept at rejected/"):
         pipeline._store_outputs(claim, ctx, built, summary, timings)
     spool = node["spool"].root
@@ -340,6 +341,21 @@ def test_object_failing_validation_is_not_sent_and_kept_aside(
     assert not (spool / "results").exists() or not list((spool / "results").rglob("*.dcm"))
     with sessions() as s:
         assert s.scalars(select(Output)).all() == []
+    assert scp.received == []
+
+
+def test_object_failing_our_own_checks_is_not_sent_either(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    pipeline, claim = claimed_job(node, scp, sessions)
+    ctx = pipeline._context(claim)
+    built, summary, timings = pipeline._make_outputs(ctx, pipeline._route(ctx), lambda: None)
+    seg = next(b for b in built if b.kind == "seg")
+    del seg.dataset.SegmentSequence  # highdicom cannot read it back as a SEG
+    with pytest.raises(
+        PermanentJobError, match=r"failed our checks: does not parse as its IOD.*kept at rejected/"
+    ):
+        pipeline._store_outputs(claim, ctx, built, summary, timings)
     assert scp.received == []
 
 

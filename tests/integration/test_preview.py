@@ -213,7 +213,7 @@ def test_detection_job_overlay_and_preview_show_the_finding(
     assert dicom_frames_with(sc, (255, 200, 0))  # "Nodule 1" in the first finding colour
 
     target = tmp_path / "nodules.png"
-    code, out, err = cli(
+    code, _, err = cli(
         capsys, "--config", write_config(tmp_path, settings), "jobs", "show", str(job_id),
         "--preview", str(target),
     )  # fmt: skip

@@ -13,7 +13,7 @@ from dicomnode.inference.volume import volume_from_datasets
 from dicomnode.outputs.overlay import contour_mask
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.sc import SC_CLASS, build_overlay_capture, overlay_slices
-from dicomnode.outputs.validate import dciodvfy_errors
+from dicomnode.outputs.validate import dciodvfy_errors, own_check_errors
 from dicomnode.pipeline import encode
 from tests.factories import ct_series, legacy_enhanced, lung_phantom
 
@@ -158,3 +158,12 @@ def test_multiframe_source_frames_are_referenced_by_number(tmp_path: Path) -> No
 def test_labels_must_match_the_volume(built) -> None:
     with pytest.raises(ValueError, match="do not match"):
         build(built["volume"], built["labels"][:3])
+
+
+def test_our_own_checks_decode_the_overlay(built, tmp_path: Path) -> None:
+    assert own_check_errors(built["path"]) == []
+    broken = pydicom.dcmread(built["path"])
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]
+    path = tmp_path / "broken.dcm"
+    broken.save_as(path)
+    assert own_check_errors(path)

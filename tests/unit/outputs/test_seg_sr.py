@@ -125,12 +125,17 @@ def test_sr_measurements_match_an_independent_computation(built) -> None:
         number = ref.referenced_segment_numbers[0]
         assert ref.source_series_for_segmentation.value == built["sources"][0].SeriesInstanceUID
         mask = labels == number
-        by_name = {m.name.meaning: m for m in group.get_measurements()}
-        assert by_name["Volume"].value == pytest.approx(mask.sum() * voxel_ml, rel=1e-3)
-        assert by_name["Volume"].unit.value == "mL"
-        mean = by_name["Attenuation Coefficient"]
+        by_name = {
+            (m.name.meaning, m.derivation and m.derivation.meaning): m
+            for m in group.get_measurements()
+        }
+        assert by_name[("Volume", None)].value == pytest.approx(mask.sum() * voxel_ml, rel=1e-3)
+        assert by_name[("Volume", None)].unit.value == "mL"
+        mean = by_name[("Attenuation Coefficient", "Mean")]
         assert mean.unit.value == "[hnsf'U]"
         assert mean.value == pytest.approx(float(volume.pixels[mask].mean()), abs=1e-2)
+        std = by_name[("Attenuation Coefficient", "Standard Deviation")]
+        assert std.value == pytest.approx(float(volume.pixels[mask].std()), abs=1e-2)
 
 
 def test_evidence_lists_the_seg_and_every_source(built) -> None:
