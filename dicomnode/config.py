@@ -59,6 +59,12 @@ def _name(value: str) -> str | None:
     return None
 
 
+def _server_name(value: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", value):
+        return f"must be a host name or address, got {value!r}"
+    return None
+
+
 def _database_url(value: str) -> str | None:
     if not value.startswith(("sqlite:", "postgresql")):
         return f"must be a sqlite:/// or postgresql+psycopg:// URL, got {value.split(':')[0]!r}"
@@ -405,6 +411,41 @@ class Destination:
     timeout_seconds: float = field(
         default=30.0, metadata=field_doc("Network timeout for each association.", positive)
     )
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=field_doc(
+            "PEM CA bundle that signed the destination's certificate: set it to send over "
+            "DICOM TLS (TLS 1.2+), verifying the peer."
+        ),
+    )
+    tls_certificate: Path | None = field(
+        default=None,
+        metadata=field_doc("PEM client certificate (chain) to present, for a PACS that asks."),
+    )
+    tls_private_key: Path | None = field(
+        default=None, metadata=field_doc("PEM private key of tls_certificate.")
+    )
+    tls_server_name: str | None = field(
+        default=None,
+        metadata=field_doc(
+            "Name its certificate must carry (hostname check); defaults to host.", _server_name
+        ),
+    )
+    storage_commitment: bool = field(
+        default=False,
+        metadata=field_doc(
+            "After sending, ask it to commit to keeping the objects (Storage Commitment "
+            "Push Model); the delivery is 'confirmed' when its report arrives, re-sent when "
+            "it reports failures or stays silent."
+        ),
+    )
+    commitment_timeout_seconds: float = field(
+        default=3600.0,
+        metadata=field_doc(
+            "How long to wait for the commitment report before the objects are re-sent.",
+            positive,
+        ),
+    )
 
 
 SEG_COMPRESSIONS = ("none", "jpeg2000", "jpeg-ls", "rle")
@@ -603,13 +644,37 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         for key in ("tls_certificate", "tls_private_key", "tls_client_ca")
         if (value := getattr(listener, key)) is not None
     }
+    destinations: list[Destination] = []
+    for dest in settings.destinations:
+        files: dict[str, Any] = {
+            key: absolute(value)
+            for key in DESTINATION_TLS_FILES
+            if (value := getattr(dest, key)) is not None
+        }
+        destinations.append(dataclasses.replace(dest, **files))
     return dataclasses.replace(
         settings,
+        destinations=destinations,
         listener=dataclasses.replace(listener, **tls),
         database=DatabaseSettings(url=url),
         storage=dataclasses.replace(settings.storage, path=absolute(settings.storage.path)),
         models=ModelSettings(path=absolute(models_path) if models_path is not None else None),
     )
+
+
+DESTINATION_TLS_FILES = ("tls_ca", "tls_certificate", "tls_private_key")
+
+
+def _check_destination_files(settings: Settings) -> None:
+    """Check that the destinations' TLS files exist (after paths are resolved).
+
+    A missing CA bundle would otherwise surface only as a failed delivery hours later.
+    """
+    for i, dest in enumerate(settings.destinations):
+        for key in DESTINATION_TLS_FILES:
+            path = getattr(dest, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"destinations[{i}].{key}: file not found: {path}")
 
 
 def _cross_check(settings: Settings) -> None:
@@ -625,6 +690,18 @@ def _cross_check(settings: Settings) -> None:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"destinations[{i}].name: duplicate destination {name!r}")
+    for i, peer in enumerate(settings.destinations):
+        if (peer.tls_certificate is None) != (peer.tls_private_key is None):
+            raise ConfigError(
+                f"destinations[{i}].tls_certificate: set both tls_certificate and "
+                "tls_private_key, or neither"
+            )
+        tls_set = peer.tls_certificate is not None or peer.tls_server_name is not None
+        if tls_set and peer.tls_ca is None:
+            # Without a CA there is nothing to verify the PACS against, and a TLS
+            # connection that trusts anyone is not worth the name.
+            key = "tls_certificate" if peer.tls_certificate is not None else "tls_server_name"
+            raise ConfigError(f"destinations[{i}].{key}: needs tls_ca (the PACS's CA bundle)")
     route_names = [r.name for r in settings.routes]
     for i, route in enumerate(settings.routes):
         if route.name in route_names[:i]:
@@ -693,6 +770,7 @@ def parse_settings(
     settings: Settings = build(Settings, merged)
     _cross_check(settings)
     settings = _resolve_paths(settings, base or Path.cwd())
+    _check_destination_files(settings)
     return dataclasses.replace(settings, source=source)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Route, Settings
+from dicomnode.config import Destination, Route, Settings
+from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
 from dicomnode.db.jobs import Claim, merge_timings, set_state
 from dicomnode.db.models import (
@@ -55,7 +57,7 @@ from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
 from dicomnode.inference.volume import load_series
-from dicomnode.net import scu
+from dicomnode.net import commitment, scu
 from dicomnode.outputs.findings import (
     detection_summary,
     finding_segments,
@@ -536,9 +538,12 @@ class Pipeline:
                 delivery.attempts += 1
             error: str | None = None
             retryable = False
+            warning: str | None = None
+            committing = False
             try:
                 destination = self.settings.destination(name)
-                scu.send_files(destination, files, self.settings.listener.ae_title)
+                committing = destination.storage_commitment
+                warning = self._send(claim, destination, files)
             except (TransientJobError, PermanentJobError) as exc:
                 error, retryable = str(exc), exc.retryable
             except Exception as exc:  # the network stack can raise anything
@@ -546,10 +551,15 @@ class Pipeline:
             with transaction(self.sessions) as session:
                 delivery = _delivery(session, claim.job_id, name)
                 assert delivery is not None  # created above, never deleted
+                if error is None and committing and delivery.commitment_uid is None:
+                    # The PACS reported failures on the N-ACTION's own association,
+                    # which re-opened the delivery while we were still sending.
+                    error, retryable = f"destination {name}: {delivery.last_error}", True
                 if error is None:
                     delivery.state = DeliveryState.SENT
                     delivery.sent_at = utcnow()
                     delivery.last_error = None
+                    delivery.warning = warning
                     log.info(
                         "delivered job_id=%d destination=%s objects=%d",
                         claim.job_id,
@@ -566,6 +576,42 @@ class Pipeline:
             if any(r for _, r in failures):
                 raise DeliveryFailed(message)
             raise PermanentJobError(message)
+
+    def _send(self, claim: Claim, destination: Destination, files: list[Path]) -> str | None:
+        """C-STORE ``files`` and, if the destination wants it, request storage commitment.
+
+        Returns a note of warning statuses (the objects count as stored), or None.
+        """
+        calling_ae = self.settings.listener.ae_title
+        statuses = scu.send_files(destination, files, calling_ae)
+        warned = Counter(code for code in statuses if code != 0)
+        warning = "; ".join(
+            f"{n} object(s) stored with warning 0x{code:04X}" for code, n in sorted(warned.items())
+        )
+        if destination.storage_commitment:
+            uid = commitment.new_transaction_uid(self.settings.outputs.uid_root)
+            # Recorded before the N-ACTION: the report may come back on another
+            # association (to the listener, perhaps in another process) before the
+            # N-ACTION's response reaches us.
+            with transaction(self.sessions) as session:
+                delivery = _delivery(session, claim.job_id, destination.name)
+                assert delivery is not None
+                commitment_db.request(session, delivery, uid)
+            try:
+                commitment.request_commitment(
+                    destination,
+                    commitment.references(files),
+                    uid,
+                    calling_ae,
+                    commitment.ReportHandler(self.sessions),
+                )
+            except BaseException:
+                with transaction(self.sessions) as session:
+                    delivery = _delivery(session, claim.job_id, destination.name)
+                    assert delivery is not None
+                    commitment_db.withdraw(session, delivery)
+                raise
+        return warning or None
 
 
 def _delivery(session: Session, job_id: int, destination: str) -> Delivery | None:

@@ -15,7 +15,7 @@ from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.db import jobs, migrate
 from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Job, JobState
+from dicomnode.db.models import Delivery, Job, JobState
 from dicomnode.queue.wakeup import Announcer
 
 STAGES = (
@@ -33,6 +33,30 @@ STAGES = (
     "write_validate_s",
     "send_s",
 )
+
+
+def delivery_commitment(delivery: Delivery) -> str | None:
+    """Return where a delivery's storage commitment stands.
+
+    Parameters
+    ----------
+    delivery : Delivery
+        The delivery.
+
+    Returns
+    -------
+    str or None
+        "confirmed", "requested" (sent, no report yet), "failed" (the PACS reported
+        failures or none came in time; the delivery was re-opened), or None when no
+        commitment was asked for.
+    """
+    if delivery.confirmed_at is not None:
+        return "confirmed"
+    if delivery.commitment_uid is not None:
+        return "requested"
+    if delivery.commitment_failed:
+        return "failed"
+    return None
 
 
 def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
@@ -92,6 +116,12 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
                     "attempts": d.attempts,
                     "sent_at": d.sent_at,
                     "last_error": d.last_error,
+                    "warning": d.warning,
+                    "commitment": delivery_commitment(d),
+                    "commitment_uid": d.commitment_uid,
+                    "commitment_requested_at": d.commitment_requested_at,
+                    "confirmed_at": d.confirmed_at,
+                    "commitment_failed": d.commitment_failed,
                 }
                 for d in job.deliveries
             ],
@@ -196,7 +226,16 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
     for d in record["deliveries"]:
         extra = f"  ({d['last_error']})" if d["last_error"] else ""
         tries = f"{d['attempts']} attempt(s)"
-        print(f"delivery      {d['destination']}: {d['state']} after {tries}{extra}")
+        state = d["state"]
+        if d.get("commitment") == "requested":
+            state += ", commitment requested"
+        elif d.get("commitment") == "confirmed":
+            state += f", confirmed at {format_time(d['confirmed_at'])}"
+        if d.get("commitment_failed"):
+            state += f", commitment failed: {d['commitment_failed']}"
+        if d.get("warning"):
+            extra += f"  (warning: {d['warning']})"
+        print(f"delivery      {d['destination']}: {state} after {tries}{extra}")
     if record["history"]:
         print("history")
     for e in record["history"]:

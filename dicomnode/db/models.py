@@ -87,7 +87,15 @@ class JobState(enum.StrEnum):
 
 
 class DeliveryState(enum.StrEnum):
-    """Outcome of sending one job's results to one destination."""
+    """Outcome of sending one job's results to one destination.
+
+    Storage Commitment is recorded beside the state, not as a state of its own: a
+    delivery is ``sent`` once the destination answered every C-STORE, and the job is
+    then done; ``confirmed_at`` is filled in when the commitment report arrives. A
+    report of failures, or none within the timeout, puts the delivery back to
+    ``pending`` and re-queues its job, which re-sends the stored objects. The queue
+    logic therefore keeps its one question, "is every delivery sent?".
+    """
 
     PENDING = "pending"
     SENT = "sent"
@@ -284,6 +292,17 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Non-failure statuses of the last sending, e.g. "1 object(s) stored with warning
+    # 0xB000": the objects count as stored, but the PACS changed something.
+    warning: Mapped[str | None] = mapped_column(Text)
+    # Storage Commitment (when the destination asks for it): the Transaction UID of
+    # the latest N-ACTION, when it was sent, when the PACS confirmed every object,
+    # and, when it did not, why ("2 object(s) not committed: ..."; kept after the
+    # delivery is re-opened so that the CLI can say what happened).
+    commitment_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    commitment_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    commitment_failed: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
 

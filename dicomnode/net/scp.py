@@ -34,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import ListenerSettings
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.net import chunked, reactor, status
+from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.uids import is_safe_uid
@@ -156,6 +157,7 @@ class Listener:
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
+        self._commitment_reports = ReportHandler(ingestor.sessions)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -172,6 +174,10 @@ class Listener:
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        # Storage Commitment reports: a PACS we asked to commit (N-ACTION) answers on an
+        # association of its own, proposing the SCP role of the SOP class (PS3.4 J.3.3);
+        # we accept that role for it, and refuse to be asked for commitments ourselves.
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
         return ae
 
     def _handlers(self) -> list[Any]:
@@ -180,6 +186,7 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._commitment_reports),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]

@@ -1,10 +1,19 @@
-"""The sending side: C-STORE and C-ECHO to configured destinations."""
+"""The sending side: C-STORE and C-ECHO to configured destinations, over TLS if asked.
+
+A destination with ``tls_ca`` is reached over DICOM TLS (TLS 1.2 or newer): its
+certificate must be signed by that CA and carry ``tls_server_name`` (or its host);
+``tls_certificate`` and ``tls_private_key`` are our client certificate, for a PACS
+that asks for one. A failed handshake is reported as one line with OpenSSL's reason
+("TLS handshake failed: certificate verify failed"), which pynetdicom only logs.
+"""
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, evt
@@ -21,23 +30,147 @@ VERIFICATION = "1.2.840.10008.1.1"
 _WARNINGS = {0xB000, 0xB006, 0xB007}
 
 
-def _associate(ae: AE, destination: Destination) -> Association:
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that keeps its handshake error on its context.
+
+    pynetdicom catches the error of ``connect`` (where the handshake happens), logs
+    it and reports only "association failed"; this keeps the reason for our message.
+    """
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as exc:
+            self.context.handshake_error = exc  # type: ignore[attr-defined]
+            raise
+        except OSError as exc:  # reset or closed during the handshake
+            self.context.handshake_error = exc  # type: ignore[attr-defined]
+            raise
+
+
+def client_ssl_context(destination: Destination) -> ssl.SSLContext | None:
+    """Build the TLS context for sending to ``destination``, or None without TLS.
+
+    Parameters
+    ----------
+    destination : Destination
+        ``tls_ca`` and optionally ``tls_certificate`` and ``tls_private_key``.
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        TLS 1.2 or newer, verifying the peer's certificate and host name.
+
+    Raises
+    ------
+    PermanentJobError
+        If a file cannot be loaded (not PEM, key not matching the certificate),
+        naming the setting: sending again will not help until the file is fixed.
+    """
+    if destination.tls_ca is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _RecordingSSLSocket
+    loads: list[tuple[str, Path, Any]] = [
+        (
+            "tls_ca",
+            destination.tls_ca,
+            lambda: context.load_verify_locations(str(destination.tls_ca)),
+        )
+    ]
+    if destination.tls_certificate is not None and destination.tls_private_key is not None:
+        cert, key = str(destination.tls_certificate), str(destination.tls_private_key)
+        loads.append(
+            (
+                "tls_certificate",
+                destination.tls_certificate,
+                lambda: context.load_cert_chain(cert, key),
+            )
+        )
+    for key_name, path, load in loads:
+        try:
+            load()
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            raise PermanentJobError(
+                f"destination {destination.name}: cannot load {key_name} {path.name}: {reason}"
+            ) from None
+    return context
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    return type(exc).__name__
+
+
+def associate(
+    ae: AE, destination: Destination, handlers: Sequence[tuple[Any, Any]] = ()
+) -> Association:
+    """Open an association to ``destination`` (with TLS when it has ``tls_ca``).
+
+    Parameters
+    ----------
+    ae : AE
+        Our AE, with the requested contexts.
+    destination : Destination
+        Where to, its timeout and TLS settings.
+    handlers : Sequence
+        Extra ``(event, handler)`` pairs bound to the association.
+
+    Returns
+    -------
+    Association
+        Established.
+
+    Raises
+    ------
+    TransientJobError
+        If it cannot be reached, the TLS handshake fails or the association is
+        rejected or aborted; the message is one line naming the destination.
+    PermanentJobError
+        If the TLS files cannot be loaded.
+    """
     ae.acse_timeout = destination.timeout_seconds
     ae.dimse_timeout = destination.timeout_seconds
     ae.network_timeout = destination.timeout_seconds
     ae.connection_timeout = destination.timeout_seconds
+    context = client_ssl_context(destination)
+    tls_args = None
+    if context is not None:
+        tls_args = (context, destination.tls_server_name or destination.host)
+    connected: list[bool] = []  # whether TCP (and TLS) got through: refused vs aborted
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, tune_connection),
+            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+            *handlers,
+        ],
+        tls_args=tls_args,
     )
     if assoc.is_established:
         return assoc
+    name = destination.name
     if assoc.is_rejected:
-        raise TransientJobError(f"destination {destination.name}: association rejected")
+        raise TransientJobError(f"destination {name}: association rejected")
+    handshake_error = getattr(context, "handshake_error", None)
+    if handshake_error is not None:
+        # A certificate problem is retried too: it is usually fixed on the PACS side
+        # (a renewed certificate), and the delivery must not need an admin then.
+        raise TransientJobError(
+            f"destination {name}: TLS handshake failed: {_handshake_reason(handshake_error)}"
+        )
+    if connected:
+        hint = "" if context is not None else " (a TLS port? set tls_ca)"
+        raise TransientJobError(f"destination {name}: association aborted by the peer{hint}")
     raise TransientJobError(
-        f"destination {destination.name}: cannot connect to {destination.host}:{destination.port}"
+        f"destination {name}: cannot connect to {destination.host}:{destination.port}"
     )
 
 
@@ -63,7 +196,7 @@ def echo(destination: Destination, calling_ae: str) -> int:
     """
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(VERIFICATION)
-    assoc = _associate(ae, destination)
+    assoc = associate(ae, destination)
     try:
         reply = assoc.send_c_echo()
     finally:
@@ -103,7 +236,7 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str)
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in sorted(wanted):
         ae.add_requested_context(sop_class, [syntax])
-    assoc = _associate(ae, destination)
+    assoc = associate(ae, destination)
     statuses: list[int] = []
     try:
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}

@@ -20,6 +20,12 @@ from dicomnode.errors import (
 SUCCESS = 0x0000
 # PS3.7 C.4.2: generic failure when something unexpected went wrong on our side.
 PROCESSING_FAILURE = 0x0110
+# PS3.7 C.4.3 N-EVENT-REPORT failures, for Storage Commitment reports we cannot use:
+# an event type other than 1 or 2, a report without its Transaction UID, and one
+# whose Transaction UID we never sent (or have given up waiting for).
+NO_SUCH_EVENT_TYPE = 0x0113
+MISSING_ATTRIBUTE = 0x0120
+INVALID_ARGUMENT_VALUE = 0x0115
 # PS3.4 B.2.3 Refused: Out of Resources (0xA7xx). The sender may retry later.
 OUT_OF_RESOURCES = 0xA700
 # Also 0xA7xx: refused because the instance exceeds storage.max_instance_mb.

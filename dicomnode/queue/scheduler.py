@@ -12,6 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
+from dicomnode.db import commitment
 from dicomnode.db.jobs import reap_expired
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.completion import sweep
@@ -22,6 +23,8 @@ from dicomnode.store.spool import Spool
 log = logging.getLogger(__name__)
 
 ORPHAN_SWEEP_SECONDS = 3600.0
+# How often overdue storage commitments are looked for; timeouts are minutes to hours.
+COMMITMENT_SWEEP_SECONDS = 60.0
 
 
 def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
@@ -48,6 +51,16 @@ def _sweep_and_ring(
 def _reap_and_ring(sessions: sessionmaker[Session], doorbell: Doorbell | None) -> None:
     if reap_expired(sessions, by=f"reaper {socket.gethostname()}:{os.getpid()}") and doorbell:
         doorbell.announce()  # the re-queued jobs can run now, on any worker
+
+
+def _expire_and_ring(
+    sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell | None
+) -> None:
+    timeouts = {
+        d.name: d.commitment_timeout_seconds for d in settings.destinations if d.storage_commitment
+    }
+    if commitment.expire(sessions, timeouts) and doorbell is not None:
+        doorbell.announce()  # the re-opened deliveries' jobs re-send now
 
 
 def make_scheduler(
@@ -80,7 +93,8 @@ def make_scheduler(
     Returns
     -------
     BackgroundScheduler
-        With the completion sweep and the lease reaper; each runs one at a time.
+        With the completion sweep, the lease reaper and, when a destination asks for
+        storage commitment, the sweep for overdue commitments; each runs one at a time.
     """
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -107,4 +121,11 @@ def make_scheduler(
         seconds=settings.worker.reap_seconds,
         id="lease-reaper",
     )
+    if any(d.storage_commitment for d in settings.destinations):
+        scheduler.add_job(
+            _guarded("commitments", lambda: _expire_and_ring(sessions, settings, doorbell)),
+            "interval",
+            seconds=COMMITMENT_SWEEP_SECONDS,
+            id="commitment-sweep",
+        )
     return scheduler

@@ -14,15 +14,26 @@ from tests.conftest import free_port
 
 
 class Orthanc:
-    """Start Orthanc with a temporary configuration and storage; stop it on exit."""
+    """Start Orthanc with a temporary configuration and storage; stop it on exit.
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+    ``modalities`` (name -> [AE title, host, port]) become Orthanc's "DicomModalities":
+    the peers it may call, which includes where it sends Storage Commitment reports
+    (to the modality whose AE title made the request).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "ORTHANC",
+        modalities: dict[str, list[str | int]] | None = None,
+    ) -> None:
         exe = shutil.which("Orthanc")
         if exe is None:
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
         self.exe = exe
         self.workdir = workdir
         self.aet = aet
+        self.modalities = modalities or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -42,6 +53,7 @@ class Orthanc:
             "DicomCheckCalledAet": True,
             "Plugins": [],
             "StableAge": 2,
+            "DicomModalities": self.modalities,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
