@@ -72,7 +72,7 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
                 ],
                 "routes": [
                     {"name": "lungs", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
-                     "send_to": ["pacs"], "seg": {"compression": "jpeg2000"}},
+                     "send_to": ["pacs"], "seg": {"compression": "jpeg2000"}, "overlay": True},
                     {"name": "nodules", "match": {"Modality": "CT"},
                      "models": ["lung-nodule-cnn"], "send_to": ["pacs"]},
                 ],
@@ -106,7 +106,7 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
         j.last_error for j in jobs.values()
     ]
     assert set(received) == {
-        ("lung-unet2d", "SEG"), ("lung-unet2d", "SR"),
+        ("lung-unet2d", "SEG"), ("lung-unet2d", "SR"), ("lung-unet2d", "OT"),
         ("lung-nodule-cnn", "SEG"), ("lung-nodule-cnn", "SR"),
     }  # fmt: skip
     for (model, modality), data in received.items():
@@ -161,6 +161,14 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
         laa = float(groups[name].get_measurements(name=LAA_950)[0].value)
         assert laa == pytest.approx(100 * (values < -950).mean(), abs=1e-3)
         assert groups[name].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+
+    # --- the overlay: RGB frames of the slices with lung, each naming its source image
+    overlay = pydicom.dcmread(tmp_path / "lung-unet2d-OT.dcm")
+    assert overlay.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7.4"
+    assert overlay.PhotometricInterpretation == "RGB" and overlay.SamplesPerPixel == 3
+    with_lung = [u for k, u in enumerate(uids) if mask[k].any()]
+    assert int(overlay.NumberOfFrames) == len(with_lung)
+    assert [str(i.ReferencedSOPInstanceUID) for i in overlay.SourceImageSequence] == with_lung
 
     # --- the nodules: each finding's circle, diameter and probability as in the job
     findings = jobs["lung-nodule-cnn"].summary["detection"]["findings"]
