@@ -381,8 +381,8 @@ class OutputSettings:
     series_number: int = field(
         default=9900,
         metadata=field_doc(
-            "Series Numbers of results start here; each installed model (in name order) "
-            "takes the next 10: SEG +1, SR +2, overlay +3, rejection notes +9.",
+            "Series Numbers of results start here; each route's each model, in configuration "
+            "order, takes the next 10: SEG +1, SR +2, overlay +3, rejection notes +9.",
             positive,
         ),
     )

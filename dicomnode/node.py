@@ -59,6 +59,12 @@ def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
             raise ConfigError(
                 f"routes[{i}].requires.model: unknown model {needed!r} (known: {known})"
             )
+        if needed and models[needed].task != "segmentation":
+            # The verdict is the volume it segmented; other tasks have none to give.
+            raise ConfigError(
+                f"routes[{i}].requires.model: {needed!r} is a {models[needed].task} model; "
+                "the check needs a segmentation model's volume"
+            )
     for key, names in (
         ("worker.models", settings.worker.models),
         ("worker.model_concurrency", list(settings.worker.model_concurrency)),

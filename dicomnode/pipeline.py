@@ -270,13 +270,17 @@ class Pipeline:
             )
         return spec
 
-    def _series_base(self, spec: ModelSpec) -> int:
-        """Return the first Series Number of a model's results: 10 apart per model.
+    def _series_base(self, route: str, spec: ModelSpec) -> int:
+        """Return the first Series Number of a route's model's results: 10 apart each.
 
-        Two models on one series then never share a Series Number (SEG +1, SR +2,
-        overlay +3, rejection notes +9), and a model keeps its numbers across re-runs.
+        The (route, model) pairs are counted in configuration order, which every host
+        sharing the configuration sees alike: two models on one series then never share
+        a Series Number (SEG +1, SR +2, overlay +3, rejection notes +9), and a model
+        keeps its numbers across re-runs and model installs.
         """
-        return self.settings.outputs.series_number + 10 * sorted(self.models).index(spec.name)
+        pairs = [(r.name, m) for r in self.settings.routes for m in r.models]
+        index = pairs.index((route, spec.name)) if (route, spec.name) in pairs else len(pairs)
+        return self.settings.outputs.series_number + 10 * index
 
     def _mask_spec(self, spec: ModelSpec) -> ModelSpec:
         mask = self.models.get(spec.detection.lung_model)
@@ -328,13 +332,14 @@ class Pipeline:
             clinical_use=spec.clinical_use,
             uid_root=self.settings.outputs.uid_root,
         )
-        # Series UIDs depend on the input series and model only, so every re-run
-        # addresses the same result series. Instance UIDs also depend on the model
-        # version and on exactly which instance contents went in: the same input gives
-        # the same object (a resend is no duplicate), different input a new one.
-        identity = (ctx.series_uid, spec.name)
+        # Series UIDs depend on the input series, the route and the model only, so
+        # every re-run addresses the same result series (and two routes running one
+        # model with different encodings never share one). Instance UIDs also depend
+        # on the model version and on exactly which instance contents went in: the same
+        # input gives the same object (a resend is no duplicate), different input a new one.
+        identity = (ctx.series_uid, ctx.route, spec.name)
         version = (spec.version, ctx.input_digest)
-        base_number = self._series_base(spec)
+        base_number = self._series_base(ctx.route, spec)
 
         repaired = repair_source_headers(volume.datasets)
         if repaired:
@@ -356,6 +361,7 @@ class Pipeline:
                     series_number=base_number + 1,
                     frames=volume.frames,
                     options=route.seg,
+                    tracking_key="" if detection is None else ctx.input_digest,
                 )
             timings["seg_s"] = time.perf_counter() - started
             checkpoint()
@@ -427,33 +433,34 @@ class Pipeline:
     def _rejection(self, ctx: JobContext, built: list[BuiltOutput]) -> list[BuiltOutput]:
         """Return an IOCM rejection note for the previous run's results this one replaces.
 
-        Each run rejects its predecessor's instances (those this run does not re-make
-        with the same UIDs), so the chain of re-runs rejects every earlier one.
+        Every earlier job of the same route and model on this series (only earlier
+        ones: a job never rejects a newer job's results) had its results delivered to
+        the same destinations; all of them that this run does not re-make with the same
+        UIDs are rejected, so a link of the chain whose note never left (a run
+        cancelled before sending) leaves nothing visible behind. Rejecting an instance
+        twice is harmless to an IOCM receiver.
         """
         made = {str(out.dataset.SOPInstanceUID) for out in built}
         with self.sessions() as session:
-            previous = session.scalar(
-                select(Job.id)
-                .join(Output, Output.job_id == Job.id)
+            rows = session.execute(
+                select(Output.path, Output.sop_instance_uid)
+                .join(Job, Output.job_id == Job.id)
                 .where(
                     Job.series_id == ctx.series_id,
+                    Job.route == ctx.route,
                     Job.model == ctx.model,
-                    Job.id != ctx.job_id,
+                    Job.id < ctx.job_id,
                     Output.kind != REJECTION,
                 )
-                .order_by(Job.id.desc())
-                .limit(1)
-            )
-            rows = session.execute(
-                select(Output.path, Output.sop_instance_uid).where(
-                    Output.job_id == previous, Output.kind != REJECTION
-                )
+                .order_by(Output.id)
             ).all()
-        superseded = [
-            self.spool.absolute(path)
-            for path, uid in rows
-            if uid not in made and self.spool.absolute(path).exists()
-        ]
+        seen: set[str] = set()
+        superseded = []
+        for path, uid in rows:
+            if uid in made or uid in seen or not self.spool.absolute(path).exists():
+                continue
+            seen.add(uid)
+            superseded.append(self.spool.absolute(path))
         if not superseded:
             return []
         spec = self._spec(ctx)
@@ -463,14 +470,14 @@ class Pipeline:
             clinical_use=spec.clinical_use,
             uid_root=self.settings.outputs.uid_root,
         )
-        identity = (ctx.series_uid, spec.name)
+        identity = (ctx.series_uid, ctx.route, spec.name)
         with _building("rejection note"):
             note = build_rejection_note(
                 superseded,
                 provenance,
                 series_uid=provenance.uid(*identity, REJECTION),
                 sop_uid=provenance.uid(*identity, spec.version, ctx.input_digest, REJECTION),
-                series_number=self._series_base(spec) + 9,
+                series_number=self._series_base(ctx.route, spec) + 9,
             )
         log.info("job %d: rejecting %d superseded instance(s)", ctx.job_id, len(superseded))
         return [BuiltOutput(REJECTION, note)]
@@ -502,6 +509,13 @@ class Pipeline:
         timings["write_validate_s"] = time.perf_counter() - started
 
         with transaction(self.sessions) as session:
+            series = session.get(Series, ctx.series_id)
+            if series is None or series.generation != ctx.generation:
+                # A late image re-opened the series while this job ran: its results
+                # describe an incomplete series, and a newer job replaces them.
+                raise JobSuperseded(
+                    "superseded: a late instance re-opened the series; a newer job replaces this"
+                )
             for out, path, size in written:
                 session.add(
                     Output(

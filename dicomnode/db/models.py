@@ -239,7 +239,9 @@ class Job(Base):
 class JobEvent(Base):
     """One state transition of a job: the job's history, written in the same transaction.
 
-    Rows are only ever added. They answer "what happened to this job, when, and on
+    Rows are added, never changed; the one exception is a claim that only repeated a
+    wait for the same reason (another model's verdict), whose event is dropped so a
+    long wait is one entry. They answer "what happened to this job, when, and on
     which worker" after the fact, which the job row alone (latest state, latest
     error) cannot.
     """

@@ -95,7 +95,8 @@ def read_findings(path: Path, grids: Mapping[str, SourceGrid]) -> tuple[str, lis
                 "give the source images with --images"
             )
         grid, geometry = geometries[uid]
-        column, row = np.asarray(roi.GraphicData, dtype=float).reshape(-1, 2)[0]
+        # SCOORD has a pixel's centre at index + 0.5; the geometry counts from centres.
+        column, row = np.asarray(roi.GraphicData, dtype=float).reshape(-1, 2)[0] - 0.5
         findings.append(
             Finding(
                 center=geometry.to_patient(column, row),

@@ -72,8 +72,9 @@ def reported_findings(result: DetectionResult, volume: Volume) -> list[ReportedF
                 segment_number=number,
                 source=source,
                 frame_number=frame if volume.is_multiframe else None,
-                column=round(float(finding.center_index[2]), 2),
-                row=round(float(finding.center_index[1]), 2),
+                # SCOORD puts a pixel's centre at index + 0.5 (PS3.3 C.18.6.1.2).
+                column=round(float(finding.center_index[2]) + 0.5, 2),
+                row=round(float(finding.center_index[1]) + 0.5, 2),
                 radius_px=finding.diameter_mm / 2 / volume.pixel_spacing[1],
                 diameter_mm=finding.diameter_mm,
                 probability=finding.probability,

@@ -138,6 +138,7 @@ def build_segmentation(
     series_number: int,
     frames: Sequence[tuple[int, int]] | None = None,
     options: SegOptions | None = None,
+    tracking_key: str = "",
 ) -> hd.seg.Segmentation:
     """Build a DICOM SEG (BINARY by default) of a label map on the source images' grid.
 
@@ -164,6 +165,10 @@ def build_segmentation(
     options : SegOptions, optional
         The route's encoding: BINARY or LABELMAP, lossless compression, and whether
         empty frames are kept; BINARY, uncompressed, empty frames left out by default.
+    tracking_key : str
+        Part of every segment's Tracking UID besides the series: empty for anatomy,
+        which is the same structure in every run; the input's digest for findings,
+        since "Nodule 1" of one run need not be "Nodule 1" of the next.
 
     Returns
     -------
@@ -188,7 +193,7 @@ def build_segmentation(
             segmented_property_type=coded(seg.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=provenance.uid(series_uid, "segment", str(number)),
+            tracking_uid=provenance.uid(series_uid, "segment", str(number), tracking_key),
             tracking_id=seg.label,
             display_color=hd.color.CIELabColor.from_rgb(*seg.color),
         )

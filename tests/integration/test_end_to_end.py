@@ -130,9 +130,13 @@ def test_ct_in_seg_and_sr_out(tmp_path: Path, db_url: str, lidc1: list[Path]) ->
     volumes = {}
     for group in groups:
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
-        measured = {m.name.meaning: m.value for m in group.get_measurements()}
-        volumes[group.tracking_identifier] = measured["Volume"]
-        assert -950 < measured["Attenuation Coefficient"] < -600  # aerated lung, in HU
+        measured = {
+            (m.name.meaning, m.derivation and m.derivation.meaning): m.value
+            for m in group.get_measurements()
+        }
+        volumes[group.tracking_identifier] = measured[("Volume", None)]
+        assert -950 < measured[("Attenuation Coefficient", "Mean")] < -600  # aerated lung, HU
+        assert 0 < measured[("Attenuation Coefficient", "Standard Deviation")] < 400
     total_litres = sum(volumes.values()) / 1000
     assert 2.0 < total_litres < 8.0, volumes
     assert job["summary"]["total_volume_ml"] == pytest.approx(sum(volumes.values()), rel=1e-3)

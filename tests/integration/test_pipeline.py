@@ -22,7 +22,16 @@ from sqlalchemy import select, update
 from dicomnode.config import Settings, parse_settings
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, Output, utcnow
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobEvent,
+    JobState,
+    Output,
+    Series,
+    utcnow,
+)
 from dicomnode.errors import JobSuperseded, PermanentJobError
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
@@ -455,3 +464,18 @@ def test_a_series_failing_the_checks_is_cancelled_with_the_reason(
     with sessions() as s:
         notes = s.scalars(select(JobEvent.note).where(JobEvent.job_id == gated.id)).all()
     assert notes[-1] == gated.last_error
+
+
+def test_a_job_whose_series_was_reopened_while_it_ran_stores_and_sends_nothing(
+    node: dict, scp: CountingSCP, sessions
+) -> None:
+    pipeline, claim = claimed_job(node, scp, sessions)
+    ctx = pipeline._context(claim)
+    built, summary, timings = pipeline._make_outputs(ctx, pipeline._route(ctx), lambda: None)
+    with transaction(sessions) as s:  # a late image arrives meanwhile
+        s.execute(update(Series).values(generation=Series.generation + 1))
+    with pytest.raises(JobSuperseded, match="re-opened the series"):
+        pipeline._store_outputs(claim, ctx, built, summary, timings)
+    with sessions() as s:
+        assert s.scalars(select(Output)).all() == []
+    assert scp.received == []

@@ -207,3 +207,13 @@ def test_own_checks_catch_what_dciodvfy_might_be_missing_for(case, tmp_path: Pat
     frames = tmp_path / "frames.dcm"
     ds.save_as(frames)
     assert own_check_errors(frames)[0].startswith(("NumberOfFrames", "does not parse"))
+
+
+@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
+def test_a_seg_of_one_frame_passes_our_checks(case, tmp_path: Path, seg_type: str) -> None:
+    volume, labels = case
+    one = np.zeros_like(labels)
+    one[5][labels[5] == 1] = 1  # one segment on one slice: a single frame
+    path = build(volume, one, SegOptions(type=seg_type), tmp_path)
+    assert int(pydicom.dcmread(path, stop_before_pixels=True).NumberOfFrames) == 1
+    assert own_check_errors(path) == []
