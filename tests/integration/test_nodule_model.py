@@ -12,28 +12,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.sr.codedict import codes
 
 from dicomnode.cli.main import main as cli
-from dicomnode.config import parse_settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import JobState
-from dicomnode.inference.registry import load_registry
-from dicomnode.inference.segment import ModelCache
-from dicomnode.pipeline import Pipeline
-from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from tests.integration.inprocess import node_sending_to
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_pipeline import job_row
 
@@ -56,39 +45,16 @@ def test_held_out_nodule_found_sent_validated_and_scored(
     card = json.loads(CARD.read_text())["held_out"]
     assert card["case"] == "LIDC-IDRI-0001"
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    migrate.upgrade(engine)
-    sessions = session_factory(engine)
-    with Orthanc(tmp_path / "orthanc") as pacs:
-        settings = parse_settings(
-            {
-                "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
-                "storage": {"path": str(tmp_path / "spool")},
-                "completion": {"quiet_seconds": 0},
-                "outputs": {"validate": "dciodvfy"},
-                "destinations": [
-                    {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                     "port": pacs.dicom_port, "timeout_seconds": 30},
-                ],
-                "routes": [
-                    {"name": "nodules", "match": {"Modality": "CT"},
-                     "models": ["lung-nodule-cnn"], "send_to": ["pacs"]},
-                ],
-            },
-            environ={},
-        )  # fmt: skip
-        models = load_registry(None)
-        spool = Spool(settings.storage.path)
-        ingestor = Ingestor(spool, sessions)
-        for path in lidc1:
-            ingestor.store(path.read_bytes())
-        assert sweep(sessions, settings, models, spool) == 1
-        pipeline = Pipeline(
-            settings, sessions, spool, models, ModelCache(torch.device("cpu"), backend="auto")
-        )
-        assert Worker(sessions, pipeline, settings.worker, threading.Event()).run_once()
-
-        job = job_row(sessions)
+    with (
+        Orthanc(tmp_path / "orthanc") as pacs,
+        node_sending_to(
+            tmp_path, pacs.dicom_port, [{"name": "nodules", "models": ["lung-nodule-cnn"]}]
+        ) as node,
+    ):
+        node.receive(lidc1)
+        assert node.sweep() == 1
+        node.run()
+        job = job_row(node.sessions)
         assert job.state == JobState.DONE, job.last_error
         by_modality: dict[str, list[dict]] = {}
         for series in pacs.get("/series?expand"):
@@ -96,7 +62,6 @@ def test_held_out_nodule_found_sent_validated_and_scored(
         assert sorted(by_modality) == ["SEG", "SR"]
         seg_bytes = pacs.download(by_modality["SEG"][0]["Instances"][0])
         sr_bytes = pacs.download(by_modality["SR"][0]["Instances"][0])
-    engine.dispose()
 
     # --- the findings: the nodule among them, sized like the readers' outlines
     found = job.summary["detection"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -18,22 +17,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.sr.codedict import codes
 from sqlalchemy import select
 
-from dicomnode.config import parse_settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Job, JobState
-from dicomnode.inference.registry import load_registry
-from dicomnode.inference.segment import ModelCache
 from dicomnode.outputs.codes import LAA_950
-from dicomnode.pipeline import Pipeline
-from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from tests.integration.inprocess import node_sending_to
 from tests.integration.orthanc import Orthanc
 
 pytestmark = [
@@ -55,42 +44,19 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
     tmp_path: Path, shared: Path, case: str
 ) -> None:
     sources = sorted((shared / "data" / "ct" / case).glob("*.dcm"))
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    sessions = session_factory(engine)
-    with Orthanc(tmp_path / "orthanc") as pacs:
-        settings = parse_settings(
-            {
-                "database": {"url": url},
-                "storage": {"path": str(tmp_path / "spool")},
-                "completion": {"quiet_seconds": 0},
-                "outputs": {"validate": "dciodvfy"},
-                "destinations": [
-                    {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                     "port": pacs.dicom_port, "timeout_seconds": 30},
-                ],
-                "routes": [
-                    {"name": "lungs", "match": {"Modality": "CT"}, "models": ["lung-unet2d"],
-                     "send_to": ["pacs"], "seg": {"compression": "jpeg2000"}, "overlay": True},
-                    {"name": "nodules", "match": {"Modality": "CT"},
-                     "models": ["lung-nodule-cnn"], "send_to": ["pacs"]},
-                ],
-            },
-            environ={},
-        )  # fmt: skip
-        models = load_registry(None)
-        spool = Spool(settings.storage.path)
-        ingestor = Ingestor(spool, sessions)
-        for path in sources:
-            ingestor.store(path.read_bytes())
-        assert sweep(sessions, settings, models, spool) == 1  # one series, two jobs
-        pipeline = Pipeline(
-            settings, sessions, spool, models, ModelCache(torch.device("cpu"), backend="auto")
-        )
-        worker = Worker(sessions, pipeline, settings.worker, threading.Event())
-        assert worker.run_once() and worker.run_once()
-        with sessions() as s:
+    routes = [
+        {"name": "lungs", "models": ["lung-unet2d"], "overlay": True,
+         "seg": {"compression": "jpeg2000"}},
+        {"name": "nodules", "models": ["lung-nodule-cnn"]},
+    ]  # fmt: skip
+    with (
+        Orthanc(tmp_path / "orthanc") as pacs,
+        node_sending_to(tmp_path, pacs.dicom_port, routes) as node,
+    ):
+        node.receive(sources)
+        assert node.sweep() == 1  # one series, two jobs
+        node.run(jobs=2)
+        with node.sessions() as s:
             jobs = {j.model: j for j in s.scalars(select(Job))}
             for job in jobs.values():
                 s.expunge(job)
@@ -100,7 +66,6 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
                 data = pacs.download(instance)
                 ds = pydicom.dcmread(BytesIO(data))
                 received[(str(ds.SeriesDescription).split()[1], str(ds.Modality))] = data
-    engine.dispose()
 
     assert all(j.state == JobState.DONE for j in jobs.values()), [
         j.last_error for j in jobs.values()
