@@ -13,6 +13,7 @@ started from.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -401,6 +402,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The optional Prometheus endpoint (``pip install 'dicomnode[metrics]'``)."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=field_doc("Serve /metrics and /healthz over HTTP from this process."),
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata=field_doc("Address the endpoint listens on; 0.0.0.0 for a remote Prometheus."),
+    )
+    port: int = field(default=9464, metadata=field_doc("TCP port of the endpoint.", _port))
+
+
+@dataclass(frozen=True)
 class Destination:
     """A DICOM node our results are sent to with C-STORE."""
 
@@ -573,6 +589,7 @@ class Settings:
     models: ModelSettings = field(default_factory=ModelSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     destinations: list[Destination] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     source: Path | None = field(default=None, metadata={"internal": True})
@@ -702,6 +719,11 @@ def _cross_check(settings: Settings) -> None:
             # connection that trusts anyone is not worth the name.
             key = "tls_certificate" if peer.tls_certificate is not None else "tls_server_name"
             raise ConfigError(f"destinations[{i}].{key}: needs tls_ca (the PACS's CA bundle)")
+    if settings.metrics.enabled and importlib.util.find_spec("prometheus_client") is None:
+        # Checked here, not when the endpoint starts, so `config check` says so too.
+        raise ConfigError(
+            "metrics.enabled: needs prometheus-client; pip install 'dicomnode[metrics]'"
+        )
     route_names = [r.name for r in settings.routes]
     for i, route in enumerate(settings.routes):
         if route.name in route_names[:i]:

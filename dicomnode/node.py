@@ -22,6 +22,7 @@ from dicomnode.errors import ConfigError
 from dicomnode.inference.device import configure_threads, select_device
 from dicomnode.inference.registry import ModelSpec, load_registry
 from dicomnode.inference.segment import ModelCache
+from dicomnode.metrics import MetricsServer
 from dicomnode.net.receivers import Receivers, build_listener
 from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
@@ -124,6 +125,7 @@ class Node:
     doorbell: Doorbell = field(default_factory=Doorbell)
     announcer: Announcer | None = None
     wake_listener: WakeListener | None = None
+    metrics: MetricsServer | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
@@ -159,6 +161,8 @@ class Node:
         node = cls(settings, engine, sessions, spool, models)
         node.announcer = Announcer(engine, spool.root)
         node.doorbell.remote = node.announcer.announce
+        if settings.metrics.enabled:
+            node.metrics = MetricsServer(settings.metrics, sessions, spool)
         if listen:
             extra = settings.listener.processes > 1
             node.listener = build_listener(settings, sessions, spool, reuse_port=extra)
@@ -187,7 +191,9 @@ class Node:
         return node
 
     def start(self) -> None:
-        """Start the listener, the scheduler and the worker threads."""
+        """Start the metrics endpoint, the listener, the scheduler and the worker threads."""
+        if self.metrics is not None:
+            self.metrics.start()  # first: the listener's first association is counted
         if self.listener is not None:
             self.listener.start()
         if self.receivers is not None:
@@ -223,5 +229,7 @@ class Node:
             self.wake_listener.join(5)  # it looks at the stop event every second
         if self.announcer is not None:
             self.announcer.close()
+        if self.metrics is not None:
+            self.metrics.stop()  # last: a scrape during shutdown still gets an answer
         self.engine.dispose()
         log.info("node stopped")

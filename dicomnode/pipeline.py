@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.config import Destination, Route, Settings
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
@@ -210,6 +211,7 @@ class Pipeline:
         timings["send_s"] = time.perf_counter() - started
         with transaction(self.sessions) as session:
             merge_timings(session, claim, timings)
+        metrics.job_finished(ctx.model, {**ctx.timings, **timings})  # earlier attempts' too
         return timings
 
     # -- stages ------------------------------------------------------------
@@ -584,6 +586,7 @@ class Pipeline:
                     delivery.state = DeliveryState.PENDING if retryable else DeliveryState.FAILED
                     delivery.last_error = error
                     failures.append((error, retryable))
+                    metrics.delivery_failed(name)
                     log.warning("delivery failed job_id=%d destination=%s", claim.job_id, name)
         if failures:
             message = "; ".join(e for e, _ in failures)

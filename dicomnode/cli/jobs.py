@@ -1,21 +1,32 @@
-"""``dicomnode jobs``: list, inspect, retry and cancel jobs."""
+"""``dicomnode jobs``: list, inspect, retry, cancel and purge jobs."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import os
+import re
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.db import jobs, migrate
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Delivery, Job, JobState
+from dicomnode.db.engine import make_engine, session_factory, transaction
+from dicomnode.db.models import (
+    Delivery,
+    Job,
+    JobEvent,
+    JobState,
+    Output,
+    Series,
+    Study,
+    utcnow,
+)
 from dicomnode.queue.wakeup import Announcer
 
 STAGES = (
@@ -140,15 +151,165 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
     return record
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
+FINAL_STATE_NAMES = tuple(s.value for s in jobs.FINAL_STATES)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse an age such as ``90m``, ``2h``, ``3d`` or ``1w`` (for ``argparse``).
+
+    Parameters
+    ----------
+    text : str
+        A whole number and a unit: s, m, h, d or w.
+
+    Returns
+    -------
+    timedelta
+        The age.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If it is not such an age (argparse turns it into a one-line usage error).
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"bad age {text!r}: expected a number and a unit s, m, h, d or w (e.g. 30d)"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_since(text: str) -> datetime:
+    """Parse a ``--since`` value: an ISO date or date-time, or an age back from now.
+
+    A date or date-time without a time zone is taken as UTC, the time zone every
+    timestamp of the CLI is printed in.
+
+    Parameters
+    ----------
+    text : str
+        ``2024-05-01``, ``2024-05-01T08:30``, ``2024-05-01 08:30:00+02:00``, or an age
+        such as ``2h`` or ``3d``.
+
+    Returns
+    -------
+    datetime
+        The moment, aware, in UTC.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If it is neither.
+    """
+    if _DURATION.match(text):
+        return utcnow() - parse_duration(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad date {text!r}: expected an ISO date or date-time (2024-05-01, "
+            "2024-05-01T08:30) or an age such as 2h or 3d"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def job_state(text: str) -> str:
+    """Check a ``--state`` value (for ``argparse``: an unknown one is a one-line error).
+
+    Parameters
+    ----------
+    text : str
+        A job state.
+
+    Returns
+    -------
+    str
+        The state.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If there is no such state.
+    """
+    if text not in {s.value for s in JobState}:
+        known = ", ".join(s.value for s in JobState)
+        raise argparse.ArgumentTypeError(f"unknown job state {text!r} (known: {known})")
+    return text
+
+
+def ended_state(text: str) -> str:
+    """Check ``jobs purge --state``: only ended jobs may be purged.
+
+    Parameters
+    ----------
+    text : str
+        A job state.
+
+    Returns
+    -------
+    str
+        The state: done, failed or cancelled.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If it is unknown, or a state of jobs that have not ended.
+    """
+    job_state(text)
+    if text not in FINAL_STATE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"refusing to purge {text} jobs: only ended jobs ({', '.join(FINAL_STATE_NAMES)}) "
+            "can be purged"
+        )
+    return text
+
+
+def positive_int(text: str) -> int:
+    """Check a count such as ``--limit`` (for ``argparse``).
+
+    Parameters
+    ----------
+    text : str
+        A whole number, at least 1.
+
+    Returns
+    -------
+    int
+        The number.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If it is not.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def list_jobs(session: Session, args: argparse.Namespace) -> int:
-    """Print jobs, newest first.
+    """Print jobs, newest first, optionally filtered.
+
+    The accession number is a filter only: like the other patient data it is not
+    printed.
 
     Parameters
     ----------
     session : Session
         Database session.
     args : argparse.Namespace
-        ``state``, ``limit`` and ``json``.
+        ``state``, ``route``, ``model``, ``since`` (an aware datetime: jobs created
+        then or later), ``study`` (Study Instance UID), ``accession``, ``limit`` and
+        ``json``; the filters left None do not apply.
 
     Returns
     -------
@@ -158,6 +319,21 @@ def list_jobs(session: Session, args: argparse.Namespace) -> int:
     query = select(Job).order_by(Job.id.desc()).limit(args.limit)
     if args.state:
         query = query.where(Job.state == JobState(args.state))
+    if getattr(args, "route", None):
+        query = query.where(Job.route == args.route)
+    if getattr(args, "model", None):
+        query = query.where(Job.model == args.model)
+    if getattr(args, "since", None) is not None:
+        query = query.where(Job.created_at >= args.since)
+    study, accession = getattr(args, "study", None), getattr(args, "accession", None)
+    if study or accession:
+        query = query.join(Series, Job.series_id == Series.id).join(
+            Study, Series.study_id == Study.id
+        )
+        if study:
+            query = query.where(Study.study_uid == study)
+        if accession:
+            query = query.where(Study.accession_number == accession)
     records = [job_record(j, detail=False) for j in session.scalars(query)]
     if args.json:
         print_json(records)
@@ -304,3 +480,70 @@ def cancel_jobs(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0; a job in the wrong state raises a one-line error.
     """
     return _act(settings, args, jobs.cancel, "cancelled")
+
+
+# Enough ids per statement to stay far below SQLite's and PostgreSQL's parameter limits.
+_CHUNK = 500
+
+
+def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete the rows of ended jobs older than an age (``dicomnode jobs purge``).
+
+    A job's age is counted from when it ended (``finished_at``; ``updated_at`` for a
+    row without one). Its history, output and delivery rows go with it, in one
+    transaction; the files in the spool stay (retention deletes those).
+
+    Parameters
+    ----------
+    settings : Settings
+        The database.
+    args : argparse.Namespace
+        ``state`` (done, failed or cancelled), ``older_than`` (a timedelta),
+        ``dry_run`` and ``json``.
+
+    Returns
+    -------
+    int
+        Exit code 0.
+    """
+    cutoff = utcnow() - args.older_than
+    ended = func.coalesce(Job.finished_at, Job.updated_at)
+    query = select(Job).where(Job.state == JobState(args.state), ended < cutoff).order_by(Job.id)
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        sessions = session_factory(engine)
+        if args.dry_run:
+            with sessions() as session:
+                doomed = [job_record(j, detail=False) for j in session.scalars(query)]
+        else:
+            with transaction(sessions) as session:
+                # Locked, so that a job retried meanwhile (no longer ended) is not deleted;
+                # skip_locked leaves a job an admin is acting on for the next purge.
+                picked = session.scalars(query.with_for_update(skip_locked=True)).all()
+                doomed = [job_record(j, detail=False) for j in picked]
+                ids = [r["id"] for r in doomed]
+                for start in range(0, len(ids), _CHUNK):
+                    chunk = ids[start : start + _CHUNK]
+                    for child in (JobEvent, Output, Delivery):
+                        session.execute(delete(child).where(child.job_id.in_(chunk)))
+                    session.execute(delete(Job).where(Job.id.in_(chunk)))
+    finally:
+        engine.dispose()
+    if args.json:
+        print_json({"dry_run": args.dry_run, "count": len(doomed), "jobs": doomed})
+        return 0
+    if args.dry_run and doomed:
+        print_table(
+            ["ID", "STATE", "MODEL", "ROUTE", "FINISHED"],
+            [
+                [r["id"], r["state"], r["model"], r["route"], format_time(r["finished_at"])]
+                for r in doomed
+            ],
+        )
+    verb = "would purge" if args.dry_run else "purged"
+    print(
+        f"{verb} {len(doomed)} {args.state} job(s) ended before {format_time(cutoff)} UTC "
+        "(database rows only; spool files are kept)"
+    )
+    return 0

@@ -1,8 +1,8 @@
 """The ``dicomnode`` command.
 
 Exit codes: 0 success, 1 the operation failed (a peer did not answer, no such
-job), 2 bad usage or configuration. Errors are one line on stderr, never a
-traceback.
+job; for ``status``: something needs attention), 2 bad usage or configuration.
+Errors, usage errors included, are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -19,13 +20,24 @@ from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.cli.evaluate import evaluate
-from dicomnode.cli.jobs import cancel_jobs, list_jobs, retry_jobs, show_job
+from dicomnode.cli.jobs import (
+    cancel_jobs,
+    ended_state,
+    job_state,
+    list_jobs,
+    parse_duration,
+    parse_since,
+    positive_int,
+    purge_jobs,
+    retry_jobs,
+    show_job,
+)
 from dicomnode.cli.logs import setup_logging
 from dicomnode.cli.models import check_models, list_models, show_model
+from dicomnode.cli.status import status
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import JobState
 from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
 
 if TYPE_CHECKING:
@@ -144,6 +156,14 @@ def _config_check(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print ``PROG: error: MESSAGE`` without the usage block and exit with 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``dicomnode`` command.
 
@@ -152,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The parser.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dicomnode",
         description="Receive DICOM studies, run AI models on them, send SEG and SR results back.",
     )
@@ -188,8 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="jobs_command", required=True, metavar="COMMAND"
     )
     p = jobs.add_parser("list", help="list jobs, newest first")
-    p.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--state", type=job_state, help="only jobs in this state")
+    p.add_argument("--route", help="only jobs of this route")
+    p.add_argument("--model", help="only jobs of this model")
+    p.add_argument(
+        "--since",
+        type=parse_since,
+        metavar="WHEN",
+        help="only jobs created since WHEN: an ISO date or date-time (UTC unless it says "
+        "otherwise) or an age such as 2h or 3d",
+    )
+    p.add_argument("--study", metavar="UID", help="only jobs of this Study Instance UID")
+    p.add_argument("--accession", metavar="NUMBER", help="only jobs of this accession number")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_with_session(list_jobs))
     p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
@@ -208,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("cancel", help="cancel queued or running jobs")
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
     p.set_defaults(run=cancel_jobs)
+    p = jobs.add_parser(
+        "purge",
+        help="delete the database rows of ended jobs older than an age (not their files)",
+    )
+    p.add_argument("--state", type=ended_state, required=True, help="done, failed or cancelled")
+    p.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        metavar="AGE",
+        help="ended longer ago than AGE, e.g. 30d, 12h, 2w",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only print what would be purged")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=purge_jobs)
 
     models = sub.add_parser("models", help="installed model packages").add_subparsers(
         dest="models_command", required=True, metavar="COMMAND"
@@ -285,6 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
         "and --json is not given)",
     )
     p.set_defaults(run=evaluate)
+
+    p = sub.add_parser(
+        "status",
+        help="the node's health: listener, workers, queue, deliveries, disk, last errors",
+        description="Exit code 0 when healthy; 1 when something needs attention: the "
+        "listener does not answer, the spool's disk is below storage.min_free_mb, deliveries "
+        "failed, or jobs failed in the last hour.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--no-listener",
+        action="store_true",
+        help="do not C-ECHO the listener (a host that runs only workers)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long the listener has to answer the C-ECHO (default 3)",
+    )
+    p.set_defaults(run=status)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")

@@ -31,6 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomnode import metrics
 from dicomnode.config import ListenerSettings
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.net import chunked, reactor, status
@@ -294,6 +295,7 @@ class Listener:
         return status.SUCCESS
 
     def _on_accepted(self, event: evt.Event) -> None:
+        metrics.association_accepted()
         log.info(
             "association accepted calling_ae=%s peer=%s pid=%d",
             event.assoc.requestor.ae_title,
@@ -302,6 +304,7 @@ class Listener:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        metrics.association_rejected(event.assoc)
         log.warning(
             "association rejected calling_ae=%s called_ae=%s peer=%s",
             event.assoc.requestor.ae_title,

@@ -41,6 +41,7 @@ from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.db.engine import is_sqlite, transaction
 from dicomnode.db.jobs import cancel_superseded
 from dicomnode.db.models import Instance, Series, SeriesState, Study, UTCDateTime, utcnow
@@ -615,6 +616,7 @@ class Ingestor:
         if previous is not None:
             # The row now points at our file; the one it pointed at before is unreferenced.
             self.spool.remove(previous.path)
+        metrics.instance_stored(size)
         return StoreOutcome(
             header.sop_instance_uid,
             header.series_uid,

@@ -1,0 +1,364 @@
+"""``dicomnode status``: is the node healthy, at a glance.
+
+Exit code 0 when healthy, 1 when something needs attention: the listener does not
+answer, the spool's disk is below ``storage.min_free_mb``, deliveries have failed,
+or jobs failed in the last hour. Nothing here prints patient data: job errors and
+event notes carry none by design, and only job ids, models, worker ids, counts and times
+are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, text
+from sqlalchemy.orm import Session
+
+from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.config import ListenerSettings, Settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import is_sqlite, make_engine, session_factory
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, utcnow
+from dicomnode.queue import wakeup
+
+EXIT_HEALTHY, EXIT_ATTENTION = 0, 1
+LAST_ERRORS = 5
+RECENT_FAILURES = timedelta(hours=1)
+VERIFICATION = "1.2.840.10008.1.1"
+# Notes of a job going back to the queue that are not errors: a worker that stops
+# gives its job back, and a route waiting for another model's verdict postpones it.
+_NOT_ERRORS = ("released:", "waiting for ")
+
+
+@dataclass(frozen=True)
+class ListenerCheck:
+    """What probing our own listener found."""
+
+    state: str  # "up", "down" or "not checked"
+    detail: str
+
+
+def _probe_host(host: str) -> str:
+    # A wildcard bind address is reached on loopback.
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def check_listener(listener: ListenerSettings, timeout: float) -> ListenerCheck:
+    """C-ECHO our own listener (a TCP connect when it speaks TLS).
+
+    The listener records no heartbeat, so asking it is the only reliable sign that
+    it is up. An association it rejects (our AE title is not in
+    ``allowed_calling_aets``) still proves that it answers.
+
+    Parameters
+    ----------
+    listener : ListenerSettings
+        Its address, port and AE title.
+    timeout : float
+        Seconds to wait for each step.
+
+    Returns
+    -------
+    ListenerCheck
+        Up or down, and how we know.
+    """
+    host = _probe_host(listener.host)
+    where = f"{listener.ae_title}@{host}:{listener.port}"
+    if listener.tls_certificate is not None:
+        # Our own client would need a certificate the listener trusts; that the port
+        # accepts connections is what can be checked without one.
+        try:
+            with socket.create_connection((host, listener.port), timeout=timeout):
+                return ListenerCheck("up", f"{where} accepts connections (TLS, not echoed)")
+        except OSError as exc:
+            return ListenerCheck("down", f"{where}: {exc.strerror or type(exc).__name__}")
+    from pynetdicom import AE  # only for this check: keeps `status --no-listener` light
+
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    level = pynetdicom_log.level
+    if not logging.getLogger("dicomnode").isEnabledFor(logging.DEBUG):
+        # Our line says what failed; pynetdicom's own error lines only repeat it.
+        pynetdicom_log.setLevel(logging.CRITICAL)
+    try:
+        ae = AE(ae_title=listener.ae_title)
+        ae.add_requested_context(VERIFICATION)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
+        assoc = ae.associate(host, listener.port, ae_title=listener.ae_title)
+        if assoc.is_rejected:
+            return ListenerCheck("up", f"{where} answers (association rejected: our AE title)")
+        if not assoc.is_established:
+            return ListenerCheck("down", f"{where} does not answer")
+        try:
+            reply = assoc.send_c_echo()
+        finally:
+            assoc.release()
+    finally:
+        pynetdicom_log.setLevel(level)
+    if "Status" not in reply:
+        return ListenerCheck("down", f"{where} accepted an association but did not echo")
+    return ListenerCheck("up", f"{where} C-ECHO status 0x{int(reply.Status):04X}")
+
+
+def _worker_processes(engine: Engine, spool: Path) -> tuple[str, int | None]:
+    """Count the worker processes waiting for work, as the wake-up mechanism sees them."""
+    if is_sqlite(engine):
+        registry = spool / "run" / "wake"
+        names = [e.name for e in registry.iterdir()] if registry.is_dir() else []
+        # A registration outlives a killed process until an announcement finds it dead.
+        return "registrations in spool/run/wake", sum(
+            1 for n in names if not n.endswith(".tmp") and wakeup._alive(n)
+        )
+    try:
+        with engine.connect() as conn:
+            # Each worker process keeps one connection whose last statement is its LISTEN.
+            count = conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query = :listen"
+                ),
+                {"listen": f"LISTEN {wakeup.CHANNEL}"},
+            )
+    except Exception:  # a role that may not read pg_stat_activity: say unknown
+        return "LISTEN connections", None
+    return "LISTEN connections", int(count or 0)
+
+
+def _disk(spool: Path, min_free_mb: int) -> dict[str, Any]:
+    # The spool may not exist yet on a fresh install: measure the disk it will be on.
+    path = spool
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+    free_mb = usage.free // 2**20
+    return {
+        "path": str(spool),
+        "free_mb": free_mb,
+        "total_mb": usage.total // 2**20,
+        "min_free_mb": min_free_mb,
+        "below_watermark": bool(min_free_mb) and free_mb < min_free_mb,
+    }
+
+
+def _last_errors(session: Session) -> list[dict[str, Any]]:
+    """Return the latest failed attempts: into ``failed``, or back to the queue with an error."""
+    attempted = (JobState.RUNNING.value, JobState.SENDING.value)
+    query = (
+        select(JobEvent.job_id, Job.model, JobEvent.at, JobEvent.to_state, JobEvent.note)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(
+            JobEvent.note.is_not(None),
+            or_(
+                JobEvent.to_state == JobState.FAILED.value,
+                (JobEvent.to_state == JobState.QUEUED.value) & JobEvent.from_state.in_(attempted),
+            ),
+            *[JobEvent.note.not_like(f"{prefix}%") for prefix in _NOT_ERRORS],
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(LAST_ERRORS)
+    )
+    return [
+        {
+            "job_id": job_id,
+            "model": model,
+            "at": at,
+            "outcome": to_state,
+            "error": (note or "").splitlines()[0] if note else "",
+        }
+        for job_id, model, at, to_state, note in session.execute(query)
+    ]
+
+
+def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, Any]:
+    """Gather everything ``dicomnode status`` reports, except the listener check.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    engine : Engine
+        Its engine (the dialect decides how worker processes are counted).
+    settings : Settings
+        Spool path and disk watermark.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``workers``, ``queue``, ``oldest_queued``, ``deliveries``, ``failed_last_hour``,
+        ``disk`` and ``last_errors``.
+    """
+    now = utcnow()
+    owners = session.scalars(
+        select(Job.lease_owner)
+        .where(
+            Job.state.in_((JobState.RUNNING, JobState.SENDING)),
+            Job.lease_owner.is_not(None),
+            Job.lease_expires_at > now,
+        )
+        .distinct()
+    ).all()
+    source, processes = _worker_processes(engine, settings.storage.path)
+    depth = {s.value: 0 for s in JobState}
+    for job_state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        depth[JobState(job_state).value] = int(count)
+    oldest = session.execute(
+        select(Job.id, Job.created_at)
+        .where(Job.state == JobState.QUEUED)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    ).first()
+    deliveries = {s.value: 0 for s in (DeliveryState.PENDING, DeliveryState.FAILED)}
+    for delivery_state, count in session.execute(
+        select(Delivery.state, func.count())
+        .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)))
+        .group_by(Delivery.state)
+    ):
+        deliveries[DeliveryState(delivery_state).value] = int(count)
+    failed_recently = session.scalar(
+        select(func.count()).where(
+            Job.state == JobState.FAILED, Job.finished_at >= now - RECENT_FAILURES
+        )
+    )
+    return {
+        "workers": {
+            "busy": sorted(o for o in owners if o),
+            "processes": processes,
+            "processes_source": source,
+        },
+        "queue": depth,
+        "oldest_queued": None
+        if oldest is None
+        else {
+            "job_id": oldest[0],
+            "created_at": oldest[1],
+            "age_s": round((now - oldest[1]).total_seconds(), 1),
+        },
+        "deliveries": deliveries,
+        "failed_last_hour": int(failed_recently or 0),
+        "disk": _disk(settings.storage.path, settings.storage.min_free_mb),
+        "last_errors": _last_errors(session),
+    }
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """Return what needs an admin's attention in a status report (empty when healthy).
+
+    Parameters
+    ----------
+    report : dict[str, Any]
+        From :func:`collect`, with ``listener``.
+
+    Returns
+    -------
+    list[str]
+        One line each.
+    """
+    found = []
+    if report["listener"]["state"] == "down":
+        found.append(f"listener down: {report['listener']['detail']}")
+    disk = report["disk"]
+    if disk["below_watermark"]:
+        found.append(
+            f"disk: {disk['free_mb']} MiB free, below storage.min_free_mb "
+            f"({disk['min_free_mb']} MiB): the listener refuses instances"
+        )
+    if report["deliveries"]["failed"]:
+        found.append(f"{report['deliveries']['failed']} delivery(ies) failed")
+    if report["failed_last_hour"]:
+        found.append(f"{report['failed_last_hour']} job(s) failed in the last hour")
+    return found
+
+
+def _age(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _print_human(report: dict[str, Any]) -> None:
+    listener = report["listener"]
+    print(f"{'listener':<12}{listener['state']} ({listener['detail']})")
+    workers = report["workers"]
+    busy = workers["busy"]
+    processes = "unknown" if workers["processes"] is None else str(workers["processes"])
+    print(
+        f"{'workers':<12}{len(busy)} busy{' (' + ', '.join(busy) + ')' if busy else ''}; "
+        f"{processes} worker process(es) waiting for work ({workers['processes_source']})"
+    )
+    print(f"{'queue':<12}" + "  ".join(f"{k} {v}" for k, v in report["queue"].items()))
+    oldest = report["oldest_queued"]
+    if oldest is not None:
+        print(
+            f"{'oldest':<12}job {oldest['job_id']} queued {_age(oldest['age_s'])} ago "
+            f"({format_time(oldest['created_at'])})"
+        )
+    d = report["deliveries"]
+    print(f"{'deliveries':<12}{d['pending']} pending, {d['failed']} failed")
+    disk = report["disk"]
+    watermark = f"watermark {disk['min_free_mb']} MiB" if disk["min_free_mb"] else "no watermark"
+    print(f"{'disk':<12}{disk['free_mb']} MiB free of {disk['total_mb']} ({watermark})")
+    if report["last_errors"]:
+        print("last errors")
+        print_table(
+            ["  JOB", "MODEL", "AT", "OUTCOME", "ERROR"],
+            [
+                [f"  {e['job_id']}", e["model"], format_time(e["at"]), e["outcome"], e["error"]]
+                for e in report["last_errors"]
+            ],
+        )
+    if report["problems"]:
+        print("needs attention")
+        for line in report["problems"]:
+            print(f"  {line}")
+    else:
+        print("healthy")
+
+
+def status(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the node's health (``dicomnode status``).
+
+    Parameters
+    ----------
+    settings : Settings
+        Database, spool, listener.
+    args : argparse.Namespace
+        ``json``, ``no_listener`` (skip the C-ECHO, on a host without a listener) and
+        ``timeout`` (seconds for the C-ECHO).
+
+    Returns
+    -------
+    int
+        0 when healthy, 1 when something needs attention (see the module docstring).
+    """
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        with session_factory(engine)() as session:
+            report = collect(session, engine, settings)
+    finally:
+        engine.dispose()
+    if args.no_listener:
+        check = ListenerCheck("not checked", "--no-listener")
+    else:
+        check = check_listener(settings.listener, args.timeout)
+    report = {"listener": {"state": check.state, "detail": check.detail}, **report}
+    report["problems"] = problems(report)
+    report["healthy"] = not report["problems"]
+    report["checked_at"] = utcnow()
+    if args.json:
+        print_json(report)
+    else:
+        _print_human(report)
+    return EXIT_HEALTHY if report["healthy"] else EXIT_ATTENTION
