@@ -13,12 +13,16 @@ import signal
 import sys
 import threading
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from dicomnode import __version__
+from dicomnode.cli import destinations as destinations_cli
+from dicomnode.cli import studies as studies_cli
+from dicomnode.cli import transfer as transfer_cli
+from dicomnode.cli.database import with_session
 from dicomnode.cli.evaluate import evaluate
 from dicomnode.cli.jobs import (
     cancel_jobs,
@@ -37,7 +41,7 @@ from dicomnode.cli.models import check_models, list_models, show_model
 from dicomnode.cli.status import status
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.engine import make_engine
 from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
 
 if TYPE_CHECKING:
@@ -97,22 +101,9 @@ def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
-    def run(settings: Settings, args: argparse.Namespace) -> int:
-        engine = make_engine(settings.database.url)
-        try:
-            migrate.require_current(engine)
-            with session_factory(engine)() as session:
-                return fn(session, args)
-        finally:
-            engine.dispose()
-
-    return run
-
-
 def _show_job(settings: Settings, args: argparse.Namespace) -> int:
     if args.preview is None:
-        return _with_session(show_job)(settings, args)
+        return with_session(show_job)(settings, args)
     from dicomnode.cli.preview import show_job_command  # highdicom and Pillow: only here
 
     return show_job_command(settings, args)
@@ -222,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accession", metavar="NUMBER", help="only jobs of this accession number")
     p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_with_session(list_jobs))
+    p.set_defaults(run=with_session(list_jobs))
     p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
     p.add_argument("id", type=int, help="job id")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -353,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the listener has to answer the C-ECHO (default 3)",
     )
     p.set_defaults(run=status)
+
+    # Commands that live with their code register their own parsers.
+    for register in (studies_cli.register, destinations_cli.register, transfer_cli.register):
+        register(sub)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")

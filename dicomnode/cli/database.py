@@ -1,0 +1,39 @@
+"""Opening the node's database for one CLI command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from dicomnode.config import Settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import make_engine, session_factory
+
+
+def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
+    """Wrap ``fn(session, args)`` into a command that opens and closes the database.
+
+    The schema must be at the newest migration: a command reading an old schema
+    would print wrong answers, so it stops with a one-line error instead.
+
+    Parameters
+    ----------
+    fn : Callable[..., int]
+        ``fn(session, args) -> exit code``.
+
+    Returns
+    -------
+    Callable[[Settings, argparse.Namespace], int]
+        ``run(settings, args) -> exit code``, as ``set_defaults(run=...)`` expects.
+    """
+
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        engine = make_engine(settings.database.url)
+        try:
+            migrate.require_current(engine)
+            with session_factory(engine)() as session:
+                return fn(session, args)
+        finally:
+            engine.dispose()
+
+    return run
