@@ -224,8 +224,8 @@ def association_accepted() -> None:
 REJECT_REASONS = ("called_ae", "calling_ae", "too_many", "address")
 
 
-def association_rejected(assoc: Any) -> None:
-    """Count a rejected association, with the reason pynetdicom or we rejected it for.
+def rejection_reason(assoc: Any) -> str:
+    """Tell why an association was rejected: called_ae, calling_ae, too_many or address.
 
     pynetdicom does not pass the A-ASSOCIATE-RJ to the event, so the reason is worked
     out again from the request, in pynetdicom's own order (the last check wins).
@@ -234,10 +234,12 @@ def association_rejected(assoc: Any) -> None:
     ----------
     assoc : pynetdicom.association.Association
         The association of the EVT_REJECTED event.
+
+    Returns
+    -------
+    str
+        The reason.
     """
-    m = _active
-    if m is None:
-        return
     reason = "address"  # our own check of allowed_networks (scp._reject_at_negotiation)
     try:
         ae = assoc.ae
@@ -251,8 +253,22 @@ def association_rejected(assoc: Any) -> None:
         acceptors = [a for a in ae.active_associations if a.is_acceptor]
         if len(acceptors) > ae.maximum_associations:
             reason = "too_many"
-    except Exception:  # counting must never break the listener
-        log.debug("metrics: cannot tell why an association was rejected", exc_info=True)
+    except Exception:  # telling must never break the listener
+        log.debug("cannot tell why an association was rejected", exc_info=True)
+    return reason
+
+
+def association_rejected(reason: str) -> None:
+    """Count a rejected association.
+
+    Parameters
+    ----------
+    reason : str
+        From :func:`rejection_reason`.
+    """
+    m = _active
+    if m is None:
+        return
     m.rejected.labels(reason=reason).inc()
 
 

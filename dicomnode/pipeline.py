@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Destination, Route, Settings
+from dicomnode.db import audit
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
 from dicomnode.db.jobs import Claim, merge_timings, set_state
@@ -571,6 +572,7 @@ class Pipeline:
                     # The PACS reported failures on the N-ACTION's own association,
                     # which re-opened the delivery while we were still sending.
                     error, retryable = f"destination {name}: {delivery.last_error}", True
+                self._audit_delivery(session, claim, name, len(files), error, warning)
                 if error is None:
                     delivery.state = DeliveryState.SENT
                     delivery.sent_at = utcnow()
@@ -593,6 +595,41 @@ class Pipeline:
             if any(r for _, r in failures):
                 raise DeliveryFailed(message)
             raise PermanentJobError(message)
+
+    def _audit_delivery(
+        self,
+        session: Session,
+        claim: Claim,
+        name: str,
+        count: int,
+        error: str | None,
+        warning: str | None,
+    ) -> None:
+        # In the delivery's own transaction: the trail says "sent" exactly when the
+        # delivery row does.
+        job = session.get(Job, claim.job_id)
+        series = job.series if job is not None else None
+        where = next(
+            (
+                f"{d.ae_title}@{d.host}:{d.port}"
+                for d in self.settings.destinations
+                if d.name == name
+            ),
+            None,
+        )
+        audit.record(
+            session,
+            "results-sent",
+            outcome="failure" if error else "warning" if warning else "success",
+            actor=claim.owner,
+            peer=where,
+            destination=name,
+            job_id=claim.job_id,
+            study_uid=series.study.study_uid if series is not None else None,
+            series_uid=series.series_uid if series is not None else None,
+            count=count,
+            detail=error or warning,
+        )
 
     def _send(self, claim: Claim, destination: Destination, files: list[Path]) -> str | None:
         """C-STORE ``files`` and, if the destination wants it, request storage commitment.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -15,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import jobs, migrate
+from dicomnode.db import audit, jobs, migrate
 from dicomnode.db.engine import make_engine, session_factory, transaction
 from dicomnode.db.models import (
     Delivery,
@@ -429,10 +427,7 @@ def _act(
     try:
         migrate.require_current(engine)
         sessions = session_factory(engine)
-        try:
-            who = f"admin {getpass.getuser()}"
-        except (KeyError, OSError):  # a container uid without a passwd entry
-            who = f"admin uid {os.getuid()}"
+        who = f"admin {audit.admin_actor()}"
         try:
             for job_id in args.ids:
                 job = action(sessions, job_id, who)
@@ -528,6 +523,15 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
                     for child in (JobEvent, Output, Delivery):
                         session.execute(delete(child).where(child.job_id.in_(chunk)))
                     session.execute(delete(Job).where(Job.id.in_(chunk)))
+                if ids:
+                    audit.record(
+                        session,
+                        "admin",
+                        actor=f"admin {audit.admin_actor()}",
+                        count=len(ids),
+                        detail=f"jobs purge --state {args.state} older than "
+                        f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}",
+                    )
     finally:
         engine.dispose()
     if args.json:

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.db import audit
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import (
     Delivery,
@@ -87,6 +88,23 @@ def record_event(
             note=note,
         )
     )
+    if from_state is None or to_state in FINAL_STATES:
+        # The audit trail keeps the start and the end of every job; the steps between
+        # are in job_events, which `jobs purge` may remove with the job.
+        series = session.get(Series, job.series_id)
+        ended = f" attempt {job.attempts}" + (f": {note}" if note else "")
+        audit.record(
+            session,
+            "job-queued" if from_state is None else "job-ended",
+            outcome="success" if from_state is None else to_state.value,
+            actor=worker,
+            job_id=job.id,
+            study_uid=series.study.study_uid if series is not None else None,
+            series_uid=series.series_uid if series is not None else None,
+            detail=f"{job.model} {job.model_version} route {job.route}"
+            + ("" if from_state is None else ended),
+            at=at,
+        )
 
 
 def idempotency_key(series_uid: str, generation: int, route: str, model: str, version: str) -> str:
@@ -723,6 +741,12 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
             raise JobStateError(
                 f"job {job_id} is {job.state.value}; only ended jobs can be retried"
             )
+        series = session.get(Series, job.series_id)
+        if series is not None and series.purged_at is not None:
+            raise JobStateError(
+                f"job {job_id}: its series' images were deleted by retention on "
+                f"{series.purged_at:%Y-%m-%d %H:%M} UTC; send the series again to re-run it"
+            )
         before = job.state
         job.state = JobState.QUEUED
         job.attempts = 0
@@ -738,6 +762,7 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
             .values(state=DeliveryState.PENDING, created_at=now, attempts=0)
         )
         record_event(session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}")
+        audit.record(session, "admin", actor=who, job_id=job_id, detail=f"jobs retry {job_id}")
         return job
 
 
@@ -779,4 +804,5 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
         job.last_error = f"cancelled by {who}"
         job.updated_at = now
         record_event(session, job, JobState.CANCELLED, from_state=before, note=job.last_error)
+        audit.record(session, "admin", actor=who, job_id=job_id, detail=f"jobs cancel {job_id}")
         return job

@@ -165,6 +165,9 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When retention deleted the received instances (files and rows); the series, its
+    # jobs and their history stay, so that `dicomnode studies show` still tells the story.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -309,3 +312,33 @@ class Delivery(Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
     __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+
+class AuditEvent(Base):
+    """One entry of the audit trail: who sent what, which jobs ran, where results went.
+
+    Append-only: the application only ever inserts, and the migration that creates the
+    table adds triggers that refuse UPDATE and DELETE on both databases, so that not
+    even a bug (or a retention run) can rewrite the trail. Rows name AE titles,
+    addresses, UIDs, job ids and counts; never patient data. There is no foreign key:
+    the trail outlives the jobs and instances it mentions (``jobs purge``, retention).
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # See dicomnode.db.audit for the closed set of event names.
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    # Who: a calling AE title, a worker id, or user@host for an admin command.
+    actor: Mapped[str | None] = mapped_column(String(128))
+    # From or to where: the sender's address, or AE@host:port of a destination.
+    peer: Mapped[str | None] = mapped_column(String(300))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    destination: Mapped[str | None] = mapped_column(String(64))
+    count: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+    detail: Mapped[str | None] = mapped_column(Text)  # one line, no PHI

@@ -37,6 +37,7 @@ from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.net import chunked, reactor, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+from dicomnode.net.receipts import Receipts
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.uids import is_safe_uid
 
@@ -159,6 +160,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
         self._commitment_reports = ReportHandler(ingestor.sessions)
+        self._receipts = Receipts(ingestor.sessions)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -290,6 +292,7 @@ class Listener:
 
     def _on_close(self, event: evt.Event) -> None:
         chunked.discard_partial(event.assoc)
+        self._receipts.closed(event.assoc)
 
     def _on_echo(self, event: evt.Event) -> int:
         return status.SUCCESS
@@ -304,12 +307,19 @@ class Listener:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
-        metrics.association_rejected(event.assoc)
         log.warning(
             "association rejected calling_ae=%s called_ae=%s peer=%s",
             event.assoc.requestor.ae_title,
             event.assoc.acceptor.ae_title,
             _peer(event),
+        )
+        reason = metrics.rejection_reason(event.assoc)
+        metrics.association_rejected(reason)
+        self._receipts.rejected(
+            event.assoc.requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+            str(event.assoc.requestor.address),
+            reason,
         )
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
@@ -326,10 +336,25 @@ class Listener:
         except IngestError as exc:
             code = status.status_for(exc)
             log.warning("store refused sop_uid=%s status=0x%04X reason=%s", logged_uid, code, exc)
+            self._receipts.refused(
+                event.assoc,
+                event.assoc.requestor.ae_title,
+                str(event.assoc.requestor.address),
+                f"0x{code:04X} {exc}",
+            )
             return _failure(code, str(exc))
         except Exception:
             log.exception("store failed sop_uid=%s: unexpected error", logged_uid)
+            self._receipts.refused(
+                event.assoc,
+                event.assoc.requestor.ae_title,
+                str(event.assoc.requestor.address),
+                f"0x{status.PROCESSING_FAILURE:04X} internal error",
+            )
             return _failure(status.PROCESSING_FAILURE, "internal error in dicomnode")
+        self._receipts.stored(
+            event.assoc, event.assoc.requestor.ae_title, str(event.assoc.requestor.address), outcome
+        )
         log.debug(
             "stored sop_uid=%s series_uid=%s duplicate=%s replaced=%s",
             outcome.sop_instance_uid,

@@ -98,6 +98,8 @@ class StoreOutcome:
     path: str
     duplicate: bool = False  # identical resend: nothing was written
     replaced: bool = False  # different object under a known SOP Instance UID
+    study_uid: str = ""
+    size_bytes: int = 0
 
 
 def _text(ds: Dataset, keyword: str) -> Any:
@@ -623,6 +625,8 @@ class Ingestor:
             relative.as_posix(),
             duplicate=previous is not None and previous.sha256 == digest,
             replaced=previous is not None and previous.sha256 != digest,
+            study_uid=header.study_uid,
+            size_bytes=size,
         )
 
     def _record(
