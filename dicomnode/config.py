@@ -399,6 +399,86 @@ class LoggingSettings:
             "DEBUG, INFO, WARNING or ERROR.", one_of("DEBUG", "INFO", "WARNING", "ERROR")
         ),
     )
+    format: str = field(
+        default="text",
+        metadata=field_doc(
+            "text: one line per event, `key=value` fields; json: one JSON object per line "
+            "(time, level, logger, message and the fields), for a log collector.",
+            one_of("text", "json"),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """When received instances and our results are deleted from the spool.
+
+    Only series that are complete and whose jobs have all ended are ever deleted; a
+    series with a job queued, running or sending, or with a delivery still pending,
+    is never touched, by the schedule or by the emergency cleanup.
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata=field_doc(
+            "Delete on the schedule below; off keeps everything (then watch the disk)."
+        ),
+    )
+    done_days: float = field(
+        default=7.0,
+        metadata=field_doc(
+            "Delete a series' instances and results this many days after its last job "
+            "ended done or cancelled (or after it completed, when no route matched it).",
+            positive,
+        ),
+    )
+    failed_days: float = field(
+        default=30.0,
+        metadata=field_doc(
+            "Keep a series with a failed job or delivery this many days after it ended, so "
+            "that it can be retried; then delete it.",
+            positive,
+        ),
+    )
+    emergency: bool = field(
+        default=True,
+        metadata=field_doc(
+            "When the spool's disk runs low (below emergency_free_mb), delete the oldest "
+            "series whose jobs are done and delivered ahead of schedule until it is not; "
+            "never a failed, unprocessed or undelivered one."
+        ),
+    )
+    emergency_free_mb: int = field(
+        default=0,
+        metadata=field_doc(
+            "Free space (MiB) below which the emergency cleanup runs; must be above "
+            "storage.min_free_mb, where the listener starts refusing images; 0 means twice "
+            "storage.min_free_mb.",
+            _non_negative,
+        ),
+    )
+
+    def emergency_free_bytes(self, storage: StorageSettings) -> int:
+        """Return the free space below which the emergency cleanup runs (0: never).
+
+        Parameters
+        ----------
+        storage : StorageSettings
+            For ``min_free_mb``, which the default threshold is twice.
+
+        Returns
+        -------
+        int
+            Bytes.
+        """
+        if not self.emergency:
+            return 0
+        return (self.emergency_free_mb or 2 * storage.min_free_mb) * 2**20
+
+    sweep_minutes: float = field(
+        default=10.0,
+        metadata=field_doc("How often the listener's process looks for what to delete.", positive),
+    )
 
 
 @dataclass(frozen=True)
@@ -590,6 +670,7 @@ class Settings:
     outputs: OutputSettings = field(default_factory=OutputSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: list[Destination] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     source: Path | None = field(default=None, metadata={"internal": True})
@@ -719,6 +800,22 @@ def _cross_check(settings: Settings) -> None:
             # connection that trusts anyone is not worth the name.
             key = "tls_certificate" if peer.tls_certificate is not None else "tls_server_name"
             raise ConfigError(f"destinations[{i}].{key}: needs tls_ca (the PACS's CA bundle)")
+    retention, storage = settings.retention, settings.storage
+    if (
+        retention.emergency
+        and retention.emergency_free_mb
+        and retention.emergency_free_mb <= storage.min_free_mb
+    ):
+        # Below min_free_mb the listener refuses images; the cleanup must start before.
+        raise ConfigError(
+            f"retention.emergency_free_mb: {retention.emergency_free_mb} must be above "
+            f"storage.min_free_mb ({storage.min_free_mb}), or 0 for twice that"
+        )
+    if retention.failed_days < retention.done_days:
+        raise ConfigError(
+            f"retention.failed_days: {retention.failed_days:g} is shorter than done_days "
+            f"({retention.done_days:g}); failed series are kept at least as long"
+        )
     if settings.metrics.enabled and importlib.util.find_spec("prometheus_client") is None:
         # Checked here, not when the endpoint starts, so `config check` says so too.
         raise ConfigError(

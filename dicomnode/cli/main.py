@@ -19,7 +19,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from dicomnode import __version__
+from dicomnode.cli import audit as audit_cli
 from dicomnode.cli import destinations as destinations_cli
+from dicomnode.cli import retention as retention_cli
 from dicomnode.cli import studies as studies_cli
 from dicomnode.cli import transfer as transfer_cli
 from dicomnode.cli.database import with_session
@@ -346,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=status)
 
     # Commands that live with their code register their own parsers.
-    for register in (studies_cli.register, destinations_cli.register, transfer_cli.register):
+    for register in (
+        studies_cli.register,
+        destinations_cli.register,
+        transfer_cli.register,
+        retention_cli.register,
+        audit_cli.register,
+    ):
         register(sub)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")

@@ -307,19 +307,22 @@ class Listener:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        # What the peer asked for; assoc.acceptor.ae_title is our own title.
+        request = assoc.requestor.primitive
+        called = (
+            str(request.called_ae_title).strip() if request is not None else assoc.acceptor.ae_title
+        )
         log.warning(
             "association rejected calling_ae=%s called_ae=%s peer=%s",
-            event.assoc.requestor.ae_title,
-            event.assoc.acceptor.ae_title,
+            assoc.requestor.ae_title,
+            called,
             _peer(event),
         )
-        reason = metrics.rejection_reason(event.assoc)
+        reason = metrics.rejection_reason(assoc)
         metrics.association_rejected(reason)
         self._receipts.rejected(
-            event.assoc.requestor.ae_title,
-            event.assoc.acceptor.ae_title,
-            str(event.assoc.requestor.address),
-            reason,
+            assoc.requestor.ae_title, called, str(assoc.requestor.address), reason
         )
 
     def _on_store(self, event: evt.Event) -> Dataset | int:

@@ -17,6 +17,7 @@ from dicomnode.db.jobs import reap_expired
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.queue.completion import sweep
 from dicomnode.queue.doorbell import Doorbell
+from dicomnode.store import retention
 from dicomnode.store.orphans import remove_orphans
 from dicomnode.store.spool import Spool
 
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 ORPHAN_SWEEP_SECONDS = 3600.0
 # How often overdue storage commitments are looked for; timeouts are minutes to hours.
 COMMITMENT_SWEEP_SECONDS = 60.0
+# How often the spool's free space is compared with retention's emergency threshold:
+# a statvfs() call, while receiving at 100 MB/s fills a disk in minutes, not hours.
+DISK_WATCH_SECONDS = 15.0
 
 
 def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
@@ -63,6 +67,26 @@ def _expire_and_ring(
         doorbell.announce()  # the re-opened deliveries' jobs re-send now
 
 
+def _retention(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
+    retention.run(
+        sessions,
+        spool,
+        settings.retention,
+        settings.storage,
+        actor=f"retention {socket.gethostname()}:{os.getpid()}",
+    )
+
+
+def _watch_disk(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
+    threshold = settings.retention.emergency_free_bytes(settings.storage)
+    if threshold and spool.free_bytes() < threshold:
+        log.warning(
+            "spool below retention.emergency_free_mb (%d MiB free): emergency cleanup",
+            spool.free_bytes() // 2**20,
+        )
+        _retention(settings, sessions, spool)
+
+
 def make_scheduler(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -93,8 +117,10 @@ def make_scheduler(
     Returns
     -------
     BackgroundScheduler
-        With the completion sweep, the lease reaper and, when a destination asks for
-        storage commitment, the sweep for overdue commitments; each runs one at a time.
+        With the completion sweep, the orphan sweep, retention and its disk watch (in
+        the process that runs the completion sweep), the lease reaper and, when a
+        destination asks for storage commitment, the sweep for overdue commitments;
+        each runs one at a time.
     """
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -115,6 +141,23 @@ def make_scheduler(
             next_run_time=datetime.now(UTC) + timedelta(seconds=60),
             id="orphan-sweep",
         )
+        if settings.retention.enabled:
+            # With the completion sweep: one place per site (the listener's process)
+            # deletes, and worker hosts sharing the spool leave it alone.
+            scheduler.add_job(
+                _guarded("retention", lambda: _retention(settings, sessions, spool)),
+                "interval",
+                minutes=settings.retention.sweep_minutes,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=30),
+                id="retention",
+            )
+            if settings.retention.emergency:
+                scheduler.add_job(
+                    _guarded("disk-watch", lambda: _watch_disk(settings, sessions, spool)),
+                    "interval",
+                    seconds=DISK_WATCH_SECONDS,
+                    id="disk-watch",
+                )
     scheduler.add_job(
         _guarded("reaper", lambda: _reap_and_ring(sessions, doorbell)),
         "interval",

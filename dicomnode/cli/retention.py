@@ -1,0 +1,116 @@
+"""``dicomnode purge``: apply the retention rules now, or show what they would delete."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.config import Settings
+from dicomnode.db import audit, migrate
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.store import retention
+from dicomnode.store.spool import Spool
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Run retention once (``dicomnode purge [--dry-run]``).
+
+    Parameters
+    ----------
+    settings : Settings
+        Database, spool and the ``[retention]`` rules.
+    args : argparse.Namespace
+        ``dry_run`` and ``json``.
+
+    Returns
+    -------
+    int
+        0; 1 when the disk is below the emergency threshold and stays there.
+    """
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        report = retention.run(
+            session_factory(engine),
+            Spool(settings.storage.path),
+            settings.retention,
+            settings.storage,
+            dry_run=args.dry_run,
+            actor=f"admin {audit.admin_actor()}",
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        data: dict[str, Any] = {
+            "dry_run": report.dry_run,
+            "free_bytes": report.free_bytes,
+            "emergency_below_bytes": report.emergency_below_bytes,
+            "emergency": report.emergency,
+            "still_short": report.still_short,
+            "freed_bytes": report.freed_bytes,
+            "series": report.deleted,
+        }
+        print_json(data)
+        return 1 if report.still_short else 0
+    if report.deleted:
+        print_table(
+            ["SERIES", "STUDY", "KIND", "ENDED", "INSTANCES", "SIZE", "REASON"],
+            [
+                [
+                    d["series_uid"],
+                    d["study_uid"],
+                    d["kind"],
+                    format_time(d["ended_at"]),
+                    d["instances"],
+                    _mib(d["size_bytes"]),
+                    d["reason"],
+                ]
+                for d in report.deleted
+            ],
+        )
+    verb = "would delete" if report.dry_run else "deleted"
+    print(
+        f"{verb} {len(report.deleted)} series, {_mib(report.freed_bytes)}; "
+        f"free {_mib(report.free_bytes)}"
+        + (
+            f", emergency cleanup below {_mib(report.emergency_below_bytes)}"
+            if report.emergency_below_bytes
+            else ", emergency cleanup off"
+        )
+    )
+    if not settings.retention.enabled:
+        print("note: retention.enabled is false, so the node itself deletes nothing")
+    if report.still_short:
+        print(
+            "still below the emergency threshold: nothing else may be deleted (failed, "
+            "unprocessed and undelivered series are kept)"
+        )
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``dicomnode purge`` to the parser.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        The top-level subcommands.
+    """
+    p = sub.add_parser(
+        "purge",
+        help="apply the retention rules now: delete instances and results that are due",
+        description="Delete received instances and our results per [retention]: series whose "
+        "jobs all ended done or cancelled after done_days, failed ones after failed_days, and, "
+        "while the disk is below the emergency threshold, the oldest done ones early. A "
+        "series with a job queued, running or sending is never deleted. Exit 1 when the disk "
+        "stays below the emergency threshold.",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=purge)

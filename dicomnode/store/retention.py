@@ -1,0 +1,400 @@
+"""Retention: delete received instances (and our results) once nobody needs them.
+
+A series may be deleted only when it is complete and every job it has is over:
+
+* **done**: its jobs all ended done or cancelled (or no route matched it); deleted
+  ``retention.done_days`` after the last one ended;
+* **failed**: a job of it failed; kept ``retention.failed_days``, for a retry;
+* anything else (still receiving, a job queued, running, waiting for another model
+  or sending) is never deleted, by the schedule or by the emergency cleanup.
+
+The **emergency cleanup** runs when the spool's disk has less free space than
+``retention.emergency_free_mb``: it deletes *done* series ahead of schedule, the
+oldest first, until there is enough again. It never deletes a failed one: the
+listener's own watermark (``storage.min_free_mb``, status 0xA700) is the safe
+answer to a disk that is still full then, because senders retry later and nothing
+acknowledged is lost.
+
+Each series is deleted in its own transaction, which locks the series and its jobs
+and checks again that it may go, so that a late image (the series re-opens) or an
+admin's retry racing with the sweep wins. Rows go first, files after the commit: a
+crash in between leaves files without rows, which the orphan sweep removes. The
+series, study, job and audit rows stay (``Series.purged_at`` says when), so
+``dicomnode studies show`` still tells the whole story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, case, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import RetentionSettings, StorageSettings
+from dicomnode.db import audit
+from dicomnode.db.engine import transaction
+from dicomnode.db.models import Instance, Job, JobState, Output, Series, SeriesState, Study, utcnow
+from dicomnode.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING, JobState.SENDING)
+DONE, FAILED = "done", "failed"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A series that retention may delete, and why."""
+
+    series_id: int
+    series_uid: str
+    study_uid: str
+    kind: str  # "done" or "failed"
+    ended_at: datetime  # when its last job ended (or it completed)
+    due_at: datetime  # when the schedule deletes it
+    instances: int
+    size_bytes: int  # its instances' and its results' files
+    jobs: int
+
+    def record(self) -> dict[str, Any]:
+        """Return it as a JSON-ready mapping.
+
+        Returns
+        -------
+        dict[str, Any]
+            Its fields.
+        """
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """What a retention run deleted (or, dry, would delete)."""
+
+    dry_run: bool
+    free_bytes: int
+    emergency_below_bytes: int
+    deleted: list[dict[str, Any]] = field(default_factory=list)
+    freed_bytes: int = 0
+    still_short: bool = False  # the emergency cleanup ran out of series it may delete
+
+    @property
+    def emergency(self) -> bool:
+        """Whether the disk was below the emergency threshold when the run began."""
+        return bool(self.emergency_below_bytes) and self.free_bytes < self.emergency_below_bytes
+
+
+def classify(
+    states: Iterable[JobState],
+    last_finished: datetime | None,
+    completed_at: datetime | None,
+    last_received_at: datetime,
+) -> tuple[str, datetime] | None:
+    """Tell whether a complete series may be deleted: its kind and since when it ended.
+
+    Parameters
+    ----------
+    states : Iterable[JobState]
+        The states of all its jobs.
+    last_finished : datetime or None
+        When its last job ended.
+    completed_at, last_received_at : datetime
+        When it completed and when its last image arrived.
+
+    Returns
+    -------
+    tuple[str, datetime] or None
+        ``("done" | "failed", ended_at)``, or None when it must be kept (a job is
+        still queued, running or sending).
+    """
+    states = list(states)
+    if any(s in ACTIVE for s in states):
+        return None
+    ended = max(t for t in (last_finished, completed_at, last_received_at) if t is not None)
+    return (FAILED if JobState.FAILED in states else DONE), ended
+
+
+def _due(kind: str, ended: datetime, retention: RetentionSettings) -> datetime:
+    days = retention.failed_days if kind == FAILED else retention.done_days
+    return ended + timedelta(days=days)
+
+
+def candidates(session: Session, retention: RetentionSettings) -> list[Candidate]:
+    """List every complete series that may be deleted, the longest ended first.
+
+    One aggregate query, whatever the number of series.
+
+    Parameters
+    ----------
+    session : Session
+        A session.
+    retention : RetentionSettings
+        ``done_days`` and ``failed_days``, for the due dates.
+
+    Returns
+    -------
+    list[Candidate]
+        Due or not: the caller decides (the schedule takes the due ones, the emergency
+        cleanup the done ones).
+    """
+    job_stats = (
+        select(
+            Job.series_id.label("series_id"),
+            func.count().label("jobs"),
+            func.sum(case((Job.state.in_(ACTIVE), 1), else_=0)).label("active"),
+            func.sum(case((Job.state == JobState.FAILED, 1), else_=0)).label("failed"),
+            func.max(Job.finished_at).label("last_finished"),
+        )
+        .group_by(Job.series_id)
+        .subquery()
+    )
+    files = (
+        select(
+            Instance.series_id.label("series_id"),
+            func.count().label("instances"),
+            func.sum(Instance.size_bytes).label("size_bytes"),
+        )
+        .group_by(Instance.series_id)
+        .subquery()
+    )
+    results = (
+        select(
+            Job.series_id.label("series_id"),
+            func.sum(Output.size_bytes).label("size_bytes"),
+        )
+        .join(Job, Output.job_id == Job.id)
+        .group_by(Job.series_id)
+        .subquery()
+    )
+    query = (
+        select(
+            Series.id,
+            Series.series_uid,
+            Study.study_uid,
+            Series.completed_at,
+            Series.last_received_at,
+            job_stats.c.jobs,
+            job_stats.c.active,
+            job_stats.c.failed,
+            job_stats.c.last_finished,
+            files.c.instances,
+            files.c.size_bytes,
+            results.c.size_bytes.label("result_bytes"),
+        )
+        .join(Study, Series.study_id == Study.id)
+        .outerjoin(job_stats, job_stats.c.series_id == Series.id)
+        .outerjoin(files, files.c.series_id == Series.id)
+        .outerjoin(results, results.c.series_id == Series.id)
+        .where(
+            and_(Series.state == SeriesState.COMPLETE, Series.purged_at.is_(None)),
+            func.coalesce(job_stats.c.active, 0) == 0,
+        )
+    )
+    found: list[Candidate] = []
+    for row in session.execute(query):
+        # UTCDateTime does not apply to a MAX() over the column on SQLite: re-read it.
+        last = _aware(row.last_finished)
+        states = [JobState.FAILED] if row.failed else []
+        verdict = classify(states, last, row.completed_at, row.last_received_at)
+        if verdict is None:
+            continue
+        kind, ended = verdict
+        found.append(
+            Candidate(
+                series_id=row.id,
+                series_uid=row.series_uid,
+                study_uid=row.study_uid,
+                kind=kind,
+                ended_at=ended,
+                due_at=_due(kind, ended, retention),
+                instances=int(row.instances or 0),
+                size_bytes=int(row.size_bytes or 0) + int(row.result_bytes or 0),
+                jobs=int(row.jobs or 0),
+            )
+        )
+    found.sort(key=lambda c: (c.ended_at, c.series_id))
+    return found
+
+
+def _aware(value: datetime | str | None) -> datetime | None:
+    from dicomnode.db.models import UTCDateTime
+
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite returns an aggregate of a DATETIME as text
+        value = datetime.fromisoformat(value)
+    return UTCDateTime().process_result_value(value, None)  # type: ignore[arg-type]
+
+
+def delete_series(
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    candidate: Candidate,
+    reason: str,
+    actor: str,
+) -> int | None:
+    """Delete one series' instances and its jobs' results, if it may still go.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    spool : Spool
+        Where the files lie.
+    candidate : Candidate
+        The series, as :func:`candidates` found it.
+    reason : str
+        For the audit trail: ``scheduled`` or ``emergency`` and the rule.
+    actor : str
+        Who deletes: the scheduler's process, or the admin running ``purge``.
+
+    Returns
+    -------
+    int or None
+        Bytes freed (on the database's count), or None when the series changed
+        meanwhile (a late image re-opened it, a job was retried) and was kept.
+    """
+    now = utcnow()
+    with transaction(sessions) as session:
+        series = session.scalars(
+            select(Series).where(Series.id == candidate.series_id).with_for_update()
+        ).first()
+        if series is None or series.purged_at is not None or series.state != SeriesState.COMPLETE:
+            return None
+        jobs = session.scalars(
+            select(Job).where(Job.series_id == series.id).with_for_update()
+        ).all()
+        last = max((j.finished_at for j in jobs if j.finished_at is not None), default=None)
+        verdict = classify(
+            (j.state for j in jobs), last, series.completed_at, series.last_received_at
+        )
+        if verdict is None or (candidate.kind == DONE and verdict[0] != DONE):
+            return None
+        paths = list(
+            session.execute(
+                select(Instance.path, Instance.size_bytes).where(Instance.series_id == series.id)
+            )
+        )
+        results = list(
+            session.execute(
+                select(Output.path, Output.size_bytes).where(
+                    Output.job_id.in_([j.id for j in jobs])
+                )
+            )
+        )
+        session.execute(delete(Instance).where(Instance.series_id == series.id))
+        series.purged_at = now
+        size = sum(int(s) for _, s in paths) + sum(int(s) for _, s in results)
+        audit.record(
+            session,
+            "instances-deleted",
+            actor=actor,
+            study_uid=candidate.study_uid,
+            series_uid=series.series_uid,
+            count=len(paths),
+            size_bytes=size,
+            detail=f"{reason}; {len(results)} result file(s) too",
+            at=now,
+        )
+    for path, _ in [*paths, *results]:
+        spool.remove(path)
+        _remove_empty_parents(spool, Path(path))
+    log.info(
+        "retention deleted series_uid=%s instances=%d results=%d bytes=%d reason=%s",
+        candidate.series_uid,
+        len(paths),
+        len(results),
+        size,
+        reason,
+    )
+    return size
+
+
+def _remove_empty_parents(spool: Spool, relative: Path) -> None:
+    # incoming/<study>/<series>/ and results/<study>/<series>/: drop them once empty,
+    # so the spool's folders keep matching what the database holds.
+    for parent in list(relative.parents)[:2]:
+        try:
+            (spool.root / parent).rmdir()
+        except OSError:
+            return  # not empty (or already gone)
+
+
+def run(
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    retention: RetentionSettings,
+    storage: StorageSettings,
+    *,
+    dry_run: bool = False,
+    actor: str = "retention",
+) -> Report:
+    """Delete what is due, and more (done series only) while the disk is below the threshold.
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    spool : Spool
+        The spool.
+    retention : RetentionSettings
+        The rules.
+    storage : StorageSettings
+        For the default emergency threshold (twice ``min_free_mb``).
+    dry_run : bool
+        Only report what would go (the emergency part as if each deletion freed the
+        bytes the database counts for it).
+    actor : str
+        Recorded in the audit trail.
+
+    Returns
+    -------
+    Report
+        What went.
+    """
+    now = utcnow()
+    with sessions() as session:
+        found = candidates(session, retention)
+    threshold = retention.emergency_free_bytes(storage)
+    report = Report(dry_run=dry_run, free_bytes=spool.free_bytes(), emergency_below_bytes=threshold)
+
+    def take(candidate: Candidate, why: str) -> None:
+        if dry_run:
+            freed: int | None = candidate.size_bytes
+        else:
+            freed = delete_series(sessions, spool, candidate, why, actor)
+        if freed is not None:
+            report.freed_bytes += freed
+            report.deleted.append({**candidate.record(), "reason": why})
+
+    rest: list[Candidate] = []
+    for candidate in found:
+        if candidate.due_at <= now:
+            rule = f"{candidate.kind}_days" if candidate.kind == FAILED else "done_days"
+            take(candidate, f"scheduled: {candidate.kind}, {rule} elapsed")
+        else:
+            rest.append(candidate)
+    if report.emergency:
+        free = report.free_bytes + report.freed_bytes if dry_run else spool.free_bytes()
+        for candidate in rest:
+            if free >= threshold:
+                break
+            if candidate.kind != DONE:
+                continue  # failed ones wait for their admin, whatever the disk says
+            before = report.freed_bytes
+            take(candidate, "emergency: free space below retention.emergency_free_mb")
+            free = free + report.freed_bytes - before if dry_run else spool.free_bytes()
+        report.still_short = free < threshold
+        if report.still_short and not dry_run:
+            log.error(
+                "retention: the spool's disk is still below retention.emergency_free_mb "
+                "(%d MiB free) and nothing else may be deleted: failed series are kept for "
+                "retention.failed_days (`dicomnode purge --dry-run` lists what is due)",
+                free // 2**20,
+            )
+    return report
