@@ -690,6 +690,10 @@ class Settings:
         raise ConfigError(f"unknown destination {name!r} (known: {known})")
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}  # fmt: skip
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Turn ``DICOMNODE_SECTION_KEY=value`` variables into a TOML-like mapping."""
     top = typing.get_type_hints(Settings)
@@ -710,15 +714,17 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         origin = typing.get_origin(tp)
         if origin in (typing.Union, types.UnionType):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        # Numbers are parsed here; everything else stays a string and is checked
-        # by build() like any value from the file.
+        # Numbers and yes/no are parsed here; everything else stays a string and is
+        # checked by build() like any value from the file.
         value: Any = raw
         try:
-            if tp in (int, float):
+            if tp is bool:
+                value = _BOOLEANS[raw.strip().lower()]
+            elif tp in (int, float):
                 value = tp(raw)
             elif typing.get_origin(tp) is list:  # comma-separated, e.g. "CT1,CT2"
                 value = [item.strip() for item in raw.split(",") if item.strip()]
-        except ValueError:
+        except (ValueError, KeyError):
             raise ConfigError(f"{var}: must be {type_name(tp)}, got {raw!r}") from None
         out.setdefault(section, {})[key] = value
     return out

@@ -37,10 +37,11 @@ UNSET = "unset"
 NO_ENV = "-"
 
 # The value types the environment loader (dicomnode.config._env_overrides) can take
-# from a variable's text: numbers are parsed, a list of strings is split at commas,
-# strings and paths are used as they are. Any other type (booleans, tables) reaches
-# the schema as text and is refused, so those keys are file-only.
-ENV_SCALARS: tuple[type, ...] = (int, float, str, Path)
+# from a variable's text: numbers and booleans (true/false, 1/0, yes/no, on/off) are
+# parsed, a list of strings is split at commas, strings and paths are used as they
+# are. Any other type (tables) reaches the schema as text and is refused, so those
+# keys are file-only.
+ENV_SCALARS: tuple[type, ...] = (bool, int, float, str, Path)
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -201,3 +201,15 @@ def test_route_content_checks_are_validated() -> None:
     )
     assert "routes[0].requires.min_slices" in error_for(route({"min_slices": -1}))
     assert "routes[0].requires.colour" in error_for(route({"colour": 1}))
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("0", False), ("Yes", True)])
+def test_booleans_from_the_environment(raw: str, value: bool) -> None:
+    settings = load_settings(None, environ={"DICOMNODE_RETENTION_ENABLED": raw})
+    assert settings.retention.enabled is value
+
+
+def test_a_bad_boolean_from_the_environment_is_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, environ={"DICOMNODE_METRICS_ENABLED": "maybe"})
+    assert str(info.value) == "DICOMNODE_METRICS_ENABLED: must be true or false, got 'maybe'"

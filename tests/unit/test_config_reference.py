@@ -271,7 +271,7 @@ def test_new_sections_keys_and_nested_tables_are_picked_up() -> None:
         "default": "`30.0`",
         "env": "`DICOMNODE_RETENTION_DONE_DAYS`",
     }
-    assert retention["enabled"]["env"] == "-"
+    assert retention["enabled"]["env"] == "`DICOMNODE_RETENTION_ENABLED`"
     assert retention["window"]["type"] == "[table](#retentionwindow)"
     assert "Keep done jobs \\| this long." in sections["retention"]
     assert "secret" not in text and "`source`" not in text
