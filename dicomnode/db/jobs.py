@@ -523,6 +523,13 @@ def fail(
         else:
             job.state = JobState.FAILED
             job.finished_at = now
+            # Nobody retries these deliveries now (until an admin retries the job, which
+            # re-opens them): say so, rather than leave them looking on their way.
+            session.execute(
+                update(Delivery)
+                .where(Delivery.job_id == job.id, Delivery.state == DeliveryState.PENDING)
+                .values(state=DeliveryState.FAILED)
+            )
         record_event(session, job, job.state, from_state=before, worker=claim.owner, note=error)
         if give_back:
             job.attempts -= 1  # after the event, which records the attempt that ran

@@ -242,6 +242,10 @@ def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int
     claim = jobs.claim(sessions, "w1", 60)
     got = jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
     assert got == "failed"
+    with sessions() as s:  # nobody tries it any more, and it says so
+        assert s.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all() == [
+            "failed"
+        ]
     # A permanent delivery error fails at once.
     job_id = add_job(sessions, series_id, "m2", max_attempts=5)
     claim = jobs.claim(sessions, "w1", 60)
