@@ -1,17 +1,60 @@
-"""Log set-up for the command line: one line per event, UIDs and ids only."""
+"""Log set-up for the command line: one line per event, UIDs and ids only.
+
+Two formats (``logging.format``): ``text``, one line per event whose message carries
+``key=value`` fields, and ``json``, one JSON object per line with the time, level,
+logger and message and, where the code passes them as ``extra`` (job outcomes do:
+``job_id``, ``model``, ``outcome``, ``attempt``, ``seconds``, ``stages``), the same
+fields as JSON values, so that a log collector can chart durations without parsing.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
 import pydicom
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Attributes every LogRecord has; anything else on a record came in through ``extra``.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
-def setup_logging(level: str) -> None:
-    """Send logs to stderr at ``level``.
+class JSONFormatter(logging.Formatter):
+    """Format a record as one JSON object on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as JSON: time, level, logger, message and its extra fields.
+
+        Parameters
+        ----------
+        record : logging.LogRecord
+            The record.
+
+        Returns
+        -------
+        str
+            One line.
+        """
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Send logs to stderr at ``level``, as text or JSON lines.
 
     pynetdicom and APScheduler are kept at WARNING unless DEBUG is asked for:
     their INFO lines are noise at a busy node, and pynetdicom's DEBUG output can
@@ -21,12 +64,14 @@ def setup_logging(level: str) -> None:
     ----------
     level : str
         DEBUG, INFO, WARNING or ERROR.
+    fmt : str
+        ``text`` or ``json``.
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING

@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(args.log_level or settings.logging.level)
+    setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     try:
         return int(args.run(settings, args))
     except (ConfigError, ModelPackageError) as exc:

@@ -71,7 +71,7 @@ def receiver_main(settings: Settings, index: int) -> None:
     index : int
         The receiver's number, for the log.
     """
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -134,6 +135,52 @@ class ModelSlots:
             self.running[model] = max(self.running.get(model, 0) - 1, 0)
 
 
+def outcome_fields(
+    claim: Claim,
+    outcome: str,
+    started: float,
+    *,
+    timings: dict[str, float] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """Return the structured fields of a job-outcome log line (``extra=`` of logging).
+
+    The JSON log format writes them as they are; the text format has the same facts
+    in the message. No patient data: ids, the model, durations, our own error text.
+
+    Parameters
+    ----------
+    claim : Claim
+        The job's claim.
+    outcome : str
+        done, retrying, failed, cancelled, postponed, released, abandoned or error.
+    started : float
+        ``time.perf_counter()`` when the attempt began.
+    timings : dict[str, float], optional
+        Seconds per stage, for a job that is done.
+    error : str, optional
+        Why it did not finish.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``job_id``, ``model``, ``attempt``, ``outcome``, ``seconds``, and ``stages`` or
+        ``error`` where given.
+    """
+    fields: dict[str, Any] = {
+        "job_id": claim.job_id,
+        "model": claim.model,
+        "attempt": claim.attempt,
+        "outcome": outcome,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if timings is not None:
+        fields["stages"] = {k: round(v, 3) for k, v in timings.items()}
+    if error is not None:
+        fields["error"] = error
+    return fields
+
+
 class Worker:
     """Claims and runs jobs until told to stop.
 
@@ -240,22 +287,46 @@ class Worker:
             timings = self.pipeline.run(claim, should_stop)
         except JobInterrupted:
             if beat.lost.is_set():
-                log.warning("job abandoned job_id=%d: lease lost", claim.job_id)
+                log.warning(
+                    "job abandoned job_id=%d: lease lost",
+                    claim.job_id,
+                    extra=outcome_fields(claim, "abandoned", started),
+                )
             elif jobs.release(self.sessions, claim):
-                log.info("job released job_id=%d: worker stopping", claim.job_id)
+                log.info(
+                    "job released job_id=%d: worker stopping",
+                    claim.job_id,
+                    extra=outcome_fields(claim, "released", started),
+                )
                 self.doorbell.announce()  # another process's worker can take it now
             return
         except JobSuperseded as exc:
             jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
-            log.info("job cancelled job_id=%d: superseded by newer input", claim.job_id)
+            log.info(
+                "job cancelled job_id=%d model=%s: superseded by newer input",
+                claim.job_id,
+                claim.model,
+                extra=outcome_fields(claim, "cancelled", started),
+            )
             return
         except ContentCheckFailed as exc:
             jobs.finish(self.sessions, claim, JobState.CANCELLED, str(exc))
-            log.info("job cancelled job_id=%d: %s", claim.job_id, exc)
+            log.info(
+                "job cancelled job_id=%d model=%s: %s",
+                claim.job_id,
+                claim.model,
+                exc,
+                extra=outcome_fields(claim, "cancelled", started),
+            )
             return
         except WaitingForModel as exc:
             jobs.postpone(self.sessions, claim, content.WAIT_SECONDS, str(exc))
-            log.info("job postponed job_id=%d: %s", claim.job_id, exc)
+            log.info(
+                "job postponed job_id=%d: %s",
+                claim.job_id,
+                exc,
+                extra=outcome_fields(claim, "postponed", started),
+            )
             return
         except JobError as exc:
             state = jobs.fail(
@@ -266,13 +337,16 @@ class Worker:
                 base_seconds=self.settings.retry_base_seconds,
                 delivery=self.delivery_retry if isinstance(exc, DeliveryFailed) else None,
             )
+            outcome = "retrying" if state == "queued" else "failed"
             log.warning(
-                "job %s job_id=%d attempt=%d seconds=%.1f error=%s",
-                "retrying" if state == "queued" else "failed",
+                "job %s job_id=%d attempt=%d seconds=%.1f model=%s error=%s",
+                outcome,
                 claim.job_id,
                 claim.attempt,
                 time.perf_counter() - started,
+                claim.model,
                 exc,
+                extra=outcome_fields(claim, outcome, started, error=str(exc)),
             )
             return
         except Exception as exc:
@@ -280,7 +354,13 @@ class Worker:
             # number of times rather than lose the job or loop on it forever. Its message
             # may quote a header value (a patient's name, a birth date), so only the type
             # is logged and kept; the traceback goes to DEBUG.
-            log.error("job error job_id=%d: %s", claim.job_id, type(exc).__name__)
+            log.error(
+                "job error job_id=%d model=%s: %s",
+                claim.job_id,
+                claim.model,
+                type(exc).__name__,
+                extra=outcome_fields(claim, "error", started, error=type(exc).__name__),
+            )
             log.debug("job error job_id=%d", claim.job_id, exc_info=True)
             jobs.fail(
                 self.sessions,
@@ -295,11 +375,13 @@ class Worker:
         if jobs.finish(self.sessions, claim):
             stages = " ".join(f"{k}={v:.2f}" for k, v in timings.items())
             log.info(
-                "job done job_id=%d attempt=%d seconds=%.1f %s",
+                "job done job_id=%d attempt=%d seconds=%.1f model=%s %s",
                 claim.job_id,
                 claim.attempt,
                 time.perf_counter() - started,
+                claim.model,
                 stages,
+                extra=outcome_fields(claim, "done", started, timings=timings),
             )
         else:
             log.warning("job finished but lease was lost job_id=%d", claim.job_id)

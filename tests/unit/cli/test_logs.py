@@ -51,3 +51,31 @@ def test_received_values_never_reach_the_log(
     assert "done" in err  # the log really is captured here
     for phi in (NAME, "MRN-SECRET", BIRTH):
         assert phi not in out + err
+
+
+def test_json_lines_carry_the_job_outcome_fields(
+    capfd: pytest.CaptureFixture[str], restore_pydicom: None
+) -> None:
+    import json
+    import time
+
+    from dicomnode.db.jobs import Claim
+    from dicomnode.queue.worker import outcome_fields
+
+    setup_logging("INFO", "json")
+    claim = Claim(job_id=42, owner="w1", attempt=2, model="lung-unet2d")
+    fields = outcome_fields(claim, "done", time.perf_counter(), timings={"inference_s": 1.23456})
+    logging.getLogger("dicomnode.queue.worker").info("job done job_id=42", extra=fields)
+    logging.getLogger("dicomnode").debug("not shown at INFO")
+    _, err = capfd.readouterr()
+    [line] = err.splitlines()
+    data = json.loads(line)
+    assert data["message"] == "job done job_id=42" and data["level"] == "INFO"
+    assert data["logger"] == "dicomnode.queue.worker" and data["time"].endswith("+00:00")
+    assert (data["job_id"], data["model"], data["attempt"], data["outcome"]) == (
+        42,
+        "lung-unet2d",
+        2,
+        "done",
+    )
+    assert data["stages"] == {"inference_s": 1.235} and data["seconds"] >= 0
