@@ -26,8 +26,26 @@ from dicomnode.net.reactor import tune_connection
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
-# PS3.4 B.2.3 warnings: the object was stored, possibly with changes.
-_WARNINGS = {0xB000, 0xB006, 0xB007}
+# Warnings: the object was stored, possibly with changes. PS3.4 B.2.3 names 0xB000,
+# 0xB006 and 0xB007 for storage and PS3.7 C.4 the general ones (0x0001, 0x0107,
+# 0x0116); PACS in the field also answer other 0xBxxx codes with the same meaning.
+_GENERAL_WARNINGS = {0x0001, 0x0107, 0x0116}
+
+
+def is_warning(code: int) -> bool:
+    """Return whether a C-STORE status is a warning: stored, perhaps with changes.
+
+    Parameters
+    ----------
+    code : int
+        The status.
+
+    Returns
+    -------
+    bool
+        True for PS3.7 C.4 general warnings and the 0xBxxx range.
+    """
+    return code in _GENERAL_WARNINGS or 0xB000 <= code <= 0xBFFF
 
 
 class _RecordingSSLSocket(ssl.SSLSocket):
@@ -257,11 +275,11 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str)
                 raise TransientJobError(
                     f"destination {destination.name}: out of resources (0x{code:04X})"
                 )
-            if code != 0 and code not in _WARNINGS:
+            if code != 0 and not is_warning(code):
                 raise PermanentJobError(
                     f"destination {destination.name}: C-STORE failed with status 0x{code:04X}"
                 )
-            if code in _WARNINGS:
+            if is_warning(code):
                 log.warning(
                     "destination %s stored sop_uid=%s with warning 0x%04X",
                     destination.name,
