@@ -1,17 +1,296 @@
-"""``dicomnode destinations``: being written (issue 7)."""
+"""``dicomnode destinations``: the configured PACS, how delivering to them goes, C-ECHO.
+
+``destinations list`` prints the ``[[destinations]]`` of the configuration and, from
+the database when it can be read, what was delivered to each: a node whose database
+is down still shows its configuration (with a one-line note on stderr).
+``destinations echo`` checks that each destination answers a C-ECHO.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.config import Destination, Settings
+from dicomnode.db import migrate
+from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.models import Delivery, DeliveryState
+
+log = logging.getLogger("dicomnode")
+
+# How long `destinations list` waits for a PostgreSQL server before it gives up on
+# the database part.
+CONNECT_TIMEOUT_S = 5
+
+
+def _first_line(text: str | None) -> str | None:
+    if not text:
+        return None
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
+
+
+def _config_record(destination: Destination) -> dict[str, Any]:
+    return {
+        "name": destination.name,
+        "configured": True,
+        "ae_title": destination.ae_title,
+        "host": destination.host,
+        "port": destination.port,
+        "tls": destination.tls_ca is not None,
+        "storage_commitment": destination.storage_commitment,
+        "timeout_seconds": destination.timeout_seconds,
+    }
+
+
+def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Count the deliveries per destination, with the last sending and the last error.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        Per destination name (configured or not: deliveries outlive a renamed
+        destination): ``sent``, ``pending``, ``failed``, ``last_sent_at`` and
+        ``last_error`` (the first line of the newest delivery's error that has one).
+
+    Raises
+    ------
+    Exception
+        Whatever stops the database from being read: not found, unreachable, not
+        migrated (:class:`~dicomnode.errors.DicomnodeError`).
+    """
+    url = make_url(settings.database.url)
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        # Opening a missing SQLite file would create an empty one.
+        if url.database and url.database != ":memory:" and not Path(url.database).is_file():
+            raise FileNotFoundError(f"database not found: {url.database}")
+    else:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    engine = make_engine(settings.database.url, **kwargs)
+    stats: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return stats.setdefault(
+            name, {"sent": 0, "pending": 0, "failed": 0, "last_sent_at": None, "last_error": None}
+        )
+
+    try:
+        migrate.require_current(engine)
+        with session_factory(engine)() as session:
+            for name, state, n, last_sent in session.execute(
+                select(
+                    Delivery.destination,
+                    Delivery.state,
+                    func.count(Delivery.id),
+                    func.max(Delivery.sent_at),
+                ).group_by(Delivery.destination, Delivery.state)
+            ):
+                record = entry(name)
+                record[DeliveryState(state).value] = int(n)
+                if last_sent is not None and (
+                    record["last_sent_at"] is None or last_sent > record["last_sent_at"]
+                ):
+                    record["last_sent_at"] = last_sent
+            newest = (
+                select(func.max(Delivery.id).label("id"))
+                .where(Delivery.last_error.is_not(None))
+                .group_by(Delivery.destination)
+                .subquery()
+            )
+            for name, error in session.execute(
+                select(Delivery.destination, Delivery.last_error).join(
+                    newest, Delivery.id == newest.c.id
+                )
+            ):
+                entry(name)["last_error"] = _first_line(error)
+    finally:
+        engine.dispose()
+    return stats
+
+
+def list_destinations(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the configured destinations and their deliveries (``destinations list``).
+
+    Parameters
+    ----------
+    settings : Settings
+        The destinations and the database.
+    args : argparse.Namespace
+        ``json``.
+
+    Returns
+    -------
+    int
+        Exit code 0, also when the database cannot be read (a note on stderr says so).
+    """
+    records = [_config_record(d) for d in settings.destinations]
+    stats: dict[str, dict[str, Any]] | None
+    try:
+        stats = delivery_statistics(settings)
+    except Exception as exc:
+        log.debug("delivery statistics unavailable", exc_info=True)
+        reason = _first_line(str(exc)) or type(exc).__name__
+        print(f"dicomnode: note: no delivery statistics ({reason})", file=sys.stderr)
+        stats = None
+    if stats is not None:
+        known = {r["name"] for r in records}
+        # Deliveries to a destination no longer configured still say where results went.
+        records += [
+            {"name": name, "configured": False, "ae_title": None, "host": None, "port": None,
+             "tls": None, "storage_commitment": None, "timeout_seconds": None}
+            for name in sorted(stats) if name not in known
+        ]  # fmt: skip
+        empty = {"sent": 0, "pending": 0, "failed": 0, "last_sent_at": None, "last_error": None}
+        for r in records:
+            r.update(stats.get(r["name"], empty))
+    if args.json:
+        print_json(records)
+        return 0
+    if not records:
+        print("no destinations configured")
+        return 0
+    headers = ["NAME", "AE TITLE", "ADDRESS", "TLS", "COMMITMENT", "TIMEOUT"]
+    if stats is not None:
+        headers += ["SENT", "PENDING", "FAILED", "LAST SENT", "LAST ERROR"]
+    rows = []
+    for r in records:
+        if r["configured"]:
+            row: list[Any] = [
+                r["name"],
+                r["ae_title"],
+                f"{r['host']}:{r['port']}",
+                "on" if r["tls"] else "off",
+                "on" if r["storage_commitment"] else "off",
+                f"{r['timeout_seconds']:g}s",
+            ]
+        else:
+            row = [r["name"], "(not configured)", None, None, None, None]
+        if stats is not None:
+            last: datetime | None = r["last_sent_at"]
+            row += [r["sent"], r["pending"], r["failed"], format_time(last), r["last_error"]]
+        rows.append(row)
+    print_table(headers, rows)
+    return 0
+
+
+def _echo_one(destination: Destination, calling_ae: str) -> dict[str, Any]:
+    from dicomnode.net.scu import echo  # pynetdicom: only for the commands that talk DICOM
+
+    record: dict[str, Any] = {
+        "name": destination.name,
+        "ae_title": destination.ae_title,
+        "host": destination.host,
+        "port": destination.port,
+        "ok": False,
+        "status": None,
+        "ms": None,
+        "error": None,
+    }
+    start = time.monotonic()
+    try:
+        status = echo(destination, calling_ae)
+    except Exception as exc:  # one line per destination, whatever went wrong
+        log.debug("echo to %s failed", destination.name, exc_info=True)
+        if isinstance(exc, OSError):  # e.g. a host name that does not resolve
+            why = exc.strerror or _first_line(str(exc)) or type(exc).__name__
+            reason = f"cannot connect to {destination.host}:{destination.port} ({why})"
+        else:
+            reason = _first_line(str(exc)) or type(exc).__name__
+        prefix = f"destination {destination.name}: "
+        record["error"] = reason.removeprefix(prefix)
+        return record
+    record["ms"] = round((time.monotonic() - start) * 1000, 1)
+    record["status"] = status
+    if status == 0:
+        record["ok"] = True
+    else:
+        record["error"] = f"answered status 0x{status:04X}"
+    return record
+
+
+def echo_destinations(settings: Settings, args: argparse.Namespace) -> int:
+    """C-ECHO destinations (``dicomnode destinations echo [NAME...]``).
+
+    Parameters
+    ----------
+    settings : Settings
+        The destinations and our AE title (``listener.ae_title``).
+    args : argparse.Namespace
+        ``names`` (all destinations when empty) and ``json``.
+
+    Returns
+    -------
+    int
+        Exit code 0 when every destination answered with success, 1 otherwise.
+
+    Raises
+    ------
+    ConfigError
+        For a name that is not configured, before anything is sent.
+    """
+    names: list[str] = args.names
+    destinations = (
+        [settings.destination(n) for n in dict.fromkeys(names)]
+        if names
+        else list(settings.destinations)
+    )
+    if not log.isEnabledFor(logging.DEBUG):
+        # Our one line says what failed; pynetdicom's own error lines only repeat it.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    results = [_echo_one(d, settings.listener.ae_title) for d in destinations]
+    if args.json:
+        print_json(results)
+    else:
+        if not results:
+            print("no destinations configured")
+        for r in results:
+            if r["ok"]:
+                where = f"{r['ae_title']}@{r['host']}:{r['port']}"
+                print(f"{r['name']} ok ({where}, {r['ms']:.0f} ms)")
+            else:
+                print(f"{r['name']} failed: {r['error']}")
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 def register(sub: Any) -> None:
-    """Add this module's commands to the ``dicomnode`` parser.
+    """Add ``dicomnode destinations`` to the parser.
 
     Parameters
     ----------
     sub : argparse._SubParsersAction
         The top-level subcommands.
     """
-    _ = argparse
+    commands = sub.add_parser(
+        "destinations", help="the configured destinations: deliveries to them, C-ECHO"
+    ).add_subparsers(dest="destinations_command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "list",
+        help="list the [[destinations]] with their deliveries sent, pending and failed",
+        description="The delivery counts come from the database; when it cannot be read "
+        "the configuration is printed alone, with a one-line note on stderr.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=list_destinations)
+    p = commands.add_parser(
+        "echo",
+        help="C-ECHO destinations; exit 1 if any does not answer",
+        description="One line per destination: 'NAME ok (AE@host:port, N ms)' or "
+        "'NAME failed: reason'.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="[[destinations]] names (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=echo_destinations)

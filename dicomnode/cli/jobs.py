@@ -68,8 +68,8 @@ def delivery_commitment(delivery: Delivery) -> str | None:
     return None
 
 
-def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
-    """Return a job as a JSON-ready mapping (no patient data).
+def job_record(job: Job, *, detail: bool, show_phi: bool = False) -> dict[str, Any]:
+    """Return a job as a JSON-ready mapping (no patient data unless asked for).
 
     Parameters
     ----------
@@ -77,6 +77,8 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
         The job, in an open session.
     detail : bool
         Include timings, summary, outputs and deliveries.
+    show_phi : bool
+        Include the study's patient ID and accession number (``--show-phi``).
 
     Returns
     -------
@@ -99,6 +101,9 @@ def job_record(job: Job, *, detail: bool) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "last_error": job.last_error,
     }
+    if show_phi:
+        record["patient_id"] = job.series.study.patient_id
+        record["accession_number"] = job.series.study.accession_number
     if detail:
         record.update(
             lease_owner=job.lease_owner,
@@ -332,15 +337,17 @@ def list_jobs(session: Session, args: argparse.Namespace) -> int:
             query = query.where(Study.study_uid == study)
         if accession:
             query = query.where(Study.accession_number == accession)
-    records = [job_record(j, detail=False) for j in session.scalars(query)]
+    phi = bool(getattr(args, "show_phi", False))
+    records = [job_record(j, detail=False, show_phi=phi) for j in session.scalars(query)]
     if args.json:
         print_json(records)
         return 0
     if not records:
         print("no jobs")
         return 0
+    headers = ["ID", "STATE", "MODEL", "ROUTE", "ATTEMPTS", "CREATED", "SERIES", "ERROR"]
     print_table(
-        ["ID", "STATE", "MODEL", "ROUTE", "ATTEMPTS", "CREATED", "SERIES", "ERROR"],
+        headers + (["PATIENT ID", "ACCESSION"] if phi else []),
         [
             [
                 r["id"],
@@ -352,6 +359,7 @@ def list_jobs(session: Session, args: argparse.Namespace) -> int:
                 r["series_uid"],
                 (r["last_error"] or "")[:60] or None,
             ]
+            + ([r["patient_id"], r["accession_number"]] if phi else [])
             for r in records
         ],
     )
@@ -376,12 +384,14 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
     job = session.get(Job, args.id)
     if job is None:
         raise LookupError(f"no job with id {args.id}")
-    record = job_record(job, detail=True)
+    phi = bool(getattr(args, "show_phi", False))
+    record = job_record(job, detail=True, show_phi=phi)
     if args.json:
         print_json(record)
         return 0
-    for key in ("id", "state", "model", "model_version", "route", "study_uid", "series_uid"):
-        print(f"{key:<14}{record[key]}")
+    keys = ["id", "state", "model", "model_version", "route", "study_uid", "series_uid"]
+    for key in keys + (["patient_id", "accession_number"] if phi else []):
+        print(f"{key:<14}{record[key] if record[key] is not None else '-'}")
     print(f"{'attempts':<14}{record['attempts']}/{record['max_attempts']}")
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key:<14}{format_time(record[key])}")

@@ -215,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accession", metavar="NUMBER", help="only jobs of this accession number")
     p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--show-phi", action="store_true", help="also print patient IDs and accession numbers"
+    )
     p.set_defaults(run=with_session(list_jobs))
     p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
     p.add_argument("id", type=int, help="job id")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--show-phi", action="store_true", help="also print the patient ID and accession number"
+    )
     p.add_argument(
         "--preview",
         type=Path,

@@ -1,17 +1,635 @@
-"""``dicomnode studies``: being written (issue 7)."""
+"""``dicomnode studies``: what was received, what ran on it, where the results went.
+
+``studies list`` summarises many studies in three aggregate queries (studies with
+their series, jobs per state, deliveries per state), whatever their number;
+``studies show`` tells one study's whole story, ending with its audit trail.
+
+Patient ID and accession number may be used to find studies, but they are printed
+only with ``--show-phi``: without it no command here writes patient data.
+"""
 
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from dicomnode.cli.database import with_session
+from dicomnode.cli.jobs import job_record, parse_since, positive_int
+from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.db import audit
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    Study,
+)
+
+STUDY_STATES = ("receiving", "complete", "purged")
+JOB_STATE_ORDER = tuple(s.value for s in JobState)
+DELIVERY_STATE_ORDER = tuple(
+    s.value for s in (DeliveryState.SENT, DeliveryState.PENDING, DeliveryState.FAILED)
+)
+LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST RECEIVED",
+                "JOBS", "DELIVERIES")  # fmt: skip
+SERIES_HEADERS = ("SERIES", "MODALITY", "STATE", "GEN", "INSTANCES", "BYTES", "FIRST RECEIVED",
+                  "LAST RECEIVED", "COMPLETED", "PURGED", "FROM")  # fmt: skip
+JOB_HEADERS = ("ID", "ROUTE", "MODEL", "STATE", "ATTEMPTS", "CREATED", "STARTED", "FINISHED",
+               "SERIES", "ERROR")  # fmt: skip
+
+
+def study_state(text: str) -> str:
+    """Check a ``studies list --state`` value (for ``argparse``).
+
+    Parameters
+    ----------
+    text : str
+        ``receiving`` (a series is still receiving), ``complete`` or ``purged``
+        (retention deleted the images of every series).
+
+    Returns
+    -------
+    str
+        The state.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If there is no such state (argparse turns it into a one-line usage error).
+    """
+    if text not in STUDY_STATES:
+        raise argparse.ArgumentTypeError(
+            f"unknown study state {text!r} (known: {', '.join(STUDY_STATES)})"
+        )
+    return text
+
+
+def first_line(text: str | None) -> str | None:
+    """Return the first non-empty line of a message, or None.
+
+    Parameters
+    ----------
+    text : str or None
+        A message, possibly of several lines.
+
+    Returns
+    -------
+    str or None
+        Its first line, stripped; None for no message.
+    """
+    if not text:
+        return None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def format_size(size: int | None) -> str:
+    """Format a byte count for a table.
+
+    Parameters
+    ----------
+    size : int or None
+        Bytes.
+
+    Returns
+    -------
+    str
+        ``512 B``, ``3.4 KiB``, ``12.0 MiB``, ``1.2 GiB``, or ``-``.
+    """
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # not reached
+
+
+def format_counts(counts: dict[str, int], order: tuple[str, ...]) -> str:
+    """Format counts per state, e.g. ``2 done, 1 failed``; ``-`` for none.
+
+    Parameters
+    ----------
+    counts : dict[str, int]
+        Count per state name.
+    order : tuple[str, ...]
+        The order in which states are listed.
+
+    Returns
+    -------
+    str
+        The states with a count above zero, in ``order``.
+    """
+    names = [s for s in order if counts.get(s)] + sorted(
+        s for s in counts if s not in order and counts[s]
+    )
+    return ", ".join(f"{counts[s]} {s}" for s in names) or "-"
+
+
+def _state_expression(
+    series: ColumnElement[int], receiving: ColumnElement[int], purged: ColumnElement[int]
+) -> ColumnElement[str]:
+    return case(
+        (receiving > 0, "receiving"),
+        (and_(series > 0, purged == series), "purged"),
+        else_="complete",
+    )
+
+
+def study_summaries(
+    session: Session,
+    *,
+    since: datetime | None = None,
+    accession: str | None = None,
+    patient_id: str | None = None,
+    state: str | None = None,
+    limit: int | None = None,
+    show_phi: bool = False,
+) -> list[dict[str, Any]]:
+    """Return studies newest first (by their latest received instance), summarised.
+
+    Three queries whatever the number of studies: the studies with their series
+    aggregated, then their jobs and their deliveries counted per state.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    since : datetime, optional
+        Only studies that received an instance at or after this moment.
+    accession, patient_id : str, optional
+        Only studies with this accession number or patient ID.
+    state : str, optional
+        ``receiving``, ``complete`` or ``purged`` (see :func:`study_state`).
+    limit : int, optional
+        At most this many.
+    show_phi : bool
+        Include ``patient_id`` and ``accession_number``.
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        One record per study: ``study_uid``, ``state``, ``series``, ``instances``,
+        ``first_received_at``, ``last_received_at``, ``jobs`` and ``deliveries``
+        (counts per state).
+    """
+    series_n = func.count(Series.id)
+    receiving_n = func.coalesce(
+        func.sum(case((Series.state == SeriesState.RECEIVING, 1), else_=0)), 0
+    )
+    purged_n = func.coalesce(func.sum(case((Series.purged_at.is_not(None), 1), else_=0)), 0)
+    first = func.min(Series.first_received_at)
+    last = func.max(Series.last_received_at)
+    state_expr = _state_expression(series_n, receiving_n, purged_n)
+    query = (
+        select(
+            Study.id,
+            Study.study_uid,
+            Study.patient_id,
+            Study.accession_number,
+            series_n.label("series"),
+            func.coalesce(func.sum(Series.instance_count), 0).label("instances"),
+            first.label("first_received_at"),
+            last.label("last_received_at"),
+            state_expr.label("state"),
+        )
+        .select_from(Study)
+        .outerjoin(Series, Series.study_id == Study.id)
+        .group_by(Study.id, Study.study_uid, Study.patient_id, Study.accession_number)
+        .order_by(func.coalesce(last, Study.created_at).desc(), Study.id.desc())
+    )
+    if accession is not None:
+        query = query.where(Study.accession_number == accession)
+    if patient_id is not None:
+        query = query.where(Study.patient_id == patient_id)
+    if since is not None:
+        query = query.having(last >= since)
+    if state is not None:
+        query = query.having(state_expr == state)
+    if limit is not None:
+        query = query.limit(limit)
+    rows = session.execute(query).all()
+    ids = [row.id for row in rows]
+    jobs: dict[int, dict[str, int]] = {i: {} for i in ids}
+    deliveries: dict[int, dict[str, int]] = {i: {} for i in ids}
+    if ids:
+        for study_id, job_state, n in session.execute(
+            select(Series.study_id, Job.state, func.count(Job.id))
+            .join(Series, Job.series_id == Series.id)
+            .where(Series.study_id.in_(ids))
+            .group_by(Series.study_id, Job.state)
+        ):
+            jobs[study_id][JobState(job_state).value] = int(n)
+        for study_id, delivery_state, n in session.execute(
+            select(Series.study_id, Delivery.state, func.count(Delivery.id))
+            .join(Job, Delivery.job_id == Job.id)
+            .join(Series, Job.series_id == Series.id)
+            .where(Series.study_id.in_(ids))
+            .group_by(Series.study_id, Delivery.state)
+        ):
+            deliveries[study_id][DeliveryState(delivery_state).value] = int(n)
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {"study_uid": row.study_uid}
+        if show_phi:
+            record["patient_id"] = row.patient_id
+            record["accession_number"] = row.accession_number
+        record.update(
+            state=row.state,
+            series=int(row.series),
+            instances=int(row.instances),
+            first_received_at=row.first_received_at,
+            last_received_at=row.last_received_at,
+            jobs={s: jobs[row.id][s] for s in JOB_STATE_ORDER if s in jobs[row.id]},
+            deliveries={s: deliveries[row.id].get(s, 0) for s in DELIVERY_STATE_ORDER},
+        )
+        records.append(record)
+    return records
+
+
+def _print_summaries(records: list[dict[str, Any]], show_phi: bool) -> None:
+    phi_headers = ["PATIENT ID", "ACCESSION"] if show_phi else []
+    print_table(
+        [*LIST_HEADERS[:1], *phi_headers, *LIST_HEADERS[1:]],
+        [
+            [
+                r["study_uid"],
+                *([r["patient_id"], r["accession_number"]] if show_phi else []),
+                r["state"],
+                r["series"],
+                r["instances"],
+                format_time(r["first_received_at"]),
+                format_time(r["last_received_at"]),
+                format_counts(r["jobs"], JOB_STATE_ORDER),
+                format_counts(r["deliveries"], DELIVERY_STATE_ORDER),
+            ]
+            for r in records
+        ],
+    )
+
+
+def list_studies(session: Session, args: argparse.Namespace) -> int:
+    """Print studies newest first (``dicomnode studies list``).
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    args : argparse.Namespace
+        ``since``, ``accession``, ``patient_id``, ``state``, ``limit``, ``json`` and
+        ``show_phi``; the filters left None do not apply.
+
+    Returns
+    -------
+    int
+        Exit code 0.
+    """
+    records = study_summaries(
+        session,
+        since=args.since,
+        accession=args.accession,
+        patient_id=args.patient_id,
+        state=args.state,
+        limit=args.limit,
+        show_phi=args.show_phi,
+    )
+    if args.json:
+        print_json(records)
+        return 0
+    if not records:
+        print("no studies")
+        return 0
+    _print_summaries(records, args.show_phi)
+    return 0
+
+
+def _find_study(session: Session, args: argparse.Namespace) -> Study:
+    if args.study is not None:
+        study = session.scalars(select(Study).where(Study.study_uid == args.study)).first()
+        if study is None:
+            raise LookupError(f"no study {args.study}")
+        return study
+    matches = session.scalars(
+        select(Study).where(Study.accession_number == args.accession).order_by(Study.id)
+    ).all()
+    if not matches:
+        # The number itself is patient data: not repeated without --show-phi.
+        shown = f" {args.accession}" if args.show_phi else ""
+        raise LookupError(f"no study with accession number{shown}")
+    if len(matches) > 1:
+        records = study_summaries(session, accession=args.accession, show_phi=args.show_phi)
+        if args.json:
+            print_json({"matches": records})
+        else:
+            _print_summaries(records, args.show_phi)
+        raise LookupError(
+            f"the accession number matches {len(matches)} studies: give a Study Instance UID"
+        )
+    return matches[0]
+
+
+def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, Any]:
+    """Return everything known about one study, as a JSON-ready mapping.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    study : Study
+        The study.
+    show_phi : bool
+        Include ``patient_id`` and ``accession_number``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``study_uid``, ``state``, ``created_at``, ``series`` (each with its counts,
+        bytes, timestamps and the calling AE titles that sent it), ``jobs`` (as
+        ``dicomnode jobs show --json`` has them, outputs, deliveries and history
+        included) and ``timeline`` (the study's audit entries, oldest first).
+    """
+    series_rows = session.scalars(
+        select(Series).where(Series.study_id == study.id).order_by(Series.id)
+    ).all()
+    series_ids = [s.id for s in series_rows]
+    stored: dict[int, tuple[int, int]] = {}
+    senders: dict[str, set[str]] = {s.series_uid: set() for s in series_rows}
+    jobs: list[Job] = []
+    if series_ids:
+        for series_id, n, size in session.execute(
+            select(Instance.series_id, func.count(Instance.id), func.sum(Instance.size_bytes))
+            .where(Instance.series_id.in_(series_ids))
+            .group_by(Instance.series_id)
+        ):
+            stored[series_id] = (int(n), int(size or 0))
+        uids = {s.id: s.series_uid for s in series_rows}
+        for series_id, calling_ae in session.execute(
+            select(Instance.series_id, Instance.calling_ae)
+            .where(Instance.series_id.in_(series_ids), Instance.calling_ae.is_not(None))
+            .distinct()
+        ):
+            senders[uids[series_id]].add(str(calling_ae))
+        jobs = list(
+            session.scalars(
+                select(Job)
+                .where(Job.series_id.in_(series_ids))
+                .options(
+                    selectinload(Job.outputs),
+                    selectinload(Job.deliveries),
+                    selectinload(Job.events),
+                )
+                .order_by(Job.id)
+            )
+        )
+    receiving = sum(1 for s in series_rows if s.state == SeriesState.RECEIVING)
+    purged = sum(1 for s in series_rows if s.purged_at is not None)
+    if receiving:
+        state = "receiving"
+    elif series_rows and purged == len(series_rows):
+        state = "purged"
+    else:
+        state = "complete"
+    record: dict[str, Any] = {"study_uid": study.study_uid}
+    if show_phi:
+        record["patient_id"] = study.patient_id
+        record["accession_number"] = study.accession_number
+    series_records: list[dict[str, Any]] = [
+        {
+            "series_uid": s.series_uid,
+            "modality": s.modality,
+            "state": s.state.value,
+            "generation": s.generation,
+            "instances": s.instance_count,
+            "stored_instances": stored.get(s.id, (0, 0))[0],
+            "bytes": stored.get(s.id, (0, 0))[1],
+            "expected_instances": s.expected_instances,
+            "first_received_at": s.first_received_at,
+            "last_received_at": s.last_received_at,
+            "completed_at": s.completed_at,
+            "purged_at": s.purged_at,
+            "calling_aes": [],
+        }
+        for s in series_rows
+    ]
+    record.update(
+        state=state,
+        created_at=study.created_at,
+        first_received_at=min((s.first_received_at for s in series_rows), default=None),
+        last_received_at=max((s.last_received_at for s in series_rows), default=None),
+        series=series_records,
+        jobs=[job_record(j, detail=True) for j in jobs],
+    )
+    # Last: reading the trail detaches the ORM objects loaded above (audit.entries
+    # expunges after each batch); everything is plain data by now.
+    timeline = list(audit.entries(session, study_uid=study.study_uid))
+    for entry in timeline:
+        # Retention deletes the instance rows; the trail still says who sent them.
+        if entry["event"] == "instances-received" and entry["actor"] and entry["series_uid"]:
+            senders.setdefault(entry["series_uid"], set()).add(entry["actor"])
+    for s in series_records:
+        s["calling_aes"] = sorted(senders.get(s["series_uid"], ()))
+    record["timeline"] = timeline
+    return record
+
+
+def _print_story(record: dict[str, Any], show_phi: bool) -> None:
+    print(f"{'study':<16}{record['study_uid']}")
+    if show_phi:
+        print(f"{'patient id':<16}{record['patient_id'] or '-'}")
+        print(f"{'accession':<16}{record['accession_number'] or '-'}")
+    print(f"{'state':<16}{record['state']}")
+    print(f"{'first seen':<16}{format_time(record['created_at'])}")
+    print(
+        f"{'received':<16}{format_time(record['first_received_at'])} .. "
+        f"{format_time(record['last_received_at'])}"
+    )
+    series = record["series"]
+    print(f"\nseries ({len(series)})")
+    if series:
+        print_table(
+            SERIES_HEADERS,
+            [
+                [
+                    s["series_uid"],
+                    s["modality"],
+                    s["state"],
+                    s["generation"],
+                    s["instances"],
+                    format_size(s["bytes"]),
+                    format_time(s["first_received_at"]),
+                    format_time(s["last_received_at"]),
+                    format_time(s["completed_at"]),
+                    format_time(s["purged_at"]),
+                    ",".join(s["calling_aes"]) or None,
+                ]
+                for s in series
+            ],
+        )
+    jobs = record["jobs"]
+    print(f"\njobs ({len(jobs)})")
+    if jobs:
+        print_table(
+            JOB_HEADERS,
+            [
+                [
+                    j["id"],
+                    j["route"],
+                    f"{j['model']} {j['model_version']}",
+                    j["state"],
+                    f"{j['attempts']}/{j['max_attempts']}",
+                    format_time(j["created_at"]),
+                    format_time(j["started_at"]),
+                    format_time(j["finished_at"]),
+                    j["series_uid"],
+                    first_line(j["last_error"]),
+                ]
+                for j in jobs
+            ],
+        )
+    outputs = [(j["id"], o) for j in jobs for o in j["outputs"]]
+    print(f"\noutputs ({len(outputs)})")
+    if outputs:
+        print_table(
+            ["JOB", "KIND", "SOP INSTANCE UID", "SIZE"],
+            [
+                [job_id, o["kind"], o["sop_instance_uid"], format_size(o["size_bytes"])]
+                for job_id, o in outputs
+            ],
+        )
+    deliveries = [(j["id"], d) for j in jobs for d in j["deliveries"]]
+    print(f"\ndeliveries ({len(deliveries)})")
+    if deliveries:
+        rows = []
+        for job_id, d in deliveries:
+            notes = []
+            if d["last_error"]:
+                notes.append(first_line(d["last_error"]))
+            if d["warning"]:
+                notes.append(f"warning: {first_line(d['warning'])}")
+            if d["commitment_failed"]:
+                notes.append(f"commitment failed: {first_line(d['commitment_failed'])}")
+            rows.append(
+                [
+                    job_id,
+                    d["destination"],
+                    d["state"],
+                    d["attempts"],
+                    format_time(d["sent_at"]),
+                    format_time(d["confirmed_at"]),
+                    "; ".join(n for n in notes if n) or None,
+                ]
+            )
+        print_table(
+            ["JOB", "DESTINATION", "STATE", "ATTEMPTS", "SENT", "CONFIRMED", "ERROR / WARNING"],
+            rows,
+        )
+    timeline = record["timeline"]
+    print(f"\ntimeline ({len(timeline)})")
+    if timeline:
+        print_table(
+            ["TIME", "EVENT", "ACTOR", "PEER", "JOB", "COUNT", "OUTCOME", "DETAIL"],
+            [
+                [
+                    format_time(e["at"]),
+                    e["event"],
+                    e["actor"],
+                    e["peer"],
+                    e["job_id"],
+                    e["count"],
+                    e["outcome"],
+                    e["detail"],
+                ]
+                for e in timeline
+            ],
+        )
+
+
+def show_study(session: Session, args: argparse.Namespace) -> int:
+    """Print one study's whole story (``dicomnode studies show``).
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    args : argparse.Namespace
+        ``study`` (a Study Instance UID) or ``accession``, ``json`` and ``show_phi``.
+
+    Returns
+    -------
+    int
+        Exit code 0.
+
+    Raises
+    ------
+    LookupError
+        If no study matches, or the accession number matches several (which are
+        listed first); the CLI prints one line and exits with 1.
+    """
+    study = _find_study(session, args)
+    record = study_story(session, study, show_phi=args.show_phi)
+    if args.json:
+        print_json(record)
+    else:
+        _print_story(record, args.show_phi)
+    return 0
 
 
 def register(sub: Any) -> None:
-    """Add this module's commands to the ``dicomnode`` parser.
+    """Add ``dicomnode studies`` to the parser.
 
     Parameters
     ----------
     sub : argparse._SubParsersAction
         The top-level subcommands.
     """
-    _ = argparse
+    commands = sub.add_parser(
+        "studies", help="received studies: their series, jobs, deliveries and audit trail"
+    ).add_subparsers(dest="studies_command", required=True, metavar="COMMAND")
+    phi_help = "also print patient ID and accession number (patient data)"
+
+    p = commands.add_parser(
+        "list",
+        help="list studies, newest first (by their latest received instance)",
+        description="Patient ID and accession number filter, but are printed only with "
+        "--show-phi. A study is 'receiving' while a series of it is, 'purged' once "
+        "retention deleted the images of all its series, else 'complete'.",
+    )
+    p.add_argument(
+        "--since",
+        type=parse_since,
+        metavar="WHEN",
+        help="only studies that received an instance since WHEN: an ISO date or date-time "
+        "(UTC unless it says otherwise) or an age such as 2h or 3d",
+    )
+    p.add_argument("--accession", metavar="NUMBER", help="only studies of this accession number")
+    p.add_argument("--patient-id", metavar="ID", help="only studies of this patient ID")
+    p.add_argument(
+        "--state", type=study_state, help="only studies in this state: receiving, complete, purged"
+    )
+    p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show-phi", action="store_true", help=phi_help)
+    p.set_defaults(run=with_session(list_studies))
+
+    p = commands.add_parser(
+        "show",
+        help="one study's whole story: series, jobs, outputs, deliveries, audit timeline",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("study", nargs="?", metavar="STUDY", help="Study Instance UID")
+    which.add_argument(
+        "--accession", metavar="NUMBER", help="the study with this accession number instead"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show-phi", action="store_true", help=phi_help)
+    p.set_defaults(run=with_session(show_study))

@@ -92,7 +92,9 @@ def record_event(
         # The audit trail keeps the start and the end of every job; the steps between
         # are in job_events, which `jobs purge` may remove with the job.
         series = session.get(Series, job.series_id)
-        ended = f" attempt {job.attempts}" + (f": {note}" if note else "")
+        # The first line only: a model's error may carry its own traceback below it.
+        first = note.splitlines()[0] if note else ""
+        ended = f" attempt {job.attempts}" + (f": {first}" if first else "")
         audit.record(
             session,
             "job-queued" if from_state is None else "job-ended",

@@ -161,17 +161,24 @@ def associate(
     if context is not None:
         tls_args = (context, destination.tls_server_name or destination.host)
     connected: list[bool] = []  # whether TCP (and TLS) got through: refused vs aborted
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[
-            (evt.EVT_CONN_OPEN, tune_connection),
-            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
-            *handlers,
-        ],
-        tls_args=tls_args,
-    )
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, tune_connection),
+                (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+                *handlers,
+            ],
+            tls_args=tls_args,
+        )
+    except OSError as exc:  # a host name DNS does not know (socket.gaierror), ...
+        # Retried like a PACS that is down: DNS and routes get fixed without us.
+        raise TransientJobError(
+            f"destination {destination.name}: cannot connect to {destination.host}:"
+            f"{destination.port} ({exc.strerror or type(exc).__name__})"
+        ) from None
     if assoc.is_established:
         return assoc
     name = destination.name

@@ -197,7 +197,8 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
     )
     found: list[Candidate] = []
     for row in session.execute(query):
-        # UTCDateTime does not apply to a MAX() over the column on SQLite: re-read it.
+        # MAX() keeps the column's type, so this is aware already; made sure of, since
+        # a driver that returns an aggregate as text must not make us compare naively.
         last = _aware(row.last_finished)
         states = [JobState.FAILED] if row.failed else []
         verdict = classify(states, last, row.completed_at, row.last_received_at)
