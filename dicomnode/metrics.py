@@ -66,6 +66,8 @@ class _Metrics:
     stage_seconds: Histogram
     inference_seconds: Histogram
     delivery_failures: Counter
+    retention_bytes: Counter
+    retention_series: Counter
 
 
 _active: _Metrics | None = None
@@ -187,12 +189,28 @@ def enable(sessions: sessionmaker[Session], spool: Spool) -> CollectorRegistry:
             ["destination"],
             registry=registry,
         ),
+        retention_bytes=Counter(
+            "dicomnode_retention_deleted_bytes",
+            "Bytes of instances and results retention deleted, by reason: scheduled or "
+            "emergency (this process).",
+            ["reason"],
+            registry=registry,
+        ),
+        retention_series=Counter(
+            "dicomnode_retention_deleted_series",
+            "Series whose instances retention deleted, by reason (this process).",
+            ["reason"],
+            registry=registry,
+        ),
     )
     # Zero series exist from the start, so rate() and alerts see them before the first event.
     for reason in REJECT_REASONS:
         _active.rejected.labels(reason=reason)
     for stage in STAGES:
         _active.stage_seconds.labels(stage=stage)
+    for reason in ("scheduled", "emergency"):
+        _active.retention_bytes.labels(reason=reason)
+        _active.retention_series.labels(reason=reason)
     return registry
 
 
@@ -212,6 +230,22 @@ def instance_stored(size: int) -> None:
         return
     m.instances.inc()
     m.received_bytes.inc(size)
+
+
+def retention_deleted(reason: str, size: int) -> None:
+    """Count a series retention deleted.
+
+    Parameters
+    ----------
+    reason : str
+        ``scheduled`` or ``emergency``.
+    size : int
+        Bytes freed.
+    """
+    m = _active
+    if m is not None:
+        m.retention_series.labels(reason=reason).inc()
+        m.retention_bytes.labels(reason=reason).inc(size)
 
 
 def association_accepted() -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.config import RetentionSettings, StorageSettings
 from dicomnode.db import audit
 from dicomnode.db.engine import transaction
@@ -370,6 +371,8 @@ def run(
         else:
             freed = delete_series(sessions, spool, candidate, why, actor)
         if freed is not None:
+            if not dry_run:
+                metrics.retention_deleted(why.split(":", 1)[0], freed)
             report.freed_bytes += freed
             report.deleted.append({**candidate.record(), "reason": why})
 

@@ -57,7 +57,7 @@ def test_hooks_are_no_ops_when_disabled() -> None:
     metrics.disable()
     metrics.instance_stored(10)
     metrics.association_accepted()
-    metrics.association_rejected(object())
+    metrics.association_rejected("called_ae")
     metrics.job_finished("m", {"inference_s": 1.0})
     metrics.delivery_failed("pacs")
     assert metrics._active is None

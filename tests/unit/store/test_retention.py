@@ -360,3 +360,33 @@ def test_sending_delivery_keeps_series_even_when_its_other_jobs_are_old(sessions
             s.scalar(select(Delivery.state).where(Delivery.job_id == job_id))
             == DeliveryState.PENDING
         )
+
+
+def test_deletions_are_counted_in_the_metrics(tmp_path: Path, sessions, spool: Spool) -> None:
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicomnode.config import MetricsSettings
+    from dicomnode.metrics import MetricsServer
+    from tests.conftest import free_port
+
+    uid, _ = receive(sessions, spool)
+    add_job(sessions, spool, complete(sessions, uid, 9), JobState.DONE, days_ago=8)
+    server = MetricsServer(MetricsSettings(enabled=True, port=free_port()), sessions, spool)
+    server.start()
+    try:
+        freed = retention.run(sessions, spool, RULES, STORAGE).freed_bytes
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+            body = r.read().decode()
+    finally:
+        server.stop()
+    got = {
+        (s.name, s.labels.get("reason")): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    assert got[("dicomnode_retention_deleted_series_total", "scheduled")] == 1
+    assert got[("dicomnode_retention_deleted_bytes_total", "scheduled")] == freed > 0
+    assert got[("dicomnode_retention_deleted_series_total", "emergency")] == 0
