@@ -321,6 +321,8 @@ def _remove_empty_parents(spool: Spool, relative: Path) -> None:
     # incoming/<study>/<series>/ and results/<study>/<series>/: drop them once empty,
     # so the spool's folders keep matching what the database holds.
     for parent in list(relative.parents)[:2]:
+        if len(parent.parts) < 2:
+            return  # never the area itself (incoming/, results/)
         try:
             (spool.root / parent).rmdir()
         except OSError:

@@ -390,3 +390,21 @@ def test_deletions_are_counted_in_the_metrics(tmp_path: Path, sessions, spool: S
     assert got[("dicomnode_retention_deleted_series_total", "scheduled")] == 1
     assert got[("dicomnode_retention_deleted_bytes_total", "scheduled")] == freed > 0
     assert got[("dicomnode_retention_deleted_series_total", "emergency")] == 0
+
+
+def test_the_disk_watch_starts_the_emergency_cleanup(tmp_path: Path, sessions) -> None:
+    from dicomnode.config import parse_settings
+    from dicomnode.queue.scheduler import _watch_disk
+
+    spool = QuotaSpool(tmp_path / "spool", quota=0)
+    uid, paths = receive(sessions, spool)
+    add_job(sessions, spool, complete(sessions, uid, 2), JobState.DONE, days_ago=1)
+    settings = parse_settings(
+        {"storage": {"min_free_mb": 0}, "retention": {"emergency_free_mb": 1}}, environ={}
+    )
+    spool.quota = -spool.free_bytes() + 2**20 + 1  # 1 byte above the threshold: no cleanup
+    _watch_disk(settings, sessions, spool)
+    assert all((spool.root / p).exists() for p in paths)
+    spool.quota -= 2  # now below it
+    _watch_disk(settings, sessions, spool)
+    assert not any((spool.root / p).exists() for p in paths)
