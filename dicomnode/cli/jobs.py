@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -438,9 +439,16 @@ def _act(
         migrate.require_current(engine)
         sessions = session_factory(engine)
         who = f"admin {audit.admin_actor()}"
+        failed = 0
         try:
             for job_id in args.ids:
-                job = action(sessions, job_id, who)
+                # One id in the wrong state does not stop the others: each gets its line.
+                try:
+                    job = action(sessions, job_id, who)
+                except LookupError as exc:
+                    print(f"dicomnode: {exc}", file=sys.stderr)
+                    failed += 1
+                    continue
                 print(f"job {job.id} {verb}")
         finally:
             if verb == "queued again":
@@ -448,7 +456,7 @@ def _act(
                 Announcer(engine, settings.storage.path).announce()
     finally:
         engine.dispose()
-    return 0
+    return 1 if failed else 0
 
 
 def retry_jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -464,7 +472,8 @@ def retry_jobs(settings: Settings, args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        Exit code 0; a job in the wrong state raises a one-line error.
+        0; 1 when a job was unknown or in the wrong state (one line each, the rest
+        still acted on).
     """
     return _act(settings, args, jobs.retry, "queued again")
 
@@ -482,7 +491,8 @@ def cancel_jobs(settings: Settings, args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        Exit code 0; a job in the wrong state raises a one-line error.
+        0; 1 when a job was unknown or in the wrong state (one line each, the rest
+        still acted on).
     """
     return _act(settings, args, jobs.cancel, "cancelled")
 

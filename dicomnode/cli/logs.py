@@ -11,13 +11,50 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pydicom
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# UTC, like every time the CLI prints and the database stores: one clock to compare.
+FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+# systemd's journal reads a "<N>" prefix on a line as its syslog priority, so that
+# `journalctl -p warning` works; JOURNAL_STREAM is set when stderr is the journal.
+_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class TextFormatter(logging.Formatter):
+    """One line per event in UTC, with a journald priority prefix under systemd."""
+
+    converter = staticmethod(time.gmtime)
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__(FORMAT, DATE_FORMAT)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the line, prefixed with ``<priority>`` when writing to the journal.
+
+        Parameters
+        ----------
+        record : logging.LogRecord
+            The record.
+
+        Returns
+        -------
+        str
+            The line (and a traceback below it, if any).
+        """
+        line = super().format(record)
+        if self.journal:
+            return f"<{_PRIORITY.get(record.levelname, 6)}>{line}"
+        return line
+
+
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -71,7 +108,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(journal))
     root.addHandler(handler)
     root.setLevel(level)
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -84,7 +85,7 @@ def _run_until(node: Node, settings: Settings, stop: threading.Event) -> None:
         __version__,
         f"{settings.listener.ae_title}@{node.listener.port}" if node.listener else "off",
         len(node.workers),
-        ",".join(sorted(node.models)) or "-",
+        (",".join(sorted(node.models)) if node.workers else "") or "-",
     )
     while not stop.wait(1.0):
         pass
@@ -408,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # `dicomnode audit export | head`: the reader has what it wanted. Point stdout
+        # at /dev/null so that the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except Exception as exc:
         # A database that is down, a full disk: still one line, with the detail at DEBUG.

@@ -31,6 +31,7 @@ from dicomnode.queue import wakeup
 EXIT_HEALTHY, EXIT_ATTENTION = 0, 1
 LAST_ERRORS = 5
 RECENT_FAILURES = timedelta(hours=1)
+STALLED_AFTER = timedelta(minutes=10)
 VERIFICATION = "1.2.840.10008.1.1"
 # Notes of a job going back to the queue that are not errors: a worker that stops
 # gives its job back, and a route waiting for another model's verdict postpones it.
@@ -221,6 +222,12 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
         .group_by(Delivery.state)
     ):
         deliveries[DeliveryState(delivery_state).value] = int(count)
+    # Runnable for a while and still not claimed: no worker runs, or none takes this model.
+    stalled = session.scalar(
+        select(func.count()).where(
+            Job.state == JobState.QUEUED, Job.run_after <= now - STALLED_AFTER
+        )
+    )
     failed_recently = session.scalar(
         select(func.count()).where(
             Job.state == JobState.FAILED, Job.finished_at >= now - RECENT_FAILURES
@@ -242,6 +249,7 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
         },
         "deliveries": deliveries,
         "failed_last_hour": int(failed_recently or 0),
+        "stalled": int(stalled or 0),
         "disk": _disk(settings.storage.path, settings.storage.min_free_mb),
         "last_errors": _last_errors(session),
     }
@@ -271,6 +279,12 @@ def problems(report: dict[str, Any]) -> list[str]:
         )
     if report["deliveries"]["failed"]:
         found.append(f"{report['deliveries']['failed']} delivery(ies) failed")
+    if report.get("stalled"):
+        found.append(
+            f"{report['stalled']} job(s) could have run for over "
+            f"{int(STALLED_AFTER.total_seconds() // 60)} min and no worker took them: are "
+            "workers running, and do they take these models (worker.models)?"
+        )
     if report["failed_last_hour"]:
         found.append(f"{report['failed_last_hour']} job(s) failed in the last hour")
     return found

@@ -237,7 +237,7 @@ class ImportReport:
     studies: set[str] = field(default_factory=set)
     problems: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None
-    # series UID -> [study UID, instances, bytes], for the audit trail
+    # series UID -> [study UID, instances, bytes, identical resends], for the audit trail
     per_series: dict[str, list[Any]] = field(default_factory=dict)
 
     def add(self, source: SourceFile, result: Imported | Problem) -> None:
@@ -260,8 +260,9 @@ class ImportReport:
         self.replaced += result.replaced
         self.series.add(result.series_uid)
         self.studies.add(result.study_uid)
-        tally = self.per_series.setdefault(result.series_uid, [result.study_uid, 0, 0])
+        tally = self.per_series.setdefault(result.series_uid, [result.study_uid, 0, 0, 0])
         tally[1] += 1
+        tally[3] += result.duplicate
         # A source that went away after it was imported still counts, without its size.
         with contextlib.suppress(OSError):
             tally[2] += source.path.stat().st_size
@@ -442,7 +443,7 @@ def _audit_import(sessions: sessionmaker[Session], report: ImportReport, calling
         return
     actor = f"admin {audit.admin_actor()}"
     with transaction(sessions) as session:
-        for series_uid, (study_uid, count, size) in report.per_series.items():
+        for series_uid, (study_uid, count, size, dupes) in report.per_series.items():
             audit.record(
                 session,
                 "instances-imported",
@@ -451,7 +452,8 @@ def _audit_import(sessions: sessionmaker[Session], report: ImportReport, calling
                 series_uid=series_uid,
                 count=count,
                 size_bytes=size,
-                detail=f"dicomnode import as calling AE {calling_ae}",
+                detail=f"dicomnode import as calling AE {calling_ae}"
+                + (f"; {dupes} identical to what was stored" if dupes else ""),
             )
 
 
@@ -929,6 +931,9 @@ def send_command(settings: Settings, args: argparse.Namespace) -> int:
     progress = Progress(len(planned), _show_progress(args))
     try:
         send_planned(destination, planned, settings.listener.ae_title, report, progress)
+    except Exception as exc:  # unreachable: the attempt is recorded all the same
+        _audit_send(settings, source, destination, report.record(), f"{exc}".splitlines()[0])
+        raise
     finally:
         _end_progress(progress)
     record = report.record()

@@ -764,10 +764,15 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
         job.last_error = None
         job.updated_at = now
         # A fresh delivery window too: the outage that failed the job is not held
-        # against the retry an admin asked for.
+        # against the retry an admin asked for. Retrying a job that was done means
+        # "send it again" (a PACS lost it): every destination gets the stored results
+        # once more, under the same UIDs, so nothing is duplicated there.
+        reopen = Delivery.job_id == job_id
+        if before != JobState.DONE:
+            reopen = reopen & (Delivery.state != DeliveryState.SENT)
         session.execute(
             update(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state != DeliveryState.SENT)
+            .where(reopen)
             .values(state=DeliveryState.PENDING, created_at=now, attempts=0)
         )
         record_event(session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}")

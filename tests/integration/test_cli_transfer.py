@@ -21,6 +21,7 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from dicomnode.config import load_settings
+from dicomnode.db import audit
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Delivery, Instance, Job, JobState, Output, Series, SeriesState
 from dicomnode.inference.registry import load_registry
@@ -226,6 +227,18 @@ def test_send_to_a_closed_port_is_one_line(
         code, out, err = run(capsys, config, "send", str(tmp_path / "out"), "pacs", *extra)
         assert code == 1 and out == ""
         assert one_line(err) == f"dicomnode: destination pacs: cannot connect to 127.0.0.1:{port}"
+    # Both tries are in the audit trail, as failures.
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    try:
+        with session_factory(engine)() as s:
+            tries = list(audit.entries(s, events=("results-resent",)))
+    finally:
+        engine.dispose()
+    assert [(t["outcome"], t["count"], t["destination"]) for t in tries] == [
+        ("failure", 0, "pacs"),
+        ("failure", 0, "pacs"),
+    ]
+    assert "cannot connect" in tries[0]["detail"]
 
 
 def test_send_a_jobs_outputs_to_orthanc_leaves_its_deliveries_alone(

@@ -79,3 +79,22 @@ def test_json_lines_carry_the_job_outcome_fields(
         "done",
     )
     assert data["stages"] == {"inference_s": 1.235} and data["seconds"] >= 0
+
+
+def test_text_lines_are_utc_and_carry_a_journal_priority_under_systemd(
+    capfd: pytest.CaptureFixture[str], restore_pydicom: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    setup_logging("INFO")
+    logging.getLogger("dicomnode").warning("plain")
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    setup_logging("INFO")
+    logging.getLogger("dicomnode").warning("journal")
+    logging.getLogger("dicomnode").error("bad")
+    _, err = capfd.readouterr()
+    plain, journal, bad = err.splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(rf"{stamp} WARNING dicomnode: plain", plain)
+    assert re.fullmatch(rf"<4>{stamp} WARNING dicomnode: journal", journal)
+    assert bad.startswith("<3>")

@@ -173,6 +173,10 @@ def test_db_commands_on_both_databases(
     assert history[-1]["note"].startswith("cancelled by admin ")
     code, _, err = run(capsys, "--config", config, "jobs", "retry", "424242")
     assert code == 1 and err.strip() == "dicomnode: no job with id 424242"
+    # Several ids: a bad one gets its line and the others are still acted on.
+    code, out, err = run(capsys, "--config", config, "jobs", "retry", "424242", str(job_id))
+    assert code == 1 and err.strip() == "dicomnode: no job with id 424242"
+    assert out.strip() == f"job {job_id} queued again"
 
 
 def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,10 @@ def test_problems_need_attention(
     with transaction(sessions) as s:
         s.execute(update(Job).where(Job.id == stale).values(lease_expires_at=utcnow()))
     queued = enqueue("waiting")
+    with transaction(sessions) as s:  # runnable for 20 minutes, and nobody took it
+        s.execute(
+            update(Job).where(Job.id == queued).values(run_after=utcnow() - timedelta(minutes=20))
+        )
 
     # A worker process waiting for work: registered in spool/run/wake (SQLite) or
     # LISTENing (PostgreSQL).
@@ -138,10 +143,12 @@ def test_problems_need_attention(
         (failed, "broken", "failed", "weights unreadable"),
     ]
     problems = report["problems"]
-    assert len(problems) == 4
+    assert len(problems) == 5 and report["stalled"] == 1  # the retrying one waits its backoff
     assert problems[0].startswith("listener down: DICOMNODE@127.0.0.1:")
     assert problems[1].startswith("disk: ") and "below storage.min_free_mb" in problems[1]
-    assert problems[2:] == ["1 delivery(ies) failed", "1 job(s) failed in the last hour"]
+    assert problems[2] == "1 delivery(ies) failed"
+    assert problems[3].startswith("1 job(s) could have run for over 10 min and no worker")
+    assert problems[4] == "1 job(s) failed in the last hour"
     assert report["oldest_queued"]["job_id"] != queued  # the newer queued job is not the oldest
 
     lines = out.splitlines()

@@ -369,3 +369,28 @@ def test_repeated_waits_for_the_same_reason_are_one_wait_in_the_history(
     ]
     job = state(sessions, job_id)
     assert job.state == JobState.DONE and job.attempts == 1
+
+
+def test_retrying_a_done_job_sends_it_again_everywhere(sessions, series_id: int) -> None:
+    failed_id = add_job(sessions, series_id, "failed-one", max_attempts=1)
+    done_id = add_job(sessions, series_id, "done-one")
+    for job_id in (failed_id, done_id):
+        with transaction(sessions) as s:
+            s.add(Delivery(job_id=job_id, destination="pacs", state="sent", attempts=1))
+            s.add(Delivery(job_id=job_id, destination="archive", state="failed", attempts=4))
+    claim = jobs.claim(sessions, "w1", 60, only_models=["failed-one"])
+    jobs.fail(sessions, claim, "refused", retryable=False, base_seconds=1)
+    claim = jobs.claim(sessions, "w1", 60, only_models=["done-one"])
+    assert jobs.finish(sessions, claim)
+    jobs.retry(sessions, failed_id)
+    jobs.retry(sessions, done_id)
+    with sessions() as s:
+        got = {
+            (d.job_id, d.destination): (d.state, d.attempts) for d in s.scalars(select(Delivery))
+        }
+    assert got == {
+        (failed_id, "pacs"): ("sent", 1),  # it has them: only the others get them again
+        (failed_id, "archive"): ("pending", 0),
+        (done_id, "pacs"): ("pending", 0),  # asked for again: "send it again"
+        (done_id, "archive"): ("pending", 0),
+    }
