@@ -27,6 +27,7 @@ from dicomnode.db.models import (
     utcnow,
 )
 from dicomnode.queue.wakeup import Announcer
+from dicomnode.store.spool import Spool
 
 STAGES = (
     "receive_s",
@@ -501,17 +502,40 @@ def cancel_jobs(settings: Settings, args: argparse.Namespace) -> int:
 _CHUNK = 500
 
 
+def _result_files(session: Session, job_ids: list[int]) -> list[str]:
+    """Return the result files of these jobs that no other job's output names."""
+    paths: set[str] = set()
+    for start in range(0, len(job_ids), _CHUNK):
+        chunk = job_ids[start : start + _CHUNK]
+        paths.update(session.scalars(select(Output.path).where(Output.job_id.in_(chunk))))
+    if not paths:
+        return []
+    # A re-run of identical input makes identical objects, at the same path.
+    purged, shared = set(job_ids), set[str]()
+    ordered = sorted(paths)
+    for start in range(0, len(ordered), _CHUNK):
+        rows = session.execute(
+            select(Output.path, Output.job_id).where(
+                Output.path.in_(ordered[start : start + _CHUNK])
+            )
+        )
+        shared.update(path for path, job_id in rows if job_id not in purged)
+    return sorted(paths - shared)
+
+
 def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
     """Delete the rows of ended jobs older than an age (``dicomnode jobs purge``).
 
     A job's age is counted from when it ended (``finished_at``; ``updated_at`` for a
     row without one). Its history, output and delivery rows go with it, in one
-    transaction; the files in the spool stay (retention deletes those).
+    transaction, then the result files only they named (our copies of what was sent;
+    nothing could refer to them any more). Received instances stay: retention deletes
+    those, by its own rules.
 
     Parameters
     ----------
     settings : Settings
-        The database.
+        The database and the spool.
     args : argparse.Namespace
         ``state`` (done, failed or cancelled), ``older_than`` (a timedelta),
         ``dry_run`` and ``json``.
@@ -525,12 +549,14 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
     ended = func.coalesce(Job.finished_at, Job.updated_at)
     query = select(Job).where(Job.state == JobState(args.state), ended < cutoff).order_by(Job.id)
     engine = make_engine(settings.database.url)
+    files: list[str] = []
     try:
         migrate.require_current(engine)
         sessions = session_factory(engine)
         if args.dry_run:
             with sessions() as session:
                 doomed = [job_record(j, detail=False) for j in session.scalars(query)]
+                files = _result_files(session, [r["id"] for r in doomed])
         else:
             with transaction(sessions) as session:
                 # Locked, so that a job retried meanwhile (no longer ended) is not deleted;
@@ -538,6 +564,7 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
                 picked = session.scalars(query.with_for_update(skip_locked=True)).all()
                 doomed = [job_record(j, detail=False) for j in picked]
                 ids = [r["id"] for r in doomed]
+                files = _result_files(session, ids)
                 for start in range(0, len(ids), _CHUNK):
                     chunk = ids[start : start + _CHUNK]
                     for child in (JobEvent, Output, Delivery):
@@ -550,13 +577,34 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
                         actor=f"admin {audit.admin_actor()}",
                         count=len(ids),
                         detail=f"jobs purge --state {args.state} older than "
-                        f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}",
+                        f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}, "
+                        f"{len(files)} result file(s)",
                     )
+            # After the commit: a rollback must not have lost a file a row still names.
+            spool = Spool(settings.storage.path)
+            for path in files:
+                spool.remove(path)
     finally:
         engine.dispose()
     if args.json:
-        print_json({"dry_run": args.dry_run, "count": len(doomed), "jobs": doomed})
+        print_json(
+            {"dry_run": args.dry_run, "count": len(doomed), "jobs": doomed, "files": len(files)}
+        )
         return 0
+    if args.dry_run and doomed:
+        print_table(
+            ["ID", "STATE", "MODEL", "ROUTE", "FINISHED"],
+            [
+                [r["id"], r["state"], r["model"], r["route"], format_time(r["finished_at"])]
+                for r in doomed
+            ],
+        )
+    verb = "would purge" if args.dry_run else "purged"
+    print(
+        f"{verb} {len(doomed)} {args.state} job(s) ended before {format_time(cutoff)} UTC "
+        f"and {len(files)} result file(s); received instances are left to retention"
+    )
+    return 0
     if args.dry_run and doomed:
         print_table(
             ["ID", "STATE", "MODEL", "ROUTE", "FINISHED"],

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cancel_jobs)
     p = jobs.add_parser(
         "purge",
-        help="delete the database rows of ended jobs older than an age (not their files)",
+        help="delete ended jobs older than an age: their rows and result files",
     )
     p.add_argument("--state", type=ended_state, required=True, help="done, failed or cancelled")
     p.add_argument(

@@ -167,7 +167,8 @@ def test_purge(filled, sessions, capsys: pytest.CaptureFixture[str]) -> None:
     header, row, summary = out.splitlines()
     assert header.split() == ["ID", "STATE", "MODEL", "ROUTE", "FINISHED"]
     assert row.split()[:4] == [str(done), "done", "lung", "chest"]
-    assert summary.startswith("would purge 1 done job(s)") and "spool files are kept" in summary
+    assert summary.startswith("would purge 1 done job(s)")
+    assert "result file(s); received instances are left to retention" in summary
     assert _count(sessions, Job, done) == 1  # a dry run changes nothing
 
     code, out, _ = run(
@@ -179,8 +180,18 @@ def test_purge(filled, sessions, capsys: pytest.CaptureFixture[str]) -> None:
 
     for model in (Job, JobEvent, Output, Delivery):
         assert _count(sessions, model, done) > 0
+    # The done job's result file goes with it; one another job's output also names stays.
+    spool = Path(config).parent / "spool"
+    (spool / "out").mkdir(parents=True)
+    (spool / "out/x.dcm").write_bytes(b"seg")
+    (spool / "out/shared.dcm").write_bytes(b"sr")
+    with transaction(sessions) as s:
+        for job_id in (done, ids["queued"]):
+            s.add(Output(job_id=job_id, kind="sr", sop_class_uid="1.2", sop_instance_uid="1.2.5",
+                         series_uid="1.2.6", path="out/shared.dcm", size_bytes=2))  # fmt: skip
     code, out, _ = run(capsys, *purge, "--state", "done", "--older-than", "7d", "--json")
-    assert code == 0 and json.loads(out)["count"] == 1
+    assert code == 0 and json.loads(out)["count"] == 1 and json.loads(out)["files"] == 1
+    assert not (spool / "out/x.dcm").exists() and (spool / "out/shared.dcm").exists()
     for model in (Job, JobEvent, Output, Delivery):
         assert _count(sessions, model, done) == 0
     # The other jobs are untouched: not done, or not old enough.
