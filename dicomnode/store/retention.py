@@ -305,7 +305,8 @@ def delete_series(
         )
     for path, _ in [*paths, *results]:
         spool.remove(path)
-        _remove_empty_parents(spool, Path(path))
+    for folder in sorted({Path(p).parent for p, _ in [*paths, *results]}, reverse=True):
+        _remove_empty_parents(spool, folder / "x")
     log.info(
         "retention deleted series_uid=%s instances=%d results=%d bytes=%d reason=%s",
         candidate.series_uid,
