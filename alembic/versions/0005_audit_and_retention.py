@@ -75,5 +75,6 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION dicomnode_audit_append_only()")
     else:
         op.drop_table("audit_events")  # its triggers go with it
-    with op.batch_alter_table("series") as batch:
-        batch.drop_column("purged_at")
+    # Plain ALTER TABLE (SQLite 3.35+ drops a column in place): a batch rebuild of
+    # `series` would trip the foreign keys of the instances and jobs that point at it.
+    op.execute("ALTER TABLE series DROP COLUMN purged_at")

@@ -605,17 +605,3 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
         f"and {len(files)} result file(s); received instances are left to retention"
     )
     return 0
-    if args.dry_run and doomed:
-        print_table(
-            ["ID", "STATE", "MODEL", "ROUTE", "FINISHED"],
-            [
-                [r["id"], r["state"], r["model"], r["route"], format_time(r["finished_at"])]
-                for r in doomed
-            ],
-        )
-    verb = "would purge" if args.dry_run else "purged"
-    print(
-        f"{verb} {len(doomed)} {args.state} job(s) ended before {format_time(cutoff)} UTC "
-        "(database rows only; spool files are kept)"
-    )
-    return 0

@@ -90,6 +90,17 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+def _stderr_is_the_journal() -> bool:
+    # systemd sets JOURNAL_STREAM to the device and inode of the journal's stream; a
+    # child whose stderr went elsewhere (a file, a pipe) inherits the variable too.
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Send logs to stderr at ``level``, as text or JSON lines.
 
@@ -108,7 +119,7 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    journal = _stderr_is_the_journal()
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(journal))
     root.addHandler(handler)
     root.setLevel(level)

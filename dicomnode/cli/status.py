@@ -32,6 +32,7 @@ EXIT_HEALTHY, EXIT_ATTENTION = 0, 1
 LAST_ERRORS = 5
 RECENT_FAILURES = timedelta(hours=1)
 STALLED_AFTER = timedelta(minutes=10)
+FAILED_DELIVERIES = timedelta(days=1)
 VERIFICATION = "1.2.840.10008.1.1"
 # Notes of a job going back to the queue that are not errors: a worker that stops
 # gives its job back, and a route waiting for another model's verdict postpones it.
@@ -222,6 +223,14 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
         .group_by(Delivery.state)
     ):
         deliveries[DeliveryState(delivery_state).value] = int(count)
+    # Failed deliveries of jobs that changed in the last day: a failure an admin has
+    # looked at and left (the job failed for good a month ago) does not stay a problem.
+    failed_deliveries = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .join(Job, Delivery.job_id == Job.id)
+        .where(Delivery.state == DeliveryState.FAILED, Job.updated_at >= now - FAILED_DELIVERIES)
+    )
     # Runnable for a while and still not claimed: no worker runs, or none takes this model.
     stalled = session.scalar(
         select(func.count()).where(
@@ -250,6 +259,7 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
         "deliveries": deliveries,
         "failed_last_hour": int(failed_recently or 0),
         "stalled": int(stalled or 0),
+        "deliveries_failed_last_day": int(failed_deliveries or 0),
         "disk": _disk(settings.storage.path, settings.storage.min_free_mb),
         "last_errors": _last_errors(session),
     }
@@ -277,8 +287,9 @@ def problems(report: dict[str, Any]) -> list[str]:
             f"disk: {disk['free_mb']} MiB free, below storage.min_free_mb "
             f"({disk['min_free_mb']} MiB): the listener refuses instances"
         )
-    if report["deliveries"]["failed"]:
-        found.append(f"{report['deliveries']['failed']} delivery(ies) failed")
+    recent = report.get("deliveries_failed_last_day", report["deliveries"]["failed"])
+    if recent:
+        found.append(f"{recent} delivery(ies) failed")
     if report.get("stalled"):
         found.append(
             f"{report['stalled']} job(s) could have run for over "

@@ -495,15 +495,18 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
         )
         files = find_files(args.paths, exclude=spool_root)
         progress = Progress(len(files), _show_progress(args))
-        for source in files:
-            try:
-                report.add(source, import_file(ingestor, source.path, args.calling_ae))
-            except OutOfResources as exc:
-                report.stopped = str(exc)
-                break
-            progress.advance()
-        _end_progress(progress)
-        _audit_import(session_factory(engine), report, args.calling_ae)
+        try:
+            for source in files:
+                try:
+                    report.add(source, import_file(ingestor, source.path, args.calling_ae))
+                except OutOfResources as exc:
+                    report.stopped = str(exc)
+                    break
+                progress.advance()
+        finally:
+            # Interrupted (Ctrl-C) or not: what was stored is in the trail.
+            _end_progress(progress)
+            _audit_import(session_factory(engine), report, args.calling_ae)
     finally:
         engine.dispose()
     log.debug(

@@ -167,6 +167,10 @@ def entries(
         if job_id is not None:
             query = query.where(AuditEvent.job_id == job_id)
         rows = session.execute(query.limit(batch)).all()
+        # End the read transaction before the rows are handed out: on SQLite every
+        # transaction holds the write lock (BEGIN IMMEDIATE), and an export piped into
+        # `less` must not keep the listener from committing what it receives.
+        session.rollback()
         if not rows:
             return
         for row in rows:

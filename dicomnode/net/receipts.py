@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +45,24 @@ class _AssociationTally:
     first_refusal: str | None = None
 
 
+# A peer refused again within this many seconds adds to one entry instead of its own:
+# a modality retrying in a loop, or a port scanner, must not grow the trail without end.
+REJECTION_WINDOW_SECONDS = 60.0
+
+
+@dataclass
+class _Rejections:
+    first: float
+    more: int = 0
+
+
 class Receipts:
     """Tally what each association stored or refused, and write it to the trail.
+
+    Tallies are keyed by the association object, weakly: one that ends without a
+    close event cannot leak, and a new association never inherits an old one's
+    counts. An instance whose store finishes after its association closed (the
+    sender gave up mid-store) gets an entry of its own.
 
     Parameters
     ----------
@@ -55,13 +73,14 @@ class Receipts:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
         self._lock = threading.Lock()
-        self._open: dict[int, _AssociationTally] = {}
+        self._open: weakref.WeakKeyDictionary[Any, _AssociationTally] = weakref.WeakKeyDictionary()
+        self._closed: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._rejections: dict[tuple[str, str, str, str], _Rejections] = {}
 
     def _tally(self, assoc: Any, calling_ae: str, peer: str) -> _AssociationTally:
-        key = id(assoc)
-        tally = self._open.get(key)
+        tally = self._open.get(assoc)
         if tally is None:
-            tally = self._open[key] = _AssociationTally(calling_ae, peer)
+            tally = self._open[assoc] = _AssociationTally(calling_ae, peer)
         return tally
 
     def stored(self, assoc: Any, calling_ae: str, peer: str, outcome: StoreOutcome) -> None:
@@ -77,7 +96,12 @@ class Receipts:
             What the ingestor did with it.
         """
         with self._lock:
-            tally = self._tally(assoc, calling_ae, peer)
+            late = assoc in self._closed
+            tally = (
+                _AssociationTally(calling_ae, peer)
+                if late
+                else self._tally(assoc, calling_ae, peer)
+            )
             series = tally.series.get(outcome.series_uid)
             if series is None:
                 series = tally.series[outcome.series_uid] = _SeriesTally(outcome.study_uid)
@@ -85,6 +109,8 @@ class Receipts:
             series.size_bytes += outcome.size_bytes
             series.duplicates += outcome.duplicate
             series.replaced += outcome.replaced
+        if late:
+            self._write(tally)
 
     def refused(self, assoc: Any, calling_ae: str, peer: str, reason: str) -> None:
         """Count an instance we refused (the reason has no patient data).
@@ -99,10 +125,17 @@ class Receipts:
             Why, as the status comment said.
         """
         with self._lock:
-            tally = self._tally(assoc, calling_ae, peer)
+            late = assoc in self._closed
+            tally = (
+                _AssociationTally(calling_ae, peer)
+                if late
+                else self._tally(assoc, calling_ae, peer)
+            )
             tally.refused += 1
             if tally.first_refusal is None:
                 tally.first_refusal = reason
+        if late:
+            self._write(tally)
 
     def closed(self, assoc: Any) -> None:
         """Write the entries of an association that ended (released, aborted or dropped).
@@ -113,9 +146,12 @@ class Receipts:
             The association.
         """
         with self._lock:
-            tally = self._open.pop(id(assoc), None)
-        if tally is None:
-            return  # nothing was sent: an echo, or a rejected association
+            tally = self._open.pop(assoc, None)
+            self._closed.add(assoc)
+        if tally is not None:  # None: nothing was sent (an echo, a rejected association)
+            self._write(tally)
+
+    def _write(self, tally: _AssociationTally) -> None:
         try:
             with transaction(self.sessions) as session:
                 for series_uid, series in tally.series.items():
@@ -162,15 +198,51 @@ class Receipts:
         reason : str
             called_ae, calling_ae, too_many or address.
         """
+        key = (calling_ae, called_ae, peer, reason)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._rejections.get(key)
+            if seen is not None and now - seen.first < REJECTION_WINDOW_SECONDS:
+                seen.more += 1  # written once its window has passed
+                return
+            self._rejections[key] = _Rejections(now)
+            due = self._take_expired(now, keep=key)
+        self._write_rejections([(key, 0), *due])
+
+    def flush(self) -> None:
+        """Write the rejections still counted in their window (the listener stops)."""
+        with self._lock:
+            due = self._take_expired(float("inf"))
+        self._write_rejections(due)
+
+    def _take_expired(
+        self, now: float, keep: tuple[str, str, str, str] | None = None
+    ) -> list[tuple[tuple[str, str, str, str], int]]:
+        due = []
+        for key, seen in list(self._rejections.items()):
+            if key == keep or now - seen.first < REJECTION_WINDOW_SECONDS:
+                continue
+            if seen.more:
+                due.append((key, seen.more))
+            del self._rejections[key]  # bounded: a scan from many addresses is forgotten
+        return due
+
+    def _write_rejections(self, items: list[tuple[tuple[str, str, str, str], int]]) -> None:
+        if not items:
+            return
         try:
             with transaction(self.sessions) as session:
-                audit.record(
-                    session,
-                    "association-rejected",
-                    outcome="failure",
-                    actor=calling_ae,
-                    peer=peer,
-                    detail=f"reason {reason}; called AE {called_ae}",
-                )
+                # 0: this one rejection; N > 0: N more since the first of their minute.
+                for (calling_ae, called_ae, peer, reason), more in items:
+                    audit.record(
+                        session,
+                        "association-rejected",
+                        outcome="failure",
+                        actor=calling_ae,
+                        peer=peer,
+                        count=more or 1,
+                        detail=f"reason {reason}; called AE {called_ae}"
+                        + (f"; {more} more within a minute of the entry before" if more else ""),
+                    )
         except Exception as exc:
             log.error("audit: cannot record a rejected association: %s", type(exc).__name__)

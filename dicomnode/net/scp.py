@@ -253,6 +253,7 @@ class Listener:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
         self.ae.shutdown()
+        self._receipts.flush()
         log.info("listener stopped")
 
     def _peer_allowed(self, address: str) -> bool:

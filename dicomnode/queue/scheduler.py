@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -67,8 +68,10 @@ def _expire_and_ring(
         doorbell.announce()  # the re-opened deliveries' jobs re-send now
 
 
-def _retention(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
-    retention.run(
+def _retention(
+    settings: Settings, sessions: sessionmaker[Session], spool: Spool
+) -> retention.Report:
+    return retention.run(
         sessions,
         spool,
         settings.retention,
@@ -77,14 +80,46 @@ def _retention(settings: Settings, sessions: sessionmaker[Session], spool: Spool
     )
 
 
-def _watch_disk(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
-    threshold = settings.retention.emergency_free_bytes(settings.storage)
-    if threshold and spool.free_bytes() < threshold:
+class _DiskWatch:
+    """Start the emergency cleanup when the spool runs low, and not in a tight loop.
+
+    When a cleanup found nothing more it may delete, the next one waits for
+    ``RETRY_SECONDS`` (or until free space drops further): what it would find is the
+    same, and the listener's watermark keeps the disk safe meanwhile.
+    """
+
+    RETRY_SECONDS = 300.0
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
+        self.settings, self.sessions, self.spool = settings, sessions, spool
+        self._short_since: float | None = None
+        self._short_free = 0
+
+    def __call__(self) -> None:
+        threshold = self.settings.retention.emergency_free_bytes(self.settings.storage)
+        free = self.spool.free_bytes()
+        if not threshold or free >= threshold:
+            self._short_since = None
+            return
+        if (
+            self._short_since is not None
+            and time.monotonic() - self._short_since < self.RETRY_SECONDS
+            and free >= self._short_free
+        ):
+            return
         log.warning(
             "spool below retention.emergency_free_mb (%d MiB free): emergency cleanup",
-            spool.free_bytes() // 2**20,
+            free // 2**20,
         )
-        _retention(settings, sessions, spool)
+        report = _retention(self.settings, self.sessions, self.spool)
+        if report.still_short:
+            self._short_since, self._short_free = time.monotonic(), self.spool.free_bytes()
+        else:
+            self._short_since = None
+
+
+def _watch_disk(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
+    _DiskWatch(settings, sessions, spool)()
 
 
 def make_scheduler(
@@ -153,7 +188,7 @@ def make_scheduler(
             )
             if settings.retention.emergency:
                 scheduler.add_job(
-                    _guarded("disk-watch", lambda: _watch_disk(settings, sessions, spool)),
+                    _guarded("disk-watch", _DiskWatch(settings, sessions, spool)),
                     "interval",
                     seconds=DISK_WATCH_SECONDS,
                     id="disk-watch",

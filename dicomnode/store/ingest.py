@@ -424,6 +424,20 @@ _INSERT_INSTANCE = text(
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
+def _reopen(session: Session, series: Series) -> Series:
+    """Re-open a complete series for a late or corrected instance; its jobs run again."""
+    series.state = SeriesState.RECEIVING
+    series.generation += 1
+    cancelled = cancel_superseded(session, series.id, series.generation)
+    log.info(
+        "series reopened series_uid=%s generation=%d cancelled_jobs=%d",
+        series.series_uid,
+        series.generation,
+        cancelled,
+    )
+    return series
+
+
 class _SlowPath(Exception):
     """The fast insert does not apply (new series, re-opened series, known instance)."""
 
@@ -742,19 +756,17 @@ class Ingestor:
             )
             session.add(series)
             session.flush()
-        elif (series.expected_instances or 0) != (header.expected_instances or 0):
-            series.expected_instances = -1
-        elif series.state == SeriesState.COMPLETE:
-            # A late or corrected instance: run the series' jobs again when it settles.
-            series.state = SeriesState.RECEIVING
-            series.generation += 1
-            cancelled = cancel_superseded(session, series.id, series.generation)
-            log.info(
-                "series reopened series_uid=%s generation=%d cancelled_jobs=%d",
-                series.series_uid,
-                series.generation,
-                cancelled,
-            )
+        else:
+            if series.purged_at is not None:
+                # Retention deleted its images: what arrives now is the series anew (a
+                # PACS pushing the study again), counted from zero, and kept again.
+                series.purged_at = None
+                series.expected_instances = header.expected_instances
+                series.first_received_at = now
+            elif (series.expected_instances or 0) != (header.expected_instances or 0):
+                series.expected_instances = -1
+            if series.state == SeriesState.COMPLETE:
+                series = _reopen(session, series)
         series.last_received_at = now
 
         if instance is None:

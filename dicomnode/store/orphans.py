@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Instance, Series
-from dicomnode.store.spool import INCOMING, Spool
+from dicomnode.db.models import Instance, Output, Series
+from dicomnode.store.spool import INCOMING, RESULTS, Spool
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,11 @@ def remove_orphans(
     older_than: float = ORPHAN_AGE_SECONDS,
     now: float | None = None,
 ) -> int:
-    """Delete files under ``incoming/`` that no instance row points at.
+    """Delete files under ``incoming/`` and ``results/`` that no row points at.
+
+    ``results/`` gets the same care: a job writes its objects before it commits their
+    rows, and a purge or retention interrupted between its commit and its deletes
+    leaves files no row names.
 
     Parameters
     ----------
@@ -51,29 +56,44 @@ def remove_orphans(
     int
         How many files were removed.
     """
-    incoming = spool.root / INCOMING
-    if not incoming.is_dir():
-        return 0
     cutoff = (time.time() if now is None else now) - older_than
     removed = 0
-    for study in incoming.iterdir():
-        for series in study.iterdir() if study.is_dir() else ():
-            with sessions() as session:
-                known = set(
-                    session.scalars(
-                        select(Instance.path)
-                        .join(Series, Instance.series_id == Series.id)
-                        .where(Series.series_uid == series.name)
-                    )
-                )
-            for path in series.glob("*.dcm"):
-                relative = path.relative_to(spool.root).as_posix()
-                try:
-                    if relative not in known and path.stat().st_ctime < cutoff:
-                        path.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    continue  # replaced by a resend meanwhile
+    for area, known_paths in ((INCOMING, _instance_paths), (RESULTS, _output_paths)):
+        root = spool.root / area
+        for study in _folders(root):
+            for series in _folders(study):
+                with sessions() as session:
+                    known = known_paths(session, series.name)
+                for path in series.glob("*.dcm"):
+                    relative = path.relative_to(spool.root).as_posix()
+                    try:
+                        if relative not in known and path.stat().st_ctime < cutoff:
+                            path.unlink()
+                            removed += 1
+                    except FileNotFoundError:
+                        continue  # replaced by a resend, or deleted by retention, meanwhile
     if removed:
-        log.info("removed %d unacknowledged files left by an interrupted store", removed)
+        log.info("removed %d files no row names, left by an interrupted store", removed)
     return removed
+
+
+def _folders(path: Path) -> list[Path]:
+    # Retention may remove an emptied folder while we look: that is no error.
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _instance_paths(session: Session, series_uid: str) -> set[str]:
+    return set(
+        session.scalars(
+            select(Instance.path)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.series_uid == series_uid)
+        )
+    )
+
+
+def _output_paths(session: Session, series_uid: str) -> set[str]:
+    return set(session.scalars(select(Output.path).where(Output.series_uid == series_uid)))

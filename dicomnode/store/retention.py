@@ -39,7 +39,18 @@ from dicomnode import metrics
 from dicomnode.config import RetentionSettings, StorageSettings
 from dicomnode.db import audit
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Instance, Job, JobState, Output, Series, SeriesState, Study, utcnow
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -120,6 +131,14 @@ def classify(
     return (FAILED if JobState.FAILED in states else DONE), ended
 
 
+def _awaiting_commitment() -> Any:
+    return and_(
+        Delivery.state == DeliveryState.SENT,
+        Delivery.commitment_uid.is_not(None),
+        Delivery.confirmed_at.is_(None),
+    )
+
+
 def _due(kind: str, ended: datetime, retention: RetentionSettings) -> datetime:
     days = retention.failed_days if kind == FAILED else retention.done_days
     return ended + timedelta(days=days)
@@ -163,6 +182,15 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
         .group_by(Instance.series_id)
         .subquery()
     )
+    # A delivery the PACS has not confirmed yet (storage commitment) may still need the
+    # results re-sent: its series is kept as if its job were still running.
+    awaiting = (
+        select(Job.series_id.label("series_id"), func.count().label("awaiting"))
+        .join(Delivery, Delivery.job_id == Job.id)
+        .where(_awaiting_commitment())
+        .group_by(Job.series_id)
+        .subquery()
+    )
     results = (
         select(
             Job.series_id.label("series_id"),
@@ -191,9 +219,11 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
         .outerjoin(job_stats, job_stats.c.series_id == Series.id)
         .outerjoin(files, files.c.series_id == Series.id)
         .outerjoin(results, results.c.series_id == Series.id)
+        .outerjoin(awaiting, awaiting.c.series_id == Series.id)
         .where(
             and_(Series.state == SeriesState.COMPLETE, Series.purged_at.is_(None)),
             func.coalesce(job_stats.c.active, 0) == 0,
+            awaiting.c.awaiting.is_(None),
         )
     )
     found: list[Candidate] = []
@@ -239,6 +269,7 @@ def delete_series(
     candidate: Candidate,
     reason: str,
     actor: str,
+    rules: RetentionSettings | None = None,
 ) -> int | None:
     """Delete one series' instances and its jobs' results, if it may still go.
 
@@ -254,6 +285,10 @@ def delete_series(
         For the audit trail: ``scheduled`` or ``emergency`` and the rule.
     actor : str
         Who deletes: the scheduler's process, or the admin running ``purge``.
+    rules : RetentionSettings, optional
+        For a scheduled deletion: it must still be due by these rules (a failed job
+        retried meanwhile may have ended done just now). None for the emergency
+        cleanup, which takes done series whenever they ended.
 
     Returns
     -------
@@ -277,6 +312,13 @@ def delete_series(
         )
         if verdict is None or (candidate.kind == DONE and verdict[0] != DONE):
             return None
+        if rules is not None and _due(*verdict, rules) > now:
+            return None
+        job_ids = [j.id for j in jobs]
+        if job_ids and session.scalar(
+            select(func.count()).where(Delivery.job_id.in_(job_ids), _awaiting_commitment())
+        ):
+            return None
         paths = list(
             session.execute(
                 select(Instance.path, Instance.size_bytes).where(Instance.series_id == series.id)
@@ -291,6 +333,9 @@ def delete_series(
         )
         session.execute(delete(Instance).where(Instance.series_id == series.id))
         series.purged_at = now
+        # Counted afresh should the PACS send the series again (see store.ingest).
+        series.instance_count = 0
+        series.expected_instances = None
         size = sum(int(s) for _, s in paths) + sum(int(s) for _, s in results)
         audit.record(
             session,
@@ -304,7 +349,11 @@ def delete_series(
             at=now,
         )
     for path, _ in [*paths, *results]:
-        spool.remove(path)
+        try:
+            spool.remove(path)
+        except OSError as exc:  # the rows are gone; the orphan sweep gets the file later
+            log.error("retention: cannot delete a file of series_uid=%s: %s", candidate.series_uid,
+                      exc.strerror)  # fmt: skip
     for folder in sorted({Path(p).parent for p, _ in [*paths, *results]}, reverse=True):
         _remove_empty_parents(spool, folder / "x")
     log.info(
@@ -368,11 +417,21 @@ def run(
     threshold = retention.emergency_free_bytes(storage)
     report = Report(dry_run=dry_run, free_bytes=spool.free_bytes(), emergency_below_bytes=threshold)
 
-    def take(candidate: Candidate, why: str) -> None:
+    def take(candidate: Candidate, why: str, emergency: bool = False) -> None:
         if dry_run:
             freed: int | None = candidate.size_bytes
         else:
-            freed = delete_series(sessions, spool, candidate, why, actor)
+            try:
+                freed = delete_series(
+                    sessions, spool, candidate, why, actor, None if emergency else retention
+                )
+            except Exception as exc:  # a deadlock, a lost connection: the next series may go
+                log.error(
+                    "retention: series_uid=%s not deleted: %s",
+                    candidate.series_uid,
+                    type(exc).__name__,
+                )
+                return
         if freed is not None:
             if not dry_run:
                 metrics.retention_deleted(why.split(":", 1)[0], freed)
@@ -394,7 +453,7 @@ def run(
             if candidate.kind != DONE:
                 continue  # failed ones wait for their admin, whatever the disk says
             before = report.freed_bytes
-            take(candidate, "emergency: free space below retention.emergency_free_mb")
+            take(candidate, "emergency: free space below retention.emergency_free_mb", True)
             free = free + report.freed_bytes - before if dry_run else spool.free_bytes()
         report.still_short = free < threshold
         if report.still_short and not dry_run:

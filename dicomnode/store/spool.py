@@ -179,8 +179,16 @@ class Spool:
         if not synced:
             fsync_file(staged)
         final = self.root / relative
-        _make_dirs_durable(final.parent)
-        os.replace(staged, final)
+        for attempt in range(3):
+            _make_dirs_durable(final.parent)
+            try:
+                os.replace(staged, final)
+                break
+            except FileNotFoundError:
+                # Retention removed the emptied folder between our mkdir and the rename;
+                # make it again (the staged file itself is still there, or this raises).
+                if attempt == 2 or not staged.exists():
+                    raise
         _fsync_dir(final.parent)
         return final
 

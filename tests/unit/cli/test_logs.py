@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +90,17 @@ def test_text_lines_are_utc_and_carry_a_journal_priority_under_systemd(
 
     setup_logging("INFO")
     logging.getLogger("dicomnode").warning("plain")
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # someone else's stream: no prefix
+    setup_logging("INFO")
+    logging.getLogger("dicomnode").warning("plain")
+    stat = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
     setup_logging("INFO")
     logging.getLogger("dicomnode").warning("journal")
     logging.getLogger("dicomnode").error("bad")
     _, err = capfd.readouterr()
-    plain, journal, bad = err.splitlines()
+    plain, inherited, journal, bad = err.splitlines()
+    assert inherited.endswith("WARNING dicomnode: plain") and not inherited.startswith("<")
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
     assert re.fullmatch(rf"{stamp} WARNING dicomnode: plain", plain)
     assert re.fullmatch(rf"<4>{stamp} WARNING dicomnode: journal", journal)

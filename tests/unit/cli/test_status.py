@@ -182,3 +182,29 @@ def test_status_on_an_empty_database_is_one_line(
     code, _, err = run(capsys, "--config", config, "status")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "run `dicomnode db upgrade`" in err
+
+
+def test_an_old_failed_delivery_is_counted_but_no_longer_a_problem(
+    tmp_path: Path, db_url: str, sessions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with transaction(sessions) as s:
+        study = Study(study_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_uid="1.2.3.4", modality="CT")
+        s.add(series)
+        s.flush()
+        job = queue.enqueue(s, series, route="r", model="m", version="1", max_attempts=1)
+        assert job is not None
+        s.add(Delivery(job_id=job.id, destination="pacs", state=DeliveryState.FAILED))
+        job.state = "failed"
+        job_id = job.id
+    config = _config(tmp_path, db_url, free_port())
+    _, report = _status(capsys, config, "--no-listener")
+    assert report["problems"] == ["1 delivery(ies) failed"]
+    with transaction(sessions) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(updated_at=utcnow() - timedelta(days=2))
+        )
+    code, report = _status(capsys, config, "--no-listener")
+    assert code == 0 and report["problems"] == [] and report["deliveries"]["failed"] == 1

@@ -160,3 +160,13 @@ def test_bad_export_arguments_are_one_line(
     except SystemExit as exc:  # argparse's usage errors
         code, err = int(exc.code or 0), capsys.readouterr().err
     assert code != 0 and message in one_line_error(err)
+
+
+def test_a_paused_export_does_not_hold_the_database(sessions) -> None:
+    add_entries(sessions)
+    with sessions() as reader:
+        rows = audit.entries(reader, batch=1)
+        assert next(rows)["actor"] == "CT01"  # paused mid-export, like `... | less`
+        with transaction(sessions) as writer:  # the listener can still commit
+            audit.record(writer, "admin", actor="other", detail="while exporting")
+        assert [r["actor"] for r in rows] == ["EVIL", "worker-1", "other"]

@@ -18,3 +18,22 @@ def test_upgrade_head_matches_the_models(engine) -> None:
 def test_upgrade_is_repeatable(engine) -> None:
     migrate.upgrade(engine)
     migrate.require_current(engine)
+
+
+def test_the_audit_migration_goes_down_and_up_with_data(engine, sessions) -> None:
+    from sqlalchemy import text
+
+    from alembic import command
+    from dicomnode.db.engine import transaction
+    from dicomnode.db.models import Series, Study
+
+    with transaction(sessions) as s:
+        study = Study(study_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add(Series(study_id=study.id, series_uid="1.2.3.4"))
+    command.downgrade(migrate._config(engine), "0004")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM series")).scalar() == 1
+    migrate.upgrade(engine)
+    migrate.require_current(engine)

@@ -86,6 +86,21 @@ def test_different_object_under_same_uid_replaces_and_reopens(
     assert len(files(ingestor)) == 1
 
 
+def test_a_late_image_announcing_another_count_still_reopens(
+    ingestor: Ingestor, series: list[Dataset], sessions
+) -> None:
+    series[0].ImagesInAcquisition = len(series)
+    ingestor.store(encode(series[0]))
+    with sessions() as s, s.begin():
+        s.scalars(select(Series)).one().state = SeriesState.COMPLETE
+    series[1].ImagesInAcquisition = len(series) + 5  # disagrees with the first
+    ingestor.store(encode(series[1]))
+    with sessions() as s:
+        ser = s.scalars(select(Series)).one()
+        assert ser.state == SeriesState.RECEIVING and ser.generation == 1
+        assert ser.expected_instances == -1 and ser.instance_count == 2
+
+
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [

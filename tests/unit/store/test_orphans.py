@@ -32,3 +32,26 @@ def test_only_old_files_without_a_row_go(tmp_path: Path, sessions) -> None:
     assert not orphan.exists() and not stray.exists()
     assert all(spool.absolute(k.path).is_file() for k in kept)
     assert remove_orphans(spool, sessions, older_than=600, now=time.time() + 3600) == 0
+
+
+def test_result_files_no_output_row_names_go_too(tmp_path: Path, sessions) -> None:
+    from dicomnode.db import jobs
+    from dicomnode.db.engine import transaction
+    from dicomnode.db.models import Output, Series
+
+    spool = Spool(tmp_path / "spool")
+    ingestor = Ingestor(spool, sessions)
+    stored = ingestor.store(encode(ct_series(np.zeros((1, 8, 8), np.float32))[0]))
+    with transaction(sessions) as s:
+        series = s.get(Series, 1)
+        job = jobs.enqueue(s, series, route="r", model="m", version="1", max_attempts=1)
+        assert job is not None
+        s.add(
+            Output(job_id=job.id, kind="seg", sop_class_uid="1.2", sop_instance_uid="1.2.7",
+                   series_uid="1.2.7", path="results/1.2/1.2.7/1.2.7.dcm", size_bytes=1)
+        )  # fmt: skip
+    named = spool.write(Path("results/1.2/1.2.7/1.2.7.dcm"), b"seg")
+    left = spool.write(Path("results/1.2/1.2.7/1.2.8.dcm"), b"written, never committed")
+    later = time.time() + 3600
+    assert remove_orphans(spool, sessions, older_than=600, now=later) == 1
+    assert named.exists() and not left.exists() and spool.absolute(stored.path).exists()

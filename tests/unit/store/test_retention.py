@@ -408,3 +408,95 @@ def test_the_disk_watch_starts_the_emergency_cleanup(tmp_path: Path, sessions) -
     spool.quota -= 2  # now below it
     _watch_disk(settings, sessions, spool)
     assert not any((spool.root / p).exists() for p in paths)
+
+
+def test_a_series_sent_again_after_its_purge_starts_afresh(sessions, spool: Spool) -> None:
+    datasets = ct_series(np.zeros((3, 16, 16)))
+    ingestor = Ingestor(spool, sessions)
+    for ds in datasets:
+        ingestor.store(encode(ds))
+    uid = str(datasets[0].SeriesInstanceUID)
+    series_id = complete(sessions, uid, days_ago=9)
+    add_job(sessions, spool, series_id, JobState.DONE, days_ago=8)
+    assert retention.run(sessions, spool, RULES, STORAGE).deleted
+    with sessions() as s:
+        purged = s.get(Series, series_id)
+        assert purged.instance_count == 0 and purged.generation == 0
+
+    ingestor.store(encode(datasets[1]))  # the PACS pushes (part of) it again
+
+    with sessions() as s:
+        again = s.get(Series, series_id)
+        assert again.purged_at is None and again.state == SeriesState.RECEIVING
+        assert again.generation == 1 and again.instance_count == 1
+    assert instance_count(sessions, series_id) == 1
+    complete(sessions, uid, days_ago=9)
+    with sessions() as s:  # listed again: its new copy is deleted in its turn
+        assert [c.series_uid for c in retention.candidates(s, RULES)] == [uid]
+
+
+def test_results_awaiting_storage_commitment_are_kept(tmp_path: Path, sessions) -> None:
+    spool = QuotaSpool(tmp_path / "spool", quota=0)
+    uid, paths = receive(sessions, spool)
+    job_id = add_job(sessions, spool, complete(sessions, uid, 40), JobState.DONE, days_ago=31)
+    with transaction(sessions) as s:
+        s.execute(
+            update(Delivery)
+            .where(Delivery.job_id == job_id)
+            .values(commitment_uid="1.2.3.999", commitment_requested_at=utcnow())
+        )
+    spool.quota = -spool.free_bytes() + 10**6
+    rules = RetentionSettings(done_days=7, failed_days=30, emergency_free_mb=10**6)
+    report = retention.run(sessions, spool, rules, STORAGE)
+    assert report.deleted == [] and report.still_short
+    assert all((spool.root / p).exists() for p in paths)
+    with transaction(sessions) as s:  # the PACS confirmed: now it may go
+        s.execute(update(Delivery).where(Delivery.job_id == job_id).values(confirmed_at=utcnow()))
+    assert [d["series_uid"] for d in retention.run(sessions, spool, RULES, STORAGE).deleted] == [
+        uid
+    ]
+
+
+def test_a_scheduled_deletion_checks_the_due_date_again(sessions, spool: Spool) -> None:
+    uid, paths = receive(sessions, spool)
+    job_id = add_job(sessions, spool, complete(sessions, uid, 40), JobState.FAILED, days_ago=31)
+    with sessions() as s:
+        [candidate] = retention.candidates(s, RULES)
+    # Meanwhile an admin retried it and it ended done just now: done_days count from now.
+    with transaction(sessions) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(state=JobState.DONE, finished_at=utcnow())
+        )
+    assert retention.delete_series(sessions, spool, candidate, "scheduled", "t", RULES) is None
+    assert all((spool.root / p).exists() for p in paths)
+
+
+def test_the_disk_watch_does_not_loop_when_nothing_may_go(
+    tmp_path: Path, sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode.config import parse_settings
+    from dicomnode.queue import scheduler
+
+    spool = QuotaSpool(tmp_path / "spool", quota=0)
+    _, paths = receive(sessions, spool)  # still receiving: never deleted
+    settings = parse_settings(
+        {"storage": {"min_free_mb": 0}, "retention": {"emergency_free_mb": 1}}, environ={}
+    )
+    spool.quota = -spool.free_bytes() + 2**19  # half a MiB free: short
+    runs: list[bool] = []
+    real = scheduler._retention
+
+    def counted(*args):
+        report = real(*args)
+        runs.append(report.still_short)
+        return report
+
+    monkeypatch.setattr(scheduler, "_retention", counted)
+    watch = scheduler._DiskWatch(settings, sessions, spool)
+    watch()
+    watch()  # the same situation 15 s later: not searched again
+    assert runs == [True]
+    spool.quota -= 1000  # but the disk filled further: look again
+    watch()
+    assert runs == [True, True]
+    assert all((spool.root / p).exists() for p in paths)
