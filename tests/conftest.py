@@ -155,3 +155,24 @@ def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
 def listener(make_listener: Callable[..., object]) -> object:
     """One in-process listener with default settings, AE title DICOMNODE."""
     return make_listener()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo what an in-process ``dicomnode`` command did to the root logger.
+
+    ``main()`` installs a handler on the stderr it finds, which under capsys is a
+    capture that closes with the test; a later test logging through that handler
+    would print "--- Logging error ---".
+    """
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    # Only plain StreamHandlers (what setup_logging adds): pytest's own capture handlers
+    # come and go with each phase of a test and are pytest's to manage.
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
