@@ -86,7 +86,7 @@ FRAGMENTS = [
     # the disk
     "below storage.min_free_mb",
     "the listener refuses instances",
-    "unacknowledged files left by an interrupted store",
+    "files no row names, left by an interrupted store",
     "retention deleted series_uid=",
     "the spool's disk is still below retention.emergency_free_mb",
 ]
