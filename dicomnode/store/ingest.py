@@ -761,6 +761,7 @@ class Ingestor:
                 # Retention deleted its images: what arrives now is the series anew (a
                 # PACS pushing the study again), counted from zero, and kept again.
                 series.purged_at = None
+                series.instance_count = 0  # this instance is counted below
                 series.expected_instances = header.expected_instances
                 series.first_received_at = now
             elif (series.expected_instances or 0) != (header.expected_instances or 0):

@@ -332,10 +332,9 @@ def delete_series(
             )
         )
         session.execute(delete(Instance).where(Instance.series_id == series.id))
+        # instance_count stays: how many were received is part of the series' story;
+        # store.ingest counts afresh should the PACS send the series again.
         series.purged_at = now
-        # Counted afresh should the PACS send the series again (see store.ingest).
-        series.instance_count = 0
-        series.expected_instances = None
         size = sum(int(s) for _, s in paths) + sum(int(s) for _, s in results)
         audit.record(
             session,
