@@ -184,12 +184,12 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
     )
     # A delivery the PACS has not confirmed yet (storage commitment) may still need the
     # results re-sent: its series is kept as if its job were still running.
+    # A filter, not another outer join: beside the big aggregates PostgreSQL planned
+    # that join as a nested loop (0.9 s became 41 s for 20,000 series).
     awaiting = (
-        select(Job.series_id.label("series_id"), func.count().label("awaiting"))
+        select(Job.series_id)
         .join(Delivery, Delivery.job_id == Job.id)
         .where(_awaiting_commitment())
-        .group_by(Job.series_id)
-        .subquery()
     )
     results = (
         select(
@@ -219,11 +219,10 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
         .outerjoin(job_stats, job_stats.c.series_id == Series.id)
         .outerjoin(files, files.c.series_id == Series.id)
         .outerjoin(results, results.c.series_id == Series.id)
-        .outerjoin(awaiting, awaiting.c.series_id == Series.id)
         .where(
             and_(Series.state == SeriesState.COMPLETE, Series.purged_at.is_(None)),
             func.coalesce(job_stats.c.active, 0) == 0,
-            awaiting.c.awaiting.is_(None),
+            Series.id.not_in(awaiting),
         )
     )
     found: list[Candidate] = []
