@@ -208,7 +208,7 @@ class Pipeline:
             log.info("job %d: outputs exist from an earlier attempt; sending them", claim.job_id)
 
         started = time.perf_counter()
-        self._deliver(claim, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
+        self._deliver(claim, ctx, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
         timings["send_s"] = time.perf_counter() - started
         with transaction(self.sessions) as session:
             merge_timings(session, claim, timings)
@@ -540,7 +540,12 @@ class Pipeline:
         return [(out.kind, path) for out, path, _ in written]
 
     def _deliver(
-        self, claim: Claim, route: Route, files: list[Path], checkpoint: Callable[[], None]
+        self,
+        claim: Claim,
+        ctx: JobContext,
+        route: Route,
+        files: list[Path],
+        checkpoint: Callable[[], None],
     ) -> None:
         failures: list[tuple[str, bool]] = []
         for name in route.send_to:
@@ -557,6 +562,7 @@ class Pipeline:
             retryable = False
             warning: str | None = None
             committing = False
+            destination: Destination | None = None
             try:
                 destination = self.settings.destination(name)
                 committing = destination.storage_commitment
@@ -572,7 +578,9 @@ class Pipeline:
                     # The PACS reported failures on the N-ACTION's own association,
                     # which re-opened the delivery while we were still sending.
                     error, retryable = f"destination {name}: {delivery.last_error}", True
-                self._audit_delivery(session, claim, name, len(files), error, warning)
+                self._audit_delivery(
+                    session, claim, ctx, name, destination, len(files), error, warning
+                )
                 if error is None:
                     delivery.state = DeliveryState.SENT
                     delivery.sent_at = utcnow()
@@ -600,33 +608,27 @@ class Pipeline:
         self,
         session: Session,
         claim: Claim,
+        ctx: JobContext,
         name: str,
+        destination: Destination | None,
         count: int,
         error: str | None,
         warning: str | None,
     ) -> None:
         # In the delivery's own transaction: the trail says "sent" exactly when the
         # delivery row does.
-        job = session.get(Job, claim.job_id)
-        series = job.series if job is not None else None
-        where = next(
-            (
-                f"{d.ae_title}@{d.host}:{d.port}"
-                for d in self.settings.destinations
-                if d.name == name
-            ),
-            None,
-        )
         audit.record(
             session,
             "results-sent",
             outcome="failure" if error else "warning" if warning else "success",
             actor=claim.owner,
-            peer=where,
+            peer=None
+            if destination is None
+            else f"{destination.ae_title}@{destination.host}:{destination.port}",
             destination=name,
             job_id=claim.job_id,
-            study_uid=series.study.study_uid if series is not None else None,
-            series_uid=series.series_uid if series is not None else None,
+            study_uid=ctx.study_uid,
+            series_uid=ctx.series_uid,
             count=count,
             detail=error or warning,
         )
