@@ -32,6 +32,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import MetricsSettings
+from dicomnode.db.engine import read_only
 from dicomnode.db.models import Job, JobState
 from dicomnode.errors import DicomnodeError
 from dicomnode.store.spool import Spool
@@ -77,7 +78,7 @@ class _StateCollector:
     """Jobs by state and the spool's free space, read when Prometheus scrapes."""
 
     def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
-        self.sessions = sessions
+        self.sessions = read_only(sessions)  # a scrape must never wait for, or block, ingest
         self.spool = spool
 
     def describe(self) -> list[Metric]:
@@ -428,7 +429,7 @@ class MetricsServer:
     def healthy(self) -> bool:
         """Return whether the database answers; the process answering is the rest."""
         try:
-            with self.sessions() as session:
+            with read_only(self.sessions)() as session:
                 session.execute(text("SELECT 1"))
         except Exception as exc:
             log.warning("healthz: database unreachable: %s", type(exc).__name__)

@@ -7,14 +7,16 @@ from collections.abc import Callable
 
 from dicomnode.config import Settings
 from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.engine import make_engine, read_only, session_factory
 
 
 def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
     """Wrap ``fn(session, args)`` into a command that opens and closes the database.
 
     The schema must be at the newest migration: a command reading an old schema
-    would print wrong answers, so it stops with a one-line error instead.
+    would print wrong answers, so it stops with a one-line error instead. The session
+    only reads (:func:`~dicomnode.db.engine.read_only`): a listing never holds up the
+    listener.
 
     Parameters
     ----------
@@ -31,7 +33,7 @@ def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespa
         engine = make_engine(settings.database.url)
         try:
             migrate.require_current(engine)
-            with session_factory(engine)() as session:
+            with read_only(session_factory(engine))() as session:
                 return fn(session, args)
         finally:
             engine.dispose()

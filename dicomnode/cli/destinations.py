@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Destination, Settings
 from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db.engine import make_engine, read_only, session_factory
 from dicomnode.db.models import Delivery, DeliveryState
 
 log = logging.getLogger("dicomnode")
@@ -90,7 +90,7 @@ def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
 
     try:
         migrate.require_current(engine)
-        with session_factory(engine)() as session:
+        with read_only(session_factory(engine))() as session:
             for name, state, n, last_sent in session.execute(
                 select(
                     Delivery.destination,

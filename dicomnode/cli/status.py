@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
-from dicomnode.db.engine import is_sqlite, make_engine, session_factory
+from dicomnode.db.engine import is_sqlite, make_engine, read_only, session_factory
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, utcnow
 from dicomnode.queue import wakeup
 
@@ -370,7 +370,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     engine = make_engine(settings.database.url)
     try:
         migrate.require_current(engine)
-        with session_factory(engine)() as session:
+        with read_only(session_factory(engine))() as session:
             report = collect(session, engine, settings)
     finally:
         engine.dispose()

@@ -134,7 +134,8 @@ def entries(
     Parameters
     ----------
     session : Session
-        A session.
+        A session; from :func:`dicomnode.db.engine.read_only` for an export, so that
+        a long one (or one paused in a pager) never holds SQLite's write lock.
     since, until : datetime, optional
         Only entries at or after ``since`` and before ``until``.
     events : tuple[str, ...]
@@ -167,9 +168,8 @@ def entries(
         if job_id is not None:
             query = query.where(AuditEvent.job_id == job_id)
         rows = session.execute(query.limit(batch)).all()
-        # End the read transaction before the rows are handed out: on SQLite every
-        # transaction holds the write lock (BEGIN IMMEDIATE), and an export piped into
-        # `less` must not keep the listener from committing what it receives.
+        # Each batch in a transaction of its own, as READ COMMITTED gives on PostgreSQL:
+        # SQLite's snapshot would otherwise hide what was written while the export ran.
         session.rollback()
         if not rows:
             return

@@ -6,6 +6,10 @@ success depends on it), a busy timeout, and ``BEGIN IMMEDIATE`` for every
 transaction. Deferred transactions that later write can deadlock each other in
 a way no busy timeout resolves; taking the write lock up front trades a little
 read concurrency for never seeing "database is locked" under load.
+
+Sessions that only read (:func:`read_only`: the admin commands, an export, a scrape)
+begin a plain deferred transaction instead: under WAL they read a snapshot and never
+take the write lock, so an export paused in a pager cannot hold up the listener.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "dicomnode_read_only"  # execution option: see read_only()
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -52,7 +57,8 @@ def _setup_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -98,6 +104,27 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
         The factory.
     """
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_only(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Return a factory of sessions for reading only, on the same engine and pool.
+
+    On SQLite their transactions are deferred (no write lock); writing in one is a
+    bug, and SQLite then takes the lock late, with the deadlock risk described above.
+    PostgreSQL needs no such help, and its sessions are unchanged.
+
+    Parameters
+    ----------
+    factory : sessionmaker[Session]
+        The node's session factory.
+
+    Returns
+    -------
+    sessionmaker[Session]
+        Sessions for reads.
+    """
+    engine: Engine = factory.kw["bind"]
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

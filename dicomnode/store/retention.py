@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import metrics
 from dicomnode.config import RetentionSettings, StorageSettings
 from dicomnode.db import audit
-from dicomnode.db.engine import transaction
+from dicomnode.db.engine import read_only, transaction
 from dicomnode.db.models import (
     Delivery,
     DeliveryState,
@@ -410,7 +410,7 @@ def run(
         What went.
     """
     now = utcnow()
-    with sessions() as session:
+    with read_only(sessions)() as session:  # the aggregate runs without the write lock
         found = candidates(session, retention)
     threshold = retention.emergency_free_bytes(storage)
     report = Report(dry_run=dry_run, free_bytes=spool.free_bytes(), emergency_below_bytes=threshold)

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from dicomnode.db import audit, jobs
-from dicomnode.db.engine import transaction
+from dicomnode.db.engine import read_only, transaction
 from dicomnode.db.models import AuditEvent, JobState, Series, Study, utcnow
 from tests.unit.cli.test_main import one_line_error, run
 
@@ -164,7 +164,7 @@ def test_bad_export_arguments_are_one_line(
 
 def test_a_paused_export_does_not_hold_the_database(sessions) -> None:
     add_entries(sessions)
-    with sessions() as reader:
+    with read_only(sessions)() as reader:  # what `dicomnode audit export` reads with
         rows = audit.entries(reader, batch=1)
         assert next(rows)["actor"] == "CT01"  # paused mid-export, like `... | less`
         with transaction(sessions) as writer:  # the listener can still commit
