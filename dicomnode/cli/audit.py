@@ -12,34 +12,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.database import with_session
-from dicomnode.cli.jobs import parse_since, positive_int
 from dicomnode.db import audit
 
-
-def event_name(text: str) -> str:
-    """Check an ``--event`` value (for ``argparse``).
-
-    Parameters
-    ----------
-    text : str
-        An event name.
-
-    Returns
-    -------
-    str
-        The name.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If no such event exists.
-    """
-    if text not in audit.EVENTS:
-        raise argparse.ArgumentTypeError(
-            f"unknown audit event {text!r} (known: {', '.join(audit.EVENTS)})"
-        )
-    return text
+event_name = closed_set("audit event", audit.EVENTS)
 
 
 def _cell(value: Any) -> Any:
@@ -144,16 +121,8 @@ def register(sub: Any) -> None:
         description="Entries name AE titles, addresses, UIDs, job ids and counts; never "
         f"patient data. Events: {', '.join(audit.EVENTS)}.",
     )
-    p.add_argument(
-        "--since",
-        type=parse_since,
-        metavar="WHEN",
-        help="entries at or after WHEN: an ISO date or date-time (UTC unless it says "
-        "otherwise) or an age such as 2h or 30d (default: all)",
-    )
-    p.add_argument(
-        "--until", type=parse_since, metavar="WHEN", help="entries before WHEN (same forms)"
-    )
+    add_when(p, "--since", "entries at or after")
+    add_when(p, "--until", "entries before")
     p.add_argument(
         "--event", type=event_name, action="append", metavar="EVENT", help="only this event "
         "(repeatable)"

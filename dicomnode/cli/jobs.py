@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from dicomnode.cli.arguments import closed_set
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.db import audit, jobs, migrate
@@ -156,95 +155,9 @@ def job_record(job: Job, *, detail: bool, show_phi: bool = False) -> dict[str, A
     return record
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 FINAL_STATE_NAMES = tuple(s.value for s in jobs.FINAL_STATES)
 
-
-def parse_duration(text: str) -> timedelta:
-    """Parse an age such as ``90m``, ``2h``, ``3d`` or ``1w`` (for ``argparse``).
-
-    Parameters
-    ----------
-    text : str
-        A whole number and a unit: s, m, h, d or w.
-
-    Returns
-    -------
-    timedelta
-        The age.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If it is not such an age (argparse turns it into a one-line usage error).
-    """
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"bad age {text!r}: expected a number and a unit s, m, h, d or w (e.g. 30d)"
-        )
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def parse_since(text: str) -> datetime:
-    """Parse a ``--since`` value: an ISO date or date-time, or an age back from now.
-
-    A date or date-time without a time zone is taken as UTC, the time zone every
-    timestamp of the CLI is printed in.
-
-    Parameters
-    ----------
-    text : str
-        ``2024-05-01``, ``2024-05-01T08:30``, ``2024-05-01 08:30:00+02:00``, or an age
-        such as ``2h`` or ``3d``.
-
-    Returns
-    -------
-    datetime
-        The moment, aware, in UTC.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If it is neither.
-    """
-    if _DURATION.match(text):
-        return utcnow() - parse_duration(text)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad date {text!r}: expected an ISO date or date-time (2024-05-01, "
-            "2024-05-01T08:30) or an age such as 2h or 3d"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
-def job_state(text: str) -> str:
-    """Check a ``--state`` value (for ``argparse``: an unknown one is a one-line error).
-
-    Parameters
-    ----------
-    text : str
-        A job state.
-
-    Returns
-    -------
-    str
-        The state.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If there is no such state.
-    """
-    if text not in {s.value for s in JobState}:
-        known = ", ".join(s.value for s in JobState)
-        raise argparse.ArgumentTypeError(f"unknown job state {text!r} (known: {known})")
-    return text
+job_state = closed_set("job state", [s.value for s in JobState])
 
 
 def ended_state(text: str) -> str:
@@ -272,33 +185,6 @@ def ended_state(text: str) -> str:
             "can be purged"
         )
     return text
-
-
-def positive_int(text: str) -> int:
-    """Check a count such as ``--limit`` (for ``argparse``).
-
-    Parameters
-    ----------
-    text : str
-        A whole number, at least 1.
-
-    Returns
-    -------
-    int
-        The number.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If it is not.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def list_jobs(session: Session, args: argparse.Namespace) -> int:

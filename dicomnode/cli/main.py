@@ -25,6 +25,7 @@ from dicomnode.cli import destinations as destinations_cli
 from dicomnode.cli import retention as retention_cli
 from dicomnode.cli import studies as studies_cli
 from dicomnode.cli import transfer as transfer_cli
+from dicomnode.cli.arguments import add_when, parse_duration, positive_int
 from dicomnode.cli.database import with_session
 from dicomnode.cli.evaluate import evaluate
 from dicomnode.cli.jobs import (
@@ -32,9 +33,6 @@ from dicomnode.cli.jobs import (
     ended_state,
     job_state,
     list_jobs,
-    parse_duration,
-    parse_since,
-    positive_int,
     purge_jobs,
     retry_jobs,
     show_job,
@@ -205,13 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=job_state, help="only jobs in this state")
     p.add_argument("--route", help="only jobs of this route")
     p.add_argument("--model", help="only jobs of this model")
-    p.add_argument(
-        "--since",
-        type=parse_since,
-        metavar="WHEN",
-        help="only jobs created since WHEN: an ISO date or date-time (UTC unless it says "
-        "otherwise) or an age such as 2h or 3d",
-    )
+    add_when(p, "--since", "only jobs created since")
     p.add_argument("--study", metavar="UID", help="only jobs of this Study Instance UID")
     p.add_argument("--accession", metavar="NUMBER", help="only jobs of this accession number")
     p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")

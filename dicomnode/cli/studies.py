@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
+from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.database import with_session
-from dicomnode.cli.jobs import job_record, parse_since, positive_int
+from dicomnode.cli.jobs import job_record
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.db import audit
 from dicomnode.db.models import (
@@ -32,6 +33,7 @@ from dicomnode.db.models import (
     Study,
 )
 
+# receiving: a series still receives; purged: retention deleted every series' images.
 STUDY_STATES = ("receiving", "complete", "purged")
 JOB_STATE_ORDER = tuple(s.value for s in JobState)
 DELIVERY_STATE_ORDER = tuple(
@@ -45,30 +47,7 @@ JOB_HEADERS = ("ID", "ROUTE", "MODEL", "STATE", "ATTEMPTS", "CREATED", "STARTED"
                "SERIES", "ERROR")  # fmt: skip
 
 
-def study_state(text: str) -> str:
-    """Check a ``studies list --state`` value (for ``argparse``).
-
-    Parameters
-    ----------
-    text : str
-        ``receiving`` (a series is still receiving), ``complete`` or ``purged``
-        (retention deleted the images of every series).
-
-    Returns
-    -------
-    str
-        The state.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If there is no such state (argparse turns it into a one-line usage error).
-    """
-    if text not in STUDY_STATES:
-        raise argparse.ArgumentTypeError(
-            f"unknown study state {text!r} (known: {', '.join(STUDY_STATES)})"
-        )
-    return text
+study_state = closed_set("study state", STUDY_STATES)
 
 
 def first_line(text: str | None) -> str | None:
@@ -429,8 +408,6 @@ def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, 
         series=series_records,
         jobs=[job_record(j, detail=True) for j in jobs],
     )
-    # Last: reading the trail detaches the ORM objects loaded above (audit.entries
-    # expunges after each batch); everything is plain data by now.
     timeline = list(audit.entries(session, study_uid=study.study_uid))
     for entry in timeline:
         # Retention deletes the instance rows; the trail still says who sent them.
@@ -604,13 +581,7 @@ def register(sub: Any) -> None:
         "--show-phi. A study is 'receiving' while a series of it is, 'purged' once "
         "retention deleted the images of all its series, else 'complete'.",
     )
-    p.add_argument(
-        "--since",
-        type=parse_since,
-        metavar="WHEN",
-        help="only studies that received an instance since WHEN: an ISO date or date-time "
-        "(UTC unless it says otherwise) or an age such as 2h or 3d",
-    )
+    add_when(p, "--since", "only studies that received an instance since")
     p.add_argument("--accession", metavar="NUMBER", help="only studies of this accession number")
     p.add_argument("--patient-id", metavar="ID", help="only studies of this patient ID")
     p.add_argument(
