@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.cli.output import first_line, format_time, print_json, print_table
 from dicomnode.config import Destination, Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, read_only, session_factory
@@ -30,12 +30,6 @@ log = logging.getLogger("dicomnode")
 # How long `destinations list` waits for a PostgreSQL server before it gives up on
 # the database part.
 CONNECT_TIMEOUT_S = 5
-
-
-def _first_line(text: str | None) -> str | None:
-    if not text:
-        return None
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
 
 
 def _config_record(destination: Destination) -> dict[str, Any]:
@@ -116,7 +110,7 @@ def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
                     newest, Delivery.id == newest.c.id
                 )
             ):
-                entry(name)["last_error"] = _first_line(error)
+                entry(name)["last_error"] = first_line(error)
     finally:
         engine.dispose()
     return stats
@@ -143,7 +137,7 @@ def list_destinations(settings: Settings, args: argparse.Namespace) -> int:
         stats = delivery_statistics(settings)
     except Exception as exc:
         log.debug("delivery statistics unavailable", exc_info=True)
-        reason = _first_line(str(exc)) or type(exc).__name__
+        reason = first_line(str(exc)) or type(exc).__name__
         print(f"dicomnode: note: no delivery statistics ({reason})", file=sys.stderr)
         stats = None
     if stats is not None:
@@ -205,11 +199,8 @@ def _echo_one(destination: Destination, calling_ae: str) -> dict[str, Any]:
         status = echo(destination, calling_ae)
     except Exception as exc:  # one line per destination, whatever went wrong
         log.debug("echo to %s failed", destination.name, exc_info=True)
-        if isinstance(exc, OSError):  # e.g. a host name that does not resolve
-            why = exc.strerror or _first_line(str(exc)) or type(exc).__name__
-            reason = f"cannot connect to {destination.host}:{destination.port} ({why})"
-        else:
-            reason = _first_line(str(exc)) or type(exc).__name__
+        # scu.associate already names an unreachable or unknown host in one line.
+        reason = first_line(str(exc)) or type(exc).__name__
         prefix = f"destination {destination.name}: "
         record["error"] = reason.removeprefix(prefix)
         return record

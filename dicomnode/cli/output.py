@@ -61,3 +61,44 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print(line.rstrip())
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def first_line(text: str | None) -> str | None:
+    """Return the first non-empty line of a message, or None.
+
+    Parameters
+    ----------
+    text : str or None
+        A message, possibly of several lines.
+
+    Returns
+    -------
+    str or None
+        Its first line, stripped; None for no message.
+    """
+    if not text:
+        return None
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
+
+
+def format_size(size: int | None) -> str:
+    """Format a byte count for a table.
+
+    Parameters
+    ----------
+    size : int or None
+        Bytes.
+
+    Returns
+    -------
+    str
+        ``512 B``, ``3.4 KiB``, ``12.0 MiB``, ``1.2 GiB``, or ``-``.
+    """
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # not reached

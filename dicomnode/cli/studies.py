@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, selectinload
 from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.database import with_session
 from dicomnode.cli.jobs import job_record
-from dicomnode.cli.output import format_time, print_json, print_table
+from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
 from dicomnode.db import audit
 from dicomnode.db.models import (
     Delivery,
@@ -48,50 +48,6 @@ JOB_HEADERS = ("ID", "ROUTE", "MODEL", "STATE", "ATTEMPTS", "CREATED", "STARTED"
 
 
 study_state = closed_set("study state", STUDY_STATES)
-
-
-def first_line(text: str | None) -> str | None:
-    """Return the first non-empty line of a message, or None.
-
-    Parameters
-    ----------
-    text : str or None
-        A message, possibly of several lines.
-
-    Returns
-    -------
-    str or None
-        Its first line, stripped; None for no message.
-    """
-    if not text:
-        return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
-
-
-def format_size(size: int | None) -> str:
-    """Format a byte count for a table.
-
-    Parameters
-    ----------
-    size : int or None
-        Bytes.
-
-    Returns
-    -------
-    str
-        ``512 B``, ``3.4 KiB``, ``12.0 MiB``, ``1.2 GiB``, or ``-``.
-    """
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # not reached
 
 
 def format_counts(counts: dict[str, int], order: tuple[str, ...]) -> str:
