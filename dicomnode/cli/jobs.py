@@ -325,7 +325,7 @@ def _act(
     try:
         migrate.require_current(engine)
         sessions = session_factory(engine)
-        who = f"admin {audit.admin_actor()}"
+        who = audit.admin_actor()
         failed = 0
         try:
             for job_id in args.ids:
@@ -460,7 +460,7 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
                     audit.record(
                         session,
                         "admin",
-                        actor=f"admin {audit.admin_actor()}",
+                        actor=audit.admin_actor(),
                         count=len(ids),
                         detail=f"jobs purge --state {args.state} older than "
                         f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}, "

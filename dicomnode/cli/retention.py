@@ -41,7 +41,7 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
             settings.retention,
             settings.storage,
             dry_run=args.dry_run,
-            actor=f"admin {audit.admin_actor()}",
+            actor=audit.admin_actor(),
         )
     finally:
         engine.dispose()

@@ -441,7 +441,7 @@ def import_file(ingestor: Ingestor, path: Path, calling_ae: str) -> Imported | P
 def _audit_import(sessions: sessionmaker[Session], report: ImportReport, calling_ae: str) -> None:
     if not report.per_series:
         return
-    actor = f"admin {audit.admin_actor()}"
+    actor = audit.admin_actor()
     with transaction(sessions) as session:
         for series_uid, (study_uid, count, size, dupes) in report.per_series.items():
             audit.record(
@@ -872,7 +872,7 @@ def _audit_send(
                 session,
                 "results-resent",
                 outcome="failure" if record["failed"] or error else "success",
-                actor=f"admin {audit.admin_actor()}",
+                actor=audit.admin_actor(),
                 peer=f"{destination.ae_title}@{destination.host}:{destination.port}",
                 destination=destination.name,
                 job_id=source if isinstance(source, int) else None,

@@ -69,7 +69,7 @@ FIELDS = (
 
 
 def admin_actor() -> str:
-    """Name the person running an admin command: ``user@host``.
+    """Name the person running an admin command: ``admin user@host``.
 
     Returns
     -------
@@ -80,7 +80,7 @@ def admin_actor() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = f"uid {os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
+    return f"admin {user}@{socket.gethostname()}"
 
 
 def record(session: Session, event: str, *, outcome: str = "success", **values: Any) -> None:
