@@ -77,11 +77,17 @@ class Receipts:
         self._closed: weakref.WeakSet[Any] = weakref.WeakSet()
         self._rejections: dict[tuple[str, str, str, str], _Rejections] = {}
 
-    def _tally(self, assoc: Any, calling_ae: str, peer: str) -> _AssociationTally:
+    def _tally(self, assoc: Any, calling_ae: str, peer: str) -> tuple[_AssociationTally, bool]:
+        """Return the association's tally (with the lock held), and whether it closed.
+
+        A closed association's late arrival gets a tally of its own, written at once.
+        """
+        if assoc in self._closed:
+            return _AssociationTally(calling_ae, peer), True
         tally = self._open.get(assoc)
         if tally is None:
             tally = self._open[assoc] = _AssociationTally(calling_ae, peer)
-        return tally
+        return tally, False
 
     def stored(self, assoc: Any, calling_ae: str, peer: str, outcome: StoreOutcome) -> None:
         """Count an instance we acknowledged.
@@ -96,12 +102,7 @@ class Receipts:
             What the ingestor did with it.
         """
         with self._lock:
-            late = assoc in self._closed
-            tally = (
-                _AssociationTally(calling_ae, peer)
-                if late
-                else self._tally(assoc, calling_ae, peer)
-            )
+            tally, late = self._tally(assoc, calling_ae, peer)
             series = tally.series.get(outcome.series_uid)
             if series is None:
                 series = tally.series[outcome.series_uid] = _SeriesTally(outcome.study_uid)
@@ -125,12 +126,7 @@ class Receipts:
             Why, as the status comment said.
         """
         with self._lock:
-            late = assoc in self._closed
-            tally = (
-                _AssociationTally(calling_ae, peer)
-                if late
-                else self._tally(assoc, calling_ae, peer)
-            )
+            tally, late = self._tally(assoc, calling_ae, peer)
             tally.refused += 1
             if tally.first_refusal is None:
                 tally.first_refusal = reason
