@@ -287,10 +287,9 @@ def problems(report: dict[str, Any]) -> list[str]:
             f"disk: {disk['free_mb']} MiB free, below storage.min_free_mb "
             f"({disk['min_free_mb']} MiB): the listener refuses instances"
         )
-    recent = report.get("deliveries_failed_last_day", report["deliveries"]["failed"])
-    if recent:
-        found.append(f"{recent} delivery(ies) failed")
-    if report.get("stalled"):
+    if report["deliveries_failed_last_day"]:
+        found.append(f"{report['deliveries_failed_last_day']} delivery(ies) failed")
+    if report["stalled"]:
         found.append(
             f"{report['stalled']} job(s) could have run for over "
             f"{int(STALLED_AFTER.total_seconds() // 60)} min and no worker took them: are "

@@ -118,10 +118,6 @@ class _DiskWatch:
             self._short_since = None
 
 
-def _watch_disk(settings: Settings, sessions: sessionmaker[Session], spool: Spool) -> None:
-    _DiskWatch(settings, sessions, spool)()
-
-
 def make_scheduler(
     settings: Settings,
     sessions: sessionmaker[Session],

@@ -227,11 +227,9 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
     )
     found: list[Candidate] = []
     for row in session.execute(query):
-        # MAX() keeps the column's type, so this is aware already; made sure of, since
-        # a driver that returns an aggregate as text must not make us compare naively.
-        last = _aware(row.last_finished)
+        # MAX() keeps the column's type (UTCDateTime): aware on both databases.
         states = [JobState.FAILED] if row.failed else []
-        verdict = classify(states, last, row.completed_at, row.last_received_at)
+        verdict = classify(states, row.last_finished, row.completed_at, row.last_received_at)
         if verdict is None:
             continue
         kind, ended = verdict
@@ -250,16 +248,6 @@ def candidates(session: Session, retention: RetentionSettings) -> list[Candidate
         )
     found.sort(key=lambda c: (c.ended_at, c.series_id))
     return found
-
-
-def _aware(value: datetime | str | None) -> datetime | None:
-    from dicomnode.db.models import UTCDateTime
-
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite returns an aggregate of a DATETIME as text
-        value = datetime.fromisoformat(value)
-    return UTCDateTime().process_result_value(value, None)  # type: ignore[arg-type]
 
 
 def delete_series(
@@ -439,8 +427,7 @@ def run(
     rest: list[Candidate] = []
     for candidate in found:
         if candidate.due_at <= now:
-            rule = f"{candidate.kind}_days" if candidate.kind == FAILED else "done_days"
-            take(candidate, f"scheduled: {candidate.kind}, {rule} elapsed")
+            take(candidate, f"scheduled: {candidate.kind}, {candidate.kind}_days elapsed")
         else:
             rest.append(candidate)
     if report.emergency:

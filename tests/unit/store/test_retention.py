@@ -394,7 +394,7 @@ def test_deletions_are_counted_in_the_metrics(tmp_path: Path, sessions, spool: S
 
 def test_the_disk_watch_starts_the_emergency_cleanup(tmp_path: Path, sessions) -> None:
     from dicomnode.config import parse_settings
-    from dicomnode.queue.scheduler import _watch_disk
+    from dicomnode.queue.scheduler import _DiskWatch
 
     spool = QuotaSpool(tmp_path / "spool", quota=0)
     uid, paths = receive(sessions, spool)
@@ -403,10 +403,10 @@ def test_the_disk_watch_starts_the_emergency_cleanup(tmp_path: Path, sessions) -
         {"storage": {"min_free_mb": 0}, "retention": {"emergency_free_mb": 1}}, environ={}
     )
     spool.quota = -spool.free_bytes() + 2**20 + 1  # 1 byte above the threshold: no cleanup
-    _watch_disk(settings, sessions, spool)
+    _DiskWatch(settings, sessions, spool)()
     assert all((spool.root / p).exists() for p in paths)
     spool.quota -= 2  # now below it
-    _watch_disk(settings, sessions, spool)
+    _DiskWatch(settings, sessions, spool)()
     assert not any((spool.root / p).exists() for p in paths)
 
 
