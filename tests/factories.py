@@ -191,3 +191,21 @@ def legacy_enhanced(
     buffer = BytesIO()
     converted.save_as(buffer, enforce_file_format=True)
     return pydicom.dcmread(BytesIO(buffer.getvalue()))
+
+
+def add_series(
+    session: object, study_uid: str = "1.2.3", series_uid: str = "1.2.3.4", **study: object
+) -> object:
+    """Add a study and one CT series to an open transaction; return the (flushed) series.
+
+    ``study`` sets Study columns such as ``patient_id`` and ``accession_number``.
+    """
+    from dicomnode.db.models import Series, Study
+
+    row = Study(study_uid=study_uid, **study)
+    session.add(row)  # type: ignore[attr-defined]
+    session.flush()  # type: ignore[attr-defined]
+    series = Series(study_id=row.id, series_uid=series_uid, modality="CT")
+    session.add(series)  # type: ignore[attr-defined]
+    session.flush()  # type: ignore[attr-defined]
+    return series

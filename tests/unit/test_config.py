@@ -213,3 +213,8 @@ def test_a_bad_boolean_from_the_environment_is_one_line() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(None, environ={"DICOMNODE_METRICS_ENABLED": "maybe"})
     assert str(info.value) == "DICOMNODE_METRICS_ENABLED: must be true or false, got 'maybe'"
+
+
+def test_an_unknown_log_format_is_one_line() -> None:
+    message = error_for({"logging": {"format": "xml"}})
+    assert message.startswith("logging.format:") and "xml" in message

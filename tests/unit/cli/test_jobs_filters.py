@@ -19,21 +19,17 @@ from dicomnode.db.models import (
     JobEvent,
     Output,
     Series,
-    Study,
     utcnow,
 )
+from tests.factories import add_series
 from tests.unit.cli.test_main import one_line_error, run, write_config
 
 
 def _series(sessions, study_uid: str, accession: str) -> int:
     with transaction(sessions) as s:
-        study = Study(study_uid=study_uid, patient_id="PID-SECRET-7", accession_number=accession)
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid=f"{study_uid}.1", modality="CT")
-        s.add(series)
-        s.flush()
-        return series.id
+        return add_series(
+            s, study_uid, f"{study_uid}.1", patient_id="PID-SECRET-7", accession_number=accession
+        ).id
 
 
 def _enqueue(sessions, series_id: int, route: str, model: str) -> int:

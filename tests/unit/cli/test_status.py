@@ -12,10 +12,11 @@ from sqlalchemy import update
 
 from dicomnode.db import jobs as queue
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, Series, Study, utcnow
+from dicomnode.db.models import Delivery, DeliveryState, Job, Series, utcnow
 from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.wakeup import WakeListener
 from tests.conftest import free_port
+from tests.factories import add_series
 from tests.unit.cli.test_main import run
 
 
@@ -72,13 +73,7 @@ def test_problems_need_attention(
     tmp_path: Path, db_url: str, sessions, engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with transaction(sessions) as s:
-        study = Study(study_uid="1.2.3", patient_id="PID-SECRET-7", accession_number="ACC-7")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid="1.2.3.4", modality="CT")
-        s.add(series)
-        s.flush()
-        series_id = series.id
+        series_id = add_series(s, patient_id="PID-SECRET-7", accession_number="ACC-7").id
 
     def enqueue(model: str) -> int:
         with transaction(sessions) as s:
@@ -188,12 +183,7 @@ def test_an_old_failed_delivery_is_counted_but_no_longer_a_problem(
     tmp_path: Path, db_url: str, sessions, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with transaction(sessions) as s:
-        study = Study(study_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid="1.2.3.4", modality="CT")
-        s.add(series)
-        s.flush()
+        series = add_series(s)
         job = queue.enqueue(s, series, route="r", model="m", version="1", max_attempts=1)
         assert job is not None
         s.add(Delivery(job_id=job.id, destination="pacs", state=DeliveryState.FAILED))

@@ -7,19 +7,14 @@ from sqlalchemy import select, update
 
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, Study, utcnow
+from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, utcnow
+from tests.factories import add_series
 
 
 @pytest.fixture
 def series_id(sessions) -> int:
     with transaction(sessions) as s:
-        study = Study(study_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid="1.2.3.4", modality="CT")
-        s.add(series)
-        s.flush()
-        return series.id
+        return add_series(s).id
 
 
 def add_job(sessions, series_id: int, model: str, priority: int = 0, max_attempts: int = 3) -> int:

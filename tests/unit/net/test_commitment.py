@@ -24,12 +24,11 @@ from dicomnode.db.models import (
     JobEvent,
     JobState,
     Output,
-    Series,
-    Study,
     utcnow,
 )
 from dicomnode.net import status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler, request_dataset
+from tests.factories import add_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 OBJECTS = ["1.2.3.9.1", "1.2.3.9.2"]
@@ -40,12 +39,7 @@ TRANSACTION = "1.2.3.777"
 def delivery_id(sessions) -> int:
     """A done job whose two outputs were sent to 'pacs' with a commitment requested."""
     with transaction(sessions) as s:
-        study = Study(study_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid="1.2.3.4", modality="CT")
-        s.add(series)
-        s.flush()
+        series = add_series(s)
         job = Job(
             series_id=series.id, route="r", model="m", model_version="1",
             idempotency_key="k", state=JobState.DONE, attempts=1, finished_at=utcnow(),
