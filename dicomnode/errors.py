@@ -21,6 +21,10 @@ class ModelPackageError(DicomnodeError):
     """A model package under ``models/`` is incomplete or inconsistent."""
 
 
+class NodeAlreadyRunning(DicomnodeError):
+    """Another node listens on this spool or this port; the message names its process."""
+
+
 class JobError(DicomnodeError):
     """Base class of errors that end one attempt of a job."""
 
@@ -103,6 +107,15 @@ class SOPClassMismatch(IngestError):
 
 class OutOfResources(IngestError):
     """The disk or the database cannot take the instance right now; the sender may retry."""
+
+
+class RecordRefused(IngestError):
+    """The database refuses the instance's row for a reason a retry cannot change.
+
+    A constraint, a value or the schema, not a lost connection or a full disk: the
+    sender hears a failure (0x0110), not "out of resources", which would have it
+    retry the same instance for ever.
+    """
 
 
 class InstanceTooLarge(OutOfResources):

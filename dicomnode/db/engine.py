@@ -61,13 +61,25 @@ def _setup_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+# Connections beyond the threads a caller counts: the scheduler's sweeps (each one at
+# a time), metrics scrapes, announcements of new work.
+POOL_HEADROOM = 8
+
+
+def make_engine(url: str, *, connections: int | None = None, **kwargs: Any) -> Engine:
     """Create an engine for ``url`` with the settings this node needs.
 
     Parameters
     ----------
     url : str
         SQLAlchemy URL, ``sqlite:///PATH`` or ``postgresql+psycopg://...``.
+    connections : int, optional
+        How many threads may hold a connection at once (associations, workers and
+        their heartbeats). The pool keeps that many plus :data:`POOL_HEADROOM`, so
+        a busy listener never waits for a connection another thread could have
+        had; SQLAlchemy's default (5, and 10 more on demand) is less than the 32
+        associations a listener takes by default. Not for in-memory SQLite, which
+        has one connection per thread anyway.
     **kwargs
         Passed on to :func:`sqlalchemy.create_engine`.
 
@@ -77,6 +89,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         The engine. For a file-backed SQLite URL the parent folder is created.
     """
     parsed = make_url(url)
+    in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+    if connections is not None and not in_memory:
+        kwargs.setdefault("pool_size", connections + POOL_HEADROOM)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dicomnode.errors import (
     InvalidUID,
     MissingAttribute,
     OutOfResources,
+    RecordRefused,
     SOPClassMismatch,
     UIDMismatch,
     UnreadableInstance,
@@ -41,6 +42,8 @@ CANNOT_UNDERSTAND_UID_MISMATCH = 0xC213
 _BY_ERROR: dict[type[IngestError], int] = {
     InstanceTooLarge: OUT_OF_RESOURCES_TOO_LARGE,
     OutOfResources: OUT_OF_RESOURCES,
+    # The database refuses the row itself: a failure, and not one worth a retry.
+    RecordRefused: PROCESSING_FAILURE,
     SOPClassMismatch: DATASET_DOES_NOT_MATCH_SOP_CLASS,
     UnreadableInstance: CANNOT_UNDERSTAND_UNREADABLE,
     MissingAttribute: CANNOT_UNDERSTAND_MISSING_UID,

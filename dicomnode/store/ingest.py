@@ -20,10 +20,12 @@ Policy for an instance whose SOP Instance UID we already hold:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
 import mmap
+import struct
 import threading
 import uuid
 import zlib
@@ -34,11 +36,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import Engine, bindparam, select, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -46,10 +52,12 @@ from dicomnode.db.engine import is_sqlite, transaction
 from dicomnode.db.jobs import cancel_superseded
 from dicomnode.db.models import Instance, Series, SeriesState, Study, UTCDateTime, utcnow
 from dicomnode.errors import (
+    IngestError,
     InstanceTooLarge,
     InvalidUID,
     MissingAttribute,
     OutOfResources,
+    RecordRefused,
     SOPClassMismatch,
     StorageLow,
     UIDMismatch,
@@ -80,6 +88,20 @@ class InstanceHeader:
     patient_id: str | None
     accession_number: str | None
 
+    def bare(self) -> InstanceHeader:
+        """Return the header without the values that only index the instance.
+
+        What is left (UIDs, checked, and the transfer syntax) is what storing needs.
+        """
+        return dataclasses.replace(
+            self,
+            modality=None,
+            instance_number=None,
+            expected_instances=None,
+            patient_id=None,
+            accession_number=None,
+        )
+
 
 @dataclass(frozen=True)
 class _Previous:
@@ -109,7 +131,84 @@ def _text(ds: Dataset, keyword: str) -> Any:
         raise UnreadableInstance(f"{keyword} cannot be decoded ({type(exc).__name__})") from None
     if value is None:
         return None
+    if isinstance(value, MultiValue):  # str() would give "['A', 'B']"
+        value = "\\".join(str(v) for v in value)
     return str(value).strip().rstrip("\x00") or None
+
+
+# The index columns are 32-bit integers on both databases (PostgreSQL refuses more).
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+
+def _index_text(ds: Dataset, keyword: str, length: int, problems: list[str]) -> str | None:
+    """Return a text value that fits its index column, or None; say why in ``problems``.
+
+    These values only index the instance (the file keeps them as received), so one
+    that does not fit is left out rather than refused: a refusal would have the sender
+    retry an image that can never be stored. PostgreSQL refuses NUL characters in text
+    and the psycopg driver text it cannot encode; SQLite takes both, but both databases
+    get the same index.
+    """
+    try:
+        value = _text(ds, keyword)
+    except UnreadableInstance:
+        problems.append(f"{keyword} cannot be decoded (not indexed)")
+        return None
+    if value is None:
+        return None
+    if "\x00" in value:
+        problems.append(f"{keyword} has a NUL character (not indexed)")
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        problems.append(f"{keyword} cannot be encoded (not indexed)")
+        return None
+    if len(value) > length:
+        problems.append(f"{keyword} is longer than {length} characters (clipped)")
+        return value[:length]
+    return value
+
+
+def _index_int(ds: Dataset, keyword: str, problems: list[str]) -> int | None:
+    """Return an integer value that fits a 32-bit index column, or None (see _index_text)."""
+    try:
+        raw = _text(ds, keyword)
+    except UnreadableInstance:  # e.g. "inf": pydicom's IS conversion overflows
+        problems.append(f"{keyword} cannot be decoded (not indexed)")
+        return None
+    value = _int(raw)
+    if raw is not None and value is None:
+        problems.append(f"{keyword} is not an integer (not indexed)")
+    elif value is not None and not _INT_MIN <= value <= _INT_MAX:
+        problems.append(f"{keyword} is out of range (not indexed)")
+        return None
+    return value
+
+
+def index_value(value: str | None, length: int) -> str | None:
+    """Return a peer-supplied string (an AE title) as it may go into a text column.
+
+    Parameters
+    ----------
+    value : str, optional
+        The string.
+    length : int
+        The column's length.
+
+    Returns
+    -------
+    str or None
+        The value clipped to ``length``, or None if it has a NUL character or cannot
+        be encoded (PostgreSQL would refuse the row).
+    """
+    if value is None or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value[:length]
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -158,11 +257,12 @@ def check_element_lengths(ds: Dataset, end: int) -> None:
 
 
 def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
-    """Refuse pixel data that is cut short.
+    """Refuse pixel data that is cut short, or encoded otherwise than its transfer syntax says.
 
     pydicom reads a value shorter than its length field without complaint, so a
     truncated file would otherwise be stored and acknowledged, then fail at load
-    time long after the sender could have resent it.
+    time long after the sender could have resent it. The same goes for native pixel
+    data under a compressed transfer syntax, and the converse.
 
     Parameters
     ----------
@@ -177,8 +277,9 @@ def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
     ------
     UnreadableInstance
         If the element's length runs past the end of the data, native pixel data is
-        shorter than Rows x Columns x Frames says, or encapsulated pixel data has no
-        sequence delimiter.
+        shorter than Rows x Columns x Frames says, encapsulated pixel data has no
+        sequence delimiter, or the pixel data is native under an encapsulated transfer
+        syntax or encapsulated under a native one.
     """
     if data[offset : offset + 4] != _PIXEL_DATA_TAG:
         return  # no (integer) pixel data: SR, float pixel data, ...
@@ -191,8 +292,9 @@ def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
         header, length = 12, int.from_bytes(data[offset + 8 : offset + 12], "little")
     else:
         header, length = 8, int.from_bytes(data[offset + 6 : offset + 8], "little")
+    check_encapsulation(ds, length == _UNDEFINED)
     available = len(data) - offset - header
-    if length == 0xFFFFFFFF:
+    if length == _UNDEFINED:
         # The delimiter ends the pixel data, which ends the dataset but for padding:
         # look near the end first, so a huge file is not paged in to find it.
         tail = max(offset, len(data) - 2**16)
@@ -202,6 +304,41 @@ def check_pixel_data(data: Buffer, offset: int, ds: Dataset) -> None:
         ):
             raise UnreadableInstance("encapsulated PixelData has no end (truncated)")
         return
+    _check_native_length(length, available, ds)
+
+
+def check_encapsulation(ds: Dataset, encapsulated: bool) -> None:
+    """Refuse pixel data encoded otherwise than the file meta's transfer syntax says.
+
+    A decoder picks its codec by the transfer syntax: native pixels read as a JPEG
+    stream (or fragments read as raw pixels) fail when the job loads the series,
+    long after the sender could have sent the instance again.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The header, with its file meta.
+    encapsulated : bool
+        Whether the Pixel Data element has an undefined length (fragments).
+
+    Raises
+    ------
+    UnreadableInstance
+        If one is encapsulated and the other native.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "")
+    if not syntax.is_transfer_syntax:
+        return  # absent or private: its encoding is not known here
+    if syntax.is_encapsulated and not encapsulated:
+        raise UnreadableInstance(f"PixelData is native but the transfer syntax {syntax} is not")
+    if encapsulated and not syntax.is_encapsulated:
+        raise UnreadableInstance(
+            f"PixelData is encapsulated but the transfer syntax {syntax} is native"
+        )
+
+
+def _check_native_length(length: int, available: int, ds: Dataset) -> None:
     if length > available:
         raise UnreadableInstance(
             f"PixelData is truncated: its length is {length} bytes, {available} arrived"
@@ -224,49 +361,291 @@ def _expected_pixel_bytes(ds: Dataset) -> int | None:
 
 
 _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
-_META_PEEK = 2048  # the file meta is a few hundred bytes; its UIDs are in there
+_META_PEEK = 2**16  # the file meta is a few hundred bytes; this finds it even padded
 # Deflate is for small objects (SR, presentation states); nobody deflates a volume.
-# pydicom inflates a deflated dataset in memory, so its inflated size is capped.
+# The job that loads one inflates it in memory (pydicom does), so its size is capped.
 MAX_INFLATED_BYTES = 256 * 2**20
+# Reading a deflated header inflates in steps of this much, keeping only the few
+# elements ingest uses: memory per instance stays about four steps, whatever it
+# inflates to (a deflate bomb of 255 KB inflates to 250 MiB).
+INFLATE_STEP = 2**18
+# Walking a header costs about a microsecond per element, under the GIL: a bomb of
+# 250 MiB of tiny sequence items would hold an association (and slow its neighbours)
+# for half a minute. A real deflated object (an SR, a presentation state) has
+# thousands of elements; more than this is refused like an over-large one.
+MAX_DEFLATED_ELEMENTS = 1_000_000
+# Inflating is pure CPU: more at once would only share the cores and hold each
+# association longer. The others wait their turn, a second or so each at most.
+MAX_CONCURRENT_INFLATIONS = 2
+_inflations = threading.BoundedSemaphore(MAX_CONCURRENT_INFLATIONS)
+
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_SHORT_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO",
+    b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+}  # fmt: skip
+_MAX_DEPTH = 64  # sequences nested deeper are no header anyone writes
+# The elements read_header and the pixel data check use; all have 16-bit lengths.
+_KEPT = frozenset(
+    Tag(keyword)
+    for keyword in (
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "InstanceNumber",
+        "ImagesInAcquisition",
+        "PatientID",
+        "AccessionNumber",
+        "SamplesPerPixel",
+        "NumberOfFrames",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+    )
+)
 
 
-def _check_inflated_size(content: Buffer) -> None:
-    """Refuse a deflated dataset that would inflate beyond :data:`MAX_INFLATED_BYTES`.
+class _Inflated:
+    """A deflated dataset's inflated bytes, read forward in bounded steps.
 
-    A few megabytes of deflate can stand for gigabytes; this inflates in steps,
-    keeping nothing, before pydicom inflates it for real.
+    Bytes a caller skips are inflated and dropped, so memory stays a few steps
+    however much the dataset inflates to.
+
+    Parameters
+    ----------
+    content : bytes or mmap
+        The whole file.
+    start : int
+        Where the deflated dataset starts (after the file meta).
+
+    Raises
+    ------
+    InstanceTooLarge
+        From any read, once the dataset inflates beyond :data:`MAX_INFLATED_BYTES`,
+        or from :meth:`header` beyond :data:`MAX_DEFLATED_ELEMENTS` elements.
+    UnreadableInstance
+        From any read, if the data is not valid deflate.
     """
-    if bytes(content[128:132]) != b"DICM" or bytes(content[132:136]) != b"\x02\x00\x00\x00":
-        return  # no group length to find the dataset by: pydicom will judge it
-    start = 144 + int.from_bytes(content[140:144], "little")
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, position, step = 0, start, 2**20
-    pending = bytes(content[position : position + step])
-    position += step
-    while pending and not inflater.eof:
+
+    def __init__(self, content: Buffer, start: int) -> None:
+        self._content = content
+        self._next = start  # the next compressed byte to feed
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._step = b""  # the latest inflated step, read up to _at
+        self._at = 0
+        self._inflated = 0
+        self._elements = 0
+        self.position = 0  # offset in the inflated dataset of the next byte read
+
+    def _inflate(self) -> bool:
+        """Inflate the next step, the unread rest of this one kept; False at the end."""
+        if self._inflater.eof:
+            return False
+        pending = self._inflater.unconsumed_tail
+        if not pending:
+            if self._next >= len(self._content):
+                return False  # the deflate stream stops short: reads come up short
+            pending = bytes(self._content[self._next : self._next + INFLATE_STEP])
+            self._next += len(pending)
         try:
-            total += len(inflater.decompress(pending, step))
+            out = self._inflater.decompress(pending, INFLATE_STEP)
         except zlib.error:
-            return  # not valid deflate: pydicom's reading will say it is unreadable
-        if total > MAX_INFLATED_BYTES:
+            raise UnreadableInstance("deflated dataset cannot be inflated") from None
+        self._inflated += len(out)
+        if self._inflated > MAX_INFLATED_BYTES:
             raise InstanceTooLarge("deflated dataset inflates beyond 256 MiB")
-        pending = inflater.unconsumed_tail or bytes(content[position : position + step])
-        if not inflater.unconsumed_tail:
-            position += step
+        self._step = self._step[self._at :] + out
+        self._at = 0
+        return True
+
+    def read(self, size: int) -> bytes:
+        """Return the next ``size`` bytes, or fewer at the end of the data."""
+        while len(self._step) - self._at < size and self._inflate():
+            pass
+        out = self._step[self._at : self._at + size]
+        self._at += len(out)
+        self.position += len(out)
+        return out
+
+    def header(self, implicit: bool) -> tuple[int, bytes, int] | None:
+        """Read an element header: (tag, VR or b"", length), or None at the end of the data.
+
+        Called once per element, sequence contents included, so it reads straight
+        from the step rather than through :meth:`read`.
+        """
+        buffer, at = self._step, self._at
+        if len(buffer) - at < 12 and not self._fill(12):
+            # The last header in the data: 8 bytes are enough unless its VR has a
+            # 32-bit length. Padded so that one unpack serves both.
+            rest = len(self._step) - self._at
+            if rest == 0:
+                return None
+            if rest < 8:
+                raise UnreadableInstance("deflated dataset is truncated")
+            buffer, at = self._step[self._at :] + bytes(12 - rest), 0
+        elif buffer is not self._step:
+            buffer, at = self._step, self._at  # _fill inflated a step
+        self._elements += 1
+        if self._elements > MAX_DEFLATED_ELEMENTS:
+            raise InstanceTooLarge(
+                f"deflated dataset has more than {MAX_DEFLATED_ELEMENTS:,} elements"
+            )
+        group, element, length = _HEADER.unpack_from(buffer, at)
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:  # items and delimiters have no VR
+            vr, size = b"", 8
+        else:
+            vr = buffer[at + 4 : at + 6]
+            if vr in _LONG_VRS:
+                length, size = int.from_bytes(buffer[at + 8 : at + 12], "little"), 12
+            elif vr in _SHORT_VRS:
+                length, size = length >> 16, 8
+            else:
+                raise UnreadableInstance(f"element {Tag(tag)} has no valid VR")
+        if size > len(self._step) - self._at:
+            raise UnreadableInstance("deflated dataset is truncated")
+        self._at += size
+        self.position += size
+        return tag, vr, length
+
+    def _fill(self, size: int) -> bool:
+        """Inflate until ``size`` bytes are unread; False if the data ends first."""
+        while len(self._step) - self._at < size:
+            if not self._inflate():
+                return False
+        return True
+
+    def skip(self, size: int) -> int:
+        """Drop the next ``size`` bytes without keeping them; return how many there were."""
+        if len(self._step) - self._at >= size:  # most values: inside the current step
+            self._at += size
+            self.position += size
+            return size
+        skipped = 0
+        while True:
+            taken = min(size - skipped, len(self._step) - self._at)
+            self._at += taken
+            skipped += taken
+            if skipped == size or not self._inflate():
+                break
+        self.position += skipped
+        return skipped
+
+    def drain(self) -> int:
+        """Drop everything left; return how many bytes that was."""
+        return self.skip(MAX_INFLATED_BYTES + 1)  # more than can come: raises first
 
 
-def _check_deflated_pixel_data(content: Buffer, header: Dataset) -> None:
-    """Check a deflated instance's pixel data, which offsets into the file cannot reach.
+_HEADER = struct.Struct("<HHI")  # group, element, and a 32-bit length (or VR + 16 bits)
 
-    The whole dataset is inflated to do it; deflate is rare and its instances small.
+
+def _skip_value(stream: _Inflated, tag: int, length: int) -> None:
+    if stream.skip(length) < length:
+        raise UnreadableInstance(f"element {Tag(tag)} runs past the end of the data")
+
+
+def _skip_items(stream: _Inflated, tag: int, implicit: bool, depth: int) -> None:
+    """Skip an undefined-length value (a sequence, or fragments): items up to its end.
+
+    Inside UN of undefined length the items are implicit VR (PS3.5 6.2.2).
     """
-    ds = pydicom.dcmread(BytesIO(bytes(content)))
-    pixels = ds.get("PixelData")
-    expected = _expected_pixel_bytes(header)
-    if pixels is not None and expected is not None and len(pixels) < expected:
-        raise UnreadableInstance(
-            f"PixelData holds {len(pixels)} bytes but the image header needs {expected}"
-        )
+    if depth > _MAX_DEPTH:
+        raise UnreadableInstance(f"sequences nested deeper than {_MAX_DEPTH} levels")
+    while True:
+        item = stream.header(implicit=True)
+        if item is None:
+            raise UnreadableInstance(f"element {Tag(tag)} has no end (truncated)")
+        item_tag, _, length = item
+        if item_tag == _SEQUENCE_END:
+            return
+        if item_tag != _ITEM:
+            raise UnreadableInstance(f"element {Tag(tag)} holds no items but has no length")
+        if length != _UNDEFINED:
+            _skip_value(stream, item_tag, length)
+            continue
+        while (element := stream.header(implicit)) is not None:
+            inner, vr, length = element
+            if inner == _ITEM_END:
+                break
+            if length == _UNDEFINED:
+                _skip_items(stream, inner, implicit or vr == b"UN", depth + 1)
+            else:
+                _skip_value(stream, inner, length)
+        else:
+            raise UnreadableInstance(f"element {Tag(tag)} has no end (truncated)")
+
+
+def _read_deflated(fp: BinaryIO, content: Buffer) -> Dataset | None:
+    """Read a deflated instance's header and check its pixel data, in bounded memory.
+
+    pydicom inflates a deflated dataset whole, and again to reach its pixel data;
+    this walks the inflated stream once, in steps, keeping only the elements in
+    :data:`_KEPT`. Nested sequences are skipped, not parsed, so a bomb made of tiny
+    elements cannot make millions of objects either.
+
+    Parameters
+    ----------
+    fp : file-like
+        The instance, positioned at its start.
+    content : bytes or mmap
+        The same instance's bytes.
+
+    Returns
+    -------
+    Dataset or None
+        The kept elements, with the file meta; None if the file meta names another
+        transfer syntax after all (``fp`` is then back at its start).
+
+    Raises
+    ------
+    UnreadableInstance, InstanceTooLarge
+        As :func:`check_element_lengths`, :func:`check_pixel_data`,
+        :data:`MAX_INFLATED_BYTES` and :data:`MAX_DEFLATED_ELEMENTS` say.
+    """
+    read_preamble(fp, False)
+    meta = FileMetaDataset(
+        read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+    )
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        fp.seek(0)
+        return None
+    with _inflations:
+        stream = _Inflated(content, fp.tell())
+        kept: dict[BaseTag, DataElement | RawDataElement] = {}
+        count = 0
+        pixels = None
+        while (element := stream.header(implicit=False)) is not None:
+            tag, vr, length = element
+            count += 1
+            if tag == _PIXEL_DATA:
+                pixels = length
+                break
+            if length == _UNDEFINED:
+                _skip_items(stream, tag, vr == b"UN", 1)
+            elif Tag(tag) in _KEPT and vr in _SHORT_VRS:
+                at = stream.position
+                value = stream.read(length)
+                if len(value) < length:
+                    raise UnreadableInstance(f"element {Tag(tag)} runs past the end of the data")
+                kept[Tag(tag)] = RawDataElement(
+                    Tag(tag), vr.decode(), length, value, at, False, True, True, False
+                )
+            else:
+                _skip_value(stream, tag, length)
+        if count == 0:
+            raise UnreadableInstance("dataset has no readable elements")
+        ds = Dataset(kept)
+        ds.set_original_encoding(False, True)
+        ds.file_meta = meta
+        if pixels is not None:
+            check_encapsulation(ds, pixels == _UNDEFINED)  # deflate is a native syntax
+            _check_native_length(pixels, stream.drain(), ds)
+    return ds
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -290,15 +669,38 @@ def _storage_error(exc: OSError) -> OutOfResources:
     return OutOfResources(f"cannot write to storage ({code})")
 
 
+def database_error(exc: DBAPIError | PoolTimeout) -> IngestError:
+    """Say whether a database error is worth the sender's retry.
+
+    Parameters
+    ----------
+    exc : DBAPIError or sqlalchemy.exc.TimeoutError
+        What recording the instance raised.
+
+    Returns
+    -------
+    IngestError
+        :class:`OutOfResources` (0xA700: retry later) when the database is out of reach,
+        busy or full, or the pool has no connection to spare; :class:`RecordRefused`
+        (0x0110) when it refuses the row itself (a value, a constraint, the schema): a
+        retry of the same instance would get the same answer.
+    """
+    if isinstance(exc, PoolTimeout):
+        return OutOfResources("database error (no connection free in the pool)")
+    name = type(exc.orig).__name__
+    # OperationalError covers what passes: a lost connection, a lock or serialization
+    # conflict, a full disk, an administrator's shutdown (PostgreSQL classes 08, 40,
+    # 53, 57, 58; SQLite's "database is locked" and "disk full").
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        return OutOfResources(f"database error ({name})")
+    return RecordRefused(f"database refused the instance's row ({name})")
+
+
 def _int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
     except ValueError:
         return None  # a malformed IS value is ignored, not a reason to refuse
-
-
-def _clip(value: str | None, length: int) -> str | None:
-    return value[:length] if value is not None else None
 
 
 def parse_header(
@@ -350,26 +752,28 @@ def read_header(
     Returns
     -------
     InstanceHeader
-        The checked identifiers.
+        The checked identifiers, and the values that index the instance: those that
+        do not fit their columns are None or clipped (one WARNING line names them).
 
     Raises
     ------
     UnreadableInstance
-        If the bytes are not a parseable DICOM dataset.
+        If the bytes are not a parseable DICOM dataset, or its pixel data is cut
+        short or encoded otherwise than its transfer syntax says.
     MissingAttribute
         If a required UID is absent.
     InvalidUID
-        If a UID is malformed or unsafe as a path component.
+        If a UID (the transfer syntax's too) is malformed or unsafe as a path component.
+    InstanceTooLarge
+        If a deflated dataset inflates beyond :data:`MAX_INFLATED_BYTES` or holds more
+        than :data:`MAX_DEFLATED_ELEMENTS` elements.
     """
     try:
-        if _DEFLATED in bytes(content[132:_META_PEEK]):
-            _check_inflated_size(content)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        if len(ds) == 0:
-            raise UnreadableInstance("dataset has no readable elements")
-        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            _check_deflated_pixel_data(content, ds)
-        else:
+        ds = _read_deflated(fp, content) if _DEFLATED in bytes(content[132:_META_PEEK]) else None
+        if ds is None:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            if len(ds) == 0:
+                raise UnreadableInstance("dataset has no readable elements")
             check_element_lengths(ds, len(content))
             check_pixel_data(content, fp.tell(), ds)
         # Force conversion of the elements we use now, inside the try.
@@ -386,22 +790,31 @@ def read_header(
         problem = uid_problem(value)
         if problem:
             raise InvalidUID(f"{keyword} {problem}")
-    instance_number = _int(_text(ds, "InstanceNumber"))
-    expected = _int(_text(ds, "ImagesInAcquisition"))
-    return InstanceHeader(
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "").strip().rstrip("\x00")
+    if syntax and uid_problem(syntax):
+        # pynetdicom writes the negotiated one; only an imported file can carry this.
+        raise InvalidUID(f"TransferSyntaxUID {uid_problem(syntax)}")
+    # Values that do not fit their columns are left out of the index or clipped, never
+    # a reason to refuse (see _index_text); the log says which, never the value.
+    problems: list[str] = []
+    expected = _index_int(ds, "ImagesInAcquisition", problems)
+    header = InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
-        # Clipped to their VR's length (and their columns'): a non-conformant value must
-        # not make PostgreSQL refuse the row and the sender retry for ever.
-        modality=_clip(_text(ds, "Modality"), 16),
-        instance_number=instance_number,
+        transfer_syntax_uid=syntax,
+        modality=_index_text(ds, "Modality", 16, problems),
+        instance_number=_index_int(ds, "InstanceNumber", problems),
         expected_instances=expected if expected is not None and expected > 0 else None,
-        patient_id=_clip(_text(ds, "PatientID"), 64),
-        accession_number=_clip(_text(ds, "AccessionNumber"), 16),
+        patient_id=_index_text(ds, "PatientID", 64, problems),
+        accession_number=_index_text(ds, "AccessionNumber", 16, problems),
     )
+    if problems:
+        log.warning(
+            "index values adjusted sop_uid=%s: %s", header.sop_instance_uid, "; ".join(problems)
+        )
+    return header
 
 
 # The statements of the fast path, written out once. The state is bound with the
@@ -620,14 +1033,25 @@ class Ingestor:
         except OSError as exc:
             raise _storage_error(exc) from None
 
+        calling_ae = index_value(calling_ae, 16)
         try:
-            previous = self._record(header, relative.as_posix(), size, digest, calling_ae)
+            try:
+                previous = self._record(header, relative.as_posix(), size, digest, calling_ae)
+            except DataError:
+                # A value the database refuses that the header checks did not foresee (a
+                # database whose encoding cannot hold a name, say): the instance is
+                # stored without its index values rather than refused for ever.
+                log.warning(
+                    "index values refused by the database sop_uid=%s: stored without them",
+                    header.sop_instance_uid,
+                )
+                header = header.bare()
+                previous = self._record(header, relative.as_posix(), size, digest, calling_ae)
         except BaseException as exc:
             # Not acknowledged, so it must not linger; the file is ours alone.
             self.spool.remove(relative)
-            if isinstance(exc, DBAPIError):
-                # The sender may retry; nothing of this attempt remains.
-                raise OutOfResources(f"database error ({type(exc.orig).__name__})") from None
+            if isinstance(exc, DBAPIError | PoolTimeout):
+                raise database_error(exc) from None
             raise
         if previous is not None:
             # The row now points at our file; the one it pointed at before is unreferenced.
