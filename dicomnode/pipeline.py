@@ -7,12 +7,18 @@ Outputs are written durably and recorded before anything is sent. A retry after
 a failed delivery therefore re-sends the recorded objects instead of running the
 model again, and deterministic UIDs make a re-sent object the same object to the
 PACS, never a duplicate.
+
+A full disk while the results are written is the node's condition, not the job's:
+the job is retried by time like a delivery to a destination that is down, its
+attempts given back, and the model does not run again until the spool has space.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +40,7 @@ from dicomnode.config import Destination, Route, Settings
 from dicomnode.db import audit
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import Claim, merge_timings, set_state
+from dicomnode.db.jobs import Claim, database_now, failing_since, merge_timings, set_state
 from dicomnode.db.models import (
     Delivery,
     DeliveryState,
@@ -81,6 +87,36 @@ log = logging.getLogger(__name__)
 
 REJECTION = "rejection"  # the output kind of an IOCM rejection note
 
+# How every error of a full disk begins (``last_error``, the job's history): the worker
+# retries them by time, and the failures in a row that start so tell for how long.
+# The messages spell it out, so that docs/troubleshooting.md's test finds them.
+DISK_FULL = "no space left on device"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ResultsDiskFull(TransientJobError):
+    """The spool's disk (or the user's quota on it) was full when results were written.
+
+    Retried by time, not by attempts (see :class:`dicomnode.db.jobs.ResourceRetry`):
+    space comes back when retention or an admin frees it, however long that takes.
+    """
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Return whether ``exc`` says a disk or a quota is full (ENOSPC, EDQUOT).
+
+    Parameters
+    ----------
+    exc : BaseException
+        What a write raised.
+
+    Returns
+    -------
+    bool
+        True for a full disk or quota.
+    """
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS
+
 
 @dataclass
 class JobContext:
@@ -101,6 +137,7 @@ class JobContext:
     started_at: datetime
     timings: dict[str, Any]
     outputs: list[tuple[str, str]]  # (kind, spool-relative path)
+    disk_was_full: bool = False  # the previous attempt found the results' disk full
 
 
 @dataclass
@@ -199,6 +236,8 @@ class Pipeline:
             checkpoint()
             with self.sessions() as session:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
+            if ctx.disk_was_full:
+                self._check_space()
             built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
             built += self._rejection(ctx, built)
             timings.update(stage_times)
@@ -239,6 +278,7 @@ class Pipeline:
             outputs = session.execute(
                 select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
             ).all()
+            _, disk_full_failures = failing_since(session, job.id, DISK_FULL)
             return JobContext(
                 job_id=job.id,
                 series_id=series.id,
@@ -255,7 +295,35 @@ class Pipeline:
                 started_at=job.started_at or utcnow(),
                 timings=dict(job.timings or {}),
                 outputs=[(k, p) for k, p in outputs],
+                disk_was_full=disk_full_failures > 0,
             )
+
+    def _results_folder(self) -> Path:
+        return self.spool.absolute(RESULTS)
+
+    def _check_space(self) -> None:
+        """Refuse to run the model again while the disk that was full still is.
+
+        "Full" is below ``storage.min_free_mb`` (the listener's own watermark), or no
+        space at all when that is 0: a model run whose results cannot be written is
+        only wasted time on a busy GPU.
+        """
+        need = max(self.settings.storage.min_free_mb * 2**20, 1)
+        free = self.spool.free_bytes()
+        if free < need:
+            raise ResultsDiskFull(
+                f"no space left on device in the results folder ({self._results_folder()}): "
+                f"{free / 2**20:.1f} MiB free, the model runs again once "
+                f"{need / 2**20:.0f} MiB are (storage.min_free_mb)"
+            )
+
+    def _disk_full(self, written: int, of: int) -> ResultsDiskFull:
+        free = self.spool.free_bytes()
+        return ResultsDiskFull(
+            f"no space left on device in the results folder ({self._results_folder()}): "
+            f"{written} of {of} object(s) written, {free / 2**20:.1f} MiB free"
+            "; retried when space is freed"
+        )
 
     def _route(self, ctx: JobContext) -> Route:
         for route in self.settings.routes:
@@ -497,18 +565,22 @@ class Pipeline:
         written: list[tuple[BuiltOutput, str, int]] = []
         for out in built:
             ds = out.dataset
-            data = encode(ds)
             relative = self.spool.relative_path(
                 RESULTS, ctx.study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
             )
-            final = self.spool.write(relative, data)
             try:
-                validate_file(final, self.settings.outputs.validate)
-            except PermanentJobError as exc:
-                # Never sent, but kept where an admin can look at it.
-                kept = self.spool.move(relative, REJECTED)
-                raise PermanentJobError(f"{exc}; the object is kept at {kept}") from None
-            written.append((out, relative.as_posix(), len(data)))
+                final, size = self._write_once(relative, ds)
+                try:
+                    validate_file(final, self.settings.outputs.validate)
+                except PermanentJobError as exc:
+                    # Never sent, but kept where an admin can look at it.
+                    kept = self.spool.move(relative, REJECTED)
+                    raise PermanentJobError(f"{exc}; the object is kept at {kept}") from None
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise self._disk_full(len(written), len(built)) from None
+                raise
+            written.append((out, relative.as_posix(), size))
         timings["write_validate_s"] = time.perf_counter() - started
 
         with transaction(self.sessions) as session:
@@ -519,6 +591,9 @@ class Pipeline:
                 raise JobSuperseded(
                     "superseded: a late instance re-opened the series; a newer job replaces this"
                 )
+            # The database's clock, like the job's started_at it is compared with (which
+            # attempt made the outputs decides whether a retry only re-sends them).
+            now = database_now(session)
             for out, path, size in written:
                 session.add(
                     Output(
@@ -529,6 +604,7 @@ class Pipeline:
                         series_uid=str(out.dataset.SeriesInstanceUID),
                         path=path,
                         size_bytes=size,
+                        created_at=now,
                     )
                 )
             job = session.get(Job, claim.job_id)
@@ -538,6 +614,25 @@ class Pipeline:
             if not set_state(session, claim, JobState.SENDING):
                 raise JobInterrupted(f"job {claim.job_id}: lease lost before sending")
         return [(out.kind, path) for out, path, _ in written]
+
+    def _write_once(self, relative: Path, dataset: Dataset) -> tuple[Path, int]:
+        """Write an object unless an earlier attempt of the job already did; return it and its size.
+
+        The object's SOP Instance UID, and so its path, is fixed by the input, the route,
+        the model and its version: a file already there is this very object, written
+        whole (fsynced, then renamed into place) by an attempt that the disk filling up
+        stopped before it could record it. It is validated again by the caller.
+        """
+        final = self.spool.absolute(relative)
+        try:
+            # Touched: the orphan sweep takes its change time for when it was written,
+            # and must not take a file this attempt is about to record.
+            os.utime(final)
+            return final, final.stat().st_size
+        except FileNotFoundError:
+            pass
+        data = encode(dataset)
+        return self.spool.write(relative, data), len(data)
 
     def _deliver(
         self,
@@ -553,7 +648,14 @@ class Pipeline:
             with transaction(self.sessions) as session:
                 delivery = _delivery(session, claim.job_id, name)
                 if delivery is None:
-                    delivery = Delivery(job_id=claim.job_id, destination=name, attempts=0)
+                    # Created by the database's clock: the delivery window (how long a
+                    # destination has been failing) is judged by it.
+                    delivery = Delivery(
+                        job_id=claim.job_id,
+                        destination=name,
+                        attempts=0,
+                        created_at=database_now(session),
+                    )
                     session.add(delivery)
                 if delivery.state == DeliveryState.SENT:
                     continue
@@ -583,7 +685,7 @@ class Pipeline:
                 )
                 if error is None:
                     delivery.state = DeliveryState.SENT
-                    delivery.sent_at = utcnow()
+                    delivery.sent_at = database_now(session)
                     delivery.last_error = None
                     delivery.warning = warning
                     log.info(

@@ -25,6 +25,7 @@ from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import is_sqlite, make_engine, read_only, session_factory
+from dicomnode.db.jobs import database_now
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, utcnow
 from dicomnode.queue import wakeup
 
@@ -196,7 +197,8 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
         ``workers``, ``queue``, ``oldest_queued``, ``deliveries``, ``failed_last_hour``,
         ``disk`` and ``last_errors``.
     """
-    now = utcnow()
+    # The database's clock: the one leases and back-offs are set with (db.jobs).
+    now = database_now(session)
     owners = session.scalars(
         select(Job.lease_owner)
         .where(

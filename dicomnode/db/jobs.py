@@ -6,6 +6,11 @@ can no longer change the job, so a job is finished by exactly one worker.
 Claims take ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent workers never
 wait on each other; on SQLite every transaction is ``BEGIN IMMEDIATE`` (see
 :mod:`dicomnode.db.engine`), which serialises claims.
+
+Every time the queue writes or compares (lease expiry, back-off, history) comes from
+the database's clock (:func:`database_now`), never the process's: a worker, a reaper
+and an admin command on three hosts then agree on when a lease lapses, however far
+apart their clocks are.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ import logging
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import audit
@@ -30,12 +35,41 @@ from dicomnode.db.models import (
     JobState,
     Output,
     Series,
-    utcnow,
 )
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.RUNNING, JobState.SENDING)
+
+# SQLite's clock as text (its "now" is the host's clock: every process sharing an
+# SQLite file runs on that one host). Milliseconds, read back into a Python datetime
+# so that the value is stored the way UTCDateTime stores every other one.
+_SQLITE_NOW = text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+
+
+def database_now(session: Session) -> datetime:
+    """Return the database's current time, as an aware UTC datetime.
+
+    PostgreSQL's ``now()`` (the start of the current transaction) or SQLite's
+    ``'now'``. Lease expiries, back-off times and the job history are set and compared
+    with it, so that hosts whose clocks disagree still agree on which lease lapsed.
+
+    Parameters
+    ----------
+    session : Session
+        The session (in the transaction that uses the time).
+
+    Returns
+    -------
+    datetime
+        Now, by the database's clock.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        value = session.scalar(_SQLITE_NOW)
+        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+    now = session.scalar(select(func.now()))
+    assert isinstance(now, datetime)
+    return now.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -75,12 +109,13 @@ def record_event(
     note : str, optional
         Why, in one line without PHI.
     at : datetime, optional
-        When; now if omitted.
+        When; now by the database's clock if omitted.
     """
+    at = at or database_now(session)
     session.add(
         JobEvent(
             job_id=job.id,
-            at=at or utcnow(),
+            at=at,
             from_state=None if from_state is None else from_state.value,
             to_state=to_state.value,
             attempt=job.attempts,
@@ -164,6 +199,7 @@ def enqueue(
     key = idempotency_key(series.series_uid, series.generation, route, model, version)
     if session.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None:
         return None
+    now = database_now(session)
     job = Job(
         series_id=series.id,
         route=route,
@@ -175,13 +211,15 @@ def enqueue(
         priority=priority,
         attempts=0,
         max_attempts=max_attempts,
-        run_after=utcnow(),
+        run_after=now,
+        created_at=now,
+        updated_at=now,
         timings={},
         summary={},
     )
     session.add(job)
     session.flush()
-    record_event(session, job, JobState.QUEUED, from_state=None, note=f"route {route}")
+    record_event(session, job, JobState.QUEUED, from_state=None, note=f"route {route}", at=now)
     return job
 
 
@@ -223,15 +261,15 @@ def claim(
     Claim or None
         The claimed job, or None when nothing is runnable.
     """
-    now = utcnow()
-    starved = now - timedelta(seconds=starvation_seconds)
-    effective = case((Job.created_at <= starved, URGENT), else_=Job.priority)
-    query = select(Job).where(Job.state == JobState.QUEUED, Job.run_after <= now)
-    if only_models:
-        query = query.where(Job.model.in_(list(only_models)))
-    if skip_models:
-        query = query.where(Job.model.not_in(list(skip_models)))
     with transaction(sessions) as session:
+        now = database_now(session)
+        starved = now - timedelta(seconds=starvation_seconds)
+        effective = case((Job.created_at <= starved, URGENT), else_=Job.priority)
+        query = select(Job).where(Job.state == JobState.QUEUED, Job.run_after <= now)
+        if only_models:
+            query = query.where(Job.model.in_(list(only_models)))
+        if skip_models:
+            query = query.where(Job.model.not_in(list(skip_models)))
         job = session.scalar(
             query.order_by(effective.desc(), Job.id).limit(1).with_for_update(skip_locked=True)
         )
@@ -277,17 +315,19 @@ def heartbeat(sessions: sessionmaker[Session], claim: Claim, lease_seconds: floa
     bool
         False if the lease was lost (the job was reaped or cancelled).
     """
-    now = utcnow()
     with transaction(sessions) as session:
         job = _owned_job(session, claim)
         if job is None:
             return False
+        now = database_now(session)
         job.heartbeat_at = now
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
         return True
 
 
-def set_state(session: Session, claim: Claim, state: JobState, **values: Any) -> bool:
+def set_state(
+    session: Session, claim: Claim, state: JobState, *, ended: bool = False, **values: Any
+) -> bool:
     """Move a job this worker owns to ``state`` inside an open transaction.
 
     Parameters
@@ -298,6 +338,8 @@ def set_state(session: Session, claim: Claim, state: JobState, **values: Any) ->
         The job.
     state : JobState
         The new state.
+    ended : bool
+        Also set ``finished_at`` (to the same time as the transition).
     **values
         Other columns to set.
 
@@ -310,9 +352,11 @@ def set_state(session: Session, claim: Claim, state: JobState, **values: Any) ->
     if job is None:
         return False
     before = job.state
-    now = utcnow()
+    now = database_now(session)
     job.state = state
     job.updated_at = now
+    if ended:
+        job.finished_at = now
     for key, value in values.items():
         setattr(job, key, value)
     note = values.get("last_error")
@@ -361,13 +405,12 @@ def finish(
     bool
         False if the lease had been lost (another worker owns the job now).
     """
-    now = utcnow()
     with transaction(sessions) as session:
         return set_state(
             session,
             claim,
             state,
-            finished_at=now,
+            ended=True,
             lease_owner=None,
             lease_expires_at=None,
             last_error=reason,
@@ -394,7 +437,7 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
     int
         How many jobs were cancelled.
     """
-    now = utcnow()
+    now = database_now(session)
     reason = "superseded: a late instance re-opened the series"
     queued = session.scalars(
         select(Job)
@@ -410,7 +453,9 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
         job.last_error = reason
         job.finished_at = now
         job.updated_at = now
-        record_event(session, job, JobState.CANCELLED, from_state=JobState.QUEUED, note=reason)
+        record_event(
+            session, job, JobState.CANCELLED, from_state=JobState.QUEUED, note=reason, at=now
+        )
     return len(queued)
 
 
@@ -448,6 +493,22 @@ class DeliveryRetry:
     max_delay_seconds: float
 
 
+@dataclass(frozen=True)
+class ResourceRetry:
+    """How a job is retried that failed for want of something the node itself lacks.
+
+    A full disk is not the job's fault, and it lasts until space is freed (retention,
+    an admin), not a number of attempts: like a destination that is down, it is retried
+    for a time, and those attempts do not use up the model's attempt budget.
+    """
+
+    give_up_seconds: float
+    max_delay_seconds: float
+    # The errors' common beginning ("no space left on device"): the failures in a row
+    # that start with it tell how long the condition has lasted.
+    condition: str
+
+
 def fail(
     sessions: sessionmaker[Session],
     claim: Claim,
@@ -456,6 +517,7 @@ def fail(
     retryable: bool,
     base_seconds: float,
     delivery: DeliveryRetry | None = None,
+    resource: ResourceRetry | None = None,
 ) -> JobState:
     """Record a failed attempt: re-queue with backoff, or fail for good.
 
@@ -475,6 +537,10 @@ def fail(
         Set when only delivery failed: the job is retried until its oldest
         undelivered destination has been failing for ``give_up_seconds``, however
         many attempts that takes.
+    resource : ResourceRetry, optional
+        Set when the node lacked a resource (its disk was full): the job is retried
+        until its attempts have been failing that way for ``give_up_seconds``, and
+        those attempts are given back.
 
     Returns
     -------
@@ -482,13 +548,13 @@ def fail(
         ``queued`` (will retry) or ``failed``; the job's current state if the lease
         was lost.
     """
-    now = utcnow()
     with transaction(sessions) as session:
         # Locked, so that a reaper or another worker cannot change it between check and write.
         job = _owned_job(session, claim)
         if job is None:
             current = session.get(Job, claim.job_id)
             return current.state if current is not None else JobState.FAILED
+        now = database_now(session)
         before = job.state
         job.last_error = error
         job.lease_owner = None
@@ -511,6 +577,14 @@ def fail(
             # release: ``attempts`` counts tries at making the results, and a PACS
             # that is down must not use them up (each delivery row counts its own).
             give_back = retry and resend_only
+        elif retryable and resource is not None:
+            since, earlier = failing_since(session, job.id, resource.condition)
+            since, tries = since or now, earlier + 1
+            retry = (now - since).total_seconds() < resource.give_up_seconds
+            delay = retry_delay(tries, base_seconds, resource.max_delay_seconds)
+            # The model may have run, but what failed is the node, not the job: the
+            # attempt is given back so that a disk full for a night cannot use them up.
+            give_back = retry
         elif retryable and resend_only:
             # The results exist; a hiccup while re-sending them (the database, say)
             # must not fail a job whose model budget was spent making them.
@@ -532,10 +606,49 @@ def fail(
                 .where(Delivery.job_id == job.id, Delivery.state == DeliveryState.PENDING)
                 .values(state=DeliveryState.FAILED)
             )
-        record_event(session, job, job.state, from_state=before, worker=claim.owner, note=error)
+        record_event(
+            session, job, job.state, from_state=before, worker=claim.owner, note=error, at=now
+        )
         if give_back:
             job.attempts -= 1  # after the event, which records the attempt that ran
         return job.state
+
+
+def failing_since(session: Session, job_id: int, condition: str) -> tuple[datetime | None, int]:
+    """Return since when a job's latest attempts have failed with ``condition``, and how many did.
+
+    The job's history is read back from the newest event: claims are skipped, failures
+    whose note starts with ``condition`` belong to the run, anything else ends it.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    job_id : int
+        The job.
+    condition : str
+        The failures' common beginning, e.g. ``no space left on device``.
+
+    Returns
+    -------
+    tuple[datetime or None, int]
+        When the first failure of the run was recorded (by the database's clock) and how
+        many there were; ``(None, 0)`` when the latest attempt did not fail that way.
+    """
+    since: datetime | None = None
+    count = 0
+    events = session.execute(
+        select(JobEvent.at, JobEvent.to_state, JobEvent.note)
+        .where(JobEvent.job_id == job_id)
+        .order_by(JobEvent.id.desc())
+    )
+    for at, to_state, note in events:
+        if to_state == JobState.RUNNING:
+            continue
+        if to_state != JobState.QUEUED or not (note or "").startswith(condition):
+            break
+        since, count = at, count + 1
+    return since, count
 
 
 def _resend_only(session: Session, job: Job) -> bool:
@@ -618,11 +731,11 @@ def _give_back(
     no trace of this claim in the history: a job waiting hours for another model's
     verdict shows one wait, not two events every few seconds.
     """
-    now = utcnow()
     with transaction(sessions) as session:
         job = _owned_job(session, claim)
         if job is None:
             return False
+        now = database_now(session)
         before = job.state
         job.state = JobState.QUEUED
         job.lease_owner = None
@@ -672,9 +785,11 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
     int
         How many jobs were re-queued or, out of attempts, failed.
     """
-    now = utcnow()
     count = 0
     with transaction(sessions) as session:
+        # The database's clock, the one that set the leases: a reaper whose own clock
+        # runs ahead must not take a healthy job from its worker.
+        now = database_now(session)
         expired = session.scalars(
             select(Job)
             .where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now)
@@ -743,9 +858,9 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
     JobStateError
         If there is no such job or it has not ended.
     """
-    now = utcnow()
     with transaction(sessions) as session:
         job = _locked(session, job_id)
+        now = database_now(session)
         if job.state not in FINAL_STATES:
             raise JobStateError(
                 f"job {job_id} is {job.state.value}; only ended jobs can be retried"
@@ -775,7 +890,9 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
             .where(reopen)
             .values(state=DeliveryState.PENDING, created_at=now, attempts=0)
         )
-        record_event(session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}")
+        record_event(
+            session, job, JobState.QUEUED, from_state=before, note=f"retried by {who}", at=now
+        )
         audit.record(session, "admin", actor=who, job_id=job_id, detail=f"jobs retry {job_id}")
         return job
 
@@ -805,9 +922,9 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
     JobStateError
         If there is no such job or it has already ended.
     """
-    now = utcnow()
     with transaction(sessions) as session:
         job = _locked(session, job_id)
+        now = database_now(session)
         if job.state in FINAL_STATES:
             raise JobStateError(f"job {job_id} is already {job.state.value}")
         before = job.state
@@ -817,6 +934,8 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
         job.finished_at = now
         job.last_error = f"cancelled by {who}"
         job.updated_at = now
-        record_event(session, job, JobState.CANCELLED, from_state=before, note=job.last_error)
+        record_event(
+            session, job, JobState.CANCELLED, from_state=before, note=job.last_error, at=now
+        )
         audit.record(session, "admin", actor=who, job_id=job_id, detail=f"jobs cancel {job_id}")
         return job

@@ -16,7 +16,7 @@ from dicomnode.config import Settings
 from dicomnode.db import commitment
 from dicomnode.db.jobs import reap_expired
 from dicomnode.inference.registry import ModelSpec
-from dicomnode.queue.completion import sweep
+from dicomnode.queue.completion import NotYetDue, sweep
 from dicomnode.queue.doorbell import Doorbell
 from dicomnode.store import retention
 from dicomnode.store.orphans import remove_orphans
@@ -48,8 +48,9 @@ def _sweep_and_ring(
     models: Mapping[str, ModelSpec],
     spool: Spool,
     doorbell: Doorbell | None,
+    not_yet: NotYetDue,
 ) -> None:
-    if sweep(sessions, settings, models, spool) and doorbell is not None:
+    if sweep(sessions, settings, models, spool, not_yet=not_yet) and doorbell is not None:
         doorbell.announce()
 
 
@@ -157,9 +158,11 @@ def make_scheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
     if completion:
+        not_yet = NotYetDue()  # this process's memory of series its routes hold back
         scheduler.add_job(
             _guarded(
-                "completion", lambda: _sweep_and_ring(sessions, settings, models, spool, doorbell)
+                "completion",
+                lambda: _sweep_and_ring(sessions, settings, models, spool, doorbell, not_yet),
             ),
             "interval",
             seconds=settings.completion.sweep_seconds,

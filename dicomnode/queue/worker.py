@@ -25,7 +25,7 @@ from dicomnode.errors import (
     JobSuperseded,
     WaitingForModel,
 )
-from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import DISK_FULL, Pipeline, ResultsDiskFull, is_disk_full
 from dicomnode.queue import content
 from dicomnode.queue.doorbell import Doorbell
 
@@ -224,6 +224,13 @@ class Worker:
             give_up_seconds=settings.delivery_retry_hours * 3600,
             max_delay_seconds=settings.delivery_retry_max_seconds,
         )
+        # A full disk waits as long as a destination that is down may: both are the
+        # site's to fix, and neither is worth failing a job over within minutes.
+        self.disk_retry = jobs.ResourceRetry(
+            give_up_seconds=settings.delivery_retry_hours * 3600,
+            max_delay_seconds=settings.delivery_retry_max_seconds,
+            condition=DISK_FULL,
+        )
 
     def run_forever(self) -> None:
         """Claim and run jobs until :attr:`stop` is set."""
@@ -329,46 +336,21 @@ class Worker:
             )
             return
         except JobError as exc:
-            state = jobs.fail(
-                self.sessions,
-                claim,
-                str(exc),
-                retryable=exc.retryable,
-                base_seconds=self.settings.retry_base_seconds,
-                delivery=self.delivery_retry if isinstance(exc, DeliveryFailed) else None,
-            )
-            outcome = "retrying" if state == "queued" else "failed"
-            log.warning(
-                "job %s job_id=%d attempt=%d seconds=%.1f model=%s error=%s",
-                outcome,
-                claim.job_id,
-                claim.attempt,
-                time.perf_counter() - started,
-                claim.model,
-                exc,
-                extra=outcome_fields(claim, outcome, started, error=str(exc)),
+            self._failed(claim, exc, started)
+            return
+        except OSError as exc:
+            if not is_disk_full(exc):
+                self._internal_error(claim, exc, started)
+                return
+            # Full elsewhere than where the results go (a model's cache, say): still the
+            # disk's condition, not the job's. Not the exception's text: its file name
+            # may be a path under incoming/.
+            self._failed(
+                claim, ResultsDiskFull("no space left on device while running the job"), started
             )
             return
         except Exception as exc:
-            # An unexpected error is a bug or an environment problem; retry it a bounded
-            # number of times rather than lose the job or loop on it forever. Its message
-            # may quote a header value (a patient's name, a birth date), so only the type
-            # is logged and kept; the traceback goes to DEBUG.
-            log.error(
-                "job error job_id=%d model=%s: %s",
-                claim.job_id,
-                claim.model,
-                type(exc).__name__,
-                extra=outcome_fields(claim, "error", started, error=type(exc).__name__),
-            )
-            log.debug("job error job_id=%d", claim.job_id, exc_info=True)
-            jobs.fail(
-                self.sessions,
-                claim,
-                f"internal error: {type(exc).__name__} (details in the DEBUG log)",
-                retryable=True,
-                base_seconds=self.settings.retry_base_seconds,
-            )
+            self._internal_error(claim, exc, started)
             return
         finally:
             beat.done.set()
@@ -385,3 +367,50 @@ class Worker:
             )
         else:
             log.warning("job finished but lease was lost job_id=%d", claim.job_id)
+
+    def _failed(self, claim: Claim, exc: JobError, started: float) -> None:
+        """Record a failed attempt, retried by time for a destination or a full disk."""
+        state = jobs.fail(
+            self.sessions,
+            claim,
+            str(exc),
+            retryable=exc.retryable,
+            base_seconds=self.settings.retry_base_seconds,
+            delivery=self.delivery_retry if isinstance(exc, DeliveryFailed) else None,
+            resource=self.disk_retry if isinstance(exc, ResultsDiskFull) else None,
+        )
+        outcome = "retrying" if state == "queued" else "failed"
+        log.warning(
+            "job %s job_id=%d attempt=%d seconds=%.1f model=%s error=%s",
+            outcome,
+            claim.job_id,
+            claim.attempt,
+            time.perf_counter() - started,
+            claim.model,
+            exc,
+            extra=outcome_fields(claim, outcome, started, error=str(exc)),
+        )
+
+    def _internal_error(self, claim: Claim, exc: BaseException, started: float) -> None:
+        """Record an unexpected error: retried a bounded number of times.
+
+        It is a bug or an environment problem; retrying it a bounded number of times
+        neither loses the job nor loops on it forever. Its message may quote a header
+        value (a patient's name, a birth date), so only the type is logged and kept; the
+        traceback goes to DEBUG.
+        """
+        log.error(
+            "job error job_id=%d model=%s: %s",
+            claim.job_id,
+            claim.model,
+            type(exc).__name__,
+            extra=outcome_fields(claim, "error", started, error=type(exc).__name__),
+        )
+        log.debug("job error job_id=%d", claim.job_id, exc_info=exc)
+        jobs.fail(
+            self.sessions,
+            claim,
+            f"internal error: {type(exc).__name__} (details in the DEBUG log)",
+            retryable=True,
+            base_seconds=self.settings.retry_base_seconds,
+        )

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-from datetime import timedelta
+import sys
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
 
-from dicomnode.db import jobs
+from dicomnode.db import jobs, models
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, utcnow
+from tests.conftest import wait_for
 from tests.factories import add_series
 
 
@@ -389,3 +391,103 @@ def test_retrying_a_done_job_sends_it_again_everywhere(sessions, series_id: int)
         (done_id, "pacs"): ("pending", 0),  # asked for again: "send it again"
         (done_id, "archive"): ("pending", 0),
     }
+
+
+def skew_process_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make this process's clock ``seconds`` off, as another host's may be.
+
+    Every dicomnode module that imported :func:`utcnow` gets the skewed one; the
+    database's own clock is left alone (SQLite's is the OS clock, not Python's).
+    """
+    real = models.utcnow
+
+    def skewed() -> datetime:
+        return real() + timedelta(seconds=seconds)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dicomnode") and getattr(module, "utcnow", None) is real:
+            monkeypatch.setattr(module, "utcnow", skewed)
+
+
+@pytest.mark.parametrize(
+    ("worker_skew", "reaper_skew"),
+    [(-200, 0), (0, 200)],
+    ids=["worker-behind", "reaper-ahead"],
+)
+def test_a_skewed_clock_does_not_reap_a_healthy_job(
+    sessions, series_id: int, monkeypatch: pytest.MonkeyPatch, worker_skew: int, reaper_skew: int
+) -> None:
+    with monkeypatch.context() as worker_host:
+        # A node (sweep and worker) on one host, a reaper on another.
+        skew_process_clock(worker_host, worker_skew)
+        job_id = add_job(sessions, series_id, "m")
+        claim = jobs.claim(sessions, "w1", 60)
+        assert claim is not None
+        assert jobs.heartbeat(sessions, claim, 60)
+    with monkeypatch.context() as reaper_host:
+        skew_process_clock(reaper_host, reaper_skew)
+        assert jobs.reap_expired(sessions, by="reaper") == 0
+    job = state(sessions, job_id)
+    assert job.state == JobState.RUNNING and job.lease_owner == "w1"
+    assert jobs.heartbeat(sessions, claim, 60)  # the worker still holds it
+
+
+def test_a_backoff_set_by_a_clock_running_ahead_does_not_hold_the_job_back(
+    sessions, series_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = add_job(sessions, series_id, "m")
+    with monkeypatch.context() as ahead:
+        skew_process_clock(ahead, 200)
+        claim = jobs.claim(sessions, "w1", 60)
+        assert claim is not None
+        assert jobs.fail(sessions, claim, "hiccup", retryable=True, base_seconds=0.001) == "queued"
+    # The back-off was a millisecond: another worker, whose clock is right, takes the
+    # job at once, not 200 s later.
+    taken: list[jobs.Claim | None] = []
+
+    def claimed() -> bool:
+        taken.append(jobs.claim(sessions, "w2", 60))
+        return taken[-1] is not None
+
+    assert wait_for(claimed, 10)
+    assert taken[-1] is not None and taken[-1].job_id == job_id
+
+
+def test_a_full_disk_is_retried_by_time_and_uses_no_attempts(sessions, series_id: int) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=1)
+    disk = jobs.ResourceRetry(
+        give_up_seconds=3600, max_delay_seconds=60, condition="no space left on device"
+    )
+    for _ in range(3):  # more often than max_attempts allows
+        claim = jobs.claim(sessions, "w1", 60)
+        assert claim is not None
+        error = "no space left on device in the results folder"
+        got = jobs.fail(sessions, claim, error, retryable=True, base_seconds=0.001, resource=disk)
+        assert got == JobState.QUEUED
+        with transaction(sessions) as s:
+            s.execute(update(Job).values(run_after=utcnow()))
+    assert state(sessions, job_id).attempts == 0
+    with sessions() as s:
+        since, count = jobs.failing_since(s, job_id, disk.condition)
+    assert count == 3 and since is not None
+    # The disk has been full for more than the hour: the job fails for good.
+    with transaction(sessions) as s:
+        for event in s.scalars(select(JobEvent)):
+            event.at -= timedelta(hours=2)
+    claim = jobs.claim(sessions, "w1", 60)
+    got = jobs.fail(sessions, claim, disk.condition, retryable=True, base_seconds=1, resource=disk)
+    assert got == JobState.FAILED
+
+
+def test_another_failure_between_full_disks_starts_the_clock_again(
+    sessions, series_id: int
+) -> None:
+    job_id = add_job(sessions, series_id, "m", max_attempts=5)
+    full = "no space left on device"
+    for note in (full, "PACS down", full):
+        claim = jobs.claim(sessions, "w1", 60)
+        jobs.fail(sessions, claim, note, retryable=True, base_seconds=0.001)
+        with transaction(sessions) as s:
+            s.execute(update(Job).values(run_after=utcnow()))
+    with sessions() as s:
+        assert jobs.failing_since(s, job_id, full)[1] == 1

@@ -14,7 +14,7 @@ from dicomnode.db.jobs import URGENT
 from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
 from dicomnode.inference.registry import load_registry
 from dicomnode.pipeline import encode
-from dicomnode.queue.completion import sweep
+from dicomnode.queue.completion import NotYetDue, sweep
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.factories import ct_series
@@ -242,3 +242,75 @@ def test_counted_series_completes_early_and_a_disagreeing_one_waits(spool: Spool
     assert complete_after(1) == set()  # even a counted series gets its short quiet period
     assert complete_after(4) == {uid["counted"]}  # 3 of 3 are in
     assert complete_after(31) == set(uid.values())  # the others wait the full period
+
+
+def one_slice_series(count: int, modality: str = "CT", description: str = "") -> list[Dataset]:
+    """``count`` series of one 4x4 slice each (cheap to receive; none is a volume)."""
+    out = []
+    for _ in range(count):
+        (ds,) = ct_series(np.zeros((1, 4, 4), np.float32), modality=modality)
+        if description:
+            ds.SeriesDescription = description
+        out.append(ds)
+    return out
+
+
+def complete_uids(sessions) -> set[str]:
+    with sessions() as s:
+        rows = s.scalars(select(Series).where(Series.state == SeriesState.COMPLETE))
+        return {x.series_uid for x in rows}
+
+
+def test_series_waiting_for_their_modalitys_long_period_hold_back_nothing(
+    spool: Spool, sessions
+) -> None:
+    settings = parse_settings(
+        {"completion": {"quiet_seconds": 30, "modality_quiet_seconds": {"MR": 3600}}},
+        environ={},
+    )
+    mr = one_slice_series(150, modality="MR")  # older, and more than the old code looked at (100)
+    ct = one_slice_series(150)
+    receive(spool, sessions, mr + ct)
+    later = utcnow() + timedelta(seconds=31)
+    assert sweep(sessions, settings, MODELS, spool, now=later) == 150
+    assert complete_uids(sessions) == {ds.SeriesInstanceUID for ds in ct}
+    assert sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=3601)) == 150
+
+
+def test_series_a_route_holds_back_do_not_hold_back_those_behind(
+    spool: Spool, sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = parse_settings(
+        {
+            "completion": {"quiet_seconds": 30},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                              "port": 4242}],
+            "routes": [
+                {"name": "perfusion", "match": {"SeriesDescription": "PERFUSION"},
+                 "models": ["lung-unet2d"], "send_to": ["pacs"], "quiet_seconds": 3600},
+            ],
+        },
+        environ={},
+    )  # fmt: skip
+    # Only the header tells which series the route wants quiet for an hour: all 300
+    # are candidates after 30 s, the older half for a route that waits longer.
+    held = one_slice_series(150, description="PERFUSION")
+    plain = one_slice_series(150)
+    receive(spool, sessions, held + plain)
+    not_yet = NotYetDue()
+    later = utcnow() + timedelta(seconds=31)
+    assert sweep(sessions, settings, MODELS, spool, now=later, not_yet=not_yet) == 150
+    assert complete_uids(sessions) == {ds.SeriesInstanceUID for ds in plain}
+    assert len(not_yet.until) == 150
+    # Their headers are not read again before their time: with the files gone, a read
+    # would log an error.
+    for f in (spool.root / "incoming").rglob("*.dcm"):
+        f.rename(f.with_suffix(".hidden"))
+    caplog.clear()
+    assert sweep(sessions, settings, MODELS, spool, now=later, not_yet=not_yet) == 0
+    assert "cannot read a header" not in caplog.text
+    for f in (spool.root / "incoming").rglob("*.hidden"):
+        f.rename(f.with_suffix(".dcm"))
+    hour = utcnow() + timedelta(seconds=3601)
+    assert sweep(sessions, settings, MODELS, spool, now=hour, not_yet=not_yet) == 150
+    assert not_yet.until == {}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import threading
 import time
 
@@ -174,3 +175,32 @@ def test_a_worker_runs_only_its_models(sessions) -> None:
     with sessions() as s:
         states = {s.get(Job, j).model: s.get(Job, j).state for j in models}
     assert states == {"gpu": JobState.QUEUED, "cpu": JobState.DONE}
+
+
+class RaisingPipeline:
+    """Fails every attempt with the given OS error (the disk, not the job)."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def run(self, claim: jobs.Claim, should_stop) -> dict[str, float]:
+        raise self.error
+
+
+def test_a_full_disk_anywhere_in_a_job_is_waited_out_not_counted(sessions) -> None:
+    job_id = queue_one(sessions)  # max_attempts=2
+    full = OSError(errno.ENOSPC, "No space left on device", "incoming/1.2/1.2.3/x.dcm")
+    worker = Worker(sessions, RaisingPipeline(full), WorkerSettings(), threading.Event())  # type: ignore[arg-type]
+    for _ in range(3):
+        assert worker.run_once()
+        with transaction(sessions) as s:
+            job = s.get(Job, job_id)
+            assert job.state == JobState.QUEUED and job.attempts == 0
+            assert job.last_error == "no space left on device while running the job"
+            job.run_after = job.created_at
+    other = OSError(errno.EACCES, "Permission denied")
+    worker = Worker(sessions, RaisingPipeline(other), WorkerSettings(), threading.Event())  # type: ignore[arg-type]
+    assert worker.run_once()
+    with sessions() as s:
+        job = s.get(Job, job_id)
+    assert job.attempts == 1 and job.last_error.startswith("internal error: PermissionError")
