@@ -1,20 +1,33 @@
-"""``dicomnode audit export``: the audit trail as CSV or JSON, for the hospital's records."""
+"""``dicomnode audit``: export the audit trail as CSV or JSON, and prune what was exported.
+
+The trail is append-only. ``audit prune`` is the one way entries leave it: only
+entries older than a date, only once an export (``audit export``, kept wherever the
+hospital archives its records) has been read back and found to hold every one of
+them unchanged, and the prune itself is the first entry of what remains.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import itertools
 import json
 import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.database import with_session
-from dicomnode.db import audit
+from dicomnode.cli.output import format_time
+from dicomnode.config import Settings
+from dicomnode.db import audit, migrate
+from dicomnode.db.engine import make_engine, read_only, session_factory
+from dicomnode.db.models import utcnow
+from dicomnode.errors import DicomnodeError
 
 event_name = closed_set("audit event", audit.EVENTS)
 
@@ -104,6 +117,143 @@ def export(session: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _hashed_lines(stream: IO[bytes], digest: Any) -> Iterator[str]:
+    for raw in stream:
+        digest.update(raw)
+        yield raw.decode("utf-8")
+
+
+def _json_entry(line: str, number: int) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if not isinstance(entry, dict):
+        raise audit.ExportMismatch(f"line {number} of the export is not an audit entry")
+    return entry
+
+
+def read_export(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Read back an export as :func:`write` wrote it: CSV, a JSON array or JSON lines.
+
+    Entry by entry, like the writer: a JSON array is read one line per entry, as
+    written, rather than parsed whole.
+
+    Parameters
+    ----------
+    lines : Iterator[str]
+        The export's lines, with their line ends.
+
+    Yields
+    ------
+    dict[str, Any]
+        One entry: a mapping of :data:`dicomnode.db.audit.FIELDS`.
+
+    Raises
+    ------
+    ExportMismatch
+        If it is none of the three, or a line is not an entry.
+    """
+    numbered = enumerate(lines, 1)
+    first = next(((n, line) for n, line in numbered if line.strip()), None)
+    if first is None:
+        return
+    number, line = first
+    head = line.strip()
+    if head.startswith("["):
+        if head not in ("[", "[]"):
+            raise audit.ExportMismatch("the JSON export is not one entry a line, as written")
+        for number, line in numbered:
+            body = line.strip().rstrip(",")
+            if body and body != "]":
+                yield _json_entry(body, number)
+    elif head.startswith("{"):
+        yield _json_entry(head, number)
+        for number, line in numbered:
+            if line.strip():
+                yield _json_entry(line, number)
+    else:
+        reader = csv.DictReader(itertools.chain([line], (text for _, text in numbered)))
+        if tuple(reader.fieldnames or ()) != audit.FIELDS:
+            raise audit.ExportMismatch(
+                "not an audit export: the CSV header is not " + ",".join(audit.FIELDS)
+            )
+        yield from reader
+
+
+def prune(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete entries before a date that an export holds (``dicomnode audit prune``).
+
+    The export is read back and compared, entry by entry and field by field, with
+    what the table holds before ``--before``: one entry missing or different and
+    nothing is deleted. Its SHA-256 goes into the ``audit-pruned`` entry that the
+    prune leaves, so that the archived file can be matched to it later.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database.
+    args : argparse.Namespace
+        ``before`` (aware datetime), ``exported_to`` (Path) and ``dry_run``.
+
+    Returns
+    -------
+    int
+        Exit code 0.
+
+    Raises
+    ------
+    DicomnodeError
+        If ``--before`` is in the future, the export cannot be read, or it does not
+        hold every entry to delete (:class:`~dicomnode.db.audit.ExportMismatch`).
+    """
+    before: datetime = args.before
+    if before > utcnow():
+        raise DicomnodeError("audit prune: --before is in the future; entries are still written")
+    path: Path = args.exported_to
+    engine = make_engine(settings.database.url)
+    try:
+        migrate.require_current(engine)
+        sessions = session_factory(engine)
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as stream, read_only(sessions)() as session:
+                lines = _hashed_lines(stream, digest)
+                checked = audit.check_export(session, read_export(lines), before)
+                for _ in lines:  # the rest of the file, for its checksum
+                    pass
+        except OSError as exc:
+            raise DicomnodeError(f"audit prune: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise DicomnodeError(
+                f"audit prune: {path} is not an audit export (not UTF-8)"
+            ) from None
+        except audit.ExportMismatch as exc:
+            raise DicomnodeError(f"audit prune: refused, {path} is incomplete: {exc}") from None
+        cutoff = f"{format_time(before)} UTC"
+        if not checked.count:
+            print(f"no audit entries before {cutoff}: nothing to prune")
+            return 0
+        archive = f"{path.resolve()} (sha256 {digest.hexdigest()})"
+        if args.dry_run:
+            print(
+                f"would prune {checked.count} audit entries before {cutoff} (ids "
+                f"{checked.first_id}..{checked.last_id}): each is in {archive}"
+            )
+            return 0
+        try:
+            deleted = audit.prune(sessions, checked, audit.admin_actor(), archive)
+        except audit.ExportMismatch as exc:
+            raise DicomnodeError(f"audit prune: refused: {exc}") from None
+    finally:
+        engine.dispose()
+    print(
+        f"pruned {deleted} audit entries before {cutoff} (ids {checked.first_id}.."
+        f"{checked.last_id}), each found unchanged in {archive}; the trail records the prune"
+    )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add ``dicomnode audit`` to the parser.
 
@@ -134,3 +284,22 @@ def register(sub: Any) -> None:
         "-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout"
     )
     p.set_defaults(run=with_session(export))
+    p = commands.add_parser(
+        "prune",
+        help="delete entries before a date, once an export is checked to hold them all",
+        description="Reads FILE (written by `dicomnode audit export`, CSV or JSON) and "
+        "compares it with every entry before --before; deletes them only if each is there "
+        "unchanged, and records the prune, with FILE's SHA-256, as an audit-pruned entry. "
+        "Export with --until DATE, archive the file, then prune with --before DATE and "
+        "--exported-to the archived copy.",
+    )
+    add_when(p, "--before", "delete entries before", required=True)
+    p.add_argument(
+        "--exported-to",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the export that holds them (checked entry by entry before anything is deleted)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only check and say what would go")
+    p.set_defaults(run=prune)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from dicomnode.cli.arguments import closed_set
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit, jobs, migrate
+from dicomnode.db import audit, commitment, jobs, migrate
 from dicomnode.db.engine import make_engine, session_factory, transaction
 from dicomnode.db.models import (
     Delivery,
@@ -418,6 +418,11 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
     nothing could refer to them any more). Received instances stay: retention deletes
     those, by its own rules.
 
+    A job with a delivery whose storage commitment is still awaited is kept, in any
+    state: its delivery row is what keeps retention off its source series, and its
+    results are what a commitment failure re-sends. The summary says how many were
+    kept so.
+
     Parameters
     ----------
     settings : Settings
@@ -433,7 +438,12 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
     """
     cutoff = utcnow() - args.older_than
     ended = func.coalesce(Job.finished_at, Job.updated_at)
-    query = select(Job).where(Job.state == JobState(args.state), ended < cutoff).order_by(Job.id)
+    aged = select(Job).where(Job.state == JobState(args.state), ended < cutoff)
+    # Whatever the state: a failed or cancelled job may have sent to one destination
+    # before it ended, and that PACS may still report a failure that needs a re-send.
+    waiting = select(Delivery.id).where(Delivery.job_id == Job.id, commitment.awaiting())
+    query = aged.where(~waiting.exists()).order_by(Job.id)
+    kept_query = select(func.count()).select_from(aged.where(waiting.exists()).subquery())
     engine = make_engine(settings.database.url)
     files: list[str] = []
     try:
@@ -443,11 +453,13 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
             with sessions() as session:
                 doomed = [job_record(j, detail=False) for j in session.scalars(query)]
                 files = _result_files(session, [r["id"] for r in doomed])
+                kept = int(session.scalar(kept_query) or 0)
         else:
             with transaction(sessions) as session:
                 # Locked, so that a job retried meanwhile (no longer ended) is not deleted;
                 # skip_locked leaves a job an admin is acting on for the next purge.
                 picked = session.scalars(query.with_for_update(skip_locked=True)).all()
+                kept = int(session.scalar(kept_query) or 0)
                 doomed = [job_record(j, detail=False) for j in picked]
                 ids = [r["id"] for r in doomed]
                 files = _result_files(session, ids)
@@ -464,7 +476,8 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
                         count=len(ids),
                         detail=f"jobs purge --state {args.state} older than "
                         f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}, "
-                        f"{len(files)} result file(s)",
+                        f"{len(files)} result file(s)"
+                        + (f"; {kept} kept, storage commitment awaited" if kept else ""),
                     )
             # After the commit: a rollback must not have lost a file a row still names.
             spool = Spool(settings.storage.path)
@@ -474,7 +487,13 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
         engine.dispose()
     if args.json:
         print_json(
-            {"dry_run": args.dry_run, "count": len(doomed), "jobs": doomed, "files": len(files)}
+            {
+                "dry_run": args.dry_run,
+                "count": len(doomed),
+                "jobs": doomed,
+                "files": len(files),
+                "kept_awaiting_commitment": kept,
+            }
         )
         return 0
     if args.dry_run and doomed:
@@ -490,4 +509,10 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
         f"{verb} {len(doomed)} {args.state} job(s) ended before {format_time(cutoff)} UTC "
         f"and {len(files)} result file(s); received instances are left to retention"
     )
+    if kept:
+        print(
+            f"kept {kept} {args.state} job(s) whose storage commitment is still awaited: the "
+            "PACS has not confirmed them, and a failure it reports re-sends their results "
+            "(`dicomnode jobs show ID` says since when)"
+        )
     return 0

@@ -8,21 +8,29 @@ usually arrives later on an association of its own, fills in ``confirmed_at``, o
 job, if done, is queued again, which re-sends the stored objects (same UIDs, so the
 PACS gets no duplicate) and asks for a new commitment. A commitment that no report
 answers within the destination's timeout is re-opened the same way.
+
+A delivery whose commitment is still awaited (:func:`awaiting`) is kept whole: its
+job, its results and its source series may all be needed to send again, so neither
+``dicomnode jobs purge`` nor retention deletes them until the report has come (or
+the timeout re-opened the delivery). Only the destination the request went to may
+answer it: :func:`apply_report` takes the names of the destinations the reporting
+peer was found to be, and leaves any other delivery alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import record_event
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output, utcnow
+from dicomnode.db.jobs import database_now, record_event
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,29 @@ class ReportOutcome:
     committed: int
     failed: int
     reopened: bool
+
+
+@dataclass(frozen=True)
+class WrongSender:
+    """A report for a delivery to another destination than the peer that sent it."""
+
+    job_id: int
+    destination: str  # the delivery's: the only one that may answer
+
+
+def awaiting() -> Any:
+    """Return the SQL condition of a delivery whose commitment report is still awaited.
+
+    Returns
+    -------
+    ColumnElement[bool]
+        Sent, a commitment requested, no confirmation yet.
+    """
+    return and_(
+        Delivery.state == DeliveryState.SENT,
+        Delivery.commitment_uid.is_not(None),
+        Delivery.confirmed_at.is_(None),
+    )
 
 
 def request(session: Session, delivery: Delivery, transaction_uid: str) -> None:
@@ -54,7 +85,8 @@ def request(session: Session, delivery: Delivery, transaction_uid: str) -> None:
         The Transaction UID of the N-ACTION.
     """
     delivery.commitment_uid = transaction_uid
-    delivery.commitment_requested_at = utcnow()
+    # The database's clock, like the timeout sweep that compares with it.
+    delivery.commitment_requested_at = database_now(session)
     delivery.confirmed_at = None
     delivery.commitment_failed = None
 
@@ -102,7 +134,8 @@ def apply_report(
     transaction_uid: str,
     committed: Iterable[str],
     failed: Mapping[str, int | None],
-) -> ReportOutcome | None:
+    senders: Collection[str],
+) -> ReportOutcome | WrongSender | None:
     """Record a Storage Commitment report (N-EVENT-REPORT) on its delivery.
 
     Parameters
@@ -115,20 +148,28 @@ def apply_report(
         SOP Instance UIDs the PACS commits to keep (Referenced SOP Sequence).
     failed : Mapping[str, int or None]
         SOP Instance UID -> Failure Reason of those it does not (Failed SOP Sequence).
+    senders : Collection[str]
+        Names of the destinations the reporting peer is (its AE title and address
+        matched them). A delivery to any other destination is left as it is.
 
     Returns
     -------
-    ReportOutcome or None
+    ReportOutcome or WrongSender or None
         None when no delivery waits for this Transaction UID (never ours, or given up
-        on after the timeout); the caller logs and answers it.
+        on after the timeout); WrongSender when the delivery went to a destination
+        not in ``senders`` (nothing changed). The caller logs and answers both.
     """
-    now = utcnow()
     with transaction(sessions) as session:
+        now = database_now(session)
         delivery = session.scalar(
             select(Delivery).where(Delivery.commitment_uid == transaction_uid).with_for_update()
         )
         if delivery is None:
             return None
+        # Checked under the row lock, against the delivery's own destination: a peer
+        # that is one destination cannot answer for a transaction of another.
+        if delivery.destination not in senders:
+            return WrongSender(job_id=delivery.job_id, destination=delivery.destination)
         sent = set(
             session.scalars(select(Output.sop_instance_uid).where(Output.job_id == delivery.job_id))
         )
@@ -173,10 +214,10 @@ def expire(sessions: sessionmaker[Session], timeouts: Mapping[str, float]) -> in
     """
     if not timeouts:
         return 0
-    now = utcnow()
-    oldest = now - timedelta(seconds=min(timeouts.values()))
     count = 0
     with transaction(sessions) as session:
+        now = database_now(session)
+        oldest = now - timedelta(seconds=min(timeouts.values()))
         waiting = session.scalars(
             select(Delivery)
             .where(

@@ -7,12 +7,22 @@ Failed SOP Sequence), on the same association if it is still open, or, usually
 (Orthanc does), later on a new association to our listener, in which the PACS
 takes the SCP role of the SOP class. :class:`ReportHandler` handles it in both
 places and records the outcome on the delivery (:mod:`dicomnode.db.commitment`).
+
+A report is accepted only from the destination the request went to: its AE title as
+the calling AE, from one of the addresses its configured host resolves to (the port
+does not matter: a PACS reports from a port of its own choosing). A report that marks
+a delivery committed makes its source series deletable by retention, so anything
+else is refused, and audited as ``commitment-report-refused``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,7 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Destination
 from dicomnode.db import commitment
 from dicomnode.errors import PermanentJobError, TransientJobError
+from dicomnode.logtext import shown
 from dicomnode.net import status
+from dicomnode.net.receipts import Receipts
 from dicomnode.net.scu import associate
 from dicomnode.store.uids import is_safe_uid
 
@@ -38,6 +50,19 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_COMMITMENT = 1  # Action Type ID
 ALL_COMMITTED = 1  # Event Type IDs
 SOME_FAILED = 2
+# The answer to a report from a peer that is not the destination asked. PS3.7
+# 10.1.1.1.8 lists the statuses an N-EVENT-REPORT may return, and "Refused: Not
+# authorized" (0x0124) is not among them; "Class-instance conflict" (0x0119) would say
+# the SOP Instance is not of its class, which is false here (it is the well-known
+# instance). Processing failure is the listed general failure; its Error Comment
+# says why, for the sender's log.
+REFUSED_SENDER = status.PROCESSING_FAILURE
+REFUSED_SENDER_COMMENT = "refused: not from the destination asked to commit"
+# How long a destination host's resolved addresses are reused: a PACS answers once per
+# delivery, and a peer that floods reports must not cost a DNS lookup each.
+RESOLVE_TTL_SECONDS = 60.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def references(paths: Iterable[Path]) -> list[tuple[str, str]]:
@@ -123,7 +148,8 @@ def request_commitment(
     calling_ae : str
         Our AE title; the PACS must know it (and our listener's address) to report.
     handler : ReportHandler, optional
-        Handles a report that arrives on this association before it is released.
+        Handles a report that arrives on this association before it is released;
+        it accepts one only for a transaction of ``destination``.
 
     Raises
     ------
@@ -134,7 +160,10 @@ def request_commitment(
     """
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    handlers = [] if handler is None else [(evt.EVT_N_EVENT_REPORT, handler)]
+    # The peer on this association is the destination we called: a report on it counts
+    # for that destination's transactions only, whatever the handler was built for.
+    bound = None if handler is None else handler.bound_to(destination)
+    handlers = [] if bound is None else [(evt.EVT_N_EVENT_REPORT, bound)]
     assoc = associate(ae, destination, handlers)
     name = destination.name
     try:
@@ -159,6 +188,8 @@ def request_commitment(
     finally:
         if assoc.is_established:
             assoc.release()
+        if bound is not None:
+            bound.receipts.flush()
     log.info(
         "commitment requested destination=%s transaction_uid=%s objects=%d",
         name,
@@ -171,6 +202,72 @@ def _uids(items: Any, keyword: str) -> list[str]:
     return [str(item.get(keyword, "")) for item in items or []]
 
 
+def ip_address(text: str) -> IPAddress | None:
+    """Parse an address as the peer's socket gives it, for comparison.
+
+    An IPv4 peer of a listener bound to ``::`` arrives as ``::ffff:a.b.c.d``, and a
+    link-local IPv6 one may carry a ``%scope``: both compare as the plain address.
+
+    Parameters
+    ----------
+    text : str
+        An IPv4 or IPv6 address.
+
+    Returns
+    -------
+    IPv4Address or IPv6Address or None
+        None when it is not an address (a host name).
+    """
+    try:
+        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def resolve(host: str) -> frozenset[IPAddress]:
+    """Return every address ``host`` resolves to (itself, for an address).
+
+    A name may resolve to several addresses (IPv4 and IPv6, a PACS cluster); a report
+    from any of them is from that host.
+
+    Parameters
+    ----------
+    host : str
+        A destination's configured host.
+
+    Returns
+    -------
+    frozenset[IPv4Address | IPv6Address]
+        Empty when the name does not resolve (its reports are then refused).
+    """
+    literal = ip_address(host)
+    if literal is not None:
+        return frozenset({literal})
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        log.warning("commitment: cannot resolve destination host %s: %s", shown(host), exc)
+        return frozenset()
+    return frozenset(ip for info in infos if (ip := ip_address(str(info[4][0]))) is not None)
+
+
+def _reporter(assoc: Any) -> tuple[str, str]:
+    """Return the AE title and address of the peer that sent a report on ``assoc``."""
+    if assoc.is_requestor:
+        # Our own N-ACTION association: the peer is its acceptor, and the address we
+        # called may be a name; the socket says which address answered.
+        sock = getattr(assoc.dul.socket, "socket", None)
+        try:
+            address = str(sock.getpeername()[0]) if sock is not None else ""
+        except OSError:
+            address = ""
+        return str(assoc.acceptor.ae_title), address or str(assoc.acceptor.address)
+    return str(assoc.requestor.ae_title), str(assoc.requestor.address)
+
+
 class ReportHandler:
     """Handles N-EVENT-REPORT of the Storage Commitment Push Model (``evt.EVT_N_EVENT_REPORT``).
 
@@ -178,12 +275,102 @@ class ReportHandler:
     ----------
     sessions : sessionmaker[Session]
         Database sessions; the report is recorded before it is answered.
+    destinations : Iterable[Destination]
+        The destinations whose reports count: a report must come from one of them (AE
+        title and address), and its transaction must be one of that destination's.
+        With none, every report is refused.
+    receipts : Receipts, optional
+        Where refused reports are counted and audited (the listener's, so that its
+        stop writes what is still counted); a handler of its own otherwise.
+    resolver : Callable[[str], frozenset], optional
+        Host name to addresses (:func:`resolve`); replaceable for tests.
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        destinations: Iterable[Destination] = (),
+        *,
+        receipts: Receipts | None = None,
+        resolver: Callable[[str], frozenset[IPAddress]] = resolve,
+    ) -> None:
         self.sessions = sessions
+        self.destinations = tuple(destinations)
+        self.receipts = receipts if receipts is not None else Receipts(sessions)
+        self._resolver = resolver
+        self._lock = threading.Lock()
+        self._resolved: dict[str, tuple[float, frozenset[IPAddress]]] = {}
 
-    def __call__(self, event: evt.Event) -> tuple[int, Dataset | None]:
+    def bound_to(self, destination: Destination) -> ReportHandler:
+        """Return a handler that accepts reports from ``destination`` only.
+
+        Parameters
+        ----------
+        destination : Destination
+            The destination asked to commit on this association.
+
+        Returns
+        -------
+        ReportHandler
+            Same database, receipts and resolver.
+        """
+        return ReportHandler(
+            self.sessions, [destination], receipts=self.receipts, resolver=self._resolver
+        )
+
+    def _addresses(self, host: str) -> frozenset[IPAddress]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._resolved.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        addresses = self._resolver(host)
+        if addresses:  # a failed lookup is tried again with the next report
+            with self._lock:
+                self._resolved[host] = (now + RESOLVE_TTL_SECONDS, addresses)
+        return addresses
+
+    def senders(self, calling_ae: str, address: str) -> list[Destination]:
+        """Return the destinations a peer is: same AE title, an address of their host.
+
+        Parameters
+        ----------
+        calling_ae : str
+            The peer's AE title.
+        address : str
+            The peer's address (its port plays no part).
+
+        Returns
+        -------
+        list[Destination]
+            Usually one; several when destinations share the AE title and host.
+        """
+        ip = ip_address(address)
+        title = calling_ae.strip()
+        return [
+            d
+            for d in self.destinations
+            if d.ae_title.strip() == title
+            # Not an address: only our own association to a destination, whose socket
+            # was gone, names the peer by the host we called (an accepted socket always
+            # gives an address, so a peer cannot send a name).
+            and (address == d.host if ip is None else ip in self._addresses(d.host))
+        ]
+
+    def _refuse(self, address: str, calling_ae: str, why: str) -> tuple[Dataset, None]:
+        if self.receipts.report_refused(address, calling_ae, why):
+            log.warning(
+                "commitment report refused peer=%s calling_ae=%s: %s",
+                shown(address),
+                shown(calling_ae),
+                why,
+            )
+        reply = Dataset()
+        reply.Status = REFUSED_SENDER
+        reply.ErrorComment = REFUSED_SENDER_COMMENT[:64]  # LO
+        return reply, None
+
+    def __call__(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         """Record the report and return (status, no Event Reply).
 
         Parameters
@@ -193,12 +380,22 @@ class ReportHandler:
 
         Returns
         -------
-        tuple[int, Dataset or None]
-            Success, or a failure status for a report we cannot use; never raises.
+        tuple[int or Dataset, Dataset or None]
+            Success, or a failure status for a report we cannot use or do not accept
+            from this peer; never raises.
         """
+        try:
+            calling_ae, address = _reporter(event.assoc)
+        except Exception:  # a peer we cannot name is no destination
+            calling_ae, address = "", ""
+        senders = self.senders(calling_ae, address)
+        if not senders:
+            # Before anything else is read: a peer that is no destination learns nothing,
+            # not even whether a Transaction UID is known.
+            return self._refuse(address, calling_ae, "not a destination asked to commit")
         request = cast(N_EVENT_REPORT, event.request)
         if str(request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
-            log.warning("event report of SOP class %s ignored", request.AffectedSOPClassUID)
+            log.warning("event report of SOP class %s ignored", shown(request.AffectedSOPClassUID))
             return status.PROCESSING_FAILURE, None
         event_type = request.EventTypeID
         if event_type not in (ALL_COMMITTED, SOME_FAILED):
@@ -221,8 +418,11 @@ class ReportHandler:
         if not transaction_uid or not is_safe_uid(transaction_uid):
             log.warning("commitment report without a valid Transaction UID ignored")
             return status.MISSING_ATTRIBUTE, None
+        names = {d.name for d in senders}
         try:
-            outcome = commitment.apply_report(self.sessions, transaction_uid, committed, failed)
+            outcome = commitment.apply_report(
+                self.sessions, transaction_uid, committed, failed, names
+            )
         except Exception:
             log.exception("commitment report transaction_uid=%s not recorded", transaction_uid)
             return status.PROCESSING_FAILURE, None
@@ -230,6 +430,13 @@ class ReportHandler:
             # Not ours, or given up on after the timeout and re-sent under a new UID.
             log.warning("commitment report for unknown transaction_uid=%s ignored", transaction_uid)
             return status.INVALID_ARGUMENT_VALUE, None
+        if isinstance(outcome, commitment.WrongSender):
+            return self._refuse(
+                address,
+                calling_ae,
+                f"transaction_uid={transaction_uid} of job {outcome.job_id} was sent to "
+                f"destination {outcome.destination}, not {', '.join(sorted(names))}",
+            )
         if outcome.failed:
             log.warning(
                 "commitment failed job_id=%d destination=%s failed=%d transaction_uid=%s%s",

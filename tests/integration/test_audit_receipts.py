@@ -77,7 +77,7 @@ def test_receipts_refusals_and_rejections(make_listener, sessions, tmp_path: Pat
     assert wait_for(lambda: trail(sessions, "association-rejected") != [], 10)
     [rejected] = trail(sessions, "association-rejected")
     assert rejected["actor"] == "INTRUDER" and rejected["peer"] == "127.0.0.1"
-    assert rejected["detail"] == "reason called_ae; called AE NOTUS"
+    assert rejected["detail"] == "calling_ae='INTRUDER' called_ae='NOTUS' reason=called_ae"
 
 
 def _series_of(path: Path) -> str:

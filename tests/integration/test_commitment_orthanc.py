@@ -19,16 +19,19 @@ import torch
 from sqlalchemy import select
 
 from dicomnode.cli.jobs import job_record
+from dicomnode.config import ListenerSettings
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.net import commitment
+from dicomnode.net.scp import Listener
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.worker import Worker
+from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_pipeline import job_row, make_settings, receive_phantom
 
@@ -43,16 +46,24 @@ def the_delivery(sessions) -> Delivery:
 
 
 def test_commitment_confirmed_by_orthanc_and_a_missing_instance_fails(
-    tmp_path: Path, db_url: str, sessions, make_listener
+    tmp_path: Path, db_url: str, sessions, request: pytest.FixtureRequest
 ) -> None:
-    listener = make_listener()  # receives Orthanc's reports, as `dicomnode serve` does
-    modalities = {"dicomnode": ["DICOMNODE", "127.0.0.1", listener.port]}
+    port = free_port()  # Orthanc is told where to report before our listener starts
+    modalities = {"dicomnode": ["DICOMNODE", "127.0.0.1", port]}
     with Orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
         settings = make_settings(tmp_path, db_url, pacs.dicom_port)
         dest = dataclasses.replace(
             settings.destinations[0], ae_title=pacs.aet, storage_commitment=True
         )
         settings = dataclasses.replace(settings, destinations=[dest])
+        # Receives Orthanc's reports, as `dicomnode serve` does: from this destination only.
+        listener = Listener(
+            ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=port),
+            Ingestor(Spool(settings.storage.path), sessions),
+            destinations=settings.destinations,
+        )
+        listener.start()
+        request.addfinalizer(listener.stop)
         models = load_registry(settings.models.path)
         spool = Spool(settings.storage.path)
         pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))

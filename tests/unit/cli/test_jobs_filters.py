@@ -7,9 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dicomnode.cli.main import main
+from dicomnode.db import commitment
 from dicomnode.db import jobs as queue
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import (
@@ -197,3 +198,30 @@ def test_purge(filled, sessions, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, *purge, "--state", "failed", "--older-than", "0s")
     assert code == 0 and out.startswith("purged 1 failed job(s)")
     assert _ids(capsys, config) == [ids["queued"]]
+
+
+def test_purge_keeps_jobs_whose_commitment_is_awaited_in_any_state(
+    filled, sessions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The failed job had sent to the PACS before it failed (another destination failed):
+    # that PACS has not reported yet, and a failure it reports re-sends the results.
+    config, ids = filled
+    with transaction(sessions) as s:
+        delivery = Delivery(
+            job_id=ids["failed"], destination="pacs", state=DeliveryState.SENT, attempts=1
+        )
+        s.add(delivery)
+        s.flush()
+        commitment.request(s, delivery, "1.2.826.0.1.3680043.8.498.55")
+    purge = ("--config", config, "jobs", "purge", "--state", "failed", "--older-than", "0s")
+    code, out, _ = run(capsys, *purge, "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["count"] == 0
+    assert json.loads(out)["kept_awaiting_commitment"] == 1
+    code, out, _ = run(capsys, *purge)
+    assert code == 0 and out.startswith("purged 0 failed job(s)")
+    assert "kept 1 failed job(s) whose storage commitment is still awaited" in out
+    assert _count(sessions, Job, ids["failed"]) == 1
+    with transaction(sessions) as s:  # the PACS confirmed: now it may go
+        s.execute(update(Delivery).values(confirmed_at=utcnow()))
+    code, out, _ = run(capsys, *purge)
+    assert code == 0 and out.startswith("purged 1 failed job(s)") and "kept" not in out

@@ -15,6 +15,8 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
+from dicomnode.config import Destination
+from dicomnode.db import audit
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import (
@@ -26,13 +28,25 @@ from dicomnode.db.models import (
     Output,
     utcnow,
 )
-from dicomnode.net import status
+from dicomnode.net import commitment, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler, request_dataset
 from tests.factories import add_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 OBJECTS = ["1.2.3.9.1", "1.2.3.9.2"]
 TRANSACTION = "1.2.3.777"
+PACS = Destination(name="pacs", ae_title="PACS", host="10.0.0.2", port=104)
+
+
+def handler(sessions, *destinations: Destination) -> ReportHandler:
+    """The listener's handler, knowing the destination 'pacs' (or those given)."""
+    return ReportHandler(sessions, destinations or (PACS,))
+
+
+def peer(ae_title: str = "PACS", address: str = "10.0.0.2") -> SimpleNamespace:
+    """An association accepted from ``ae_title`` at ``address``, as the listener sees it."""
+    requestor = SimpleNamespace(ae_title=ae_title, address=address, port=40123)
+    return SimpleNamespace(is_requestor=False, requestor=requestor)
 
 
 @pytest.fixture
@@ -62,7 +76,11 @@ def delivery_id(sessions) -> int:
 
 
 def report(
-    event_type: int, committed: list[str], failed: dict[str, int], uid: str = TRANSACTION
+    event_type: int,
+    committed: list[str],
+    failed: dict[str, int],
+    uid: str = TRANSACTION,
+    assoc: SimpleNamespace | None = None,
 ) -> SimpleNamespace:
     """An N-EVENT-REPORT event as pynetdicom hands it to the handler."""
     info = request_dataset(uid, [(SEG, u) for u in committed])
@@ -76,7 +94,7 @@ def report(
             items.append(item)
         info.FailedSOPSequence = items
     request = SimpleNamespace(AffectedSOPClassUID=STORAGE_COMMITMENT_PUSH, EventTypeID=event_type)
-    return SimpleNamespace(request=request, event_information=info)
+    return SimpleNamespace(request=request, event_information=info, assoc=assoc or peer())
 
 
 def delivery(sessions, delivery_id: int) -> Delivery:
@@ -92,7 +110,7 @@ def job_state(sessions) -> JobState:
 
 
 def test_all_committed_confirms_the_delivery(sessions, delivery_id: int) -> None:
-    assert ReportHandler(sessions)(report(1, OBJECTS, {})) == (status.SUCCESS, None)
+    assert handler(sessions)(report(1, OBJECTS, {})) == (status.SUCCESS, None)
     row = delivery(sessions, delivery_id)
     assert row.state == DeliveryState.SENT and row.confirmed_at is not None
     assert row.commitment_failed is None
@@ -100,7 +118,7 @@ def test_all_committed_confirms_the_delivery(sessions, delivery_id: int) -> None
 
 
 def test_failures_reopen_the_delivery_and_requeue_the_job(sessions, delivery_id: int) -> None:
-    assert ReportHandler(sessions)(report(2, OBJECTS[:1], {OBJECTS[1]: 0x0112}))[0] == 0
+    assert handler(sessions)(report(2, OBJECTS[:1], {OBJECTS[1]: 0x0112}))[0] == 0
     row = delivery(sessions, delivery_id)
     assert row.state == DeliveryState.PENDING and row.confirmed_at is None
     assert row.commitment_failed == "1 object(s) not committed (reason 0x0112)"
@@ -113,7 +131,7 @@ def test_failures_reopen_the_delivery_and_requeue_the_job(sessions, delivery_id:
 
 
 def test_an_object_the_report_forgets_is_not_committed(sessions, delivery_id: int) -> None:
-    ReportHandler(sessions)(report(1, OBJECTS[:1], {}))
+    handler(sessions)(report(1, OBJECTS[:1], {}))
     row = delivery(sessions, delivery_id)
     assert row.confirmed_at is None and row.state == DeliveryState.PENDING
     assert row.commitment_failed == "1 object(s) not committed"
@@ -123,7 +141,7 @@ def test_unknown_transaction_is_ignored_with_a_warning(
     sessions, delivery_id: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        code, reply = ReportHandler(sessions)(report(1, OBJECTS, {}, uid="1.2.3.999"))
+        code, reply = handler(sessions)(report(1, OBJECTS, {}, uid="1.2.3.999"))
     assert (code, reply) == (status.INVALID_ARGUMENT_VALUE, None)
     assert "unknown transaction_uid=1.2.3.999" in caplog.text
     assert delivery(sessions, delivery_id).confirmed_at is None  # untouched
@@ -138,6 +156,7 @@ def test_unknown_transaction_is_ignored_with_a_warning(
             lambda: SimpleNamespace(
                 request=SimpleNamespace(AffectedSOPClassUID=STORAGE_COMMITMENT_PUSH, EventTypeID=1),
                 event_information=b"not a dataset",  # what decoding could not make sense of
+                assoc=peer(),
             ),
             status.PROCESSING_FAILURE,
         ),
@@ -146,7 +165,7 @@ def test_unknown_transaction_is_ignored_with_a_warning(
 def test_unusable_reports_get_a_failure_status_not_a_crash(
     sessions, delivery_id: int, event, expected
 ) -> None:
-    code, _ = ReportHandler(sessions)(event())
+    code, _ = handler(sessions)(event())
     assert code == expected
     assert delivery(sessions, delivery_id).confirmed_at is None
 
@@ -164,3 +183,136 @@ def test_overdue_commitments_are_reopened(sessions, delivery_id: int) -> None:
     assert row.commitment_failed == "no commitment report within 60 s"
     assert job_state(sessions) == JobState.QUEUED
     assert commitment_db.expire(sessions, {"pacs": 60}) == 0  # once
+
+
+# --- who may report ---------------------------------------------------------------
+
+
+def refused_entries(sessions) -> list[dict]:
+    with sessions() as s:
+        return list(audit.entries(s, events=("commitment-report-refused",)))
+
+
+def assert_refused(answer: tuple) -> None:
+    reply, event_reply = answer
+    assert event_reply is None
+    assert int(reply.Status) == commitment.REFUSED_SENDER == status.PROCESSING_FAILURE
+    assert "not from the destination" in reply.ErrorComment
+
+
+@pytest.mark.parametrize(
+    "assoc",
+    [
+        peer(ae_title="INTRUDER"),  # the right address, another AE title
+        peer(address="10.0.0.66"),  # the right AE title, another address
+        peer(address="not an address"),
+    ],
+    ids=["other-ae-title", "other-address", "no-address"],
+)
+def test_a_report_not_from_the_destination_is_refused_and_audited(
+    sessions, delivery_id: int, assoc: SimpleNamespace
+) -> None:
+    assert_refused(handler(sessions)(report(1, OBJECTS, {}, assoc=assoc)))
+    row = delivery(sessions, delivery_id)
+    assert row.confirmed_at is None and row.state == DeliveryState.SENT
+    assert row.commitment_uid == TRANSACTION  # still awaited: a real report still counts
+    [entry] = refused_entries(sessions)
+    assert (entry["peer"], entry["count"], entry["outcome"]) == (
+        assoc.requestor.address, 1, "failure"
+    )  # fmt: skip
+    assert entry["actor"] == assoc.requestor.ae_title
+    assert "not a destination asked to commit" in entry["detail"]
+    # The real destination's report is still welcome.
+    assert handler(sessions)(report(1, OBJECTS, {})) == (status.SUCCESS, None)
+    assert delivery(sessions, delivery_id).confirmed_at is not None
+
+
+def test_only_the_destination_of_the_transaction_may_answer_it(sessions, delivery_id: int) -> None:
+    archive = Destination(name="archive", ae_title="ARCHIVE", host="10.0.0.9", port=104)
+    code = handler(sessions, PACS, archive)(
+        report(1, OBJECTS, {}, assoc=peer("ARCHIVE", "10.0.0.9"))
+    )
+    assert_refused(code)
+    assert delivery(sessions, delivery_id).confirmed_at is None
+    [entry] = refused_entries(sessions)
+    assert f"transaction_uid={TRANSACTION}" in entry["detail"]
+    assert "destination pacs, not archive" in entry["detail"]
+
+
+def test_any_address_of_the_host_and_any_port_will_do(sessions, delivery_id: int) -> None:
+    # A PACS cluster behind one name, answering from whichever node and port it likes.
+    named = Destination(name="pacs", ae_title="PACS", host="pacs.example", port=104)
+    addresses = {
+        "pacs.example": frozenset(map(commitment.ip_address, ["10.0.0.2", "10.0.0.3", "fd00::2"]))
+    }
+    asked: list[str] = []
+
+    def resolver(host: str) -> frozenset:
+        asked.append(host)
+        return addresses.get(host, frozenset())
+
+    reports = ReportHandler(sessions, [named], resolver=resolver)
+    assert_refused(reports(report(1, OBJECTS, {}, assoc=peer(address="10.0.0.4"))))
+    # As an IPv4 peer of a listener bound to '::' arrives: IPv4-mapped.
+    assert reports(report(1, OBJECTS, {}, assoc=peer(address="::ffff:10.0.0.3"))) == (0, None)
+    assert delivery(sessions, delivery_id).confirmed_at is not None
+    assert asked == ["pacs.example"]  # resolved once, then reused
+
+
+def test_a_host_that_does_not_resolve_reports_nothing(sessions, delivery_id: int) -> None:
+    gone = Destination(name="pacs", ae_title="PACS", host="pacs.invalid", port=104)
+    reports = ReportHandler(sessions, [gone], resolver=lambda host: frozenset())
+    assert_refused(reports(report(1, OBJECTS, {}, assoc=peer())))
+    assert delivery(sessions, delivery_id).confirmed_at is None
+
+
+def test_a_handler_without_destinations_refuses_every_report(sessions, delivery_id: int) -> None:
+    assert_refused(ReportHandler(sessions)(report(1, OBJECTS, {})))
+    assert delivery(sessions, delivery_id).confirmed_at is None
+
+
+def _gone() -> tuple[str, int]:
+    raise OSError("not connected")
+
+
+@pytest.mark.parametrize(
+    ("host", "getpeername"),
+    [("10.0.0.2", lambda: ("10.0.0.2", 104)), ("pacs.example", _gone)],
+    ids=["socket-address", "socket-gone"],
+)
+def test_on_our_own_association_the_peer_is_the_destination_we_called(
+    sessions, delivery_id: int, host: str, getpeername
+) -> None:
+    # The N-ACTION association: we are the requestor and the PACS accepted it. The
+    # socket says which address answered; once it is gone, the host we called does.
+    ours = SimpleNamespace(
+        is_requestor=True,
+        acceptor=SimpleNamespace(ae_title="PACS", address=host, port=104),
+        dul=SimpleNamespace(
+            socket=SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
+        ),
+    )
+    called = Destination(name="pacs", ae_title="PACS", host=host, port=104)
+    bound = ReportHandler(sessions).bound_to(called)
+    assert bound(report(1, OBJECTS, {}, assoc=ours)) == (status.SUCCESS, None)
+    assert delivery(sessions, delivery_id).confirmed_at is not None
+
+
+def test_refusals_from_one_address_are_one_entry_and_one_line_a_minute(
+    sessions, delivery_id: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    reports = handler(sessions)
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):
+            assert_refused(reports(report(1, OBJECTS, {}, assoc=peer(f"X{i}\n\x1b[31m"))))
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0] and "\x1b" not in lines[0]
+    assert "calling_ae='X0\\n\\x1b[31m'" in lines[0]  # escaped, repr-style
+    assert [e["count"] for e in refused_entries(sessions)] == [1]
+    reports.receipts.flush()  # what the listener does when it stops
+    entries = refused_entries(sessions)
+    assert [e["count"] for e in entries] == [1, 29]
+    assert entries[1]["actor"] is None  # several AE titles: named in the detail
+    assert "\n" not in entries[1]["detail"] and "X1\\n" in entries[1]["detail"]
+    assert "and 21 more" in entries[1]["detail"]  # eight named, the rest counted
