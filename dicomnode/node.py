@@ -7,18 +7,26 @@ PostgreSQL database and one shared storage path).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import resource
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
+from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import is_sqlite, make_engine, session_factory
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, DicomnodeError, NodeAlreadyRunning
 from dicomnode.inference.device import configure_threads, select_device
 from dicomnode.inference.registry import ModelSpec, load_registry
 from dicomnode.inference.segment import ModelCache
@@ -30,9 +38,17 @@ from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.scheduler import make_scheduler
 from dicomnode.queue.wakeup import Announcer, WakeListener
 from dicomnode.queue.worker import ModelSlots, Worker
-from dicomnode.store.spool import Spool
+from dicomnode.store.spool import ListenerLock, Spool
 
 log = logging.getLogger(__name__)
+
+# Descriptors one association holds: its socket and the reactor's eventfd (measured:
+# 2.0 per idle association), the file being received and a database connection.
+# A connection still sending its A-ASSOCIATE-RQ holds one (its socket).
+DESCRIPTORS_PER_ASSOCIATION = 4
+# What the process holds besides associations: the database, logs, the metrics port,
+# the listening socket, the model files.
+DESCRIPTORS_BASELINE = 64
 
 
 def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
@@ -75,7 +91,33 @@ def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
                 raise ConfigError(f"{key}: unknown model {name!r} (known: {known})")
 
 
-def open_database(settings: Settings, *, auto_migrate: bool) -> Engine:
+def database_connections(settings: Settings, *, listen: bool, work: bool) -> int:
+    """Return how many threads of a node may hold a database connection at once.
+
+    Each association stores on its own thread; each worker holds one connection and
+    its lease heartbeat another. The pool is sized to this (plus headroom), so a
+    store never waits for a connection that a quiet moment would have freed.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``listener.max_associations`` and ``worker.count``.
+    listen, work : bool
+        The roles the node runs.
+
+    Returns
+    -------
+    int
+        The number of threads.
+    """
+    return (settings.listener.max_associations if listen else 0) + (
+        2 * settings.worker.count if work else 0
+    )
+
+
+def open_database(
+    settings: Settings, *, auto_migrate: bool, connections: int | None = None
+) -> Engine:
     """Open the database and make sure its schema is current.
 
     Parameters
@@ -85,6 +127,8 @@ def open_database(settings: Settings, *, auto_migrate: bool) -> Engine:
     auto_migrate : bool
         Apply migrations to an embedded SQLite database; other databases must be
         migrated by their operator with ``dicomnode db upgrade``.
+    connections : int, optional
+        Threads that may hold a connection at once (:func:`database_connections`).
 
     Returns
     -------
@@ -96,12 +140,185 @@ def open_database(settings: Settings, *, auto_migrate: bool) -> Engine:
     DicomnodeError
         If a database that may not be migrated here is not at the current revision.
     """
-    engine = make_engine(settings.database.url)
+    engine = make_engine(settings.database.url, connections=connections)
     if auto_migrate and is_sqlite(engine):
         migrate.upgrade(engine)
     else:
         migrate.require_current(engine)
     return engine
+
+
+def holder_line() -> str:
+    """Describe this process for a second node that finds its locks taken (no PHI).
+
+    Returns
+    -------
+    str
+        ``pid N on host H, started YYYY-MM-DDTHH:MM:SSZ``.
+    """
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return f"pid {os.getpid()} on host {socket.gethostname()}, started {started}"
+
+
+class PortLock:
+    """The listener port's lock on this host, held by the node's main process.
+
+    With ``listener.processes`` above 1 the node binds its port with SO_REUSEPORT,
+    which the kernel grants to every socket of the same user that asks for it: a
+    second node, with another spool and database, would silently take half of the
+    associations. The node's own receiver processes must share the port, so the
+    kernel's check cannot be used; this lock replaces it.
+
+    It is a Unix socket bound in Linux's abstract namespace, named after the port
+    alone, rather than a lock file in a runtime folder:
+
+    * it vanishes with the process that bound it (kill -9 included) and two
+      processes can never bind one name, so there is no stale lock and no race;
+    * abstract names belong to the network namespace, exactly like ports, so two
+      containers with their own networks may each run a node on one port, while
+      every node sharing a network is seen, whatever its user, ``PrivateTmp`` or
+      ``/run`` (a lock file would depend on all three);
+    * connecting to it gives the holder's pid from the kernel (SO_PEERCRED).
+
+    It is named after the port, not the address: a node on ``0.0.0.0`` and one on a
+    given address of the same host would overlap, and with SO_REUSEPORT the kernel
+    lets both bind. Two nodes on one host therefore need two ports.
+
+    The holder answers each connection with its :func:`holder_line` and closes it,
+    on a thread of its own: a refused node's probe must not stay queued, or a unit
+    that restarts every few seconds would fill the backlog.
+
+    Parameters
+    ----------
+    port : int
+        The listener's port.
+    holder : str
+        What a refused node is told about this one.
+
+    Raises
+    ------
+    NodeAlreadyRunning
+        If another process holds the port's lock; the message names it.
+    """
+
+    def __init__(self, port: int, holder: str) -> None:
+        self.name = f"\0dicomnode-listener-port-{port}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.name)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise DicomnodeError(
+                    f"cannot lock listener port {port}: {exc.strerror or exc}"
+                ) from None
+            raise NodeAlreadyRunning(
+                f"listener port {port} is in use by another dicomnode on this host "
+                f"({_port_holder(self.name)}); one node per port"
+            ) from None
+        sock.listen(8)
+        self._socket: socket.socket | None = sock
+        self._answer = holder.encode() + b"\n"
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="port-lock", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock = self._socket
+        while sock is not None and not self._closing:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                if not self._closing:
+                    conn.sendall(self._answer)
+
+    def release(self) -> None:
+        """Give the port's lock back (the name is free once the socket closes)."""
+        if self._socket is None:
+            return
+        self._closing = True
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:
+            wake.settimeout(1)
+            wake.connect(self.name)  # ends the thread's accept()
+        self._thread.join(5)
+        self._socket.close()
+        self._socket = None
+
+
+def _port_holder(name: str) -> str:
+    """Ask the holder of a port lock who it is: the kernel's pid and its own line."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            probe.connect(name)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            said = " ".join(probe.recv(256).decode(errors="replace").split())[:200]
+    except OSError:
+        return "holder not known"
+    # The pid is the kernel's word; the rest only if the holder's line agrees with it.
+    return said if said.startswith(f"pid {pid} ") else f"pid {pid}"
+
+
+def raise_descriptor_limit(listener: ListenerSettings) -> int:
+    """Raise this process's soft descriptor limit to its hard limit, and log it.
+
+    Idle connections cost descriptors: at the usual soft limit of 1024 a few hundred
+    of them leave none for the next scanner, the spool or the database. The hard
+    limit (systemd's ``LimitNOFILE``) is what the administrator allows; the soft one
+    is raised to it here, so the unit's setting is all that is needed. Receiver
+    processes inherit the limit.
+
+    Parameters
+    ----------
+    listener : ListenerSettings
+        The limit should hold ``max_associations`` associations and
+        ``max_pending_connections`` connections waiting for their request.
+
+    Returns
+    -------
+    int
+        The soft limit the process runs with.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # the kernel refuses an infinite soft limit for descriptors
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the descriptor limit: %s", exc)
+    needed = (
+        listener.max_associations * DESCRIPTORS_PER_ASSOCIATION
+        + listener.max_pending_connections
+        + DESCRIPTORS_BASELINE
+    )
+    if soft < needed:
+        log.warning(
+            "descriptor limit %d is below the %d that listener.max_associations=%d and "
+            "max_pending_connections=%d need: raise LimitNOFILE (docs/deployment.md)",
+            soft,
+            needed,
+            listener.max_associations,
+            listener.max_pending_connections,
+        )
+    else:
+        log.info(
+            "descriptor limit %d (listener.max_associations=%d and "
+            "max_pending_connections=%d need %d)",
+            soft,
+            listener.max_associations,
+            listener.max_pending_connections,
+            needed,
+        )
+    return soft
 
 
 @dataclass
@@ -126,6 +343,7 @@ class Node:
     announcer: Announcer | None = None
     wake_listener: WakeListener | None = None
     metrics: MetricsServer | None = None
+    locks: list[ListenerLock | PortLock] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, listen: bool = True, work: bool = True) -> Node:
@@ -152,7 +370,11 @@ class Node:
         """
         models = load_registry(settings.models.path)
         check_routes(settings, models)
-        engine = open_database(settings, auto_migrate=True)
+        engine = open_database(
+            settings,
+            auto_migrate=True,
+            connections=database_connections(settings, listen=listen, work=work),
+        )
         sessions = session_factory(engine)
         spool = Spool(settings.storage.path)
         removed = spool.clean_tmp()
@@ -191,7 +413,24 @@ class Node:
         return node
 
     def start(self) -> None:
-        """Start the metrics endpoint, the listener, the scheduler and the worker threads."""
+        """Start the metrics endpoint, the listener, the scheduler and the worker threads.
+
+        A node that listens first takes the spool's lock and its port's lock, and
+        raises its descriptor limit (its receiver processes inherit it).
+
+        Raises
+        ------
+        NodeAlreadyRunning
+            If another node listens on this spool, or on this port on this host.
+        DicomnodeError
+            If a port cannot be bound.
+        """
+        if self.listener is not None:
+            holder = holder_line()
+            self.locks.append(ListenerLock(self.spool.root, holder))
+            if self.settings.listener.port:  # port 0: the kernel picks a free one
+                self.locks.append(PortLock(self.settings.listener.port, holder))
+            raise_descriptor_limit(self.settings.listener)
         if self.metrics is not None:
             self.metrics.start()  # first: the listener's first association is counted
         if self.listener is not None:
@@ -232,4 +471,8 @@ class Node:
         if self.metrics is not None:
             self.metrics.stop()  # last: a scrape during shutdown still gets an answer
         self.engine.dispose()
+        # Last: the receiver processes, which share the port, are gone by now.
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()
         log.info("node stopped")

@@ -111,11 +111,22 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.startswith("Error")]
 
 
-_QUOTED = re.compile(r"= <([^>]*)>")
+# dciodvfy quotes values in several ways: ``= <value>``, ``value is <value>``,
+# ``<a> != <b>``, a character as ``'c' (0x63)`` and a few strings in double quotes.
+# Anything quoted may be patient data, digits included (a birth date, a numeric
+# patient ID), so every quote is removed except two kinds that never are: the
+# attribute's path (``</PatientID(0010,0020)[1]>``) and a length dciodvfy counted
+# (``Length invalid for this VR = <17>``). A value may itself hold ``>``, so an
+# angle-bracket quote ends only at a ``>`` followed by a space, a comma or the end.
+_ANGLE = re.compile(r"<(.*?)>(?=[\s,]|$)")
+_OTHER_QUOTES = re.compile(r"'[^']*'|\"[^\"]*\"|\(0x[0-9A-Fa-f]+\)")
+_ATTRIBUTE_PATH = re.compile(r"(?:/[A-Za-z0-9]*\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)(?:\[\d+\])?)+")
+_LENGTH_BEFORE = re.compile(r"(?:[Ll]ength invalid for this VR = |[Ll]ength is )$")
+_OTHER_REDACTED = {"'": "'...'", '"': '"..."', "(": "(0x..)"}
 
 
 def redact(line: str) -> str:
-    """Remove the values dciodvfy quotes, which may be patient data; keep numbers.
+    """Remove every value dciodvfy quotes, which may be patient data.
 
     Parameters
     ----------
@@ -125,9 +136,20 @@ def redact(line: str) -> str:
     Returns
     -------
     str
-        The message with every non-numeric ``= <value>`` replaced by ``= <...>``.
+        The message with each quoted value replaced: ``<...>``, ``'...'``,
+        ``"..."`` or ``(0x..)``; attribute paths and counted lengths are kept.
     """
-    return _QUOTED.sub(lambda m: m.group(0) if m.group(1).isdigit() else "= <...>", line)
+
+    def angle(match: re.Match[str]) -> str:
+        value = match.group(1)
+        if _ATTRIBUTE_PATH.fullmatch(value):
+            return match.group(0)
+        if value.isdigit() and _LENGTH_BEFORE.search(line, 0, match.start()):
+            return match.group(0)
+        return "<...>"
+
+    line = _ANGLE.sub(angle, line)
+    return _OTHER_QUOTES.sub(lambda m: _OTHER_REDACTED[m.group(0)[0]], line)
 
 
 def validate_file(path: Path, mode: str) -> bool:

@@ -6,6 +6,7 @@ Layout under the storage root::
     results/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm           objects we created
     rejected/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm          ours, failed validation
     tmp/                                                          files being written or received
+    run/listener.lock                                             held by the listening node
 
 A received instance's file name carries a random token, so two associations storing
 the same SOP Instance UID at once never write the same file, and undoing one write
@@ -19,11 +20,13 @@ Only UIDs that passed :func:`dicomnode.store.uids.uid_problem` become path compo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import time
 import uuid
 from pathlib import Path
 
+from dicomnode.errors import DicomnodeError, NodeAlreadyRunning
 from dicomnode.store.uids import uid_problem
 
 INCOMING = "incoming"
@@ -31,6 +34,7 @@ RESULTS = "results"
 REJECTED = "rejected"
 TMP = "tmp"
 STALE_TMP_SECONDS = 3600  # no write takes an hour; younger files may be another process's
+LISTENER_LOCK = Path("run", "listener.lock")
 
 
 class Spool:
@@ -265,6 +269,69 @@ class Spool:
             except FileNotFoundError:
                 continue
         return count
+
+
+class ListenerLock:
+    """The spool's lock, held by the one node that listens for it while it runs.
+
+    Two listening nodes on one spool (with one database or two) would each
+    acknowledge images the other's completion sweep may also see, and with
+    ``listener.processes`` above 1 share a port unnoticed; the second is refused.
+    Worker processes (``dicomnode worker``) take no lock: any number of them share
+    the spool with its listener, on this host or others.
+
+    An exclusive ``flock`` on ``run/listener.lock``: the kernel drops it when the
+    process ends, however it ends (kill -9 and the OOM killer included), so there
+    is never a stale lock to clean up. The file is never removed: a second process
+    could otherwise lock a new file of the same name while the first still holds
+    the old one. It holds one line naming the holder, for the refusal message. On
+    NFS (v4, or v3 with lockd) Linux makes a flock a lock the server keeps, so a
+    listener on another host that mounts the same spool is refused too; a
+    ``nolock`` mount keeps locks local to each host.
+
+    Parameters
+    ----------
+    root : Path
+        The storage root.
+    holder : str
+        One line written into the lock file: pid, host and start time, no PHI.
+
+    Raises
+    ------
+    NodeAlreadyRunning
+        If another process holds the lock; the message names it.
+    DicomnodeError
+        If the filesystem cannot lock.
+    """
+
+    def __init__(self, root: Path, holder: str) -> None:
+        path = root / LISTENER_LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not inherited by child processes (PEP 446): a receiver or a tool the node
+        # runs must not keep the lock alive after the node itself is gone.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Written by the holder right after it locked; empty only in that moment.
+            other = " ".join(os.pread(fd, 512, 0).decode(errors="replace").split())[:200]
+            os.close(fd)
+            raise NodeAlreadyRunning(
+                f"storage.path {root} is in use by another listening dicomnode "
+                f"({other or 'holder not known yet'}); one listening node per spool"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise DicomnodeError(f"cannot lock storage.path {root}: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (closing the file is what releases a flock); idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def fsync_file(path: Path) -> None:

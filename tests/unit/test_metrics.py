@@ -176,3 +176,61 @@ def test_enabled_without_prometheus_client_names_the_extra(
     assert message.startswith("metrics.enabled:")
     assert "pip install 'dicomnode[metrics]'" in message
     parse_settings({"metrics": {"enabled": False}}, environ={})  # off: not needed
+
+
+HALF_SENT = 300
+
+
+def _half_sent(port: int, n: int) -> list[socket.socket]:
+    """Open ``n`` connections that each send a request head without its blank line."""
+    clients = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        clients.append(client)
+    return clients
+
+
+def test_half_sent_requests_neither_grow_threads_nor_block_a_scrape(
+    tmp_path: Path, sessions
+) -> None:
+    import threading
+
+    before = threading.active_count()
+    running = MetricsServer(
+        MetricsSettings(enabled=True, port=free_port()), sessions, Spool(tmp_path / "spool")
+    )
+    running.start()
+    try:
+        clients = _half_sent(running.port, HALF_SENT)
+        try:
+            # The listen queue is first come, first served: once this scrape is
+            # answered, every half-sent connection before it has been accepted.
+            assert samples(running)
+            assert get(f"http://127.0.0.1:{running.port}/healthz") == (200, "ok\n")
+            during = threading.active_count()
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        running.stop()
+    # The reader and the handler pool, not a thread per connection.
+    assert during - before <= metrics.HTTP_HANDLER_THREADS + 1, (before, during)
+
+
+def test_a_silent_client_is_dropped(
+    tmp_path: Path, sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "HTTP_REQUEST_SECONDS", 0.5)
+    running = MetricsServer(
+        MetricsSettings(enabled=True, port=free_port()), sessions, Spool(tmp_path / "spool")
+    )
+    running.start()
+    try:
+        (client,) = _half_sent(running.port, 1)
+        with client:
+            # Closed by the server once its request deadline passed (the client's own
+            # 30 s timeout only bounds the test if nothing closes it).
+            assert client.recv(1024) == b""
+    finally:
+        running.stop()

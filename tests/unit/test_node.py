@@ -29,3 +29,32 @@ def test_requires_model_must_be_a_segmentation_model(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"routes\[1\].requires.model: 'test-classes' is a "):
         check_routes(settings, models)
+
+
+def test_a_second_port_lock_is_refused_naming_the_holder_by_its_pid() -> None:
+    import os
+    import re
+    import socket
+
+    from dicomnode.errors import NodeAlreadyRunning
+    from dicomnode.node import PortLock, holder_line
+    from tests.conftest import free_port
+
+    port = free_port()
+    held = PortLock(port, holder_line())
+    try:
+        # Many refusals in a row (a unit restarting every few seconds) each still learn
+        # who holds the port: the holder answers and closes every probe.
+        for _ in range(40):
+            with pytest.raises(NodeAlreadyRunning) as info:
+                PortLock(port, "pid 1 on host elsewhere, started never")
+            assert re.fullmatch(
+                rf"listener port {port} is in use by another dicomnode on this host "
+                rf"\(pid {os.getpid()} on host {re.escape(socket.gethostname())}, "
+                r"started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\); one node per port",
+                str(info.value),
+            ), str(info.value)
+    finally:
+        held.release()
+    held.release()  # twice is harmless
+    PortLock(port, holder_line()).release()  # free again once released

@@ -47,3 +47,31 @@ def test_clean_tmp_removes_partial_files(tmp_path: Path) -> None:
     assert spool.clean_tmp(older_than=3600) == 0  # may be another process's write
     assert spool.clean_tmp(older_than=-1) == 1
     assert list((tmp_path / TMP).iterdir()) == []
+
+
+def test_a_second_listener_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    import subprocess
+
+    from dicomnode.errors import NodeAlreadyRunning
+    from dicomnode.store.spool import LISTENER_LOCK, ListenerLock
+
+    held = ListenerLock(tmp_path, "pid 1 on host h, started 2024-01-01T00:00:00Z")
+    # flock locks belong to the open file: a second open conflicts even in one process.
+    with pytest.raises(NodeAlreadyRunning) as info:
+        ListenerLock(tmp_path, "pid 2 on host h, started 2024-01-02T00:00:00Z")
+    assert str(info.value) == (
+        f"storage.path {tmp_path} is in use by another listening dicomnode "
+        "(pid 1 on host h, started 2024-01-01T00:00:00Z); one listening node per spool"
+    )
+    # A child process (which inherits whatever descriptors are inheritable) must not
+    # keep the lock once its parent lets go of it.
+    child = subprocess.Popen(["sleep", "30"], close_fds=False)
+    try:
+        held.release()
+        held.release()  # twice is harmless
+        again = ListenerLock(tmp_path, "pid 3 on host h, started 2024-01-03T00:00:00Z")
+    finally:
+        child.kill()
+        child.wait()
+    again.release()
+    assert (tmp_path / LISTENER_LOCK).read_text().startswith("pid 3 ")  # never removed
