@@ -171,6 +171,47 @@ class ListenerSettings:
             positive,
         ),
     )
+    max_associations_per_address: int = field(
+        default=16,
+        metadata=field_doc(
+            "Concurrent associations per receiver process from one peer address; more are "
+            "rejected (transient), so one stuck device cannot take every slot. 0 means "
+            "max_associations.",
+            _non_negative,
+        ),
+    )
+    request_timeout_seconds: float = field(
+        default=10.0,
+        metadata=field_doc(
+            "Seconds from connecting for a peer's whole A-ASSOCIATE-RQ (and TLS handshake) "
+            "to arrive; until it has, a connection holds no thread and no association slot.",
+            positive,
+        ),
+    )
+    max_pending_connections: int = field(
+        default=256,
+        metadata=field_doc(
+            "Connections waiting for their A-ASSOCIATE-RQ, in all; at the limit the oldest "
+            "waiting one is closed to make room.",
+            positive,
+        ),
+    )
+    max_pending_per_address: int = field(
+        default=64,
+        metadata=field_doc(
+            "Connections waiting for their A-ASSOCIATE-RQ from one peer address; at the "
+            "limit that address's oldest waiting one is closed to make room.",
+            positive,
+        ),
+    )
+    network_timeout_seconds: float = field(
+        default=60.0,
+        metadata=field_doc(
+            "Seconds an association may stay silent, within a PDU or between messages, "
+            "before it is aborted.",
+            positive,
+        ),
+    )
     allowed_calling_aets: list[str] = field(
         default_factory=list,
         metadata=field_doc("Calling AE titles allowed to associate; empty allows any.", _ae_titles),

@@ -19,6 +19,8 @@ from typing import Any
 
 import pydicom
 
+from dicomnode.logtext import printable
+
 # UTC, like every time the CLI prints and the database stores: one clock to compare.
 FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -28,13 +30,67 @@ _PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
 
 
 class TextFormatter(logging.Formatter):
-    """One line per event in UTC, with a journald priority prefix under systemd."""
+    """One line per event in UTC, with a journald priority prefix under systemd.
+
+    A message is always one line: control characters in it are escaped (see
+    :func:`dicomnode.logtext.printable`), whoever supplied them. AE titles and
+    other strings from the network reach messages in many places, pynetdicom's own
+    among them, and a newline in one would otherwise start a line of the peer's
+    choosing. A traceback below a message is indented, so that no line of it can
+    pass for an event of its own either.
+    """
 
     converter = staticmethod(time.gmtime)
 
     def __init__(self, journal: bool) -> None:
         super().__init__(FORMAT, DATE_FORMAT)
         self.journal = journal
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        """Return the line for the record's message, its control characters escaped.
+
+        Parameters
+        ----------
+        record : logging.LogRecord
+            The record, its ``message`` already formatted.
+
+        Returns
+        -------
+        str
+            The line.
+        """
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        """Return the traceback, indented and with control characters escaped.
+
+        Parameters
+        ----------
+        ei : tuple
+            ``sys.exc_info()``.
+
+        Returns
+        -------
+        str
+            The traceback's lines, each starting with two spaces.
+        """
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        """Return a stack dump, indented like a traceback.
+
+        Parameters
+        ----------
+        stack_info : str
+            The stack as :mod:`traceback` printed it.
+
+        Returns
+        -------
+        str
+            Its lines, each starting with two spaces.
+        """
+        return _indented(super().formatStack(stack_info))
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the line, prefixed with ``<priority>`` when writing to the journal.
@@ -53,6 +109,10 @@ class TextFormatter(logging.Formatter):
         if self.journal:
             return f"<{_PRIORITY.get(record.levelname, 6)}>{line}"
         return line
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + printable(line) for line in text.splitlines())
 
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.

@@ -14,14 +14,23 @@ pynetdicom's 4 KiB ones):
 
 * the association thread waits on an :class:`threading.Event` that is set when a
   DIMSE message or a release/abort primitive is queued for it;
-* the DUL thread waits in ``select`` on its socket and on a pipe that is written
-  when the association queues a PDU to send.
+* the DUL thread waits in ``poll`` on its socket and on an eventfd that is written
+  when the association queues a PDU to send; the eventfd is closed when that
+  thread ends.
 
 pynetdicom calls ``time.sleep`` through its modules' ``time`` attribute; we give
 those two modules a stand-in whose ``sleep`` dispatches to the calling thread's
-waiter and falls back to :func:`time.sleep` for every other thread. Nothing else in
-pynetdicom changes, and if its internals ever differ from what we expect,
-:func:`install` leaves them alone and the node runs at pynetdicom's own speed.
+waiter and falls back to :func:`time.sleep` for every other thread. If pynetdicom's
+internals ever differ from what we expect, :func:`install` leaves them alone and the
+node runs at pynetdicom's own speed (and :mod:`dicomnode.net.compat` refuses to
+listen with an untested pynetdicom at all).
+
+Two more replacements on pynetdicom's socket wrapper, for every association:
+
+* ``recv`` reads a PDU in a few large reads, and refuses one longer than we
+  announced we would receive before reading a byte of it;
+* ``ready`` asks ``poll`` instead of ``select``, which fails for descriptors
+  numbered 1024 and up (a listener with a few hundred connections has them).
 """
 
 from __future__ import annotations
@@ -88,6 +97,8 @@ def install() -> bool:
             module.time = _Time()  # type: ignore[attr-defined]
         if callable(getattr(AssociationSocket, "recv", None)):
             AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        if isinstance(getattr(AssociationSocket, "ready", None), property):
+            AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
         _installed = True
         return True
 
@@ -100,8 +111,19 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     as the kernel has each time, straight into the buffer. The buffer grows with
     what arrives, never ahead of it by more than one step: the length comes from the
     peer, and a PDU header claiming 4 GiB must not cost 4 GiB before a byte of it.
+
+    pynetdicom reads each PDU as its 6-byte header, then the rest at the length the
+    header gives. A length beyond what we announced we would receive (the Maximum
+    Length Received of our side of the association) is refused here, before a byte
+    of it is read: the peer gets an A-ABORT and the connection is closed.
     """
     sock = cast(socket.socket, self.socket)
+    if nr_bytes == _PDU_HEADER:
+        limit = None
+    else:
+        limit = _receive_limit(self)
+        if limit is not None and nr_bytes > limit:
+            _refuse_oversized(self, sock, nr_bytes, limit)
     buffer = bytearray()
     received = 0
     while received < nr_bytes:
@@ -113,7 +135,56 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
             break
         received += count
     del buffer[received:]
+    if nr_bytes == _PDU_HEADER and received == _PDU_HEADER:
+        setattr(self, _PDU_TYPE, buffer[0])
     return buffer
+
+
+_PDU_HEADER = 6
+_PDU_TYPE = "_dicomnode_pdu_type"
+_P_DATA_TF = 0x04
+# Some implementations count the PDV item header inside the maximum they were given;
+# a few bytes over it cost nothing and are not worth an abort.
+_PDU_SLACK = 64
+# Every other PDU (association request, accept, reject, release, abort) is small; an
+# A-ASSOCIATE-AC or -RQ with 128 presentation contexts is well under this.
+MAX_CONTROL_PDU = 1 * 2**20
+
+
+def _receive_limit(sock: AssociationSocket) -> int | None:
+    """Return the longest PDU body this socket's association will read, or None."""
+    kind = getattr(sock, _PDU_TYPE, None)
+    if kind != _P_DATA_TF:
+        return MAX_CONTROL_PDU
+    assoc = getattr(sock, "assoc", None)
+    local = getattr(
+        assoc, "acceptor" if getattr(assoc, "is_acceptor", False) else "requestor", None
+    )
+    maximum = getattr(local, "maximum_length", None)
+    if not maximum:
+        return None  # we announced no limit (listener.max_pdu = 0)
+    return int(maximum) + _PDU_SLACK
+
+
+class PDUTooLong(OSError):
+    """A peer sent a PDU longer than we announced we would receive."""
+
+
+def _refuse_oversized(
+    owner: AssociationSocket, sock: socket.socket, length: int, limit: int
+) -> None:
+    peer = getattr(getattr(getattr(owner, "assoc", None), "requestor", None), "address", "?")
+    log.warning(
+        "PDU of %d bytes refused (longer than the %d we announced): association aborted peer=%s",
+        length,
+        limit - _PDU_SLACK,
+        peer,
+    )
+    with contextlib.suppress(OSError):
+        # A-ABORT, service provider, invalid PDU parameter value (PS3.8 9.3.8).
+        sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06)))
+    # pynetdicom treats a failed read as the connection closing: the association ends.
+    raise PDUTooLong(f"PDU of {length} bytes is longer than the maximum we announced")
 
 
 _RECV_STEP = 4 * 2**20  # the most the buffer grows ahead of the data it has
@@ -170,13 +241,7 @@ def attach(assoc: Any) -> bool:
         _keep_responses_for_the_caller(assoc, dimse)
 
     # DUL thread: woken by incoming bytes or by a PDU the association queued to send.
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-
-    def poke() -> None:
-        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe already wakes
-            os.write(write_fd, b"\0")
+    wakeup = _Wakeup()
 
     def dul_wait(seconds: float) -> None:
         sock = getattr(dul.socket, "socket", None)
@@ -184,22 +249,110 @@ def attach(assoc: Any) -> bool:
             time.sleep(seconds)
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted bytes already buffered: select would not see them
+            return  # decrypted bytes already buffered: poll would not see them
         try:
-            ready, _, _ = select.select([sock, read_fd], [], [], seconds)
+            woken = _poll((sock.fileno(), wakeup.fileno()), seconds)
         except (OSError, ValueError):  # the socket was closed under us
             time.sleep(seconds)
             return
-        if read_fd in ready:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.read(read_fd, 4096)
+        if wakeup.fileno() in woken:
+            wakeup.clear()
 
-    _waking_put(dul.to_provider_queue, poke)
+    _waking_put(dul.to_provider_queue, wakeup.set)
     setattr(dul, _WAITER, dul_wait)
-    # The pipe lives as long as the DUL object; its thread holds a reference while
-    # it runs, so the descriptors are never closed under a running select.
-    weakref.finalize(dul, _close, read_fd, write_fd)
+    # The wake-up descriptor is closed when the DUL thread ends, on that thread: never
+    # under a running select, and not whenever the garbage collector gets to it (a few
+    # hundred finished associations held that many descriptors until it did).
+    run = dul.run
+
+    def run_then_close() -> None:
+        try:
+            run()
+        finally:
+            wakeup.close()
+
+    dul.run = run_then_close
+    weakref.finalize(dul, wakeup.close)  # in case the thread never starts
     return True
+
+
+_POLL_IN = select.POLLIN | select.POLLPRI
+
+
+def _poll(fds: tuple[int, ...], seconds: float) -> set[int]:
+    """Wait until one of ``fds`` is readable (or closed), for at most ``seconds``.
+
+    ``poll``, not ``select``: ``select`` cannot watch a descriptor numbered 1024 or
+    more, and a listener that holds a few hundred connections has such numbers.
+    """
+    poller = select.poll()
+    for fd in fds:
+        if fd < 0:
+            raise ValueError("closed descriptor")
+        poller.register(fd, _POLL_IN)
+    return {fd for fd, _ in poller.poll(max(0, int(seconds * 1000 + 0.999)))}
+
+
+def _ready(self: AssociationSocket) -> bool:
+    """Return whether the socket has data to read (pynetdicom's, on ``poll``).
+
+    pynetdicom's own version asks ``select``, which raises for a descriptor numbered
+    1024 or more; the association then ends as if the peer had closed it.
+    """
+    sock = self.socket
+    if sock is None or not getattr(self, "_is_connected", True):
+        return False
+    try:
+        ready = bool(_poll((sock.fileno(),), 0))
+    except (OSError, ValueError):
+        self.event_queue.put("Evt17")  # as pynetdicom does: the connection is gone
+        return False
+    # An SSLSocket may hold decrypted bytes that poll does not know about.
+    return ready or (isinstance(sock, ssl.SSLSocket) and bool(sock.pending()))
+
+
+class _Wakeup:
+    """A descriptor that ``select`` sees as readable once :meth:`set` was called.
+
+    An eventfd where the platform has one (one descriptor), else a pipe. Writes
+    after :meth:`close` are dropped: the descriptor number may belong to another
+    file by then, and a stray byte in someone else's socket would be a bug hard to
+    find.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        if hasattr(os, "eventfd"):
+            self._read = self._write = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._read, False)
+            os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError, OSError):  # already readable
+                if self._read == self._write:
+                    os.eventfd_write(self._write, 1)
+                else:
+                    os.write(self._write, b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._read, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            _close(*{self._read, self._write})
 
 
 def _keep_responses_for_the_caller(assoc: Any, dimse: Any) -> None:

@@ -11,6 +11,7 @@ the durability rules do not change. Children import no model code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -58,7 +59,9 @@ def build_listener(
         min_free_bytes=settings.storage.min_free_mb * 2**20,
         max_instance_bytes=settings.storage.max_instance_mb * 2**20,
     )
-    return Listener(settings.listener, ingestor, reuse_port=reuse_port)
+    return Listener(
+        settings.listener, ingestor, reuse_port=reuse_port, destinations=settings.destinations
+    )
 
 
 def receiver_main(settings: Settings, index: int) -> None:
@@ -79,11 +82,13 @@ def receiver_main(settings: Settings, index: int) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    engine = make_engine(settings.database.url)
+    # Each association stores on its own thread: the pool holds one connection for each.
+    engine = make_engine(settings.database.url, connections=settings.listener.max_associations)
     listener = build_listener(
         settings, session_factory(engine), Spool(settings.storage.path), reuse_port=True
     )
     parent = os.getppid()
+    _die_with(parent)
     try:
         listener.start()
         log.info("receiver %d started pid=%d", index, os.getpid())
@@ -93,6 +98,25 @@ def receiver_main(settings: Settings, index: int) -> None:
     finally:
         listener.stop()
         engine.dispose()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send SIGTERM the moment the node's process ends (Linux).
+
+    Polling ``getppid`` alone left a killed node's receivers holding the port for up
+    to a second, long enough for a new node started at once to share it with them
+    and lose images to a receiver that writes into the old node's database. The
+    signal is tied to the thread that started this process, which is the node's
+    main thread; the poll in :func:`receiver_main` stays as the fallback.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the node died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Receivers:

@@ -19,22 +19,25 @@ import contextlib
 import ipaddress
 import logging
 import os
+import queue
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer, RequestHandler
 
 from dicomnode import metrics
-from dicomnode.config import ListenerSettings
+from dicomnode.config import Destination, ListenerSettings
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
-from dicomnode.net import chunked, reactor, status
+from dicomnode.logtext import shown
+from dicomnode.net import admission, chunked, compat, reactor, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from dicomnode.net.receipts import Receipts
@@ -52,25 +55,91 @@ def _peer(event: evt.Event) -> str:
 STOP_GRACE_SECONDS = 10.0
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a listen backlog for a busy department.
+class _Handler(RequestHandler):
+    """Start an association whose A-ASSOCIATE-RQ the gate has already read.
 
-    pynetdicom does the TLS handshake in ``get_request``, on the one thread that
-    accepts connections, with no timeout: one peer that connects and stays silent
-    would stop the port for everyone. Here the socket is only wrapped there, and the
-    handshake happens on the connection's own thread (see ``Listener._on_open``).
+    pynetdicom's handler would wait for the request on the association's own
+    threads; here it has arrived and been decoded (see :mod:`dicomnode.net.admission`),
+    so it is queued for the state machine as if the DUL had just read it (event 6,
+    "A-ASSOCIATE-RQ PDU received", after the event 5 the socket queues itself).
     """
 
-    request_queue_size = 64  # socketserver's 5 drops connections when scanners start at once
+    server: _Server
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock = cast(socket.socket, self.socket)
-        client, address = sock.accept()
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
+    def handle(self) -> None:
+        request = self.server.taking
+        assert request is not None, "associations start only from the gate"
+        assoc = self._create_association()
+        dul = assoc.dul
+        dul._recv_pdu.put(request.pdu)
+        dul.event_queue.put("Evt6")
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class _Server(AssociationServer):
+    """pynetdicom's association server, with admission in front of it.
+
+    The listening socket is served by a :class:`~dicomnode.net.admission.Gate` on the
+    server's one thread instead of socketserver's accept loop: a connection becomes
+    a pynetdicom association, with its threads and its slot, only once its whole
+    A-ASSOCIATE-RQ has arrived and the listener has admitted it.
+    """
+
+    request_queue_size = 128  # socketserver's 5 drops connections when scanners start at once
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        evt_handlers: list[Any],
+        listener: Listener,
+    ) -> None:
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=_Handler,
+        )
+        self.taking: admission.Request | None = None
+        self.gate = admission.Gate(
+            cast(socket.socket, self.socket),
+            listener.limits,
+            admit=listener.admit,
+            refused=listener.refused,
+            ssl_context=self.ssl_context,
+            address_allowed=listener.peer_allowed,
+        )
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve connections through the gate until :meth:`shutdown`."""
+        self.gate.run()
+
+    def start_association(self, request: admission.Request) -> None:
+        """Hand an admitted connection to pynetdicom (on the gate's thread).
+
+        Parameters
+        ----------
+        request : admission.Request
+            The connection and its decoded A-ASSOCIATE-RQ.
+        """
+        self.taking = request
+        try:
+            self.finish_request(request.sock, request.address)
+        finally:
+            self.taking = None
+
+    def shutdown(self) -> None:
+        """Stop the gate and close the listening socket."""
+        self.gate.stop()
+        self.server_close()
 
 
 class _ReusePortServer(_Server):
@@ -86,9 +155,16 @@ class _ReusePortServer(_Server):
         super().server_bind()
 
 
-# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: rejected-permanent by the
-# service user, "no reason given" (there is no code for a refused address).
-_REJECT_PEER = (0x01, 0x01, 0x01)
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+# A refused address: rejected-permanent by the service user, "no reason given"
+# (there is no code for an address).
+REJECT_ADDRESS = admission.Rejection(0x01, 0x01, 0x01, "address")
+REJECT_CALLED_AE = admission.Rejection(0x01, 0x01, 0x07, "called_ae")
+REJECT_CALLING_AE = admission.Rejection(0x01, 0x01, 0x03, "calling_ae")
+# Slots: rejected-transient by the service provider (presentation), local limit
+# exceeded; the sender tries again later.
+REJECT_BUSY = admission.Rejection(0x02, 0x03, 0x02, "too_many")
+REJECT_BUSY_PEER = admission.Rejection(0x02, 0x03, 0x02, "too_many_from_address")
 
 
 def make_ssl_context(settings: ListenerSettings) -> ssl.SSLContext | None:
@@ -148,19 +224,37 @@ class Listener:
         Stores each accepted instance.
     reuse_port : bool
         Bind with SO_REUSEPORT, so that several receiver processes share the port.
+    destinations : Iterable[Destination]
+        Where results go: a Storage Commitment report is accepted only from the
+        destination it answers (AE title and address); none, and every one is refused.
     """
 
     def __init__(
-        self, settings: ListenerSettings, ingestor: Ingestor, *, reuse_port: bool = False
+        self,
+        settings: ListenerSettings,
+        ingestor: Ingestor,
+        *,
+        reuse_port: bool = False,
+        destinations: Iterable[Destination] = (),
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.reuse_port = reuse_port
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
-        self._commitment_reports = ReportHandler(ingestor.sessions)
         self._receipts = Receipts(ingestor.sessions)
+        self._commitment_reports = ReportHandler(
+            ingestor.sessions, destinations, receipts=self._receipts
+        )
+        self.limits = admission.Limits(
+            request_timeout=settings.request_timeout_seconds,
+            max_pending=settings.max_pending_connections,
+            max_pending_per_address=settings.max_pending_per_address,
+        )
+        # Rejections are answered on the gate's thread, which must never wait for the
+        # database: their audit entries are written on a thread of their own.
+        self._refusals = _Refusals(self._receipts)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -172,8 +266,8 @@ class Listener:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
         # A peer that stops talking must not hold a thread and a file for ever.
-        ae.network_timeout = 60
-        ae.acse_timeout = ae.dimse_timeout = 60
+        ae.network_timeout = self.settings.network_timeout_seconds
+        ae.acse_timeout = ae.dimse_timeout = self.settings.network_timeout_seconds
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification
@@ -200,9 +294,10 @@ class Listener:
         Raises
         ------
         DicomnodeError
-            If the address cannot be bound (port in use, no permission) or the TLS
-            files cannot be loaded.
+            If the address cannot be bound (port in use, no permission), the TLS
+            files cannot be loaded, or pynetdicom is not the tested version.
         """
+        compat.check()
         ssl_context = make_ssl_context(self.settings)
         reactor.install()
         chunked.install()
@@ -213,14 +308,14 @@ class Listener:
                 evt_handlers=self._handlers(),
                 ssl_context=ssl_context,
                 server_class=_ReusePortServer if self.reuse_port else _Server,
+                listener=self,
             )
         except OSError as exc:
             raise DicomnodeError(
                 f"listener: cannot listen on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror or exc}"
             ) from None
-        self.ae._servers.append(server)  # as start_server does; shutdown() expects it
-        self._server = server
+        self._server = cast(_Server, server)
         self._thread = threading.Thread(target=server.serve_forever, name="listener", daemon=True)
         self._thread.start()
         log.info(
@@ -253,10 +348,23 @@ class Listener:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
         self.ae.shutdown()
+        self._refusals.close()
         self._receipts.flush()
         log.info("listener stopped")
 
-    def _peer_allowed(self, address: str) -> bool:
+    def peer_allowed(self, address: str) -> bool:
+        """Return whether a peer address is in ``allowed_networks`` (or they are unset).
+
+        Parameters
+        ----------
+        address : str
+            The peer's IP address.
+
+        Returns
+        -------
+        bool
+            True if it may associate.
+        """
         if not self._networks:
             return True
         try:
@@ -267,18 +375,65 @@ class Listener:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._networks)
 
+    def admit(self, request: admission.Request) -> admission.Rejection | None:
+        """Decide on a complete association request, and start it if it may.
+
+        Runs on the gate's thread, before any thread or slot exists for the
+        connection: who may associate, then whether there is room.
+
+        Parameters
+        ----------
+        request : admission.Request
+            The connection and its request.
+
+        Returns
+        -------
+        admission.Rejection or None
+            Why it may not associate; None once it has been handed to pynetdicom.
+        """
+        settings = self.settings
+        if not self.peer_allowed(request.host):
+            return REJECT_ADDRESS
+        if request.called_ae != settings.ae_title.strip():
+            return REJECT_CALLED_AE
+        if settings.allowed_calling_aets and request.calling_ae not in [
+            t.strip() for t in settings.allowed_calling_aets
+        ]:
+            return REJECT_CALLING_AE
+        # Only associations count: a connection still sending its request is not one.
+        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        if len(acceptors) >= settings.max_associations:
+            return REJECT_BUSY
+        per_peer = settings.max_associations_per_address or settings.max_associations
+        if sum(1 for a in acceptors if a.requestor.address == request.host) >= per_peer:
+            return REJECT_BUSY_PEER
+        # From here on pynetdicom reads the socket, blocking, on the association's
+        # DUL thread: with a timeout, a peer that stops mid-PDU is dropped.
+        request.sock.setblocking(True)
+        request.sock.settimeout(settings.network_timeout_seconds)
+        assert self._server is not None
+        self._server.start_association(request)
+        return None
+
+    def refused(self, calling_ae: str, called_ae: str, host: str, reason: str) -> None:
+        """Log, count and audit an association the gate rejected.
+
+        Parameters
+        ----------
+        calling_ae, called_ae : str
+            What the peer asked for ("-" where the gate never read a request).
+        host : str
+            The peer's address.
+        reason : str
+            The rejection's reason (see :class:`~dicomnode.net.admission.Rejection`).
+        """
+        metrics.association_rejected(reason)
+        self._refusals.submit(calling_ae, called_ae, host, reason)
+
     def _on_open(self, event: evt.Event) -> None:
-        # pynetdicom logs and ignores an exception raised here and starts the
-        # association anyway, so the access check comes first and cannot be skipped.
-        assoc = event.assoc
-        try:
-            allowed = self._peer_allowed(str(assoc.requestor.address))
-        except Exception:
-            allowed = False
-        if not allowed:
-            _reject_at_negotiation(assoc)
+        # Admission (address, titles, slots, TLS) is done; this association receives.
         chunked.receive_into(
-            assoc.dul,
+            event.assoc.dul,
             self.ingestor.spool.tmp,
             max_bytes=self.ingestor.max_instance_bytes,
             space_ok=self.ingestor.has_space,
@@ -287,9 +442,6 @@ class Listener:
             reactor.tune_connection(event)
         except Exception:  # e.g. out of file descriptors: run at pynetdicom's own pace
             log.warning("connection tuning failed peer=%s", _peer(event), exc_info=True)
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if isinstance(sock, ssl.SSLSocket):
-            _handshake(sock, _peer(event))
 
     def _on_close(self, event: evt.Event) -> None:
         chunked.discard_partial(event.assoc)
@@ -308,22 +460,18 @@ class Listener:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejections, behind the gate's: a User Identity it refused,
+        # an unsupported protocol version. On the association's thread, which may wait.
         assoc = event.assoc
         # What the peer asked for; assoc.acceptor.ae_title is our own title.
         request = assoc.requestor.primitive
         called = (
             str(request.called_ae_title).strip() if request is not None else assoc.acceptor.ae_title
         )
-        log.warning(
-            "association rejected calling_ae=%s called_ae=%s peer=%s",
-            assoc.requestor.ae_title,
-            called,
-            _peer(event),
-        )
         reason = metrics.rejection_reason(assoc)
         metrics.association_rejected(reason)
-        self._receipts.rejected(
-            assoc.requestor.ae_title, called, str(assoc.requestor.address), reason
+        _record_rejection(
+            self._receipts, assoc.requestor.ae_title, called, str(assoc.requestor.address), reason
         )
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
@@ -369,44 +517,55 @@ class Listener:
         return status.SUCCESS
 
 
-TLS_HANDSHAKE_SECONDS = 30.0
+class _Refusals:
+    """Log and audit rejected associations on a thread of their own.
 
-
-def _handshake(sock: ssl.SSLSocket, peer: str) -> None:
-    """Do the TLS handshake on the connection's own thread, within a deadline.
-
-    A failed handshake (no client certificate, an untrusted one, plain TCP) closes
-    the connection; the association then ends before it begins.
+    The gate answers rejections on the one thread that accepts connections; the
+    audit entry is a database write, which may wait for SQLite's write lock or a
+    PostgreSQL that is slow. A bounded queue in between keeps a flood of rejections
+    from ever slowing down admission: past its size they are only counted.
     """
-    previous = sock.gettimeout()
-    sock.settimeout(TLS_HANDSHAKE_SECONDS)
+
+    def __init__(self, receipts: Receipts, size: int = 1024) -> None:
+        self._receipts = receipts
+        self._queue: queue.Queue[tuple[str, str, str, str] | None] = queue.Queue(size)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="refusals", daemon=True)
+        self._thread.start()
+
+    def submit(self, calling_ae: str, called_ae: str, host: str, reason: str) -> None:
+        try:
+            self._queue.put_nowait((calling_ae, called_ae, host, reason))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put((None), timeout=timeout)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _record_rejection(self._receipts, *item)
+
+
+def _record_rejection(
+    receipts: Receipts, calling_ae: str, called_ae: str, host: str, reason: str
+) -> None:
+    """Audit a rejected association, and log it if it is its address's first this minute."""
     try:
-        sock.do_handshake()
-    except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
-        log.warning("TLS handshake failed peer=%s reason=%s", peer, type(exc).__name__)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        first = receipts.rejected(calling_ae, called_ae, host, reason)
+    except Exception:  # receipts logs its own audit failures; the listener goes on
+        log.debug("recording a rejection failed", exc_info=True)
         return
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(previous)
-
-
-def _reject_at_negotiation(assoc: Any) -> None:
-    """Make this association answer its A-ASSOCIATE-RQ with a rejection.
-
-    pynetdicom checks AE titles itself but has no hook for the peer's address, so
-    the acceptor's negotiation step is replaced for this one association.
-    """
-    acse = assoc.acse
-
-    def reject() -> None:
-        acse.requestor.ae_title = acse.requestor.primitive.calling_ae_title
-        acse.send_reject(*_REJECT_PEER)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
-
-    acse._negotiate_as_acceptor = reject
+    if first:  # the rest of the minute's are counted in one line by receipts
+        log.warning(
+            "association rejected calling_ae=%s called_ae=%s peer=%s reason=%s",
+            shown(calling_ae),
+            shown(called_ae),
+            host,
+            reason,
+        )
 
 
 def _failure(code: int, comment: str) -> Dataset:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -94,6 +94,8 @@ class NodeProcess:
         # and a fresh file is how __enter__ knows that this start is the one serving.
         self.log_path = config.parent / log_name
         self.proc: subprocess.Popen[bytes] | None = None
+        # Run in the child before it starts (e.g. to lower its descriptor limit).
+        self.preexec: Callable[[], None] | None = None
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -117,6 +119,7 @@ class NodeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=self.preexec,
             )
         return self
 

@@ -105,3 +105,24 @@ def test_text_lines_are_utc_and_carry_a_journal_priority_under_systemd(
     assert re.fullmatch(rf"{stamp} WARNING dicomnode: plain", plain)
     assert re.fullmatch(rf"<4>{stamp} WARNING dicomnode: journal", journal)
     assert bad.startswith("<3>")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_peer_string_cannot_start_a_log_line_of_its_own(
+    fmt: str, capfd: pytest.CaptureFixture[str], restore_pydicom: None
+) -> None:
+    setup_logging("INFO", fmt)
+    forged = "CT01\n2026-12-07T00:00:00.000Z INFO dicomnode: stored\r\x1b[2J\u2028x"
+    logging.getLogger("pynetdicom.utils").error("Invalid 'calling_ae_title' value '%s'", forged)
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        logging.getLogger("dicomnode.net").exception("failed calling_ae=%s", forged)
+    _, err = capfd.readouterr()
+    lines = err.splitlines()
+    events = [line for line in lines if not line.startswith(" ")]
+    assert len(events) == 2, err  # one line per event; a traceback is indented below
+    assert not any(line.startswith("2026-12-07T00:00:00.000Z") for line in lines)
+    assert "\x1b" not in err and "\r" not in err and "\u2028" not in err
+    if fmt == "text":
+        assert "CT01\\n2026-12-07T00:00:00.000Z INFO dicomnode: stored\\r\\x1b[2J" in events[0]
