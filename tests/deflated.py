@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 import zlib
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -121,3 +123,68 @@ def deflate_bomb(mib: int) -> bytes:
     ds = ct_series(np.zeros((1, 8, 8), np.float32))[0]
     del ds.PixelData
     return deflated(ds, pixel_header(mib * 2**20), chunks=mib)
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def element_bomb(path: Path, inflated: int, uid: str | None = None) -> Path:
+    """Write a deflated CT instance whose dataset inflates to about ``inflated`` bytes.
+
+    A few hundred KiB on the wire: the bulk is one OB element of zeros (not Pixel
+    Data, unlike :func:`deflate_bomb`), which deflate squeezes about a thousandfold.
+
+    Parameters
+    ----------
+    path : Path
+        Where to write it.
+    inflated : int
+        Bytes of zeros in the OB element.
+    uid : str, optional
+        The SOP Instance UID (and, with ".1" and ".2" added, the study's and the
+        series'); new ones by default.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import generate_uid
+
+    sop_uid = uid or generate_uid()
+    ds = Dataset()
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = f"{uid}.1" if uid else generate_uid()
+    ds.SeriesInstanceUID = f"{uid}.2" if uid else generate_uid()
+    ds.Modality = "CT"
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta_bytes = DicomBytesIO()
+    meta_bytes.is_little_endian, meta_bytes.is_implicit_VR = True, False
+    write_file_meta_info(meta_bytes, meta)
+    inflated -= inflated % 2
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with path.open("wb") as out:
+        out.write(bytes(128) + b"DICM" + meta_bytes.getvalue())
+        out.write(squeeze.compress(header.getvalue()))
+        # (0009,0010) would need a creator; an OB element of a public tag will do.
+        out.write(squeeze.compress(struct.pack("<HH2sHI", 0x0042, 0x0011, b"OB", 0, inflated)))
+        zeros = bytes(2**20)
+        left = inflated
+        while left:
+            step = min(left, len(zeros))
+            out.write(squeeze.compress(zeros[:step]))
+            left -= step
+        out.write(squeeze.flush())
+    return path

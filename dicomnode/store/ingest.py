@@ -447,15 +447,18 @@ class _Inflated:
         if self._inflater.eof:
             return False
         pending = self._inflater.unconsumed_tail
-        if not pending:
-            if self._next >= len(self._content):
-                return False  # the deflate stream stops short: reads come up short
+        if not pending and self._next < len(self._content):
             pending = bytes(self._content[self._next : self._next + INFLATE_STEP])
             self._next += len(pending)
+        # With all input consumed zlib may still hold output it had no room for (a
+        # run of zeros longer than a step from the last few compressed bytes): asking
+        # with no input gives it, a step at a time.
         try:
             out = self._inflater.decompress(pending, INFLATE_STEP)
         except zlib.error:
             raise UnreadableInstance("deflated dataset cannot be inflated") from None
+        if not out and not pending:
+            return False  # the deflate stream stops short: reads come up short
         self._inflated += len(out)
         if self._inflated > MAX_INFLATED_BYTES:
             raise InstanceTooLarge("deflated dataset inflates beyond 256 MiB")

@@ -229,65 +229,6 @@ def held(crowd: Crowd) -> Iterator[Crowd]:
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def deflate_bomb(path: Path, inflated: int) -> Path:
-    """Write a deflated CT instance whose dataset inflates to about ``inflated`` bytes.
-
-    A few hundred KiB on the wire: the bulk is one OB element of zeros, which deflate
-    squeezes about a thousandfold.
-
-    Parameters
-    ----------
-    path : Path
-        Where to write it.
-    inflated : int
-        Bytes of zeros in the OB element.
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    import zlib
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.uid import generate_uid
-
-    sop_uid = generate_uid()
-    ds = Dataset()
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    header = DicomBytesIO()
-    header.is_little_endian, header.is_implicit_VR = True, False
-    write_dataset(header, ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = DEFLATED
-    meta_bytes = DicomBytesIO()
-    meta_bytes.is_little_endian, meta_bytes.is_implicit_VR = True, False
-    write_file_meta_info(meta_bytes, meta)
-    inflated -= inflated % 2
-    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    with path.open("wb") as out:
-        out.write(bytes(128) + b"DICM" + meta_bytes.getvalue())
-        out.write(squeeze.compress(header.getvalue()))
-        # (0009,0010) would need a creator; an OB element of a public tag will do.
-        out.write(squeeze.compress(struct.pack("<HH2sHI", 0x0042, 0x0011, b"OB", 0, inflated)))
-        zeros = bytes(2**20)
-        left = inflated
-        while left:
-            step = min(left, len(zeros))
-            out.write(squeeze.compress(zeros[:step]))
-            left -= step
-        out.write(squeeze.flush())
-    return path
-
-
 def store_raw(
     port: int,
     path: Path,
