@@ -53,17 +53,29 @@ def make_series(folder: Path, slices: int, size: int, seed: int) -> list[Path]:
 
 
 def send(port: int, files: list[Path]) -> float:
+    """Return instances/s, or 0 if storescu could not send them all."""
     started = time.perf_counter()
-    subprocess.run(
+    done = subprocess.run(
         [STORESCU, "-aec", "DICOMNODE", "-to", "30", "-td", "120", "127.0.0.1", str(port),
          *map(str, files)],
-        check=True, capture_output=True, env=ENV, timeout=1800,
+        check=False, capture_output=True, env=ENV, timeout=1800,
     )  # fmt: skip
-    return time.perf_counter() - started
+    return len(files) / (time.perf_counter() - started) if done.returncode == 0 else 0.0
 
 
 def echoes(port: int, count: int) -> float:
-    return statistics.median(hostile.admission_seconds(port) for _ in range(count))
+    """Return the median admission time; infinite when the client is not admitted."""
+    times = []
+    for _ in range(count):
+        try:
+            times.append(hostile.admission_seconds(port, timeout=10))
+        except AssertionError:
+            times.append(float("inf"))
+    return statistics.median(times)
+
+
+def _ms(seconds: float) -> str:
+    return "not admitted" if seconds == float("inf") else f"{seconds * 1000:.1f} ms"
 
 
 def rows(url: str) -> int:
@@ -95,26 +107,23 @@ def crowd_and_ingest(args: argparse.Namespace, work: Path, url: str) -> None:
         port = listener_port(node.config)
         hostile.admission_seconds(port)  # warm up
         admit_calm = echoes(port, args.echoes)
-        rate_calm = len(calm) / send(port, calm)
+        rate_calm = send(port, calm)
         with hostile.Crowd(port) as crowd:
             crowd.half_requests(40).silent(40)
             time.sleep(1)
             assert node.proc is not None
             fds, threads = hostile.descriptors(node.proc.pid), hostile.threads(node.proc.pid)
             admit_storm = echoes(port, args.echoes)
-            rate_storm = len(stormy) / send(port, stormy)
+            rate_storm = send(port, stormy)
     stored = rows(url)
-    if stored != len(calm) + len(stormy):
-        raise RuntimeError(f"{stored} rows for {len(calm) + len(stormy)} instances sent")
     print(f"real client admission, median of {args.echoes}:")
-    print(f"  alone             {admit_calm * 1000:8.1f} ms")
-    print(
-        f"  with 80 hanging   {admit_storm * 1000:8.1f} ms   ratio {admit_storm / admit_calm:.2f}"
-    )
+    print(f"  alone             {_ms(admit_calm):>12}")
+    print(f"  with 80 hanging   {_ms(admit_storm):>12}   ratio {admit_storm / admit_calm:.2f}")
     print(f"{args.slices} x {args.size}x{args.size} CT on one association (dcmtk storescu):")
     print(f"  alone             {rate_calm:8.0f} instances/s")
     print(f"  with 80 hanging   {rate_storm:8.0f} instances/s   ratio {rate_storm / rate_calm:.2f}")
     print(f"  node while 80 hang: {fds} descriptors, {threads} threads")
+    print(f"  rows stored: {stored} of {len(calm) + len(stormy)} sent")
 
 
 def bombs(args: argparse.Namespace, work: Path, url: str) -> None:
