@@ -294,7 +294,13 @@ class Gate:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             while not self._stopping.is_set():
-                self._tick()
+                try:
+                    self._tick()
+                except Exception:
+                    # This thread is the port: whatever one connection did to it, the
+                    # next scanner must still get in.
+                    log.exception("admission: unexpected error, going on")
+                    time.sleep(0.1)
         finally:
             for waiting in list(self._waiting):
                 self._close(waiting)

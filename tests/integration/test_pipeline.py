@@ -432,7 +432,7 @@ def test_a_route_waits_for_another_models_verdict(
     assert node["worker"].run_once()  # the lungs job
     assert jobs_by_model(sessions)["test-lungs"].state == JobState.DONE
     with transaction(sessions) as s:
-        s.execute(update(Job).values(run_after=utcnow()))
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     assert node["worker"].run_once()
     gated = jobs_by_model(sessions)["second-model"]
     assert gated.state == JobState.DONE and gated.attempts == 1
@@ -458,7 +458,7 @@ def test_a_series_failing_the_checks_is_cancelled_with_the_reason(
     for _ in range(6):  # until both ended; a postponed job waits, so wake it when idle
         if not node["worker"].run_once():
             with transaction(sessions) as s:
-                s.execute(update(Job).values(run_after=utcnow()))
+                s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     gated = jobs_by_model(sessions)["second-model"]
     assert gated.state == JobState.CANCELLED and gated.last_error.startswith(reason)
     with sessions() as s:

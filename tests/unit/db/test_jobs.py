@@ -96,7 +96,7 @@ def test_transient_failure_retries_with_backoff_then_fails(sessions, series_id: 
     assert job.run_after > utcnow() + timedelta(seconds=40)  # at least half the first step
     assert jobs.claim(sessions, "w1", 60) is None  # not before its time
     with transaction(sessions) as s:
-        s.execute(update(Job).values(run_after=utcnow()))
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     claim = jobs.claim(sessions, "w1", 60)
     assert claim is not None and claim.attempt == 2
     assert jobs.fail(sessions, claim, "PACS down", retryable=True, base_seconds=1) == "failed"
@@ -153,7 +153,7 @@ def test_every_transition_is_recorded_with_its_worker(sessions, series_id: int) 
     first = jobs.claim(sessions, "w1", 60)
     jobs.fail(sessions, first, "PACS down", retryable=True, base_seconds=0.001)
     with transaction(sessions) as s:
-        s.execute(update(Job).values(run_after=utcnow()))
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     second = jobs.claim(sessions, "w2", 60)
     jobs.release(sessions, second)
     third = jobs.claim(sessions, "w3", 60)
@@ -232,7 +232,8 @@ def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int
         assert got == "queued" and state(sessions, job_id).attempts == 0
         assert state(sessions, job_id).run_after <= utcnow() + timedelta(seconds=5)
         with transaction(sessions) as s:
-            s.execute(update(Job).values(run_after=utcnow()))
+            # A second back: SQLite's clock, which claims use, counts milliseconds only.
+            s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     # Once the destination has been failing for longer than give_up_seconds, it fails.
     with transaction(sessions) as s:
         s.execute(update(Delivery).values(created_at=utcnow() - timedelta(hours=2)))
@@ -299,7 +300,7 @@ def test_the_attempt_that_made_the_results_counts(sessions, series_id: int) -> N
     jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
     assert state(sessions, job_id).attempts == 1
     with transaction(sessions) as s:
-        s.execute(update(Job).values(run_after=utcnow()))
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     claim = jobs.claim(sessions, "w1", 60)  # this one only re-sends: it is given back
     assert claim.attempt == 2
     jobs.fail(sessions, claim, "down", retryable=True, base_seconds=1, delivery=retry)
@@ -350,7 +351,8 @@ def test_repeated_waits_for_the_same_reason_are_one_wait_in_the_history(
         assert claim is not None
         assert jobs.postpone(sessions, claim, 0, reason)
         with transaction(sessions) as s:
-            s.execute(update(Job).values(run_after=utcnow()))
+            # A second back: SQLite's clock, which claims use, counts milliseconds only.
+            s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     assert history(sessions, job_id) == [
         (None, "queued", 0, None),
         ("queued", "running", 1, "w1"),
@@ -465,7 +467,8 @@ def test_a_full_disk_is_retried_by_time_and_uses_no_attempts(sessions, series_id
         got = jobs.fail(sessions, claim, error, retryable=True, base_seconds=0.001, resource=disk)
         assert got == JobState.QUEUED
         with transaction(sessions) as s:
-            s.execute(update(Job).values(run_after=utcnow()))
+            # A second back: SQLite's clock, which claims use, counts milliseconds only.
+            s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     assert state(sessions, job_id).attempts == 0
     with sessions() as s:
         since, count = jobs.failing_since(s, job_id, disk.condition)
@@ -488,6 +491,7 @@ def test_another_failure_between_full_disks_starts_the_clock_again(
         claim = jobs.claim(sessions, "w1", 60)
         jobs.fail(sessions, claim, note, retryable=True, base_seconds=0.001)
         with transaction(sessions) as s:
-            s.execute(update(Job).values(run_after=utcnow()))
+            # A second back: SQLite's clock, which claims use, counts milliseconds only.
+            s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
     with sessions() as s:
         assert jobs.failing_since(s, job_id, full)[1] == 1
