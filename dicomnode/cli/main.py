@@ -37,13 +37,13 @@ from dicomnode.cli.jobs import (
     retry_jobs,
     show_job,
 )
-from dicomnode.cli.logs import setup_logging
 from dicomnode.cli.models import check_models, list_models, show_model
 from dicomnode.cli.status import status
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine
 from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
+from dicomnode.logs import setup_logging
 
 if TYPE_CHECKING:
     from dicomnode.node import Node

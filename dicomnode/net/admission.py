@@ -526,7 +526,7 @@ class Gate:
 def _as_sent(raw: bytes) -> str:
     """Return a title field that is no AE title as text, unescaped ("-" if empty).
 
-    Whoever logs or keeps it escapes it (:func:`dicomnode.logtext.shown`), once.
+    Whoever logs or keeps it escapes it (:func:`dicomnode.logs.shown`), once.
     """
     return raw.decode("latin-1").strip(" ") or "-"
 

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Destination
 from dicomnode.db import commitment
 from dicomnode.errors import PermanentJobError, TransientJobError
-from dicomnode.logtext import shown
+from dicomnode.logs import shown
 from dicomnode.net import status
 from dicomnode.net.receipts import Receipts
 from dicomnode.net.scu import associate

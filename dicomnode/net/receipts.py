@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import audit
 from dicomnode.db.engine import transaction
-from dicomnode.logtext import shown
+from dicomnode.logs import shown
 from dicomnode.store.ingest import StoreOutcome
 
 log = logging.getLogger(__name__)

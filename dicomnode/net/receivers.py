@@ -22,9 +22,9 @@ from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.cli.logs import setup_logging
 from dicomnode.config import Settings
 from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.logs import setup_logging
 from dicomnode.net.scp import Listener
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool

@@ -36,7 +36,7 @@ from pynetdicom.transport import AssociationServer, RequestHandler
 from dicomnode import metrics
 from dicomnode.config import Destination, ListenerSettings
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
-from dicomnode.logtext import shown
+from dicomnode.logs import shown
 from dicomnode.net import admission, chunked, compat, reactor, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES

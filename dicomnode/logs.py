@@ -1,10 +1,19 @@
-"""Log set-up for the command line: one line per event, UIDs and ids only.
+"""Logging: one line per event, UIDs and ids only, whoever supplied the text.
 
 Two formats (``logging.format``): ``text``, one line per event whose message carries
 ``key=value`` fields, and ``json``, one JSON object per line with the time, level,
 logger and message and, where the code passes them as ``extra`` (job outcomes do:
 ``job_id``, ``model``, ``outcome``, ``attempt``, ``seconds``, ``stages``), the same
 fields as JSON values, so that a log collector can chart durations without parsing.
+
+AE titles, addresses and error messages can come from any device on the network. A
+newline or a carriage return in one would end our log line and start a forged one
+("... INFO dicomnode: stored ..."), and terminal escape sequences could rewrite what
+an admin sees in ``journalctl``. Everything that is not printable is shown as a
+Python escape instead, so a log line is always exactly one line and says what was
+received: :func:`printable` for whole log lines (the text formatter applies it to
+every message), :func:`shown` for a peer's string quoted inside a message or an
+audit entry.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -19,7 +29,61 @@ from typing import Any
 
 import pydicom
 
-from dicomnode.logtext import printable
+# C0 and C1 controls and the Unicode line and paragraph separators; a backslash
+# stays as it is (log readers see "\n" typed by a peer and a real newline escaped
+# the same way, but only the real one could have started a forged line).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
+
+
+def printable(text: object) -> str:
+    r"""Return ``text`` with control characters escaped.
+
+    Parameters
+    ----------
+    text : object
+        Anything; it is converted with ``str`` first.
+
+    Returns
+    -------
+    str
+        One line: ``CT\nFORGED`` for a title that held a newline.
+
+    Examples
+    --------
+    >>> printable("CT01\n2026-01-01 INFO forged")
+    'CT01\\n2026-01-01 INFO forged'
+    """
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def shown(text: object) -> str:
+    r"""Return a peer-supplied string as it may appear in a log line or an audit entry.
+
+    Repr-style and ASCII only: a control character (a newline that would forge a log
+    line, an escape sequence for the terminal) arrives as ``\n`` or ``\x1b``, and
+    the quotes show where the peer's string begins and ends.
+
+    Parameters
+    ----------
+    text : object
+        An AE title or another string a peer sent.
+
+    Returns
+    -------
+    str
+        The quoted, escaped form.
+
+    Examples
+    --------
+    >>> shown("CT01\n")
+    "'CT01\\n'"
+    """
+    return ascii(str(text))
+
 
 # UTC, like every time the CLI prints and the database stores: one clock to compare.
 FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
@@ -33,7 +97,7 @@ class TextFormatter(logging.Formatter):
     """One line per event in UTC, with a journald priority prefix under systemd.
 
     A message is always one line: control characters in it are escaped (see
-    :func:`dicomnode.logtext.printable`), whoever supplied them. AE titles and
+    :func:`dicomnode.logs.printable`), whoever supplied them. AE titles and
     other strings from the network reach messages in many places, pynetdicom's own
     among them, and a newline in one would otherwise start a line of the peer's
     choosing. A traceback below a message is indented, so that no line of it can

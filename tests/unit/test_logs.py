@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.cli.logs import setup_logging
 from dicomnode.errors import InvalidUID
+from dicomnode.logs import setup_logging
 from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
