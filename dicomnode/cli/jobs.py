@@ -7,25 +7,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.cli.arguments import closed_set
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit, commitment, jobs, migrate
-from dicomnode.db.engine import make_engine, session_factory, transaction
+from dicomnode.db import audit, jobs, migrate
+from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import (
     Delivery,
     Job,
-    JobEvent,
     JobState,
-    Output,
-    Series,
-    Study,
     utcnow,
 )
 from dicomnode.queue.wakeup import Announcer
+from dicomnode.store import retention
 from dicomnode.store.spool import Spool
 
 STAGES = (
@@ -207,26 +203,18 @@ def list_jobs(session: Session, args: argparse.Namespace) -> int:
     int
         Exit code.
     """
-    query = select(Job).order_by(Job.id.desc()).limit(args.limit)
-    if args.state:
-        query = query.where(Job.state == JobState(args.state))
-    if getattr(args, "route", None):
-        query = query.where(Job.route == args.route)
-    if getattr(args, "model", None):
-        query = query.where(Job.model == args.model)
-    if getattr(args, "since", None) is not None:
-        query = query.where(Job.created_at >= args.since)
-    study, accession = getattr(args, "study", None), getattr(args, "accession", None)
-    if study or accession:
-        query = query.join(Series, Job.series_id == Series.id).join(
-            Study, Series.study_id == Study.id
-        )
-        if study:
-            query = query.where(Study.study_uid == study)
-        if accession:
-            query = query.where(Study.accession_number == accession)
+    found = jobs.find(
+        session,
+        limit=args.limit,
+        state=JobState(args.state) if args.state else None,
+        route=getattr(args, "route", None),
+        model=getattr(args, "model", None),
+        since=getattr(args, "since", None),
+        study_uid=getattr(args, "study", None),
+        accession=getattr(args, "accession", None),
+    )
     phi = bool(getattr(args, "show_phi", False))
-    records = [job_record(j, detail=False, show_phi=phi) for j in session.scalars(query)]
+    records = [job_record(j, detail=False, show_phi=phi) for j in found]
     if args.json:
         print_json(records)
         return 0
@@ -384,43 +372,12 @@ def cancel_jobs(settings: Settings, args: argparse.Namespace) -> int:
     return _act(settings, args, jobs.cancel, "cancelled")
 
 
-# Enough ids per statement to stay far below SQLite's and PostgreSQL's parameter limits.
-_CHUNK = 500
-
-
-def _result_files(session: Session, job_ids: list[int]) -> list[str]:
-    """Return the result files of these jobs that no other job's output names."""
-    paths: set[str] = set()
-    for start in range(0, len(job_ids), _CHUNK):
-        chunk = job_ids[start : start + _CHUNK]
-        paths.update(session.scalars(select(Output.path).where(Output.job_id.in_(chunk))))
-    if not paths:
-        return []
-    # A re-run of identical input makes identical objects, at the same path.
-    purged, shared = set(job_ids), set[str]()
-    ordered = sorted(paths)
-    for start in range(0, len(ordered), _CHUNK):
-        rows = session.execute(
-            select(Output.path, Output.job_id).where(
-                Output.path.in_(ordered[start : start + _CHUNK])
-            )
-        )
-        shared.update(path for path, job_id in rows if job_id not in purged)
-    return sorted(paths - shared)
-
-
 def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
     """Delete the rows of ended jobs older than an age (``dicomnode jobs purge``).
 
-    A job's age is counted from when it ended (``finished_at``; ``updated_at`` for a
-    row without one). Its history, output and delivery rows go with it, in one
-    transaction, then the result files only they named (our copies of what was sent;
-    nothing could refer to them any more). Received instances stay: retention deletes
-    those, by its own rules.
-
-    A job with a delivery whose storage commitment is still awaited is kept, in any
-    state: its delivery row is what keeps retention off its source series, and its
-    results are what a commitment failure re-sends. The summary says how many were
+    A job's age is counted from when it ended; its rows and the result files only it
+    named go, jobs still awaiting a storage commitment stay (see
+    :func:`dicomnode.store.retention.purge_jobs`). The summary says how many were
     kept so.
 
     Parameters
@@ -437,54 +394,21 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0.
     """
     cutoff = utcnow() - args.older_than
-    ended = func.coalesce(Job.finished_at, Job.updated_at)
-    aged = select(Job).where(Job.state == JobState(args.state), ended < cutoff)
-    # Whatever the state: a failed or cancelled job may have sent to one destination
-    # before it ended, and that PACS may still report a failure that needs a re-send.
-    waiting = select(Delivery.id).where(Delivery.job_id == Job.id, commitment.awaiting())
-    query = aged.where(~waiting.exists()).order_by(Job.id)
-    kept_query = select(func.count()).select_from(aged.where(waiting.exists()).subquery())
     engine = make_engine(settings.database.url)
-    files: list[str] = []
     try:
         migrate.require_current(engine)
-        sessions = session_factory(engine)
-        if args.dry_run:
-            with sessions() as session:
-                doomed = [job_record(j, detail=False) for j in session.scalars(query)]
-                files = _result_files(session, [r["id"] for r in doomed])
-                kept = int(session.scalar(kept_query) or 0)
-        else:
-            with transaction(sessions) as session:
-                # Locked, so that a job retried meanwhile (no longer ended) is not deleted;
-                # skip_locked leaves a job an admin is acting on for the next purge.
-                picked = session.scalars(query.with_for_update(skip_locked=True)).all()
-                kept = int(session.scalar(kept_query) or 0)
-                doomed = [job_record(j, detail=False) for j in picked]
-                ids = [r["id"] for r in doomed]
-                files = _result_files(session, ids)
-                for start in range(0, len(ids), _CHUNK):
-                    chunk = ids[start : start + _CHUNK]
-                    for child in (JobEvent, Output, Delivery):
-                        session.execute(delete(child).where(child.job_id.in_(chunk)))
-                    session.execute(delete(Job).where(Job.id.in_(chunk)))
-                if ids:
-                    audit.record(
-                        session,
-                        "admin",
-                        actor=audit.admin_actor(),
-                        count=len(ids),
-                        detail=f"jobs purge --state {args.state} older than "
-                        f"{format_time(cutoff)} UTC: job ids {ids[0]}..{ids[-1]}, "
-                        f"{len(files)} result file(s)"
-                        + (f"; {kept} kept, storage commitment awaited" if kept else ""),
-                    )
-            # After the commit: a rollback must not have lost a file a row still names.
-            spool = Spool(settings.storage.path)
-            for path in files:
-                spool.remove(path)
+        result = retention.purge_jobs(
+            session_factory(engine),
+            Spool(settings.storage.path),
+            JobState(args.state),
+            cutoff,
+            dry_run=args.dry_run,
+            actor=audit.admin_actor(),
+        )
     finally:
         engine.dispose()
+    doomed = [job_record(j, detail=False) for j in result.jobs]
+    files, kept = result.files, result.kept
     if args.json:
         print_json(
             {

@@ -17,14 +17,13 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomnode.cli.jobs import show_job
 from dicomnode.config import Settings
-from dicomnode.db import migrate
+from dicomnode.db import jobs, migrate, studies
 from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Instance, Job, Output
+from dicomnode.db.models import Job, Output
 from dicomnode.errors import DicomnodeError
 from dicomnode.inference.volume import Volume, load_series
 from dicomnode.outputs.findings import PALETTE
@@ -91,11 +90,7 @@ def seg_output(session: Session, job: Job) -> Output:
     PreviewError
         If the job has none (not run yet, or nothing was segmented).
     """
-    row = session.scalars(
-        select(Output)
-        .where(Output.job_id == job.id, Output.kind == "seg")
-        .order_by(Output.id.desc())
-    ).first()
+    row = jobs.latest_output(session, job.id, "seg")
     if row is None:
         raise PreviewError(
             f"job {job.id} has no SEG output yet (state {job.state.value}); nothing to preview"
@@ -209,12 +204,7 @@ def render_preview(
     PreviewError
         If the SEG or the source images are gone from the spool.
     """
-    paths = [
-        spool.absolute(p)
-        for p in session.scalars(
-            select(Instance.path).where(Instance.series_id == job.series_id)
-        ).all()
-    ]
+    paths = [spool.absolute(p) for p in studies.instance_paths(session, job.series_id)]
     seg_path = spool.absolute(output.path)
     missing = [p for p in [seg_path, *paths] if not p.is_file()]
     if missing or not paths:

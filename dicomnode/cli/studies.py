@@ -11,34 +11,23 @@ only with ``--show-phi``: without it no command here writes patient data.
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.database import with_session
 from dicomnode.cli.jobs import job_record
 from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
-from dicomnode.db import audit
+from dicomnode.db import audit, studies
 from dicomnode.db.models import (
-    Delivery,
-    DeliveryState,
-    Instance,
-    Job,
-    JobState,
-    Series,
     SeriesState,
     Study,
 )
+from dicomnode.db.studies import DELIVERY_STATE_ORDER, JOB_STATE_ORDER
 
 # receiving: a series still receives; purged: retention deleted every series' images.
 STUDY_STATES = ("receiving", "complete", "purged")
-JOB_STATE_ORDER = tuple(s.value for s in JobState)
-DELIVERY_STATE_ORDER = tuple(
-    s.value for s in (DeliveryState.SENT, DeliveryState.PENDING, DeliveryState.FAILED)
-)
 LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST RECEIVED",
                 "JOBS", "DELIVERIES")  # fmt: skip
 SERIES_HEADERS = ("SERIES", "MODALITY", "STATE", "GEN", "INSTANCES", "BYTES", "FIRST RECEIVED",
@@ -69,127 +58,6 @@ def format_counts(counts: dict[str, int], order: tuple[str, ...]) -> str:
         s for s in counts if s not in order and counts[s]
     )
     return ", ".join(f"{counts[s]} {s}" for s in names) or "-"
-
-
-def _state_expression(
-    series: ColumnElement[int], receiving: ColumnElement[int], purged: ColumnElement[int]
-) -> ColumnElement[str]:
-    return case(
-        (receiving > 0, "receiving"),
-        (and_(series > 0, purged == series), "purged"),
-        else_="complete",
-    )
-
-
-def study_summaries(
-    session: Session,
-    *,
-    since: datetime | None = None,
-    accession: str | None = None,
-    patient_id: str | None = None,
-    state: str | None = None,
-    limit: int | None = None,
-    show_phi: bool = False,
-) -> list[dict[str, Any]]:
-    """Return studies newest first (by their latest received instance), summarised.
-
-    Three queries whatever the number of studies: the studies with their series
-    aggregated, then their jobs and their deliveries counted per state.
-
-    Parameters
-    ----------
-    session : Session
-        Database session.
-    since : datetime, optional
-        Only studies that received an instance at or after this moment.
-    accession, patient_id : str, optional
-        Only studies with this accession number or patient ID.
-    state : str, optional
-        ``receiving``, ``complete`` or ``purged`` (see :func:`study_state`).
-    limit : int, optional
-        At most this many.
-    show_phi : bool
-        Include ``patient_id`` and ``accession_number``.
-
-    Returns
-    -------
-    list[dict[str, Any]]
-        One record per study: ``study_uid``, ``state``, ``series``, ``instances``,
-        ``first_received_at``, ``last_received_at``, ``jobs`` and ``deliveries``
-        (counts per state).
-    """
-    series_n = func.count(Series.id)
-    receiving_n = func.coalesce(
-        func.sum(case((Series.state == SeriesState.RECEIVING, 1), else_=0)), 0
-    )
-    purged_n = func.coalesce(func.sum(case((Series.purged_at.is_not(None), 1), else_=0)), 0)
-    first = func.min(Series.first_received_at)
-    last = func.max(Series.last_received_at)
-    state_expr = _state_expression(series_n, receiving_n, purged_n)
-    query = (
-        select(
-            Study.id,
-            Study.study_uid,
-            Study.patient_id,
-            Study.accession_number,
-            series_n.label("series"),
-            func.coalesce(func.sum(Series.instance_count), 0).label("instances"),
-            first.label("first_received_at"),
-            last.label("last_received_at"),
-            state_expr.label("state"),
-        )
-        .select_from(Study)
-        .outerjoin(Series, Series.study_id == Study.id)
-        .group_by(Study.id, Study.study_uid, Study.patient_id, Study.accession_number)
-        .order_by(func.coalesce(last, Study.created_at).desc(), Study.id.desc())
-    )
-    if accession is not None:
-        query = query.where(Study.accession_number == accession)
-    if patient_id is not None:
-        query = query.where(Study.patient_id == patient_id)
-    if since is not None:
-        query = query.having(last >= since)
-    if state is not None:
-        query = query.having(state_expr == state)
-    if limit is not None:
-        query = query.limit(limit)
-    rows = session.execute(query).all()
-    ids = [row.id for row in rows]
-    jobs: dict[int, dict[str, int]] = {i: {} for i in ids}
-    deliveries: dict[int, dict[str, int]] = {i: {} for i in ids}
-    if ids:
-        for study_id, job_state, n in session.execute(
-            select(Series.study_id, Job.state, func.count(Job.id))
-            .join(Series, Job.series_id == Series.id)
-            .where(Series.study_id.in_(ids))
-            .group_by(Series.study_id, Job.state)
-        ):
-            jobs[study_id][JobState(job_state).value] = int(n)
-        for study_id, delivery_state, n in session.execute(
-            select(Series.study_id, Delivery.state, func.count(Delivery.id))
-            .join(Job, Delivery.job_id == Job.id)
-            .join(Series, Job.series_id == Series.id)
-            .where(Series.study_id.in_(ids))
-            .group_by(Series.study_id, Delivery.state)
-        ):
-            deliveries[study_id][DeliveryState(delivery_state).value] = int(n)
-    records = []
-    for row in rows:
-        record: dict[str, Any] = {"study_uid": row.study_uid}
-        if show_phi:
-            record["patient_id"] = row.patient_id
-            record["accession_number"] = row.accession_number
-        record.update(
-            state=row.state,
-            series=int(row.series),
-            instances=int(row.instances),
-            first_received_at=row.first_received_at,
-            last_received_at=row.last_received_at,
-            jobs={s: jobs[row.id][s] for s in JOB_STATE_ORDER if s in jobs[row.id]},
-            deliveries={s: deliveries[row.id].get(s, 0) for s in DELIVERY_STATE_ORDER},
-        )
-        records.append(record)
-    return records
 
 
 def _print_summaries(records: list[dict[str, Any]], show_phi: bool) -> None:
@@ -229,7 +97,7 @@ def list_studies(session: Session, args: argparse.Namespace) -> int:
     int
         Exit code 0.
     """
-    records = study_summaries(
+    records = studies.study_summaries(
         session,
         since=args.since,
         accession=args.accession,
@@ -250,19 +118,17 @@ def list_studies(session: Session, args: argparse.Namespace) -> int:
 
 def _find_study(session: Session, args: argparse.Namespace) -> Study:
     if args.study is not None:
-        study = session.scalars(select(Study).where(Study.study_uid == args.study)).first()
+        study = studies.by_uid(session, args.study)
         if study is None:
             raise LookupError(f"no study {args.study}")
         return study
-    matches = session.scalars(
-        select(Study).where(Study.accession_number == args.accession).order_by(Study.id)
-    ).all()
+    matches = studies.by_accession(session, args.accession)
     if not matches:
         # The number itself is patient data: not repeated without --show-phi.
         shown = f" {args.accession}" if args.show_phi else ""
         raise LookupError(f"no study with accession number{shown}")
     if len(matches) > 1:
-        records = study_summaries(session, accession=args.accession, show_phi=args.show_phi)
+        records = studies.study_summaries(session, accession=args.accession, show_phi=args.show_phi)
         if args.json:
             print_json({"matches": records})
         else:
@@ -293,39 +159,8 @@ def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, 
         ``dicomnode jobs show --json`` has them, outputs, deliveries and history
         included) and ``timeline`` (the study's audit entries, oldest first).
     """
-    series_rows = session.scalars(
-        select(Series).where(Series.study_id == study.id).order_by(Series.id)
-    ).all()
-    series_ids = [s.id for s in series_rows]
-    stored: dict[int, tuple[int, int]] = {}
-    senders: dict[str, set[str]] = {s.series_uid: set() for s in series_rows}
-    jobs: list[Job] = []
-    if series_ids:
-        for series_id, n, size in session.execute(
-            select(Instance.series_id, func.count(Instance.id), func.sum(Instance.size_bytes))
-            .where(Instance.series_id.in_(series_ids))
-            .group_by(Instance.series_id)
-        ):
-            stored[series_id] = (int(n), int(size or 0))
-        uids = {s.id: s.series_uid for s in series_rows}
-        for series_id, calling_ae in session.execute(
-            select(Instance.series_id, Instance.calling_ae)
-            .where(Instance.series_id.in_(series_ids), Instance.calling_ae.is_not(None))
-            .distinct()
-        ):
-            senders[uids[series_id]].add(str(calling_ae))
-        jobs = list(
-            session.scalars(
-                select(Job)
-                .where(Job.series_id.in_(series_ids))
-                .options(
-                    selectinload(Job.outputs),
-                    selectinload(Job.deliveries),
-                    selectinload(Job.events),
-                )
-                .order_by(Job.id)
-            )
-        )
+    rows = studies.study_rows(session, study)
+    series_rows, stored, senders = rows.series, rows.stored, rows.senders
     receiving = sum(1 for s in series_rows if s.state == SeriesState.RECEIVING)
     purged = sum(1 for s in series_rows if s.purged_at is not None)
     if receiving:
@@ -362,7 +197,7 @@ def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, 
         first_received_at=min((s.first_received_at for s in series_rows), default=None),
         last_received_at=max((s.last_received_at for s in series_rows), default=None),
         series=series_records,
-        jobs=[job_record(j, detail=True) for j in jobs],
+        jobs=[job_record(j, detail=True) for j in rows.jobs],
     )
     timeline = list(audit.entries(session, study_uid=study.study_uid))
     for entry in timeline:

@@ -35,6 +35,7 @@ from dicomnode.db.models import (
     JobState,
     Output,
     Series,
+    Study,
 )
 
 log = logging.getLogger(__name__)
@@ -939,3 +940,78 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
         )
         audit.record(session, "admin", actor=who, job_id=job_id, detail=f"jobs cancel {job_id}")
         return job
+
+
+def find(
+    session: Session,
+    *,
+    limit: int,
+    state: JobState | None = None,
+    route: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    study_uid: str | None = None,
+    accession: str | None = None,
+) -> list[Job]:
+    """Return jobs, newest first, filtered by whichever criteria are given.
+
+    Parameters
+    ----------
+    session : Session
+        The session.
+    limit : int
+        At most this many.
+    state, route, model : optional
+        Jobs in this state, of this route, running this model.
+    since : datetime, optional
+        Jobs created then or later.
+    study_uid, accession : str, optional
+        Jobs on a series of the study with this Study Instance UID or accession number.
+
+    Returns
+    -------
+    list[Job]
+        The jobs.
+    """
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if route:
+        query = query.where(Job.route == route)
+    if model:
+        query = query.where(Job.model == model)
+    if since is not None:
+        query = query.where(Job.created_at >= since)
+    if study_uid or accession:
+        query = query.join(Series, Job.series_id == Series.id).join(
+            Study, Series.study_id == Study.id
+        )
+        if study_uid:
+            query = query.where(Study.study_uid == study_uid)
+        if accession:
+            query = query.where(Study.accession_number == accession)
+    return list(session.scalars(query))
+
+
+def latest_output(session: Session, job_id: int, kind: str) -> Output | None:
+    """Return a job's newest output of one kind (``seg``, ``sr``, ``sc``), if any.
+
+    Parameters
+    ----------
+    session : Session
+        The session.
+    job_id : int
+        The job.
+    kind : str
+        The output kind.
+
+    Returns
+    -------
+    Output or None
+        The row.
+    """
+    return session.scalars(
+        select(Output)
+        .where(Output.job_id == job_id, Output.kind == kind)
+        .order_by(Output.id.desc())
+    ).first()

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import RetentionSettings, StorageSettings
-from dicomnode.db import audit, commitment
+from dicomnode.db import audit, commitment, purge
 from dicomnode.db.engine import read_only, transaction
 from dicomnode.db.models import (
     Delivery,
@@ -438,3 +438,76 @@ def run(
                 free // 2**20,
             )
     return report
+
+
+@dataclass(frozen=True)
+class JobPurge:
+    """What ``dicomnode jobs purge`` deleted (or would delete, in a dry run)."""
+
+    jobs: list[Job]  # with their series and study loaded, for describing them
+    files: list[str]  # result files only these jobs named, spool-relative
+    kept: int  # aged jobs kept because a storage commitment is still awaited
+
+
+def purge_jobs(
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    state: JobState,
+    cutoff: datetime,
+    *,
+    dry_run: bool,
+    actor: str,
+) -> JobPurge:
+    """Delete the rows of ended jobs that ended before ``cutoff``, and their result files.
+
+    A job's history, output and delivery rows go with it, in one transaction with an
+    audit entry, then the result files only they named (our copies of what was sent;
+    nothing could refer to them any more). Received instances stay: retention deletes
+    those, by its own rules. Jobs still awaiting a storage commitment are kept (see
+    :func:`dicomnode.db.purge.select_ended`).
+
+    Parameters
+    ----------
+    sessions : sessionmaker[Session]
+        Database sessions.
+    spool : Spool
+        Where the result files are.
+    state : JobState
+        done, failed or cancelled.
+    cutoff : datetime
+        Jobs that ended before it.
+    dry_run : bool
+        Only say what would go.
+    actor : str
+        Who purges, for the audit entry.
+
+    Returns
+    -------
+    JobPurge
+        The jobs, the files and how many were kept.
+    """
+    if dry_run:
+        with read_only(sessions)() as session:
+            picked = purge.select_ended(session, state, cutoff, lock=False)
+            files = purge.result_files(session, [j.id for j in picked.jobs])
+        return JobPurge(picked.jobs, files, picked.kept)
+    with transaction(sessions) as session:
+        picked = purge.select_ended(session, state, cutoff, lock=True)
+        ids = [j.id for j in picked.jobs]
+        files = purge.result_files(session, ids)
+        purge.delete_jobs(session, ids)
+        if ids:
+            audit.record(
+                session,
+                "admin",
+                actor=actor,
+                count=len(ids),
+                detail=f"jobs purge --state {state.value} older than "
+                f"{cutoff:%Y-%m-%d %H:%M:%S} UTC: job ids {ids[0]}..{ids[-1]}, "
+                f"{len(files)} result file(s)"
+                + (f"; {picked.kept} kept, storage commitment awaited" if picked.kept else ""),
+            )
+    # After the commit: a rollback must not have lost a file a row still names.
+    for path in files:
+        spool.remove(path)
+    return JobPurge(picked.jobs, files, picked.kept)

@@ -23,12 +23,12 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.cli.main import main
-from dicomnode.cli.studies import study_summaries
 from dicomnode.config import ListenerSettings, RetentionSettings, parse_settings
 from dicomnode.db import jobs as queue
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, transaction
 from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Output, Series, utcnow
+from dicomnode.db.studies import study_summaries
 from dicomnode.net.scp import Listener
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import sweep
