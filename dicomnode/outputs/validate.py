@@ -116,13 +116,17 @@ def dciodvfy_errors(path: Path) -> list[str]:
 # Anything quoted may be patient data, digits included (a birth date, a numeric
 # patient ID), so every quote is removed except two kinds that never are: the
 # attribute's path (``</PatientID(0010,0020)[1]>``) and a length dciodvfy counted
-# (``Length invalid for this VR = <17>``). A value may itself hold ``>``, so an
-# angle-bracket quote ends only at a ``>`` followed by a space, a comma or the end.
-_ANGLE = re.compile(r"<(.*?)>(?=[\s,]|$)")
+# (``Length invalid for this VR = <17>``). A value may itself hold ``>``, even
+# ``> - `` (seen: ``= <Smith> Jo> - ...``), and nothing tells its end from a ``>``
+# inside it; so a value's quote runs to the *last* ``>`` of the line that ends a
+# quote (before `` - `` or the end), stopping only at the length dciodvfy counted
+# for that value. That may hide a second quote's text too: more hidden, not less.
+_ATTRIBUTE_PATH = re.compile(r"<((?:/[A-Za-z0-9]*\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)(?:\[\d+\])?)+)>")
+_QUOTE_END = re.compile(r">(?= - |\s*$)")
 _OTHER_QUOTES = re.compile(r"'[^']*'|\"[^\"]*\"|\(0x[0-9A-Fa-f]+\)")
-_ATTRIBUTE_PATH = re.compile(r"(?:/[A-Za-z0-9]*\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)(?:\[\d+\])?)+")
 _LENGTH_BEFORE = re.compile(r"(?:[Ll]ength invalid for this VR = |[Ll]ength is )$")
 _OTHER_REDACTED = {"'": "'...'", '"': '"..."', "(": "(0x..)"}
+_COUNTED_NEXT = "> - Length invalid for this VR = <"
 
 
 def redact(line: str) -> str:
@@ -139,17 +143,29 @@ def redact(line: str) -> str:
         The message with each quoted value replaced: ``<...>``, ``'...'``,
         ``"..."`` or ``(0x..)``; attribute paths and counted lengths are kept.
     """
-
-    def angle(match: re.Match[str]) -> str:
-        value = match.group(1)
-        if _ATTRIBUTE_PATH.fullmatch(value):
-            return match.group(0)
-        if value.isdigit() and _LENGTH_BEFORE.search(line, 0, match.start()):
-            return match.group(0)
-        return "<...>"
-
-    line = _ANGLE.sub(angle, line)
-    return _OTHER_QUOTES.sub(lambda m: _OTHER_REDACTED[m.group(0)[0]], line)
+    out, at = [], 0
+    while (start := line.find("<", at)) >= 0:
+        out.append(line[at:start])
+        path = _ATTRIBUTE_PATH.match(line, start)
+        if path is not None:
+            out.append(path.group(0))
+            at = path.end()
+            continue
+        # The last quote end, but not past dciodvfy's own counted length that
+        # follows a value it measured (``= <1987011> - Length invalid ... = <7>``).
+        counted_at = line.find(_COUNTED_NEXT, start)
+        ends = [
+            m.start()
+            for m in _QUOTE_END.finditer(line, start + 1)
+            if counted_at < 0 or m.start() <= counted_at
+        ]
+        end = ends[-1] if ends else len(line)
+        value = line[start + 1 : end]
+        counted = value.isdigit() and _LENGTH_BEFORE.search(line, 0, start)
+        out.append(f"<{value}>" if counted else "<...>")
+        at = end + 1
+    out.append(line[at:])
+    return _OTHER_QUOTES.sub(lambda m: _OTHER_REDACTED[m.group(0)[0]], "".join(out))
 
 
 def validate_file(path: Path, mode: str) -> bool:

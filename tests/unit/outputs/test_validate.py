@@ -96,6 +96,8 @@ def test_no_quoted_value_survives_in_any_dciodvfy_message(good: Path) -> None:
         "PatientBirthDate": "1987011",
         "PatientAge": "45Y",
         "StudyID": "12345678901234567",
+        "ReferringPhysicianName": "Smith> Jo\x01",  # '> ' inside the value
+        "StudyDescription": "a> - b\x01",  # even '> - ' inside it
     }
     lines = dciodvfy_errors(_with(good, **values))
     quoted = [line for line in lines if any(v in line for v in values.values())]
@@ -103,7 +105,7 @@ def test_no_quoted_value_survives_in_any_dciodvfy_message(good: Path) -> None:
     redacted = "\n".join(redact(line) for line in lines)
     for value in values.values():
         assert value not in redacted
-    for char in ("'9'", "(0x39)", "'6'", "(0x36)", "Brien", "x^^"):
+    for char in ("'9'", "(0x39)", "'6'", "(0x36)", "Brien", "x^^", " Jo", " b>"):
         assert char not in redacted
     for keyword in values:
         assert f"/{keyword}(" in redacted  # which attribute is wrong is still said
