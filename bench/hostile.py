@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -74,6 +75,12 @@ def echoes(port: int, count: int) -> float:
     return statistics.median(times)
 
 
+def _ratio(value: float, reference: float) -> str:
+    """Format value / reference; n/a where either is missing (0 or not admitted)."""
+    finite = math.isfinite(value) and math.isfinite(reference)
+    return f"{value / reference:.2f}" if finite and reference and value else "n/a"
+
+
 def _ms(seconds: float) -> str:
     return "not admitted" if seconds == float("inf") else f"{seconds * 1000:.1f} ms"
 
@@ -118,10 +125,12 @@ def crowd_and_ingest(args: argparse.Namespace, work: Path, url: str) -> None:
     stored = rows(url)
     print(f"real client admission, median of {args.echoes}:")
     print(f"  alone             {_ms(admit_calm):>12}")
-    print(f"  with 80 hanging   {_ms(admit_storm):>12}   ratio {admit_storm / admit_calm:.2f}")
+    print(f"  with 80 hanging   {_ms(admit_storm):>12}   ratio {_ratio(admit_storm, admit_calm)}")
     print(f"{args.slices} x {args.size}x{args.size} CT on one association (dcmtk storescu):")
     print(f"  alone             {rate_calm:8.0f} instances/s")
-    print(f"  with 80 hanging   {rate_storm:8.0f} instances/s   ratio {rate_storm / rate_calm:.2f}")
+    print(
+        f"  with 80 hanging   {rate_storm:8.0f} instances/s   ratio {_ratio(rate_storm, rate_calm)}"
+    )
     print(f"  node while 80 hang: {fds} descriptors, {threads} threads")
     print(f"  rows stored: {stored} of {len(calm) + len(stormy)} sent")
 

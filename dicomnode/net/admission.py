@@ -50,11 +50,11 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 log = logging.getLogger(__name__)
 
 _ASSOCIATE_RQ = 0x01
-_HEADER = 6  # PDU type, reserved, 4-byte length
+PDU_HEADER = 6  # PDU type, reserved, 4-byte length
 # Called and Calling AE Title: bytes 11-26 and 27-42 of an A-ASSOCIATE-RQ (PS3.8 9.3.2).
 _CALLED = slice(10, 26)
 _CALLING = slice(26, 42)
-_MIN_REQUEST = 68  # header, protocol version, titles and reserved field: nothing less is one
+_MIN_REQUEST = 74  # header, protocol version, titles and reserved field: nothing less is one
 _ACCEPTS_PER_TICK = 64  # then the waiting connections get a turn
 _DROP_REPORT_SECONDS = 60.0
 # A rejection is sent this long after the request arrived. pynetdicom as a client
@@ -187,7 +187,7 @@ class _Waiting:
     deadline: float
     handshaking: bool
     buffer: bytearray = field(default_factory=bytearray)
-    needed: int = _HEADER
+    needed: int = PDU_HEADER
     writing: bool = False  # registered for EVENT_WRITE (TLS wants to send)
 
     @property
@@ -244,7 +244,7 @@ class Gate:
     refused : callable
         Called with ``(calling_ae, called_ae, host, reason)`` for every rejection
         answered here, so the listener can log, count and audit it; a title that is
-        not one comes escaped, and one never read is ``"-"``.
+        not one comes as sent (whoever shows it escapes it), one never read as ``"-"``.
     ssl_context : ssl.SSLContext, optional
         The server's TLS context; connections then speak TLS only.
     address_allowed : callable, optional
@@ -331,6 +331,8 @@ class Gate:
             timeout = max(0.0, min(timeout, oldest.deadline - now))
         if self._rejecting:
             timeout = max(0.0, min(timeout, self._rejecting[0][0] - now))
+        if self._accept_paused_until:
+            timeout = max(0.0, min(timeout, self._accept_paused_until - now))
         for key, _mask in self._selector.select(timeout):
             if key.fileobj is self.listening:
                 self._accept()
@@ -450,7 +452,7 @@ class Gate:
             waiting.buffer += chunk
             if len(waiting.buffer) < waiting.needed:
                 continue  # with TLS, more may be decrypted already; select would not say
-            if waiting.needed == _HEADER and not self._header_ok(waiting):
+            if waiting.needed == PDU_HEADER and not self._header_ok(waiting):
                 return
             if len(waiting.buffer) == waiting.needed:
                 self._complete(waiting)
@@ -461,10 +463,10 @@ class Gate:
         if kind != _ASSOCIATE_RQ:
             self._drop(waiting, "not_a_request", encode_abort(0x02, 0x02))
             return False
-        if length > self.limits.max_request_bytes or _HEADER + length < _MIN_REQUEST:
+        if length > self.limits.max_request_bytes or PDU_HEADER + length < _MIN_REQUEST:
             self._drop(waiting, "oversized_request", encode_abort(0x02, 0x06))
             return False
-        waiting.needed = _HEADER + length
+        waiting.needed = PDU_HEADER + length
         return True
 
     def _complete(self, waiting: _Waiting) -> None:

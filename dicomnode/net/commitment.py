@@ -17,7 +17,6 @@ else is refused, and audited as ``commitment-report-refused``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -38,6 +37,7 @@ from dicomnode.db import commitment
 from dicomnode.errors import PermanentJobError, TransientJobError
 from dicomnode.logs import shown
 from dicomnode.net import status
+from dicomnode.net.peers import IPAddress, ip_address
 from dicomnode.net.receipts import Receipts
 from dicomnode.net.scu import associate
 from dicomnode.store.uids import is_safe_uid
@@ -59,10 +59,10 @@ SOME_FAILED = 2
 REFUSED_SENDER = status.PROCESSING_FAILURE
 REFUSED_SENDER_COMMENT = "refused: not from the destination asked to commit"
 # How long a destination host's resolved addresses are reused: a PACS answers once per
-# delivery, and a peer that floods reports must not cost a DNS lookup each.
+# delivery, and a peer that floods reports must not cost a DNS lookup each. A name
+# that did not resolve is tried again sooner (DNS may have been down a moment).
 RESOLVE_TTL_SECONDS = 60.0
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+UNRESOLVED_TTL_SECONDS = 10.0
 
 
 def references(paths: Iterable[Path]) -> list[tuple[str, str]]:
@@ -202,31 +202,6 @@ def _uids(items: Any, keyword: str) -> list[str]:
     return [str(item.get(keyword, "")) for item in items or []]
 
 
-def ip_address(text: str) -> IPAddress | None:
-    """Parse an address as the peer's socket gives it, for comparison.
-
-    An IPv4 peer of a listener bound to ``::`` arrives as ``::ffff:a.b.c.d``, and a
-    link-local IPv6 one may carry a ``%scope``: both compare as the plain address.
-
-    Parameters
-    ----------
-    text : str
-        An IPv4 or IPv6 address.
-
-    Returns
-    -------
-    IPv4Address or IPv6Address or None
-        None when it is not an address (a host name).
-    """
-    try:
-        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def resolve(host: str) -> frozenset[IPAddress]:
     """Return every address ``host`` resolves to (itself, for an address).
 
@@ -325,9 +300,9 @@ class ReportHandler:
         if cached is not None and cached[0] > now:
             return cached[1]
         addresses = self._resolver(host)
-        if addresses:  # a failed lookup is tried again with the next report
-            with self._lock:
-                self._resolved[host] = (now + RESOLVE_TTL_SECONDS, addresses)
+        ttl = RESOLVE_TTL_SECONDS if addresses else UNRESOLVED_TTL_SECONDS
+        with self._lock:
+            self._resolved[host] = (now + ttl, addresses)
         return addresses
 
     def senders(self, calling_ae: str, address: str) -> list[Destination]:

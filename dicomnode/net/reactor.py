@@ -52,6 +52,8 @@ import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom.transport import AssociationSocket
 
+from dicomnode.net.admission import PDU_HEADER, encode_abort
+
 log = logging.getLogger(__name__)
 
 _WAITER = "_dicomnode_wait"
@@ -99,8 +101,20 @@ def install() -> bool:
             AssociationSocket.recv = _recv  # type: ignore[method-assign]
         if isinstance(getattr(AssociationSocket, "ready", None), property):
             AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
+        logging.getLogger("pynetdicom.dul").addFilter(_known_read_failures)
         _installed = True
         return True
+
+
+def _known_read_failures(record: logging.LogRecord) -> bool:
+    """Drop pynetdicom's traceback for a read this module ended on purpose.
+
+    An oversized PDU is logged here in one line, and a read that timed out is the
+    socket timeout doing its job; pynetdicom would add a traceback for each (one
+    line above it still says the PDU did not arrive whole).
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, PDUTooLong | TimeoutError)
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -118,7 +132,7 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     of it is read: the peer gets an A-ABORT and the connection is closed.
     """
     sock = cast(socket.socket, self.socket)
-    if nr_bytes == _PDU_HEADER:
+    if nr_bytes == PDU_HEADER:
         limit = None
     else:
         limit = _receive_limit(self)
@@ -135,12 +149,11 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
             break
         received += count
     del buffer[received:]
-    if nr_bytes == _PDU_HEADER and received == _PDU_HEADER:
+    if nr_bytes == PDU_HEADER and received == PDU_HEADER:
         setattr(self, _PDU_TYPE, buffer[0])
     return buffer
 
 
-_PDU_HEADER = 6
 _PDU_TYPE = "_dicomnode_pdu_type"
 _P_DATA_TF = 0x04
 # Some implementations count the PDV item header inside the maximum they were given;
@@ -182,7 +195,7 @@ def _refuse_oversized(
     )
     with contextlib.suppress(OSError):
         # A-ABORT, service provider, invalid PDU parameter value (PS3.8 9.3.8).
-        sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06)))
+        sock.sendall(encode_abort(0x02, 0x06))
     # pynetdicom treats a failed read as the connection closing: the association ends.
     raise PDUTooLong(f"PDU of {length} bytes is longer than the maximum we announced")
 

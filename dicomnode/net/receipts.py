@@ -109,9 +109,9 @@ class Refusals:
     The first refusal from an address is written at once (count 1); what follows
     within :data:`REJECTION_WINDOW_SECONDS` of that entry is counted and written as the
     next entry, with its count and the AE titles tried, when that window has passed
-    (at the next refusal from anywhere, or at :meth:`flush`). So an address never gets
-    two entries less than a minute apart while the listener runs; stopping writes
-    what is still counted.
+    (at the next refusal from anywhere, at :meth:`write_due`, or at :meth:`flush`).
+    So an address never gets two entries less than a minute apart while the
+    listener runs; stopping writes what is still counted.
 
     Parameters
     ----------
@@ -164,6 +164,12 @@ class Refusals:
                 due.insert(0, window.take(peer, now))
         self._write(due, log_first=not first)
         return first
+
+    def write_due(self) -> None:
+        """Write the counts whose minute has passed, without waiting for a refusal."""
+        with self._lock:
+            due = self._take_expired(time.monotonic())
+        self._write(due, log_first=True)
 
     def flush(self) -> None:
         """Write every count not written yet (the listener stops)."""
@@ -378,6 +384,11 @@ class Receipts:
             Whether the caller should log this one (see :meth:`rejected`).
         """
         return self._reports.add(peer, calling_ae, f"calling_ae={shown(calling_ae)} {why}")
+
+    def write_due(self) -> None:
+        """Write the refusals counted in minutes that have passed (called periodically)."""
+        self._rejections.write_due()
+        self._reports.write_due()
 
     def flush(self) -> None:
         """Write the refusals still counted in their minute (the listener stops)."""

@@ -64,7 +64,7 @@ def build_listener(
     )
 
 
-def receiver_main(settings: Settings, index: int) -> None:
+def receiver_main(settings: Settings, index: int, parent: int) -> None:
     """Run one extra receiver until SIGTERM or SIGINT, or until the parent is gone.
 
     Parameters
@@ -73,6 +73,9 @@ def receiver_main(settings: Settings, index: int) -> None:
         The node's settings.
     index : int
         The receiver's number, for the log.
+    parent : int
+        The node's pid: if the node died while this process was starting, its
+        parent is already someone else, and it must not start listening.
     """
     setup_logging(settings.logging.level, settings.logging.format)
     stop = threading.Event()
@@ -82,13 +85,13 @@ def receiver_main(settings: Settings, index: int) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    if not _die_with(parent):
+        return  # the node is gone already: listening now would take its images
     # Each association stores on its own thread: the pool holds one connection for each.
     engine = make_engine(settings.database.url, connections=settings.listener.max_associations)
     listener = build_listener(
         settings, session_factory(engine), Spool(settings.storage.path), reuse_port=True
     )
-    parent = os.getppid()
-    _die_with(parent)
     try:
         listener.start()
         log.info("receiver %d started pid=%d", index, os.getpid())
@@ -103,7 +106,7 @@ def receiver_main(settings: Settings, index: int) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with(parent: int) -> None:
+def _die_with(parent: int) -> bool:
     """Have the kernel send SIGTERM the moment the node's process ends (Linux).
 
     Polling ``getppid`` alone left a killed node's receivers holding the port for up
@@ -111,12 +114,22 @@ def _die_with(parent: int) -> None:
     and lose images to a receiver that writes into the old node's database. The
     signal is tied to the thread that started this process, which is the node's
     main thread; the poll in :func:`receiver_main` stays as the fallback.
+
+    Parameters
+    ----------
+    parent : int
+        The node's pid.
+
+    Returns
+    -------
+    bool
+        Whether the node is still this process's parent.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the node died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    # The node may have died before the request took effect.
+    return os.getppid() == parent
 
 
 class Receivers:
@@ -138,7 +151,7 @@ class Receivers:
         for index in range(1, self.settings.listener.processes):
             process = context.Process(
                 target=receiver_main,
-                args=(self.settings, index),
+                args=(self.settings, index, os.getpid()),
                 name=f"receiver-{index}",
                 daemon=True,
             )

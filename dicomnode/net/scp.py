@@ -8,13 +8,17 @@ inference happen later on other threads, so a busy scanner never waits for a mod
 
 Who may associate: the called AE title must be ours, the calling AE title must be
 on ``allowed_calling_aets`` and the peer's address in ``allowed_networks`` (when
-those are set). Anything else gets a clean A-ASSOCIATE-RJ and one log line with
-the AE titles and address only. With ``tls_certificate`` set the port speaks DICOM
-TLS, and with ``tls_client_ca`` set it also demands a client certificate.
+those are set), and there must be a free slot. That is decided before any thread
+exists for the connection (:mod:`dicomnode.net.admission`); anything else gets a
+clean A-ASSOCIATE-RJ, an audit entry and a log line with the AE titles and address
+only, at most one per address per minute. With ``tls_certificate`` set the port
+speaks DICOM TLS, and with ``tls_client_ca`` set it also demands a client
+certificate.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -40,6 +44,7 @@ from dicomnode.logs import shown
 from dicomnode.net import admission, chunked, compat, reactor, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
 from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+from dicomnode.net.peers import ip_address
 from dicomnode.net.receipts import Receipts
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.uids import is_safe_uid
@@ -67,8 +72,7 @@ class _Handler(RequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        request = self.server.taking
-        assert request is not None, "associations start only from the gate"
+        request = self.server.requests.pop(self.request)
         assoc = self._create_association()
         dul = assoc.dul
         dul._recv_pdu.put(request.pdu)
@@ -108,7 +112,12 @@ class _Server(AssociationServer):
             evt_handlers=evt_handlers,
             request_handler=_Handler,
         )
-        self.taking: admission.Request | None = None
+        # Admitted connections whose association is being set up, by socket, and how
+        # many per peer address: they hold a slot before their thread shows up in
+        # ae.active_associations.
+        self.requests: dict[socket.socket, admission.Request] = {}
+        self.starting: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
         self.gate = admission.Gate(
             cast(socket.socket, self.socket),
             listener.limits,
@@ -123,18 +132,56 @@ class _Server(AssociationServer):
         self.gate.run()
 
     def start_association(self, request: admission.Request) -> None:
-        """Hand an admitted connection to pynetdicom (on the gate's thread).
+        """Hand an admitted connection to pynetdicom, on a short thread of its own.
+
+        Setting an association up (pynetdicom copies every presentation context,
+        binds the handlers, starts two threads) takes several milliseconds; the gate
+        reads every other waiting connection meanwhile.
 
         Parameters
         ----------
         request : admission.Request
             The connection and its decoded A-ASSOCIATE-RQ.
         """
-        self.taking = request
+        with self._lock:
+            self.requests[request.sock] = request
+            self.starting[request.host] += 1
+        threading.Thread(
+            target=self._start, args=(request,), name="association-start", daemon=True
+        ).start()
+
+    def _start(self, request: admission.Request) -> None:
         try:
             self.finish_request(request.sock, request.address)
+        except Exception:
+            log.exception("starting an association failed peer=%s", request.host)
+            with contextlib.suppress(OSError):
+                request.sock.close()
         finally:
-            self.taking = None
+            with self._lock:
+                self.requests.pop(request.sock, None)
+                self.starting[request.host] -= 1
+                if not self.starting[request.host]:
+                    del self.starting[request.host]
+
+    def slots_taken(self, host: str) -> tuple[int, int]:
+        """Return the associations in all and from ``host``, those starting included.
+
+        Parameters
+        ----------
+        host : str
+            A peer address.
+
+        Returns
+        -------
+        tuple[int, int]
+            In all, and from that address.
+        """
+        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        with self._lock:
+            starting, from_host = sum(self.starting.values()), self.starting[host]
+        mine = sum(1 for a in acceptors if a.requestor.address == host)
+        return len(acceptors) + starting, mine + from_host
 
     def shutdown(self) -> None:
         """Stop the gate and close the listening socket."""
@@ -159,8 +206,6 @@ class _ReusePortServer(_Server):
 # A refused address: rejected-permanent by the service user, "no reason given"
 # (there is no code for an address).
 REJECT_ADDRESS = admission.Rejection(0x01, 0x01, 0x01, "address")
-REJECT_CALLED_AE = admission.Rejection(0x01, 0x01, 0x07, "called_ae")
-REJECT_CALLING_AE = admission.Rejection(0x01, 0x01, 0x03, "calling_ae")
 # Slots: rejected-transient by the service provider (presentation), local limit
 # exceeded; the sender tries again later.
 REJECT_BUSY = admission.Rejection(0x02, 0x03, 0x02, "too_many")
@@ -254,7 +299,7 @@ class Listener:
         )
         # Rejections are answered on the gate's thread, which must never wait for the
         # database: their audit entries are written on a thread of their own.
-        self._refusals = _Refusals(self._receipts)
+        self._refusals: _Refusals | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -316,6 +361,7 @@ class Listener:
                 f"{exc.strerror or exc}"
             ) from None
         self._server = cast(_Server, server)
+        self._refusals = _Refusals(self._receipts)
         self._thread = threading.Thread(target=server.serve_forever, name="listener", daemon=True)
         self._thread.start()
         log.info(
@@ -348,7 +394,9 @@ class Listener:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
         self.ae.shutdown()
-        self._refusals.close()
+        if self._refusals is not None:
+            self._refusals.close()
+            self._refusals = None
         self._receipts.flush()
         log.info("listener stopped")
 
@@ -367,13 +415,8 @@ class Listener:
         """
         if not self._networks:
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self._networks)
+        ip = ip_address(address)
+        return ip is not None and any(ip in network for network in self._networks)
 
     def admit(self, request: admission.Request) -> admission.Rejection | None:
         """Decide on a complete association request, and start it if it may.
@@ -395,23 +438,22 @@ class Listener:
         if not self.peer_allowed(request.host):
             return REJECT_ADDRESS
         if request.called_ae != settings.ae_title.strip():
-            return REJECT_CALLED_AE
+            return admission.CALLED_AE_INVALID
         if settings.allowed_calling_aets and request.calling_ae not in [
             t.strip() for t in settings.allowed_calling_aets
         ]:
-            return REJECT_CALLING_AE
+            return admission.CALLING_AE_INVALID
         # Only associations count: a connection still sending its request is not one.
-        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
-        if len(acceptors) >= settings.max_associations:
+        assert self._server is not None
+        taken, from_peer = self._server.slots_taken(request.host)
+        if taken >= settings.max_associations:
             return REJECT_BUSY
-        per_peer = settings.max_associations_per_address or settings.max_associations
-        if sum(1 for a in acceptors if a.requestor.address == request.host) >= per_peer:
+        if from_peer >= (settings.max_associations_per_address or settings.max_associations):
             return REJECT_BUSY_PEER
         # From here on pynetdicom reads the socket, blocking, on the association's
         # DUL thread: with a timeout, a peer that stops mid-PDU is dropped.
         request.sock.setblocking(True)
         request.sock.settimeout(settings.network_timeout_seconds)
-        assert self._server is not None
         self._server.start_association(request)
         return None
 
@@ -428,7 +470,8 @@ class Listener:
             The rejection's reason (see :class:`~dicomnode.net.admission.Rejection`).
         """
         metrics.association_rejected(reason)
-        self._refusals.submit(calling_ae, called_ae, host, reason)
+        if self._refusals is not None:  # None only while stopping
+            self._refusals.submit(calling_ae, called_ae, host, reason)
 
     def _on_open(self, event: evt.Event) -> None:
         # Admission (address, titles, slots, TLS) is done; this association receives.
@@ -523,13 +566,16 @@ class _Refusals:
     The gate answers rejections on the one thread that accepts connections; the
     audit entry is a database write, which may wait for SQLite's write lock or a
     PostgreSQL that is slow. A bounded queue in between keeps a flood of rejections
-    from ever slowing down admission: past its size they are only counted.
+    from ever slowing down admission: past its size they are only counted, and the
+    count is logged when the listener stops. While no rejection comes, the thread
+    writes the counts of the minutes that have passed (a scan that stopped is in
+    the trail a minute later, not when the node stops).
     """
 
     def __init__(self, receipts: Receipts, size: int = 1024) -> None:
         self._receipts = receipts
         self._queue: queue.Queue[tuple[str, str, str, str] | None] = queue.Queue(size)
-        self.dropped = 0
+        self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="refusals", daemon=True)
         self._thread.start()
 
@@ -537,16 +583,32 @@ class _Refusals:
         try:
             self._queue.put_nowait((calling_ae, called_ae, host, reason))
         except queue.Full:
-            self.dropped += 1
+            self._dropped += 1
 
     def close(self, timeout: float = 10.0) -> None:
         with contextlib.suppress(queue.Full):
-            self._queue.put((None), timeout=timeout)
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
+        if self._dropped:
+            log.warning(
+                "%d rejected associations were not audited: they came faster than the "
+                "audit trail took them",
+                self._dropped,
+            )
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            try:
+                item = self._queue.get(timeout=REFUSALS_WRITE_SECONDS)
+            except queue.Empty:
+                self._receipts.write_due()
+                continue
+            if item is None:
+                return
             _record_rejection(self._receipts, *item)
+
+
+REFUSALS_WRITE_SECONDS = 10.0  # how often counted refusals are looked at when none come
 
 
 def _record_rejection(

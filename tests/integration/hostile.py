@@ -10,15 +10,22 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-VERIFICATION = "1.2.840.10008.1.1"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-IMPLICIT_LITTLE = "1.2.840.10008.1.2"
-EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.sop_class import Verification
+
+from tests.conftest import proc_status
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
 
 
 def _item(kind: int, payload: bytes) -> bytes:
@@ -32,7 +39,7 @@ def _ae(title: bytes) -> bytes:
 def associate_rq(
     called: bytes | str = b"DICOMNODE",
     calling: bytes | str = b"HOSTILE",
-    contexts: tuple[str, ...] = (VERIFICATION, CT_IMAGE_STORAGE),
+    contexts: tuple[str, ...] = (Verification, CTImageStorage),
     max_pdu: int = 16384,
 ) -> bytes:
     """Return a well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), byte for byte.
@@ -57,7 +64,9 @@ def associate_rq(
     body += _item(0x10, APPLICATION_CONTEXT.encode())
     for index, abstract in enumerate(contexts):
         syntaxes = _item(0x30, abstract.encode())
-        syntaxes += _item(0x40, IMPLICIT_LITTLE.encode()) + _item(0x40, EXPLICIT_LITTLE.encode())
+        syntaxes += _item(0x40, ImplicitVRLittleEndian.encode()) + _item(
+            0x40, ExplicitVRLittleEndian.encode()
+        )
         body += _item(0x20, bytes([2 * index + 1, 0, 0, 0]) + syntaxes)
     user = _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.99")
     body += _item(0x50, user)
@@ -113,14 +122,11 @@ class Crowd:
     def __init__(self, port: int) -> None:
         self.port = port
         self.sockets: list[socket.socket] = []
-        self.refused = 0  # connections the listener would not even let us open
 
-    def _open(self) -> socket.socket | None:
-        try:
-            sock = connect(self.port)
-        except OSError:
-            self.refused += 1
-            return None
+    def _open(self) -> socket.socket:
+        # A connection the listener would not let us open is an error here: a test
+        # claiming "80 hanging" must really hold 80.
+        sock = connect(self.port)
         self.sockets.append(sock)
         return sock
 
@@ -134,19 +140,13 @@ class Crowd:
         """Open ``count`` connections that send half an A-ASSOCIATE-RQ and stop."""
         request = associate_rq(calling=calling)
         for _ in range(count):
-            sock = self._open()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendall(request[: len(request) // 2])
+            self._open().sendall(request[: len(request) // 2])
         return self
 
     def huge_header(self, count: int, claimed: int = 2**31) -> Crowd:
         """Open connections whose first PDU header claims ``claimed`` bytes."""
         for _ in range(count):
-            sock = self._open()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendall(struct.pack(">BBI", 0x01, 0, claimed))
+            self._open().sendall(struct.pack(">BBI", 0x01, 0, claimed))
         return self
 
     def close(self) -> None:
@@ -179,7 +179,7 @@ def admission_seconds(port: int, called: str = "DICOMNODE", timeout: float = 30)
     from pynetdicom import AE
 
     ae = AE(ae_title="REALCLIENT")
-    ae.add_requested_context(VERIFICATION)
+    ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     started = time.perf_counter()
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
@@ -194,16 +194,6 @@ def admission_seconds(port: int, called: str = "DICOMNODE", timeout: float = 30)
     return elapsed
 
 
-def wait_until(condition: Callable[[], object], timeout: float) -> bool:
-    """Poll ``condition`` every 10 ms until it is truthy or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
-
-
 def descriptors(pid: int) -> int:
     """Return how many file descriptors a process has open."""
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
@@ -211,22 +201,7 @@ def descriptors(pid: int) -> int:
 
 def threads(pid: int) -> int:
     """Return how many threads a process runs."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no thread count for {pid}")
-
-
-@contextlib.contextmanager
-def held(crowd: Crowd) -> Iterator[Crowd]:
-    """Hold a crowd for the duration of a block, then close it."""
-    try:
-        yield crowd
-    finally:
-        crowd.close()
-
-
-DEFLATED = "1.2.840.10008.1.2.1.99"
+    return proc_status(pid, "Threads")
 
 
 def store_raw(
@@ -234,7 +209,7 @@ def store_raw(
     path: Path,
     called: str = "DICOMNODE",
     timeout: float = 120,
-    syntaxes: tuple[str, ...] = (DEFLATED,),
+    syntaxes: tuple[str, ...] = (DeflatedExplicitVRLittleEndian,),
 ) -> int:
     """Send a file's bytes exactly as they are (no re-encoding) with C-STORE.
 
@@ -245,18 +220,47 @@ def store_raw(
     int
         The C-STORE status, or -1 if no response came.
     """
-    from pynetdicom import AE, _config
+    from pynetdicom import AE
 
-    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="RAWSCU")
-    ae.add_requested_context(CT_IMAGE_STORAGE, list(syntaxes))
+    ae.add_requested_context(CTImageStorage, list(syntaxes))
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         return -1
     try:
-        reply = assoc.send_c_store(path)
+        with _sending_files_as_they_are():
+            reply = assoc.send_c_store(path)
         return int(reply.Status) if "Status" in reply else -1
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+_raw_lock = threading.Lock()
+_raw_senders = 0  # callers sending now
+_raw_before = False  # the flag as it was before the first of them
+
+
+@contextlib.contextmanager
+def _sending_files_as_they_are() -> Iterator[None]:
+    """Turn on pynetdicom's chunked send (a process-wide flag) while any caller sends.
+
+    Counted, so that concurrent senders (the bench sends four at once) all send raw,
+    and the flag is back as it was once the last one is done.
+    """
+    from pynetdicom import _config
+
+    global _raw_senders, _raw_before
+    with _raw_lock:
+        if _raw_senders == 0:
+            _raw_before = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _raw_senders += 1
+    try:
+        yield
+    finally:
+        with _raw_lock:
+            _raw_senders -= 1
+            if _raw_senders == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _raw_before

@@ -26,6 +26,7 @@ from dicomnode.net.scp import Listener
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port, wait_for
+from tests.integration import hostile
 
 pytestmark = pytest.mark.skipif(
     shutil.which("storescu") is None or shutil.which("openssl") is None,
@@ -237,3 +238,47 @@ def test_a_silent_connection_does_not_block_tls(
         ok = storescu(listener.port, lidc1[0], args=tls_args(pki, None))
         assert ok.returncode == 0, ok.stderr
     assert instance_rows(sessions) == 1
+
+
+def test_a_stalled_tls_handshake_is_dropped_at_the_request_deadline(
+    make_listener: MakeListener, pki: Path
+) -> None:
+    listener = make_listener(
+        tls_certificate=pki / "server.crt",
+        tls_private_key=pki / "server.key",
+        request_timeout_seconds=1,
+    )
+    # Half a ClientHello, then nothing: closed when the request deadline passes.
+    with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        assert hostile.closed_by_peer(sock, timeout=10)
+
+
+def test_a_tls_peer_from_a_refused_network_gets_no_handshake(
+    make_listener: MakeListener, pki: Path
+) -> None:
+    import ssl
+
+    listener = make_listener(
+        tls_certificate=pki / "server.crt",
+        tls_private_key=pki / "server.key",
+        allowed_networks=["10.0.0.0/8"],
+    )
+    client = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    client.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+    ):
+        client.wrap_socket(raw)  # the listener closes before it answers the hello
+    # From an allowed network the same handshake goes through.
+    allowed = make_listener(
+        tls_certificate=pki / "server.crt",
+        tls_private_key=pki / "server.key",
+        allowed_networks=["127.0.0.0/8"],
+    )
+    with (
+        socket.create_connection(("127.0.0.1", allowed.port), timeout=10) as raw,
+        client.wrap_socket(raw) as tls,
+    ):
+        assert tls.version() is not None

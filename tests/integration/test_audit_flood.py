@@ -18,12 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomnode.config import ListenerSettings
 from dicomnode.db import audit
-from dicomnode.net.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, wait_for
 
 TRIES = 40
 
@@ -33,12 +29,8 @@ def trail(sessions, *events: str) -> list[dict]:
         return list(audit.entries(s, events=events))
 
 
-def test_many_ae_titles_from_one_address_are_one_entry_a_minute(tmp_path: Path, sessions) -> None:
-    settings = ListenerSettings(
-        ae_title="DICOMNODE", host="127.0.0.1", port=free_port(), allowed_calling_aets=["CT01"]
-    )
-    listener = Listener(settings, Ingestor(Spool(tmp_path / "spool"), sessions))
-    listener.start()
+def test_many_ae_titles_from_one_address_are_one_entry_a_minute(make_listener, sessions) -> None:
+    listener = make_listener(allowed_calling_aets=["CT01"])
     try:
         for i in range(TRIES):  # a scan: a new calling AE title every time
             ae = AE(ae_title=f"SCAN{i:04d}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from pynetdicom import AE, build_role
 from sqlalchemy import select, update
 
-from dicomnode.config import Destination, ListenerSettings
+from dicomnode.config import Destination
 from dicomnode.db import audit, jobs
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
@@ -37,6 +36,7 @@ from dicomnode.db.models import (
     utcnow,
 )
 from dicomnode.net.commitment import (
+    REFUSED_SENDER,
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
     request_dataset,
@@ -45,7 +45,7 @@ from dicomnode.net.scp import Listener
 from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.factories import ct_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -67,7 +67,7 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, db_url: str, sessions) -> Iterator[Site]:
+def site(tmp_path: Path, db_url: str, sessions, make_listener) -> Site:
     """A done job, 40 days old, sent to 'pacs' and 'archive', both commitments awaited."""
     spool = Spool(tmp_path / "spool")
     datasets = ct_series(np.zeros((2, 8, 8)), patient_id="PHI-COMMIT-1")
@@ -110,13 +110,9 @@ def site(tmp_path: Path, db_url: str, sessions) -> Iterator[Site]:
             for d in (PACS, ARCHIVE)
         )
     )
-    settings = ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=free_port())
-    listener = Listener(settings, Ingestor(spool, sessions), destinations=[PACS, ARCHIVE])
-    listener.start()
-    try:
-        yield Site(listener, sessions, spool, config, job_id, series_uid, output_uid)
-    finally:
-        listener.stop()
+    listener = make_listener(destinations=[PACS, ARCHIVE])  # on the same spool
+    assert listener.ingestor.spool.root == spool.root
+    return Site(listener, sessions, spool, config, job_id, series_uid, output_uid)
 
 
 def send_report(site: Site, calling_ae: str, transaction_uid: str) -> int:
@@ -154,11 +150,11 @@ def test_only_the_destination_asked_confirms_and_awaited_jobs_survive_purges(
     site: Site,
 ) -> None:
     # Another AE title, from an address of the destination's host: refused.
-    assert send_report(site, "INTRUDER", T_PACS) == 0x0110
+    assert send_report(site, "INTRUDER", T_PACS) == REFUSED_SENDER
     # The archive's AE title, but not from the archive's address (127.0.0.9): refused.
-    assert send_report(site, "ARCHIVE", T_ARCHIVE) == 0x0110
+    assert send_report(site, "ARCHIVE", T_ARCHIVE) == REFUSED_SENDER
     # The PACS itself, answering for the archive's transaction: refused.
-    assert send_report(site, "PACS", T_ARCHIVE) == 0x0110
+    assert send_report(site, "PACS", T_ARCHIVE) == REFUSED_SENDER
     assert confirmed(site) == {"pacs": False, "archive": False}
     # The PACS for its own transaction, from a new source port, as PACS do: confirmed.
     assert send_report(site, "PACS", T_PACS) == 0

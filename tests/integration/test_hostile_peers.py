@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, func, select
 
 from dicomnode.db.models import Instance
@@ -98,7 +99,9 @@ def test_a_request_claiming_gigabytes_is_refused_before_it_is_read(
     assert hostile.admission_seconds(listener.port) < 2
 
 
-def test_a_pdu_longer_than_announced_is_aborted(make_listener: MakeListener) -> None:
+def test_a_pdu_longer_than_announced_is_aborted(
+    make_listener: MakeListener, caplog: pytest.LogCaptureFixture
+) -> None:
     listener = make_listener(max_pdu=65536)
     sock = hostile.connect(listener.port)
     try:
@@ -115,12 +118,14 @@ def test_a_pdu_longer_than_announced_is_aborted(make_listener: MakeListener) -> 
     assert reply[:1] == b"\x07", f"expected an A-ABORT, got {reply[:10]!r}"
     assert reply[8:10] == b"\x02\x06"  # service provider, invalid PDU parameter value
     assert wait_for(lambda: listener.ae.active_associations == [], timeout=10)
+    assert "PDU of 2147483648 bytes refused" in caplog.text  # our one line says it ...
+    assert not [r for r in caplog.records if r.name == "pynetdicom.dul" and r.exc_info]
 
 
 def test_one_address_cannot_take_every_association_slot(make_listener: MakeListener) -> None:
     listener = make_listener(max_associations=4, max_associations_per_address=2)
     ae = AE(ae_title="FIRST")
-    ae.add_requested_context(hostile.VERIFICATION)
+    ae.add_requested_context(Verification)
     held = [ae.associate("127.0.0.1", listener.port, ae_title="DICOMNODE") for _ in range(3)]
     try:
         assert [a.is_established for a in held] == [True, True, False]
@@ -138,8 +143,15 @@ def test_one_address_cannot_take_every_association_slot(make_listener: MakeListe
                 assoc.release()
 
 
-def test_a_refused_address_is_answered_without_a_thread(make_listener: MakeListener) -> None:
+def test_a_refused_address_is_answered_without_a_thread(
+    make_listener: MakeListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     listener = make_listener(allowed_networks=["127.0.0.2/32"])
+    server = listener._server
+    assert server is not None
+    started: list[object] = []
+    start = server.start_association
+    monkeypatch.setattr(server, "start_association", lambda r: (started.append(r), start(r)))
     before = hostile.threads(os.getpid())
     socks = []
     for _ in range(20):
@@ -148,6 +160,7 @@ def test_a_refused_address_is_answered_without_a_thread(make_listener: MakeListe
         socks.append(sock)
     replies = [hostile.read_pdu(s) for s in socks]
     assert all(r[:1] == b"\x03" and r[7:10] == b"\x01\x01\x01" for r in replies)
+    assert started == []  # before: each one was an association, with its two threads
     assert hostile.threads(os.getpid()) <= before + 2  # the refusal thread at most
     for sock in socks:
         sock.close()
@@ -180,7 +193,10 @@ def _limit_descriptors(limit: int) -> Callable[[], None]:
 def test_400_idle_connections_under_a_1024_descriptor_limit(tmp_path: Path) -> None:
     # Before: each idle connection took 2 threads and ~2.75 descriptors; about 400
     # exhausted a 1024 limit and the listener could accept no one.
-    config = _node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    # Room for all 400 to wait at once: they must fit, not be evicted to make room.
+    config = _node(
+        tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", "max_pending_connections = 1000\n"
+    )
     node = NodeProcess(config)
     node.preexec = _limit_descriptors(1024)
     with node:
@@ -193,7 +209,7 @@ def test_400_idle_connections_under_a_1024_descriptor_limit(tmp_path: Path) -> N
             for i in range(400):
                 # From 40 addresses, as a building full of stuck devices would be.
                 crowd.sockets.append(_connect_from(f"127.0.1.{i % 40 + 1}", port))
-            time.sleep(1)
+            assert wait_for(lambda: hostile.descriptors(pid) >= baseline + 400, timeout=10)
             assert hostile.admission_seconds(port, timeout=10) < 2
             assert hostile.threads(pid) < 40
         finally:

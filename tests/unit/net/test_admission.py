@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from dicomnode.net import admission
+from tests.conftest import wait_for
 from tests.integration import hostile
 
 
@@ -47,74 +50,73 @@ class _Recorder:
         self.refused.append(args)  # type: ignore[arg-type]
 
 
-def _gate(recorder: _Recorder, **limits: float) -> tuple[admission.Gate, int, threading.Thread]:
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    listening.listen(16)
-    gate = admission.Gate(
-        listening,
-        admission.Limits(**limits),  # type: ignore[arg-type]
-        admit=recorder.admit,
-        refused=recorder.refuse,
-    )
-    thread = threading.Thread(target=gate.run, daemon=True)
-    thread.start()
-    return gate, listening.getsockname()[1], thread
+@dataclass
+class _Running:
+    gate: admission.Gate
+    port: int
+    thread: threading.Thread
 
 
-def test_a_request_sent_byte_by_byte_is_decoded_and_handed_over() -> None:
+@pytest.fixture
+def start_gate() -> Iterator[Callable[[_Recorder], _Running]]:
+    """Run Gates on loopback ports with default limits; stopped after the test."""
+    running: list[_Running] = []
+
+    def start(recorder: _Recorder) -> _Running:
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        gate = admission.Gate(
+            listening, admission.Limits(), admit=recorder.admit, refused=recorder.refuse
+        )
+        thread = threading.Thread(target=gate.run, daemon=True)
+        thread.start()
+        running.append(_Running(gate, listening.getsockname()[1], thread))
+        return running[-1]
+
+    yield start
+    for r in running:
+        r.gate.stop()
+        r.thread.join(5)
+        r.gate.listening.close()
+
+
+def test_a_request_sent_byte_by_byte_is_decoded_and_handed_over(start_gate) -> None:
     recorder = _Recorder(None)
-    gate, port, thread = _gate(recorder)
-    try:
-        sock = hostile.connect(port)
-        for byte in hostile.associate_rq(calling=b"CT01"):
-            sock.send(bytes([byte]))
-        assert hostile.wait_until(lambda: recorder.admitted, 5)
-        request = recorder.admitted[0]
-        assert (request.calling_ae, request.called_ae) == ("CT01", "DICOMNODE")
-        assert request.pdu.calling_ae_title == "CT01"
-        assert gate.waiting == 0
-        request.sock.close()
-        sock.close()
-    finally:
-        gate.stop()
-        thread.join(5)
+    sock = hostile.connect(start_gate(recorder).port)
+    for byte in hostile.associate_rq(calling=b"CT01"):
+        sock.send(bytes([byte]))
+    assert wait_for(lambda: recorder.admitted, 5)
+    request = recorder.admitted[0]
+    assert (request.calling_ae, request.called_ae) == ("CT01", "DICOMNODE")
+    assert request.pdu.calling_ae_title == "CT01"
+    request.sock.close()
+    sock.close()
 
 
-def test_a_rejection_is_answered_and_reported() -> None:
+def test_a_rejection_is_answered_and_reported(start_gate) -> None:
     recorder = _Recorder(admission.Rejection(1, 1, 3, "calling_ae"))
-    gate, port, thread = _gate(recorder)
-    try:
-        sock = hostile.connect(port)
-        sock.sendall(hostile.associate_rq(calling=b"NOBODY"))
-        assert hostile.read_pdu(sock) == bytes([3, 0, 0, 0, 0, 4, 0, 1, 1, 3])
-        assert recorder.refused == [("NOBODY", "DICOMNODE", "127.0.0.1", "calling_ae")]
-        sock.close()
-    finally:
-        gate.stop()
-        thread.join(5)
+    sock = hostile.connect(start_gate(recorder).port)
+    sock.sendall(hostile.associate_rq(calling=b"NOBODY"))
+    assert hostile.read_pdu(sock) == bytes([3, 0, 0, 0, 0, 4, 0, 1, 1, 3])
+    assert recorder.refused == [("NOBODY", "DICOMNODE", "127.0.0.1", "calling_ae")]
+    sock.close()
 
 
-def test_anything_but_an_association_request_is_aborted() -> None:
+def test_anything_but_an_association_request_is_aborted(start_gate) -> None:
     recorder = _Recorder(None)
-    gate, port, thread = _gate(recorder)
-    try:
-        sock = hostile.connect(port)
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert hostile.read_pdu(sock)[:1] == b"\x07"
-        assert recorder.admitted == []
-        sock.close()
-    finally:
-        gate.stop()
-        thread.join(5)
+    sock = hostile.connect(start_gate(recorder).port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert hostile.read_pdu(sock)[:1] == b"\x07"
+    assert recorder.admitted == []
+    sock.close()
 
 
-def test_stopping_closes_the_connections_still_waiting() -> None:
-    recorder = _Recorder(None)
-    gate, port, thread = _gate(recorder)
-    sock = hostile.connect(port)
-    assert hostile.wait_until(lambda: gate.waiting == 1, 5)
-    gate.stop()
-    thread.join(5)
-    assert not thread.is_alive()
+def test_stopping_closes_the_connections_still_waiting(start_gate) -> None:
+    running = start_gate(_Recorder(None))
+    sock = hostile.connect(running.port)
+    assert wait_for(lambda: running.gate.waiting == 1, 5)
+    running.gate.stop()
+    running.thread.join(5)
+    assert not running.thread.is_alive()
     assert hostile.closed_by_peer(sock, timeout=5)

@@ -28,7 +28,7 @@ from dicomnode.db.models import (
     Output,
     utcnow,
 )
-from dicomnode.net import commitment, status
+from dicomnode.net import commitment, peers, status
 from dicomnode.net.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler, request_dataset
 from tests.factories import add_series
 
@@ -243,7 +243,7 @@ def test_any_address_of_the_host_and_any_port_will_do(sessions, delivery_id: int
     # A PACS cluster behind one name, answering from whichever node and port it likes.
     named = Destination(name="pacs", ae_title="PACS", host="pacs.example", port=104)
     addresses = {
-        "pacs.example": frozenset(map(commitment.ip_address, ["10.0.0.2", "10.0.0.3", "fd00::2"]))
+        "pacs.example": frozenset(map(peers.ip_address, ["10.0.0.2", "10.0.0.3", "fd00::2"]))
     }
     asked: list[str] = []
 
@@ -261,9 +261,17 @@ def test_any_address_of_the_host_and_any_port_will_do(sessions, delivery_id: int
 
 def test_a_host_that_does_not_resolve_reports_nothing(sessions, delivery_id: int) -> None:
     gone = Destination(name="pacs", ae_title="PACS", host="pacs.invalid", port=104)
-    reports = ReportHandler(sessions, [gone], resolver=lambda host: frozenset())
-    assert_refused(reports(report(1, OBJECTS, {}, assoc=peer())))
+    asked: list[str] = []
+
+    def resolver(host: str) -> frozenset:
+        asked.append(host)
+        return frozenset()
+
+    reports = ReportHandler(sessions, [gone], resolver=resolver)
+    for _ in range(20):  # a flood of reports under the destination's AE title
+        assert_refused(reports(report(1, OBJECTS, {}, assoc=peer())))
     assert delivery(sessions, delivery_id).confirmed_at is None
+    assert asked == ["pacs.invalid"]  # the failed lookup is not repeated for each
 
 
 def test_a_handler_without_destinations_refuses_every_report(sessions, delivery_id: int) -> None:

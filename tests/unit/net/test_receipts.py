@@ -71,6 +71,22 @@ def test_a_peer_rejected_in_a_loop_is_one_entry_a_minute(
     )
 
 
+def test_a_scan_that_stopped_is_written_when_its_minute_passes(
+    sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(receipts.time, "monotonic", lambda: clock[0])
+    r = Receipts(sessions)
+    for _ in range(30):  # then nothing more from anyone
+        r.rejected("SCAN", "DICOMNODE", "10.0.0.5", "calling_ae")
+        clock[0] += 1
+    r.write_due()
+    assert [e["count"] for e in trail(sessions, "association-rejected")] == [1]  # not yet
+    clock[0] += 31
+    r.write_due()  # the listener calls it while no refusal comes; no stop needed
+    assert [e["count"] for e in trail(sessions, "association-rejected")] == [1, 29]
+
+
 def test_every_ae_title_from_one_address_shares_its_minute(
     sessions, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
