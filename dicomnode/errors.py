@@ -8,6 +8,8 @@ errors are mapped to C-STORE statuses by ``dicomnode.net.status``.
 
 from __future__ import annotations
 
+import errno
+
 
 class DicomnodeError(Exception):
     """Base class of every error dicomnode raises on purpose."""
@@ -48,6 +50,37 @@ class DeliveryFailed(TransientJobError):
 
     Retried on the delivery schedule (for hours), not the model's attempt budget.
     """
+
+
+# How every error of a full disk begins (``last_error``, the job's history): the worker
+# retries them by time, and the failures in a row that start so tell for how long.
+# The messages spell it out, so that docs/troubleshooting.md's test finds them.
+DISK_FULL = "no space left on device"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ResultsDiskFull(TransientJobError):
+    """The spool's disk (or the user's quota on it) was full when results were written.
+
+    Retried by time, not by attempts (see :class:`dicomnode.db.jobs.ResourceRetry`):
+    space comes back when retention or an admin frees it, however long that takes.
+    """
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Return whether ``exc`` says a disk or a quota is full (ENOSPC, EDQUOT).
+
+    Parameters
+    ----------
+    exc : BaseException
+        What a write raised.
+
+    Returns
+    -------
+    bool
+        True for a full disk or quota.
+    """
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS
 
 
 class JobSuperseded(JobError):

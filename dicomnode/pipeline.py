@@ -15,7 +15,6 @@ attempts given back, and the model does not run again until the spool has space.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -39,8 +38,8 @@ from dicomnode import metrics
 from dicomnode.config import Destination, Route, Settings
 from dicomnode.db import audit
 from dicomnode.db import commitment as commitment_db
-from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import Claim, database_now, failing_since, merge_timings, set_state
+from dicomnode.db.engine import database_now, transaction
+from dicomnode.db.jobs import Claim, failing_since, merge_timings, set_state
 from dicomnode.db.models import (
     Delivery,
     DeliveryState,
@@ -53,11 +52,14 @@ from dicomnode.db.models import (
     utcnow,
 )
 from dicomnode.errors import (
+    DISK_FULL,
     DeliveryFailed,
     JobInterrupted,
     JobSuperseded,
     PermanentJobError,
+    ResultsDiskFull,
     TransientJobError,
+    is_disk_full,
 )
 from dicomnode.inference.classify import ClassificationResult, classify
 from dicomnode.inference.detect import DetectionResult, detect
@@ -87,36 +89,6 @@ log = logging.getLogger(__name__)
 
 REJECTION = "rejection"  # the output kind of an IOCM rejection note
 
-# How every error of a full disk begins (``last_error``, the job's history): the worker
-# retries them by time, and the failures in a row that start so tell for how long.
-# The messages spell it out, so that docs/troubleshooting.md's test finds them.
-DISK_FULL = "no space left on device"
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class ResultsDiskFull(TransientJobError):
-    """The spool's disk (or the user's quota on it) was full when results were written.
-
-    Retried by time, not by attempts (see :class:`dicomnode.db.jobs.ResourceRetry`):
-    space comes back when retention or an admin frees it, however long that takes.
-    """
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Return whether ``exc`` says a disk or a quota is full (ENOSPC, EDQUOT).
-
-    Parameters
-    ----------
-    exc : BaseException
-        What a write raised.
-
-    Returns
-    -------
-    bool
-        True for a full disk or quota.
-    """
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS
-
 
 @dataclass
 class JobContext:
@@ -137,7 +109,6 @@ class JobContext:
     started_at: datetime
     timings: dict[str, Any]
     outputs: list[tuple[str, str]]  # (kind, spool-relative path)
-    disk_was_full: bool = False  # the previous attempt found the results' disk full
 
 
 @dataclass
@@ -236,8 +207,7 @@ class Pipeline:
             checkpoint()
             with self.sessions() as session:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
-            if ctx.disk_was_full:
-                self._check_space()
+                self._check_space(session, ctx.job_id)
             built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
             built += self._rejection(ctx, built)
             timings.update(stage_times)
@@ -278,7 +248,6 @@ class Pipeline:
             outputs = session.execute(
                 select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
             ).all()
-            _, disk_full_failures = failing_since(session, job.id, DISK_FULL)
             return JobContext(
                 job_id=job.id,
                 series_id=series.id,
@@ -295,22 +264,26 @@ class Pipeline:
                 started_at=job.started_at or utcnow(),
                 timings=dict(job.timings or {}),
                 outputs=[(k, p) for k, p in outputs],
-                disk_was_full=disk_full_failures > 0,
             )
 
     def _results_folder(self) -> Path:
         return self.spool.absolute(RESULTS)
 
-    def _check_space(self) -> None:
+    def _check_space(self, session: Session, job_id: int) -> None:
         """Refuse to run the model again while the disk that was full still is.
 
         "Full" is below ``storage.min_free_mb`` (the listener's own watermark), or no
         space at all when that is 0: a model run whose results cannot be written is
-        only wasted time on a busy GPU.
+        only wasted time on a busy GPU. Only a retry after a full disk is held back: a
+        job that never met one still runs on a low disk, and its results are written if
+        they fit. So the job's history is read only when the disk is low.
         """
         need = max(self.settings.storage.min_free_mb * 2**20, 1)
-        free = self.spool.free_bytes()
-        if free < need:
+        if self.spool.has_free(need):
+            return
+        _, disk_full_failures = failing_since(session, job_id, DISK_FULL)
+        if disk_full_failures:
+            free = self.spool.free_bytes()
             raise ResultsDiskFull(
                 f"no space left on device in the results folder ({self._results_folder()}): "
                 f"{free / 2**20:.1f} MiB free, the model runs again once "
@@ -761,7 +734,7 @@ class Pipeline:
                     commitment.references(files),
                     uid,
                     calling_ae,
-                    commitment.ReportHandler(self.sessions),
+                    self.sessions,
                 )
             except BaseException:
                 with transaction(self.sessions) as session:

@@ -32,10 +32,6 @@ from dicomnode.errors import DicomnodeError
 event_name = closed_set("audit event", audit.EVENTS)
 
 
-def _cell(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
 def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
     """Write entries as CSV, a JSON array or JSON lines, one at a time.
 
@@ -58,7 +54,7 @@ def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
         writer = csv.DictWriter(stream, fieldnames=audit.FIELDS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
+            writer.writerow({k: audit.export_value(v) for k, v in row.items()})
             count += 1
         return count
     if fmt == "json":
@@ -66,7 +62,7 @@ def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
     for row in rows:
         if fmt == "json":
             stream.write(",\n  " if count else "\n  ")
-        stream.write(json.dumps({k: _cell(v) for k, v in row.items()}))
+        stream.write(json.dumps({k: audit.export_value(v) for k, v in row.items()}))
         if fmt == "jsonl":
             stream.write("\n")
         count += 1

@@ -24,8 +24,7 @@ from sqlalchemy.orm import Session
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
-from dicomnode.db.engine import is_sqlite, make_engine, read_only, session_factory
-from dicomnode.db.jobs import database_now
+from dicomnode.db.engine import database_now, is_sqlite, make_engine, read_only, session_factory
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, utcnow
 from dicomnode.queue import wakeup
 

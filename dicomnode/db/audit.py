@@ -217,6 +217,25 @@ class CheckedExport:
     last_id: int | None
 
 
+def export_value(value: Any) -> Any:
+    """Return a column's value as ``audit export`` writes it: a timestamp in ISO 8601.
+
+    The one rule that :func:`export_text` compares by, so that the writer and the
+    check of a prune cannot disagree on how a time is spelt.
+
+    Parameters
+    ----------
+    value : Any
+        A column's value.
+
+    Returns
+    -------
+    Any
+        ISO 8601 text for a datetime, else the value itself (JSON keeps numbers and null).
+    """
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
 def export_text(value: Any) -> str:
     """Return a value as an export shows it, for comparing a stored entry with one exported.
 
@@ -232,11 +251,7 @@ def export_text(value: Any) -> str:
     str
         ``""`` for None, ISO 8601 for a timestamp, else ``str``.
     """
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
+    return "" if value is None else str(export_value(value))
 
 
 def check_export(
@@ -277,10 +292,14 @@ def check_export(
             if found is None:
                 raise ExportMismatch(f"entry {entry['id']} ({entry['event']}) is not in the export")
             row = found
+            raw: Any = row.get("id")
             try:
-                row_id = int(row.get("id") or 0)
+                row_id = int(raw)
             except (TypeError, ValueError):
-                raise ExportMismatch("the export has an entry without a valid id") from None
+                row_id = 0  # missing, blank or not a number
+            # A blank id is no id: not to be reported as an entry out of order.
+            if row_id < 1:  # ids start at 1
+                raise ExportMismatch("the export has an entry without a valid id")
             if row_id <= last_exported:
                 raise ExportMismatch("the export is not in id order, as audit export writes it")
             last_exported = row_id

@@ -23,13 +23,12 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import database_now, record_event
+from dicomnode.db.engine import database_now, transaction
+from dicomnode.db.jobs import record_event
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class WrongSender:
     destination: str  # the delivery's: the only one that may answer
 
 
-def awaiting() -> Any:
+def awaiting() -> ColumnElement[bool]:
     """Return the SQL condition of a delivery whose commitment report is still awaited.
 
     Returns
@@ -125,7 +124,7 @@ def _reopen(session: Session, delivery: Delivery, note: str, now: datetime) -> b
     job.finished_at = None
     job.last_error = note
     job.updated_at = now
-    record_event(session, job, JobState.QUEUED, from_state=JobState.DONE, note=note)
+    record_event(session, job, JobState.QUEUED, from_state=JobState.DONE, note=note, at=now)
     return True
 
 
@@ -160,7 +159,6 @@ def apply_report(
         not in ``senders`` (nothing changed). The caller logs and answers both.
     """
     with transaction(sessions) as session:
-        now = database_now(session)
         delivery = session.scalar(
             select(Delivery).where(Delivery.commitment_uid == transaction_uid).with_for_update()
         )
@@ -170,6 +168,8 @@ def apply_report(
         # that is one destination cannot answer for a transaction of another.
         if delivery.destination not in senders:
             return WrongSender(job_id=delivery.job_id, destination=delivery.destination)
+        # Only now: a flood of unknown or misdirected reports costs one query each.
+        now = database_now(session)
         sent = set(
             session.scalars(select(Output.sop_instance_uid).where(Output.job_id == delivery.job_id))
         )
@@ -221,9 +221,7 @@ def expire(sessions: sessionmaker[Session], timeouts: Mapping[str, float]) -> in
         waiting = session.scalars(
             select(Delivery)
             .where(
-                Delivery.state == DeliveryState.SENT,
-                Delivery.commitment_uid.is_not(None),
-                Delivery.confirmed_at.is_(None),
+                awaiting(),
                 Delivery.destination.in_(list(timeouts)),
                 Delivery.commitment_requested_at < oldest,
             )

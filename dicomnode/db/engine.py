@@ -10,30 +10,36 @@ read concurrency for never seeing "database is locked" under load.
 Sessions that only read (:func:`read_only`: the admin commands, an export, a scrape)
 begin a plain deferred transaction instead: under WAL they read a snapshot and never
 take the write lock, so an export paused in a pager cannot hold up the listener.
+
+Times the node writes and compares across hosts come from the database's clock
+(:func:`database_now`), read once per transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 READ_ONLY = "dicomnode_read_only"  # execution option: see read_only()
+# Where database_now() keeps the transaction's time, in Session.info.
+_NOW = "dicomnode_database_now"
 
 
-def is_sqlite(engine: Engine) -> bool:
+def is_sqlite(engine: Engine | Connection) -> bool:
     """Return whether ``engine`` talks to SQLite.
 
     Parameters
     ----------
-    engine : Engine
-        The engine.
+    engine : Engine or Connection
+        The engine, or a connection of one (what a session is bound to).
 
     Returns
     -------
@@ -41,6 +47,55 @@ def is_sqlite(engine: Engine) -> bool:
         True for SQLite.
     """
     return engine.dialect.name == "sqlite"
+
+
+# SQLite's clock as text (its "now" is the host's clock: every process sharing an
+# SQLite file runs on that one host). Milliseconds, read back into a Python datetime
+# so that the value is stored the way UTCDateTime stores every other one.
+_SQLITE_NOW = text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+
+
+def database_now(session: Session) -> datetime:
+    """Return the database's time for the current transaction, as an aware UTC datetime.
+
+    Lease expiries, back-off times, the job history and the commitment timeouts are set
+    and compared with it, so that hosts whose clocks disagree still agree on which lease
+    lapsed. It is read once per transaction and then kept in ``session.info`` until the
+    transaction ends: a transaction that stamps many rows (a series' jobs, their events)
+    asks the database once, and stamps them all alike. That is PostgreSQL's own rule
+    (``now()`` is the start of the transaction); SQLite's ``'now'`` moves with each
+    statement, and follows the same rule here.
+
+    Parameters
+    ----------
+    session : Session
+        The session, in the transaction that uses the time.
+
+    Returns
+    -------
+    datetime
+        Now, by the database's clock, the same for the whole transaction.
+    """
+    cached = session.info.get(_NOW)
+    if isinstance(cached, datetime):
+        return cached
+    if is_sqlite(session.get_bind()):
+        value = session.scalar(_SQLITE_NOW)
+        now = datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+    else:
+        read = session.scalar(select(func.now()))
+        assert isinstance(read, datetime)
+        now = read.astimezone(UTC)
+    session.info[_NOW] = now
+    return now
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_now(session: Session, transaction: SessionTransaction) -> None:
+    # The next transaction reads the clock again. Only the outermost transaction's end
+    # counts: a savepoint's is still inside the database's transaction, whose time holds.
+    if transaction.parent is None:
+        session.info.pop(_NOW, None)
 
 
 def _setup_sqlite(engine: Engine) -> None:

@@ -8,9 +8,9 @@ wait on each other; on SQLite every transaction is ``BEGIN IMMEDIATE`` (see
 :mod:`dicomnode.db.engine`), which serialises claims.
 
 Every time the queue writes or compares (lease expiry, back-off, history) comes from
-the database's clock (:func:`database_now`), never the process's: a worker, a reaper
-and an admin command on three hosts then agree on when a lease lapses, however far
-apart their clocks are.
+the database's clock (:func:`~dicomnode.db.engine.database_now`), never the process's:
+a worker, a reaper and an admin command on three hosts then agree on when a lease
+lapses, however far apart their clocks are.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import logging
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import audit
-from dicomnode.db.engine import transaction
+from dicomnode.db.engine import database_now, transaction
 from dicomnode.db.models import (
     Delivery,
     DeliveryState,
@@ -41,36 +41,6 @@ from dicomnode.db.models import (
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.RUNNING, JobState.SENDING)
-
-# SQLite's clock as text (its "now" is the host's clock: every process sharing an
-# SQLite file runs on that one host). Milliseconds, read back into a Python datetime
-# so that the value is stored the way UTCDateTime stores every other one.
-_SQLITE_NOW = text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
-
-
-def database_now(session: Session) -> datetime:
-    """Return the database's current time, as an aware UTC datetime.
-
-    PostgreSQL's ``now()`` (the start of the current transaction) or SQLite's
-    ``'now'``. Lease expiries, back-off times and the job history are set and compared
-    with it, so that hosts whose clocks disagree still agree on which lease lapsed.
-
-    Parameters
-    ----------
-    session : Session
-        The session (in the transaction that uses the time).
-
-    Returns
-    -------
-    datetime
-        Now, by the database's clock.
-    """
-    if session.get_bind().dialect.name == "sqlite":
-        value = session.scalar(_SQLITE_NOW)
-        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
-    now = session.scalar(select(func.now()))
-    assert isinstance(now, datetime)
-    return now.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -323,6 +293,8 @@ def heartbeat(sessions: sessionmaker[Session], claim: Claim, lease_seconds: floa
         now = database_now(session)
         job.heartbeat_at = now
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        # Set here, or the model's onupdate would stamp the worker's own clock.
+        job.updated_at = now
         return True
 
 
@@ -380,6 +352,8 @@ def merge_timings(session: Session, claim: Claim, timings: dict[str, float]) -> 
     job = session.get(Job, claim.job_id)
     if job is not None:
         job.timings = {**(job.timings or {}), **{k: round(v, 3) for k, v in timings.items()}}
+        # By the database's clock, not the model's onupdate (this process's clock).
+        job.updated_at = database_now(session)
 
 
 def finish(
@@ -438,7 +412,6 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
     int
         How many jobs were cancelled.
     """
-    now = database_now(session)
     reason = "superseded: a late instance re-opened the series"
     queued = session.scalars(
         select(Job)
@@ -449,6 +422,9 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
         )
         .with_for_update(skip_locked=True)
     ).all()
+    if not queued:
+        return 0  # the usual case: no need to ask the database for the time
+    now = database_now(session)
     for job in queued:
         job.state = JobState.CANCELLED
         job.last_error = reason
@@ -560,7 +536,6 @@ def fail(
         job.last_error = error
         job.lease_owner = None
         job.lease_expires_at = None
-        job.updated_at = now
         resend_only = _resend_only(session, job)
         give_back = False
         if retryable and delivery is not None:
@@ -612,6 +587,9 @@ def fail(
         )
         if give_back:
             job.attempts -= 1  # after the event, which records the attempt that ran
+        # Last: the queries above flushed the job's earlier changes, and an UPDATE that
+        # leaves updated_at out gets the model's onupdate, this process's clock.
+        job.updated_at = now
         return job.state
 
 
@@ -801,7 +779,6 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
             job.last_error = f"lease of worker {job.lease_owner} expired"
             job.lease_owner = None
             job.lease_expires_at = None
-            job.updated_at = now
             resend_only = _resend_only(session, job)
             if resend_only or job.attempts < job.max_attempts:
                 job.state = JobState.QUEUED
@@ -814,6 +791,8 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
             )
             if resend_only:
                 job.attempts -= 1  # it was only re-sending stored results
+            # Last, as in fail(): _resend_only's query flushed the changes before it.
+            job.updated_at = now
             log.warning("lease expired job_id=%d state=%s", job.id, job.state)
             count += 1
     return count

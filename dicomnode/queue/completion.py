@@ -194,7 +194,9 @@ def sweep(
         How many series were completed.
     """
     now = now or utcnow()
-    due, oldest = _due(settings, now)
+    # Without the scheduler's, one for this sweep alone: it remembers nothing past it.
+    not_yet = not_yet if not_yet is not None else NotYetDue()
+    due, latest_cutoff = _due(settings, now)
     # One short read of every candidate (past its modality's period: 20,000 of them take
     # 0.1-0.2 s); then each is judged, and completed, in its own transaction. Read-only:
     # on SQLite it takes no write lock from the listener.
@@ -203,12 +205,14 @@ def sweep(
             select(Series.id, Series.last_received_at)
             # The bare range lets the (state, last_received_at) index bound the scan and
             # give the order; ``due`` then filters each series by its own period.
-            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= oldest, due)
+            .where(
+                Series.state == SeriesState.RECEIVING, Series.last_received_at <= latest_cutoff, due
+            )
             .order_by(Series.last_received_at)
         ).all()
     completed = 0
     for series_id, received in candidates:
-        if not_yet is not None and not_yet.waiting(series_id, received, now):
+        if not_yet.waiting(series_id, received, now):
             continue
         try:
             done, not_before = _complete(sessions, settings, models, spool, series_id, due, now)
@@ -218,10 +222,8 @@ def sweep(
             log.error("series id %d: cannot read a header for routing (%s)", series_id, exc)
             continue
         completed += done
-        if not_yet is not None:
-            not_yet.remember(series_id, received, not_before)
-    if not_yet is not None:
-        not_yet.keep({series_id for series_id, _ in candidates})
+        not_yet.remember(series_id, received, not_before)
+    not_yet.keep({series_id for series_id, _ in candidates})
     return completed
 
 

@@ -18,14 +18,17 @@ from dicomnode.db import jobs
 from dicomnode.db.jobs import Claim
 from dicomnode.db.models import JobState
 from dicomnode.errors import (
+    DISK_FULL,
     ContentCheckFailed,
     DeliveryFailed,
     JobError,
     JobInterrupted,
     JobSuperseded,
+    ResultsDiskFull,
     WaitingForModel,
+    is_disk_full,
 )
-from dicomnode.pipeline import DISK_FULL, Pipeline, ResultsDiskFull, is_disk_full
+from dicomnode.pipeline import Pipeline
 from dicomnode.queue import content
 from dicomnode.queue.doorbell import Doorbell
 

@@ -212,6 +212,24 @@ class Spool:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
+    def has_free(self, min_bytes: int) -> bool:
+        """Return whether the spool's filesystem has at least ``min_bytes`` free.
+
+        The one test of a free-space watermark, for the listener (``storage.min_free_mb``
+        before it takes an instance) and the worker (before it runs a model again).
+
+        Parameters
+        ----------
+        min_bytes : int
+            The watermark; 0 or less asks for nothing, and the disk is not looked at.
+
+        Returns
+        -------
+        bool
+            True if at least ``min_bytes`` are available to an unprivileged writer.
+        """
+        return min_bytes <= 0 or self.free_bytes() >= min_bytes
+
     def remove(self, relative: str | Path) -> None:
         """Delete a file if it exists (used to undo a write whose row failed).
 

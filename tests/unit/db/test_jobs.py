@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select, update
 
 from dicomnode.db import jobs, models
-from dicomnode.db.engine import transaction
+from dicomnode.db.engine import database_now, transaction
 from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, utcnow
 from tests.conftest import wait_for
 from tests.factories import add_series
@@ -132,6 +132,43 @@ def test_reaper_requeues_expired_leases(sessions, series_id: int) -> None:
     assert not jobs.finish(sessions, claim)
     again = jobs.claim(sessions, "w2", 60)
     assert again is not None and again.attempt == 2
+
+
+def last_event_at(sessions, job_id: int) -> datetime:
+    with sessions() as s:
+        return s.scalars(
+            select(JobEvent.at).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+        ).first()
+
+
+def test_updated_at_is_the_database_time_of_the_latest_change(sessions, series_id: int) -> None:
+    # Each is compared with a time its own transaction stamped elsewhere: had the
+    # model's onupdate filled it in, it would hold this process's clock instead.
+    job_id = add_job(sessions, series_id, "m", max_attempts=2)
+    claim = jobs.claim(sessions, "w1", 60)
+    assert jobs.heartbeat(sessions, claim, 60)
+    job = state(sessions, job_id)
+    assert job.updated_at == job.heartbeat_at
+    with transaction(sessions) as s:
+        jobs.merge_timings(s, claim, {"load_s": 1.0})
+        now = database_now(s)
+    assert state(sessions, job_id).updated_at == now
+    got = jobs.fail(sessions, claim, "hiccup", retryable=True, base_seconds=0.001)
+    assert got == JobState.QUEUED
+    assert state(sessions, job_id).updated_at == last_event_at(sessions, job_id)
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
+    claim = jobs.claim(sessions, "w1", 60)
+    assert jobs.fail(sessions, claim, "bad input", retryable=False, base_seconds=1) == "failed"
+    job = state(sessions, job_id)
+    assert job.updated_at == job.finished_at == last_event_at(sessions, job_id)
+
+    other = add_job(sessions, series_id, "n")
+    assert jobs.claim(sessions, "dead-worker", 60) is not None
+    with transaction(sessions) as s:
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert jobs.reap_expired(sessions) == 1
+    assert state(sessions, other).updated_at == last_event_at(sessions, other)
 
 
 def test_retry_delay_grows_and_is_capped() -> None:

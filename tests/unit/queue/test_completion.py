@@ -277,21 +277,25 @@ def test_series_waiting_for_their_modalitys_long_period_hold_back_nothing(
     assert sweep(sessions, settings, MODELS, spool, now=utcnow() + timedelta(seconds=3601)) == 150
 
 
+# A route that holds the series it matches (only their header tells which) for an hour.
+HOLDING = parse_settings(
+    {
+        "completion": {"quiet_seconds": 30},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": 4242}],
+        "routes": [
+            {"name": "perfusion", "match": {"SeriesDescription": "PERFUSION"},
+             "models": ["lung-unet2d"], "send_to": ["pacs"], "quiet_seconds": 3600},
+        ],
+    },
+    environ={},
+)  # fmt: skip
+
+
 def test_series_a_route_holds_back_do_not_hold_back_those_behind(
     spool: Spool, sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = parse_settings(
-        {
-            "completion": {"quiet_seconds": 30},
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": 4242}],
-            "routes": [
-                {"name": "perfusion", "match": {"SeriesDescription": "PERFUSION"},
-                 "models": ["lung-unet2d"], "send_to": ["pacs"], "quiet_seconds": 3600},
-            ],
-        },
-        environ={},
-    )  # fmt: skip
+    settings = HOLDING
     # Only the header tells which series the route wants quiet for an hour: all 300
     # are candidates after 30 s, the older half for a route that waits longer.
     held = one_slice_series(150, description="PERFUSION")
@@ -313,4 +317,25 @@ def test_series_a_route_holds_back_do_not_hold_back_those_behind(
         f.rename(f.with_suffix(".dcm"))
     hour = utcnow() + timedelta(seconds=3601)
     assert sweep(sessions, settings, MODELS, spool, now=hour, not_yet=not_yet) == 150
+    assert not_yet.until == {}
+
+
+def test_a_held_series_whose_last_instance_arrives_completes_when_counted(
+    spool: Spool, sessions
+) -> None:
+    series = ct_series(np.zeros((2, 8, 8), np.float32))
+    for ds in series:
+        ds.SeriesDescription = "PERFUSION"
+        ds.ImagesInAcquisition = 2
+    receive(spool, sessions, series[:1])
+    not_yet = NotYetDue()
+    later = utcnow() + timedelta(seconds=31)
+    assert sweep(sessions, HOLDING, MODELS, spool, now=later, not_yet=not_yet) == 0
+    assert len(not_yet.until) == 1  # remembered as not due before the route's hour
+    receive(spool, sessions, series[1:])  # 2 of 2: due after the counted period
+    # What was remembered was about the series as it was before this instance: the
+    # sweep must look again, not skip it until the hour is up.
+    soon = utcnow() + timedelta(seconds=HOLDING.completion.counted_quiet_seconds + 1)
+    assert sweep(sessions, HOLDING, MODELS, spool, now=soon, not_yet=not_yet) == 1
+    assert complete_uids(sessions) == {series[0].SeriesInstanceUID}
     assert not_yet.until == {}
