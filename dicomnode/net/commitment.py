@@ -133,7 +133,7 @@ def request_commitment(
     refs: Sequence[tuple[str, str]],
     transaction_uid: str,
     calling_ae: str,
-    handler: ReportHandler | None = None,
+    sessions: sessionmaker[Session],
 ) -> None:
     """Send the N-ACTION that asks ``destination`` to commit to keeping ``refs``.
 
@@ -147,9 +147,9 @@ def request_commitment(
         Recorded on the delivery before this is called.
     calling_ae : str
         Our AE title; the PACS must know it (and our listener's address) to report.
-    handler : ReportHandler, optional
-        Handles a report that arrives on this association before it is released;
-        it accepts one only for a transaction of ``destination``.
+    sessions : sessionmaker[Session]
+        Where a report that arrives on this association before it is released is
+        recorded; it counts for a transaction of ``destination`` only.
 
     Raises
     ------
@@ -160,11 +160,10 @@ def request_commitment(
     """
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    # The peer on this association is the destination we called: a report on it counts
-    # for that destination's transactions only, whatever the handler was built for.
-    bound = None if handler is None else handler.bound_to(destination)
-    handlers = [] if bound is None else [(evt.EVT_N_EVENT_REPORT, bound)]
-    assoc = associate(ae, destination, handlers)
+    # The peer on this association is the destination we called: no need to check who
+    # it is, but a report on it counts for that destination's transactions only.
+    reports = ReportHandler(sessions, [destination], called=True)
+    assoc = associate(ae, destination, [(evt.EVT_N_EVENT_REPORT, reports)])
     name = destination.name
     try:
         if not any(c.abstract_syntax == STORAGE_COMMITMENT_PUSH for c in assoc.accepted_contexts):
@@ -188,8 +187,7 @@ def request_commitment(
     finally:
         if assoc.is_established:
             assoc.release()
-        if bound is not None:
-            bound.receipts.flush()
+        reports.receipts.flush()
     log.info(
         "commitment requested destination=%s transaction_uid=%s objects=%d",
         name,
@@ -231,16 +229,8 @@ def resolve(host: str) -> frozenset[IPAddress]:
 
 def _reporter(assoc: Any) -> tuple[str, str]:
     """Return the AE title and address of the peer that sent a report on ``assoc``."""
-    if assoc.is_requestor:
-        # Our own N-ACTION association: the peer is its acceptor, and the address we
-        # called may be a name; the socket says which address answered.
-        sock = getattr(assoc.dul.socket, "socket", None)
-        try:
-            address = str(sock.getpeername()[0]) if sock is not None else ""
-        except OSError:
-            address = ""
-        return str(assoc.acceptor.ae_title), address or str(assoc.acceptor.address)
-    return str(assoc.requestor.ae_title), str(assoc.requestor.address)
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return str(peer.ae_title), str(peer.address)
 
 
 class ReportHandler:
@@ -259,6 +249,9 @@ class ReportHandler:
         stop writes what is still counted); a handler of its own otherwise.
     resolver : Callable[[str], frozenset], optional
         Host name to addresses (:func:`resolve`); replaceable for tests.
+    called : bool
+        The handler of an association we opened to its one destination: the peer is
+        that destination, and is not checked again.
     """
 
     def __init__(
@@ -268,30 +261,15 @@ class ReportHandler:
         *,
         receipts: Receipts | None = None,
         resolver: Callable[[str], frozenset[IPAddress]] = resolve,
+        called: bool = False,
     ) -> None:
         self.sessions = sessions
+        self.called = called
         self.destinations = tuple(destinations)
         self.receipts = receipts if receipts is not None else Receipts(sessions)
         self._resolver = resolver
         self._lock = threading.Lock()
         self._resolved: dict[str, tuple[float, frozenset[IPAddress]]] = {}
-
-    def bound_to(self, destination: Destination) -> ReportHandler:
-        """Return a handler that accepts reports from ``destination`` only.
-
-        Parameters
-        ----------
-        destination : Destination
-            The destination asked to commit on this association.
-
-        Returns
-        -------
-        ReportHandler
-            Same database, receipts and resolver.
-        """
-        return ReportHandler(
-            self.sessions, [destination], receipts=self.receipts, resolver=self._resolver
-        )
 
     def _addresses(self, host: str) -> frozenset[IPAddress]:
         now = time.monotonic()
@@ -320,16 +298,14 @@ class ReportHandler:
         list[Destination]
             Usually one; several when destinations share the AE title and host.
         """
+        if self.called:
+            return list(self.destinations)
         ip = ip_address(address)
         title = calling_ae.strip()
         return [
             d
             for d in self.destinations
-            if d.ae_title.strip() == title
-            # Not an address: only our own association to a destination, whose socket
-            # was gone, names the peer by the host we called (an accepted socket always
-            # gives an address, so a peer cannot send a name).
-            and (address == d.host if ip is None else ip in self._addresses(d.host))
+            if d.ae_title.strip() == title and ip is not None and ip in self._addresses(d.host)
         ]
 
     def _refuse(self, address: str, calling_ae: str, why: str) -> tuple[Dataset, None]:

@@ -87,7 +87,7 @@ def test_commitment_confirmed_by_orthanc_and_a_missing_instance_fails(
         uid = commitment.new_transaction_uid()
         with transaction(sessions) as s:
             commitment_db.request(s, s.scalars(select(Delivery)).one(), uid)
-        commitment.request_commitment(dest, refs, uid, settings.listener.ae_title)
+        commitment.request_commitment(dest, refs, uid, settings.listener.ae_title, sessions)
         assert wait_for(lambda: the_delivery(sessions).commitment_failed is not None, timeout=30)
         delivery = the_delivery(sessions)
         assert delivery.commitment_failed.startswith("1 object(s) not committed (reason 0x")
