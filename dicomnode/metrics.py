@@ -21,6 +21,7 @@ destination names and rejection reasons, all from the configuration or the code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import queue
@@ -467,34 +468,55 @@ class _BoundedServer(WSGIServer):
             selector.register(self._wake_read, selectors.EVENT_READ)
 
             def drop(conn: socket.socket) -> None:
-                selector.unregister(conn)
-                del pending[conn]
+                # Whatever an error below left half done, the connection goes: one
+                # that stayed in ``pending`` would be dropped again at every turn.
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(conn)
+                pending.pop(conn, None)
                 conn.close()
 
             try:
                 while True:
-                    oldest = next(iter(pending.values()), None)
-                    wait = None if oldest is None else max(oldest.deadline - time.monotonic(), 0)
-                    for key, _ in selector.select(wait):
-                        if key.fileobj is self._wake_read:
+                    try:
+                        if self._read_once(listening, selector, pending, drop):
                             return
-                        if key.fileobj is listening:
-                            self._accept(listening, selector, pending, drop)
-                            continue
-                        conn = key.fileobj
-                        assert isinstance(conn, socket.socket)
-                        if conn in pending:
-                            self._receive(conn, pending, selector, drop)
-                    now = time.monotonic()
-                    # Deadlines are set at accept, so the oldest expire first.
-                    while pending:
-                        conn, first = next(iter(pending.items()))
-                        if first.deadline > now:
-                            break
-                        drop(conn)
+                    except Exception:
+                        # This thread is /metrics and /healthz: whatever one connection
+                        # did to it, the next scrape and probe must still be read.
+                        log.exception("metrics: unexpected error, going on")
+                        time.sleep(0.1)
             finally:
                 for conn in list(pending):
                     drop(conn)
+
+    def _read_once(
+        self,
+        listening: socket.socket,
+        selector: selectors.BaseSelector,
+        pending: dict[socket.socket, _Pending],
+        drop: Callable[[socket.socket], None],
+    ) -> bool:
+        """Wait for one batch of events and handle it; return True once asked to stop."""
+        oldest = next(iter(pending.values()), None)
+        wait = None if oldest is None else max(oldest.deadline - time.monotonic(), 0)
+        for key, _ in selector.select(wait):
+            if key.fileobj is self._wake_read:
+                return True
+            if key.fileobj is listening:
+                self._accept(listening, selector, pending, drop)
+                continue
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            if conn in pending:
+                self._receive(conn, pending, selector, drop)
+        now = time.monotonic()
+        # Deadlines are set at accept, so the oldest expire first.
+        while pending:
+            conn, first = next(iter(pending.items()))
+            if first.deadline > now:
+                break
+            drop(conn)
+        return False
 
     def _accept(
         self,
@@ -509,8 +531,10 @@ class _BoundedServer(WSGIServer):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # Out of descriptors, most likely: the listening socket stays readable,
-                # so give one back (the oldest half-sent request) or pause, not spin.
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # ECONNABORTED and the like: that connection is gone, not us
+                # Out of descriptors or memory: the listening socket stays readable, so
+                # give one back (the oldest half-sent request) or pause, not spin.
                 now = time.monotonic()
                 if now - self._accept_warned > 60:
                     self._accept_warned = now

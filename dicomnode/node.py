@@ -262,7 +262,7 @@ def _port_holder(name: str) -> str:
     return said if said.startswith(f"pid {pid} ") else f"pid {pid}"
 
 
-def raise_descriptor_limit(listener: ListenerSettings) -> int:
+def raise_descriptor_limit(listener: ListenerSettings) -> None:
     """Raise this process's soft descriptor limit to its hard limit, and log it.
 
     Idle connections cost descriptors: at the usual soft limit of 1024 a few hundred
@@ -276,11 +276,6 @@ def raise_descriptor_limit(listener: ListenerSettings) -> int:
     listener : ListenerSettings
         The limit should hold ``max_associations`` associations and
         ``max_pending_connections`` connections waiting for their request.
-
-    Returns
-    -------
-    int
-        The soft limit the process runs with.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
@@ -300,25 +295,27 @@ def raise_descriptor_limit(listener: ListenerSettings) -> int:
         + listener.max_pending_connections
         + DESCRIPTORS_BASELINE
     )
+    # docs/deployment.md and docs/troubleshooting.md quote both wordings, which place
+    # the values differently: they go by name, so one call serves either.
     if soft < needed:
-        log.warning(
-            "descriptor limit %d is below the %d that listener.max_associations=%d and "
-            "max_pending_connections=%d need: raise LimitNOFILE (docs/deployment.md)",
-            soft,
-            needed,
-            listener.max_associations,
-            listener.max_pending_connections,
+        level, clause = (
+            logging.WARNING,
+            "is below the %(needed)d that listener.max_associations=%(associations)d and "
+            "max_pending_connections=%(pending)d need: raise LimitNOFILE (docs/deployment.md)",
         )
     else:
-        log.info(
-            "descriptor limit %d (listener.max_associations=%d and "
-            "max_pending_connections=%d need %d)",
-            soft,
-            listener.max_associations,
-            listener.max_pending_connections,
-            needed,
+        level, clause = (
+            logging.INFO,
+            "(listener.max_associations=%(associations)d and "
+            "max_pending_connections=%(pending)d need %(needed)d)",
         )
-    return soft
+    values = {
+        "soft": soft,
+        "needed": needed,
+        "associations": listener.max_associations,
+        "pending": listener.max_pending_connections,
+    }
+    log.log(level, "descriptor limit %(soft)d " + clause, values)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,12 +83,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
     return bool(condition())
 
 
-def memory_bytes(pid: int | str = "self", field: str = "VmHWM") -> int:
-    """Return a process's memory figure from /proc: VmHWM (peak resident) or VmRSS (now)."""
+def proc_status(pid: int | str, field: str) -> int:
+    """Return a number from /proc/PID/status: ``Threads``, or ``VmHWM`` in kB, ..."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
+            return int(line.split()[1])
     raise AssertionError(f"no {field} for process {pid}")
+
+
+def memory_bytes(pid: int | str = "self", field: str = "VmHWM") -> int:
+    """Return a process's memory figure from /proc: VmHWM (peak resident) or VmRSS (now)."""
+    return proc_status(pid, field) * 1024
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -123,8 +128,10 @@ def sessions(engine):
 def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
     """Start in-process listeners on loopback (each with its own spool); stopped after.
 
-    ``make_listener(ingest={...}, **listener_settings)``: ``ingest`` goes to the
-    Ingestor (``min_free_bytes``, ``max_instance_bytes``), the rest to ListenerSettings.
+    ``make_listener(ingest={...}, destinations=[...], sessions=..., **listener_settings)``:
+    ``ingest`` goes to the Ingestor (``min_free_bytes``, ``max_instance_bytes``),
+    ``destinations`` to the Listener (whose commitment reports it takes), ``sessions``
+    (the fixture's by default) to the Ingestor, the rest to ListenerSettings.
     """
     from dicomnode.config import ListenerSettings
     from dicomnode.net.scp import Listener
@@ -132,8 +139,14 @@ def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
     from dicomnode.store.spool import Spool
 
     started: list[Listener] = []
+    shared = sessions
 
-    def make(ingest: dict | None = None, **settings: object) -> Listener:
+    def make(
+        ingest: dict | None = None,
+        destinations: Sequence[object] = (),
+        sessions: object = None,
+        **settings: object,
+    ) -> Listener:
         config = ListenerSettings(
             ae_title="DICOMNODE",
             host="127.0.0.1",
@@ -141,7 +154,11 @@ def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
             **settings,  # type: ignore[arg-type]
         )
         spool = Spool(tmp_path / ("spool" if not started else f"spool{len(started)}"))
-        node = Listener(config, Ingestor(spool, sessions, **(ingest or {})))
+        node = Listener(
+            config,
+            Ingestor(spool, sessions or shared, **(ingest or {})),  # type: ignore[arg-type]
+            destinations=destinations,  # type: ignore[arg-type]
+        )
         node.start()
         started.append(node)
         return node

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import struct
 import zlib
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from tests.factories import ct_series
 
 UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 def dataset_bytes(ds: Dataset) -> bytes:
@@ -65,6 +70,14 @@ def element(tag: int, vr: bytes, value: bytes, *, length: int | None = None) -> 
     if vr in _LONG_VRS:
         return head + b"\x00\x00" + length.to_bytes(4, "little") + value
     return head + length.to_bytes(2, "little") + value
+
+
+def with_raw(ds: Dataset, tag: int, vr: bytes, raw: bytes) -> bytes:
+    """Encode ``ds`` (explicit VR) with element ``tag`` holding ``raw``, whatever it is."""
+    if tag in ds:
+        del ds[tag]
+    raw += b" " * (len(raw) % 2)
+    return explicit_file(ds, insert_element(dataset_bytes(ds), tag, element(tag, vr, raw)))
 
 
 def item(content: bytes) -> bytes:
@@ -125,9 +138,6 @@ def deflate_bomb(mib: int) -> bytes:
     return deflated(ds, pixel_header(mib * 2**20), chunks=mib)
 
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
 def element_bomb(path: Path, inflated: int, uid: str | None = None) -> Path:
     """Write a deflated CT instance whose dataset inflates to about ``inflated`` bytes.
 
@@ -149,42 +159,17 @@ def element_bomb(path: Path, inflated: int, uid: str | None = None) -> Path:
     Path
         ``path``.
     """
-    import zlib
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.uid import generate_uid
-
-    sop_uid = uid or generate_uid()
     ds = Dataset()
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = uid or generate_uid()
     ds.StudyInstanceUID = f"{uid}.1" if uid else generate_uid()
     ds.SeriesInstanceUID = f"{uid}.2" if uid else generate_uid()
     ds.Modality = "CT"
-    header = DicomBytesIO()
-    header.is_little_endian, header.is_implicit_VR = True, False
-    write_dataset(header, ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    meta_bytes = DicomBytesIO()
-    meta_bytes.is_little_endian, meta_bytes.is_implicit_VR = True, False
-    write_file_meta_info(meta_bytes, meta)
     inflated -= inflated % 2
-    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    with path.open("wb") as out:
-        out.write(bytes(128) + b"DICM" + meta_bytes.getvalue())
-        out.write(squeeze.compress(header.getvalue()))
-        # (0009,0010) would need a creator; an OB element of a public tag will do.
-        out.write(squeeze.compress(struct.pack("<HH2sHI", 0x0042, 0x0011, b"OB", 0, inflated)))
-        zeros = bytes(2**20)
-        left = inflated
-        while left:
-            step = min(left, len(zeros))
-            out.write(squeeze.compress(zeros[:step]))
-            left -= step
-        out.write(squeeze.flush())
+    mib, rest = divmod(inflated, 2**20)
+    # (0009,0010) would need a creator; an OB element of a public tag will do. Its
+    # zeros are the odd bytes here, then whole MiB from deflated_file.
+    bulk = element(0x00420011, b"OB", bytes(rest), length=inflated)
+    path.write_bytes(deflated_file(ds, dataset_bytes(ds) + bulk, zeros_mib=mib))
     return path

@@ -29,6 +29,7 @@ import struct
 import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -42,6 +43,7 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
 from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -138,6 +140,42 @@ def _text(ds: Dataset, keyword: str) -> Any:
 
 # The index columns are 32-bit integers on both databases (PostgreSQL refuses more).
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+# Series whose left-out values were logged at WARNING: one line per series, not one per
+# image. Bounded, oldest forgotten first, since a node receives series for years; the
+# lock because every association stores on a thread of its own.
+_WARNED_SERIES_MAX = 1024
+_warned_series: OrderedDict[str, None] = OrderedDict()
+_warned_lock = threading.Lock()
+
+
+def _first_warning(series_uid: str) -> bool:
+    """Return whether the series has not had its WARNING yet, and note that it has now."""
+    with _warned_lock:
+        if series_uid in _warned_series:
+            _warned_series.move_to_end(series_uid)  # a series still arriving stays noted
+            return False
+        _warned_series[series_uid] = None
+        if len(_warned_series) > _WARNED_SERIES_MAX:
+            _warned_series.popitem(last=False)
+        return True
+
+
+def _fit_text(value: str, length: int) -> tuple[str | None, str | None]:
+    """Return ``value`` as it may go into a text column of ``length``, and what was wrong.
+
+    PostgreSQL refuses NUL characters in text and the psycopg driver text it cannot
+    encode; SQLite takes both, but both databases get the same index. Returns the value
+    (None if it cannot go in at all, clipped if too long) and a problem (None if it fit).
+    """
+    if "\x00" in value:
+        return None, "has a NUL character (not indexed)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return None, "cannot be encoded (not indexed)"
+    if len(value) > length:
+        return value[:length], f"is longer than {length} characters (clipped)"
+    return value, None
 
 
 def _index_text(ds: Dataset, keyword: str, length: int, problems: list[str]) -> str | None:
@@ -145,9 +183,7 @@ def _index_text(ds: Dataset, keyword: str, length: int, problems: list[str]) -> 
 
     These values only index the instance (the file keeps them as received), so one
     that does not fit is left out rather than refused: a refusal would have the sender
-    retry an image that can never be stored. PostgreSQL refuses NUL characters in text
-    and the psycopg driver text it cannot encode; SQLite takes both, but both databases
-    get the same index.
+    retry an image that can never be stored.
     """
     try:
         value = _text(ds, keyword)
@@ -156,18 +192,10 @@ def _index_text(ds: Dataset, keyword: str, length: int, problems: list[str]) -> 
         return None
     if value is None:
         return None
-    if "\x00" in value:
-        problems.append(f"{keyword} has a NUL character (not indexed)")
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        problems.append(f"{keyword} cannot be encoded (not indexed)")
-        return None
-    if len(value) > length:
-        problems.append(f"{keyword} is longer than {length} characters (clipped)")
-        return value[:length]
-    return value
+    fitted, problem = _fit_text(value, length)
+    if problem is not None:
+        problems.append(f"{keyword} {problem}")
+    return fitted
 
 
 def _index_int(ds: Dataset, keyword: str, problems: list[str]) -> int | None:
@@ -202,32 +230,14 @@ def index_value(value: str | None, length: int) -> str | None:
         The value clipped to ``length``, or None if it has a NUL character or cannot
         be encoded (PostgreSQL would refuse the row).
     """
-    if value is None or "\x00" in value:
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return value[:length]
+    return None if value is None else _fit_text(value, length)[0]
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
+# The VRs with a 32-bit length in explicit VR (the others have 16 bits), as bytes.
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+_SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
 
 
 def check_element_lengths(ds: Dataset, end: int) -> None:
@@ -382,10 +392,6 @@ _inflations = threading.BoundedSemaphore(MAX_CONCURRENT_INFLATIONS)
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_SHORT_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO",
-    b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
-}  # fmt: skip
 _MAX_DEPTH = 64  # sequences nested deeper are no header anyone writes
 # The elements read_header and the pixel data check use; all have 16-bit lengths.
 _KEPT = frozenset(
@@ -439,8 +445,7 @@ class _Inflated:
         self._step = b""  # the latest inflated step, read up to _at
         self._at = 0
         self._inflated = 0
-        self._elements = 0
-        self.position = 0  # offset in the inflated dataset of the next byte read
+        self.elements = 0  # element headers read so far, sequence contents included
 
     def _inflate(self) -> bool:
         """Inflate the next step, the unread rest of this one kept; False at the end."""
@@ -472,7 +477,6 @@ class _Inflated:
             pass
         out = self._step[self._at : self._at + size]
         self._at += len(out)
-        self.position += len(out)
         return out
 
     def header(self, implicit: bool) -> tuple[int, bytes, int] | None:
@@ -493,8 +497,8 @@ class _Inflated:
             buffer, at = self._step[self._at :] + bytes(12 - rest), 0
         elif buffer is not self._step:
             buffer, at = self._step, self._at  # _fill inflated a step
-        self._elements += 1
-        if self._elements > MAX_DEFLATED_ELEMENTS:
+        self.elements += 1
+        if self.elements > MAX_DEFLATED_ELEMENTS:
             raise InstanceTooLarge(
                 f"deflated dataset has more than {MAX_DEFLATED_ELEMENTS:,} elements"
             )
@@ -513,7 +517,6 @@ class _Inflated:
         if size > len(self._step) - self._at:
             raise UnreadableInstance("deflated dataset is truncated")
         self._at += size
-        self.position += size
         return tag, vr, length
 
     def _fill(self, size: int) -> bool:
@@ -527,7 +530,6 @@ class _Inflated:
         """Drop the next ``size`` bytes without keeping them; return how many there were."""
         if len(self._step) - self._at >= size:  # most values: inside the current step
             self._at += size
-            self.position += size
             return size
         skipped = 0
         while True:
@@ -536,7 +538,6 @@ class _Inflated:
             skipped += taken
             if skipped == size or not self._inflate():
                 break
-        self.position += skipped
         return skipped
 
     def drain(self) -> int:
@@ -620,27 +621,27 @@ def _read_deflated(fp: BinaryIO, content: Buffer) -> Dataset | None:
     with _inflations:
         stream = _Inflated(content, fp.tell())
         kept: dict[BaseTag, DataElement | RawDataElement] = {}
-        count = 0
         pixels = None
         while (element := stream.header(implicit=False)) is not None:
             tag, vr, length = element
-            count += 1
             if tag == _PIXEL_DATA:
                 pixels = length
                 break
             if length == _UNDEFINED:
                 _skip_items(stream, tag, vr == b"UN", 1)
-            elif Tag(tag) in _KEPT and vr in _SHORT_VRS:
-                at = stream.position
+            elif tag in _KEPT and vr in _SHORT_VRS:  # a BaseTag hashes as its int
+                key = Tag(tag)
                 value = stream.read(length)
                 if len(value) < length:
-                    raise UnreadableInstance(f"element {Tag(tag)} runs past the end of the data")
-                kept[Tag(tag)] = RawDataElement(
-                    Tag(tag), vr.decode(), length, value, at, False, True, True, False
+                    raise UnreadableInstance(f"element {key} runs past the end of the data")
+                # value_tell (0) is only read by check_element_lengths, which this
+                # path does not need: a short value was refused just above.
+                kept[key] = RawDataElement(
+                    key, vr.decode(), length, value, 0, False, True, True, False
                 )
             else:
                 _skip_value(stream, tag, length)
-        if count == 0:
+        if stream.elements == 0:
             raise UnreadableInstance("dataset has no readable elements")
         ds = Dataset(kept)
         ds.set_original_encoding(False, True)
@@ -649,6 +650,31 @@ def _read_deflated(fp: BinaryIO, content: Buffer) -> Dataset | None:
             check_encapsulation(ds, pixels == _UNDEFINED)  # deflate is a native syntax
             _check_native_length(pixels, stream.drain(), ds)
     return ds
+
+
+_META_ELEMENT = struct.Struct("<H2x2sH")  # group, (element), VR, and a 16-bit length
+
+
+def _is_deflated(content: Buffer) -> bool:
+    """Return whether the file meta names the deflated transfer syntax.
+
+    Once per instance, so nothing is copied: the meta is searched where it lies. Its
+    end is found by walking its element headers, not from its group length, which
+    pydicom ignores too: one that stopped short would hand a deflate bomb to pydicom,
+    which inflates it whole.
+    """
+    end, limit = 132, min(len(content), 132 + _META_PEEK)
+    while end + 8 <= limit:
+        group, vr, length = _META_ELEMENT.unpack_from(content, end)
+        if group != 2:
+            break
+        if vr in _LONG_VRS:
+            end += 12 + int.from_bytes(content[end + 8 : end + 12], "little")
+        elif vr in _SHORT_VRS:
+            end += 8 + length
+        else:  # not explicit VR, which pydicom then reads as implicit: search it all
+            end = limit
+    return content.find(_DEFLATED, 132, min(end, limit)) >= 0
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -684,17 +710,21 @@ def database_error(exc: DBAPIError | PoolTimeout) -> IngestError:
     -------
     IngestError
         :class:`OutOfResources` (0xA700: retry later) when the database is out of reach,
-        busy or full, or the pool has no connection to spare; :class:`RecordRefused`
-        (0x0110) when it refuses the row itself (a value, a constraint, the schema): a
-        retry of the same instance would get the same answer.
+        busy or full, the pool has no connection to spare, or a unique constraint kept
+        failing; :class:`RecordRefused` (0x0110) when it refuses the row itself (a
+        value, a trigger, the schema): a retry of the same instance would get the same
+        answer.
     """
     if isinstance(exc, PoolTimeout):
         return OutOfResources("database error (no connection free in the pool)")
     name = type(exc.orig).__name__
     # OperationalError covers what passes: a lost connection, a lock or serialization
     # conflict, a full disk, an administrator's shutdown (PostgreSQL classes 08, 40,
-    # 53, 57, 58; SQLite's "database is locked" and "disk full").
-    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+    # 53, 57, 58; SQLite's "database is locked" and "disk full"). An IntegrityError
+    # that outlived _record_slow's retries is, in practice, concurrent stores of one
+    # study or series still colliding: a later retry gets through.
+    transient = OperationalError | InterfaceError | IntegrityError
+    if exc.connection_invalidated or isinstance(exc, transient):
         return OutOfResources(f"database error ({name})")
     return RecordRefused(f"database refused the instance's row ({name})")
 
@@ -756,7 +786,8 @@ def read_header(
     -------
     InstanceHeader
         The checked identifiers, and the values that index the instance: those that
-        do not fit their columns are None or clipped (one WARNING line names them).
+        do not fit their columns are None or clipped. A line names them: at WARNING
+        for the first instance of a series with a value left out, at DEBUG otherwise.
 
     Raises
     ------
@@ -772,7 +803,7 @@ def read_header(
         than :data:`MAX_DEFLATED_ELEMENTS` elements.
     """
     try:
-        ds = _read_deflated(fp, content) if _DEFLATED in bytes(content[132:_META_PEEK]) else None
+        ds = _read_deflated(fp, content) if _is_deflated(content) else None
         if ds is None:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             if len(ds) == 0:
@@ -814,8 +845,16 @@ def read_header(
         accession_number=_index_text(ds, "AccessionNumber", 16, problems),
     )
     if problems:
-        log.warning(
-            "index values adjusted sop_uid=%s: %s", header.sop_instance_uid, "; ".join(problems)
+        # A clipped value still finds its study, and a scanner that writes long accession
+        # numbers writes them in every image: not worth a line per image. A value left
+        # out is (a search by it finds nothing), but once per series says as much.
+        left_out = not all(problem.endswith("(clipped)") for problem in problems)
+        level = logging.WARNING if left_out and _first_warning(header.series_uid) else logging.DEBUG
+        log.log(
+            level,
+            "index values adjusted sop_uid=%s: %s",
+            header.sop_instance_uid,
+            "; ".join(problems),
         )
     return header
 
@@ -896,7 +935,7 @@ class Ingestor:
 
     def has_space(self) -> bool:
         """Return whether the spool's disk is above its free-space watermark."""
-        return not self.min_free_bytes or self.spool.free_bytes() >= self.min_free_bytes
+        return self.spool.has_free(self.min_free_bytes)
 
     def check_space(self) -> None:
         """Refuse work while the spool's disk is below its free-space watermark.

@@ -27,12 +27,14 @@ def write_config(
     worker_extra: str = "",
     destinations_extra: str = "",
     send_to: Sequence[str] = ("pacs",),
+    spool: Path | None = None,
 ) -> Path:
     """Write ``folder/node.toml``: one listener, one destination "pacs", one CT route.
 
     ``models_path`` points [models] at test-built packages and ``model`` names the
     route's model; ``worker_extra`` adds lines to [worker]; ``destinations_extra``
-    adds [[destinations]] tables, which ``send_to`` can name beside "pacs".
+    adds [[destinations]] tables, which ``send_to`` can name beside "pacs";
+    ``spool`` is storage.path ("spool" beside the config by default).
     """
     port = port or free_port()
     config = folder / "node.toml"
@@ -48,7 +50,7 @@ port = {port}
 [database]
 url = "{db_url}"
 [storage]
-path = "spool"
+path = "{spool or "spool"}"
 min_free_mb = 16
 [completion]
 quiet_seconds = {quiet_seconds}

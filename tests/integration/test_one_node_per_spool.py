@@ -20,19 +20,15 @@ HOLDER = r"pid (\d+) on host \S+, started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 def node_config(folder: Path, *, port: int | None = None, spool: Path | None = None) -> Path:
     """A node of its own (SQLite database in ``folder``), two receiver processes."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(
+    return write_config(
         folder,
         db_url=f"sqlite:///{folder / 'dicomnode.db'}",
         pacs_port=9,
         quiet_seconds=3600,
         port=port,
         listener_extra="processes = 2",
+        spool=spool,
     )
-    if spool is not None:
-        text = config.read_text()
-        assert 'path = "spool"' in text
-        config.write_text(text.replace('path = "spool"', f'path = "{spool}"'))
-    return config
 
 
 def refused(node: NodeProcess) -> str:
@@ -48,6 +44,16 @@ def refused(node: NodeProcess) -> str:
     return errors[0]
 
 
+def assert_held_by(line: str, message: str, holder: NodeProcess) -> None:
+    """Assert that ``line`` is all of ``message`` and names ``holder``'s pid.
+
+    ``message`` is a regex holding HOLDER, whose pid is its first group.
+    """
+    match = re.fullmatch(message, line)
+    assert match is not None, line
+    assert holder.proc is not None and match.group(1) == str(holder.proc.pid), line
+
+
 def test_a_second_node_on_the_same_port_is_refused_until_the_first_is_killed(
     tmp_path: Path,
 ) -> None:
@@ -58,13 +64,12 @@ def test_a_second_node_on_the_same_port_is_refused_until_the_first_is_killed(
         # Another database and another spool: only the port is shared.
         second = NodeProcess(node_config(tmp_path / "b", port=port))
         try:
-            line = refused(second)
-            assert re.fullmatch(
+            assert_held_by(
+                refused(second),
                 rf"dicomnode: listener port {port} is in use by another dicomnode on this "
                 rf"host \({HOLDER}\); one node per port",
-                line,
-            ), line
-            assert re.search(HOLDER, line).group(1) == str(first.proc.pid)  # type: ignore[union-attr]
+                first,
+            )
             assert first.proc.poll() is None  # the first node is untouched
 
             # kill -9 leaves no stale lock: the kernel released both with the process.
@@ -87,12 +92,12 @@ def test_a_second_node_on_the_same_spool_is_refused(tmp_path: Path) -> None:
             line = refused(second)
         finally:
             second.stop()
-        assert re.fullmatch(
+        assert_held_by(
+            line,
             rf"dicomnode: storage.path {re.escape(str(spool))} is in use by another "
             rf"listening dicomnode \({HOLDER}\); one listening node per spool",
-            line,
-        ), line
-        assert re.search(HOLDER, line).group(1) == str(first.proc.pid)  # type: ignore[union-attr]
+            first,
+        )
 
 
 def test_workers_share_the_spool_with_its_listener(tmp_path: Path) -> None:

@@ -160,10 +160,13 @@ def test_truncated_instance_is_refused(ingestor: Ingestor, series: list[Dataset]
     assert files(ingestor) == []
 
 
+# SQLite's RAISE() in a trigger is a constraint error, which ingest takes for concurrent
+# stores colliding ("retry later"); a blob beyond SQLite's maximum length is a DataError,
+# a refusal for good like PostgreSQL's RAISE EXCEPTION.
 FAIL_INSERTS = {
     "sqlite": [
         "CREATE TRIGGER fail_insert BEFORE INSERT ON instances "
-        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        "BEGIN SELECT zeroblob(2000000000); END"
     ],
     "postgresql": [
         "CREATE FUNCTION fail_insert() RETURNS trigger AS $$ "
@@ -233,10 +236,10 @@ def test_resend_whose_file_went_missing_is_written_again(
         assert s.scalars(select(Instance.path)).all() == [again.path]
 
 
-FAIL_UPDATES = {
+FAIL_UPDATES = {  # see FAIL_INSERTS
     "sqlite": [
         "CREATE TRIGGER fail_update BEFORE UPDATE ON instances "
-        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        "BEGIN SELECT zeroblob(2000000000); END"
     ],
     "postgresql": [
         "CREATE FUNCTION fail_update() RETURNS trigger AS $$ "

@@ -6,7 +6,10 @@ look closer at each case, on SQLite and PostgreSQL where a database is involved.
 
 from __future__ import annotations
 
+import logging
+import threading
 import tracemalloc
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,14 +41,15 @@ from dicomnode.errors import (
 )
 from dicomnode.net import status
 from dicomnode.pipeline import encode
+from dicomnode.store import ingest
 from dicomnode.store.ingest import (
     MAX_CONCURRENT_INFLATIONS,
     Ingestor,
-    _inflations,
     database_error,
     parse_header,
 )
 from dicomnode.store.spool import Spool
+from tests.conftest import wait_for
 from tests.deflated import (
     UNDEFINED,
     dataset_bytes,
@@ -53,11 +57,11 @@ from tests.deflated import (
     deflated_file,
     element,
     element_bomb,
-    explicit_file,
     insert_element,
     item,
     pixel_header,
     sequence,
+    with_raw,
     with_syntax,
 )
 from tests.factories import ct_series
@@ -70,14 +74,6 @@ def ingestor(tmp_path: Path, sessions) -> Ingestor:
 
 def one_ct() -> Dataset:
     return ct_series(np.zeros((1, 8, 8), np.float32))[0]
-
-
-def with_raw(ds: Dataset, tag: int, vr: bytes, raw: bytes) -> bytes:
-    """Encode ``ds`` (explicit VR) with element ``tag`` holding ``raw``, whatever it is."""
-    if tag in ds:
-        del ds[tag]
-    raw += b" " * (len(raw) % 2)
-    return explicit_file(ds, insert_element(dataset_bytes(ds), tag, element(tag, vr, raw)))
 
 
 # --- values that do not fit the index ----------------------------------------------------
@@ -168,6 +164,7 @@ def test_header_values_are_fitted_to_their_columns(
     held: object,
     logged: bool,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="dicomnode")  # a clipped value is said at DEBUG
     ds = one_ct()
     ds.SpecificCharacterSet = "ISO_IR 192"
     data = with_raw(ds, tag, vr, raw)
@@ -190,6 +187,60 @@ def test_header_values_are_fitted_to_their_columns(
     assert any(f"{keyword} " in line for line in ours) == logged, ours
     value = raw.decode(errors="ignore").split("\x00")[0]
     assert all(value not in line for line in ours), ours
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("dicomnode") and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+def test_a_clipped_value_is_no_warning_however_many_images_carry_it(
+    ingestor: Ingestor, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Some scanners write accession numbers longer than SH allows in every image: a
+    # WARNING per image would be a thousand lines per series, for a value still indexed.
+    caplog.set_level(logging.DEBUG, logger="dicomnode")
+    images = ct_series(np.zeros((40, 8, 8), np.float32))
+    for ds in images:
+        ds.AccessionNumber = "A" * 30
+        ingestor.store(encode(ds))
+    assert _warnings(caplog) == []
+    clipped = [r for r in caplog.records if "(clipped)" in r.getMessage()]
+    assert len(clipped) == len(images) and all(r.levelno == logging.DEBUG for r in clipped)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+def test_a_value_left_out_warns_once_per_series(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dicomnode")
+    first, second = (ct_series(np.zeros((5, 8, 8), np.float32)) for _ in range(2))
+    for ds in [*first, *second]:
+        parse_header(with_raw(ds, PATIENT_ID, b"LO", b"AB\x00CD"))
+    warned = _warnings(caplog)
+    assert len(warned) == 2, warned
+    assert all("PatientID has a NUL character (not indexed)" in line for line in warned)
+    assert warned[0].startswith(f"index values adjusted sop_uid={first[0].SOPInstanceUID}:")
+    assert warned[1].startswith(f"index values adjusted sop_uid={second[0].SOPInstanceUID}:")
+    # The other instances still say so, at DEBUG.
+    told = [r for r in caplog.records if "PatientID has a NUL" in r.getMessage()]
+    assert len(told) == 10
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+def test_the_series_warned_about_are_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Oldest forgotten first: a series seen again after that warns again.
+    monkeypatch.setattr(ingest, "_WARNED_SERIES_MAX", 2)
+    monkeypatch.setattr(ingest, "_warned_series", OrderedDict())
+    images = [one_ct() for _ in range(3)]
+    for ds in [*images, images[0]]:
+        parse_header(with_raw(ds, NUMBER, b"IS", b"twelve"))
+    assert len(_warnings(caplog)) == 4
+    assert len(ingest._warned_series) == 2
 
 
 def test_an_ae_title_the_database_would_refuse_is_left_out(ingestor: Ingestor, sessions) -> None:
@@ -220,7 +271,8 @@ def _wrapped(cls: type, orig: Exception) -> Exception:
         (_wrapped(InterfaceError, Exception("connection closed")), OutOfResources, 0xA700),
         (PoolTimeout("QueuePool limit of size 5 overflow 10 reached"), OutOfResources, 0xA700),
         (_wrapped(DataError, ValueError("integer out of range")), RecordRefused, 0x0110),
-        (_wrapped(IntegrityError, Exception("constraint")), RecordRefused, 0x0110),
+        # A unique constraint still failing after the retries: concurrent stores.
+        (_wrapped(IntegrityError, Exception("constraint")), OutOfResources, 0xA700),
         (_wrapped(ProgrammingError, Exception("no such table")), RecordRefused, 0x0110),
         (_wrapped(InternalError, Exception("raise exception")), RecordRefused, 0x0110),
     ],
@@ -416,6 +468,28 @@ def test_deflated_instances_are_checked_like_the_others(
     assert list((ingestor.spool.root / "incoming").rglob("*.dcm")) == []
 
 
+def test_a_deflated_header_is_streamed_whatever_its_group_length_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pydicom reads the file meta to its last group 2 element whatever (0002,0000) says:
+    # a group length that stopped short of the transfer syntax must not hand the file
+    # to pydicom, which would inflate all of it.
+    streamed: list[bool] = []
+    read_deflated = ingest._read_deflated
+
+    def spy(fp, content):  # type: ignore[no-untyped-def]
+        ds = read_deflated(fp, content)
+        streamed.append(ds is not None)
+        return ds
+
+    monkeypatch.setattr(ingest, "_read_deflated", spy)
+    data = deflated(one_ct())
+    for length in (0, 12):
+        lying = data[:140] + length.to_bytes(4, "little") + data[144:]
+        assert parse_header(lying).patient_id == "PID-TEST-0001"
+    assert streamed == [True, True]
+
+
 def test_sequences_in_a_deflated_header_are_skipped_not_parsed() -> None:
     # 80 000 tiny items (2 MiB inflated, a few KiB deflated) before the identifiers,
     # some of them implicit VR inside UN of undefined length: pydicom would build a
@@ -454,15 +528,37 @@ def test_deflated_bombs_inflate_in_bounded_steps() -> None:
     assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB"
 
 
-def test_inflations_at_once_are_limited() -> None:
-    assert MAX_CONCURRENT_INFLATIONS == 2
-    held = [_inflations.acquire(blocking=False) for _ in range(MAX_CONCURRENT_INFLATIONS + 1)]
+def test_inflations_at_once_are_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One more parse than may inflate at once, each held in its first inflation: the
+    # last must wait outside until one of the others is let go.
+    release = threading.Event()
+    inside: set[int] = set()
+    inflate = ingest._Inflated._inflate
+
+    def held(stream: ingest._Inflated) -> bool:
+        inside.add(threading.get_ident())
+        release.wait(30)
+        return inflate(stream)
+
+    monkeypatch.setattr(ingest._Inflated, "_inflate", held)
+    data = deflated(one_ct())
+    headers: list[str] = []
+    parses = [
+        threading.Thread(target=lambda: headers.append(parse_header(data).modality or ""))
+        for _ in range(MAX_CONCURRENT_INFLATIONS + 1)
+    ]
+    for parse in parses:
+        parse.start()
     try:
-        assert held == [True] * MAX_CONCURRENT_INFLATIONS + [False]
+        assert wait_for(lambda: len(inside) >= MAX_CONCURRENT_INFLATIONS, 10)
+        # Time for the last one to get in, were it not kept out.
+        assert not wait_for(lambda: len(inside) > MAX_CONCURRENT_INFLATIONS, 1)
     finally:
-        for taken in held:
-            if taken:
-                _inflations.release()
+        release.set()
+        for parse in parses:
+            parse.join(30)
+    assert len(inside) == MAX_CONCURRENT_INFLATIONS + 1
+    assert headers == ["CT"] * (MAX_CONCURRENT_INFLATIONS + 1)
 
 
 @pytest.mark.parametrize(("mib", "k"), [(4, 30), (16, 1), (16, 3)])
