@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Destination, Route, Settings
-from dicomnode.db import audit
+from dicomnode.db import audit, masks
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import database_now, transaction
 from dicomnode.db.jobs import Claim, failing_since, merge_timings, set_state
@@ -66,8 +66,9 @@ from dicomnode.inference.detect import DetectionResult, detect
 from dicomnode.inference.measurements import segment_stats
 from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.inference.volume import load_series
+from dicomnode.inference.volume import Volume, load_series
 from dicomnode.net import commitment, scu
+from dicomnode.outputs.contours import segment_outlines
 from dicomnode.outputs.findings import (
     detection_summary,
     finding_segments,
@@ -79,7 +80,7 @@ from dicomnode.outputs.headers import repair_source_headers
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.rejection import build_rejection_note
 from dicomnode.outputs.sc import build_overlay_capture
-from dicomnode.outputs.seg import build_segmentation
+from dicomnode.outputs.seg import UnusableSeg, build_segmentation, read_labels
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file
 from dicomnode.queue import content
@@ -335,6 +336,50 @@ class Pipeline:
             )
         return mask
 
+    def _reusable_mask(
+        self, ctx: JobContext, mask_spec: ModelSpec, volume: Volume
+    ) -> tuple[int, np.ndarray] | None:
+        """Return the mask model's labels as a job on this series already made them.
+
+        The mask model's route usually ran on the same series just before (a nodule
+        route waits for the lung route's verdict), and its SEG holds the very labels
+        running the model again would give: same model, same version, same series
+        generation (so the same instances). Reading the SEG back takes a fraction of a
+        second where the model takes many.
+
+        Returns
+        -------
+        tuple[int, np.ndarray] or None
+            The job that made the mask and its labels on ``volume``; None when there is
+            none to reuse, or it does not fit or read (the caller runs the model then).
+        """
+        with self.sessions() as session:
+            found = masks.find_mask(
+                session,
+                series_id=ctx.series_id,
+                generation=ctx.generation,
+                model=mask_spec.name,
+                version=mask_spec.version,
+            )
+        if found is None:
+            return None
+        try:
+            labels = read_labels(
+                self.spool.absolute(found.path),
+                volume,
+                [segment.label for segment in mask_spec.output.segments],
+            )
+        except UnusableSeg as exc:
+            log.info(
+                "job %d: not reusing the mask of job %d (%s); running the mask model",
+                ctx.job_id,
+                found.job_id,
+                exc,
+            )
+            return None
+        log.info("job %d: reusing the mask of job %d", ctx.job_id, found.job_id)
+        return found.job_id, labels
+
     def _make_outputs(
         self, ctx: JobContext, route: Route, checkpoint: Callable[[], None]
     ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
@@ -348,14 +393,24 @@ class Pipeline:
         checkpoint()
 
         detection: DetectionResult | None = None
+        mask_from_job: int | None = None
         classification: ClassificationResult | None = None
         if spec.task == "classification":
             classification = classify(spec, volume, self.cache, checkpoint=checkpoint)
             timings.update(classification.timings)
             labels, segments = np.zeros((0,), dtype=np.uint8), []
         elif spec.task == "detection":
+            mask_spec = self._mask_spec(spec)
+            started = time.perf_counter()
+            reused = self._reusable_mask(ctx, mask_spec, volume)
+            mask: np.ndarray | None = None
+            if reused is not None:
+                mask_from_job, mask = reused
+                # Instead of mask_inference_s and mask_postprocess_s, which detect()
+                # records only when it runs the mask model itself.
+                timings["mask_load_s"] = time.perf_counter() - started
             detection = detect(
-                spec, self._mask_spec(spec), volume, self.cache, checkpoint=checkpoint
+                spec, mask_spec, volume, self.cache, checkpoint=checkpoint, mask=mask
             )
             timings.update(detection.timings)
             labels = detection.labels(volume.shape)
@@ -422,6 +477,10 @@ class Pipeline:
                 sop_uid=provenance.uid(*identity, *version, "sr"),
                 series_number=base_number + 2,
                 findings=[] if detection is None else reported_findings(detection, volume),
+                # Findings have their circles; other segments are drawn by outline.
+                outlines=(
+                    segment_outlines(labels, len(segments), volume) if detection is None else []
+                ),
                 study=(
                     study_finding(spec, detection)
                     if detection is not None
@@ -448,7 +507,10 @@ class Pipeline:
             "slices": volume.shape[0],
         }
         if detection is not None:
-            summary["detection"] = detection_summary(detection)
+            found = detection_summary(detection, volume)
+            # Which job's mask bounded the search (None: this job ran the mask model).
+            found["mask_from_job"] = mask_from_job
+            summary["detection"] = found
         if classification is not None:
             summary["classification"] = {
                 "class": None if classification.chosen is None else classification.chosen.label,

@@ -28,7 +28,8 @@ STAGES = (
     "receive_s",
     "wait_s",
     "load_s",
-    "mask_inference_s",  # a detection model's mask model, then its candidate search
+    "mask_load_s",  # a detection model's mask, read back from the SEG of that model's job
+    "mask_inference_s",  # or made by running the mask model; then its candidate search
     "mask_postprocess_s",
     "candidates_s",
     "inference_s",
@@ -281,6 +282,11 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
     for segment in record["summary"].get("segments", []):
         mean = "-" if segment["mean"] is None else f"{segment['mean']:.1f}"
         print(f"segment       {segment['label']}: {segment['volume_ml']:.1f} mL, mean {mean}")
+    detection = record["summary"].get("detection")
+    for finding in [] if detection is None else detection["findings"]:
+        print(f"finding       {_finding_line(finding)}")
+    if detection is not None and detection.get("mask_from_job"):
+        print(f"{'lung mask':<14}from job {detection['mask_from_job']}")
     for out in record["outputs"]:
         print(f"output        {out['kind']:<4} {out['sop_instance_uid']}  {out['path']}")
     for d in record["deliveries"]:
@@ -304,6 +310,22 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
         note = f"  ({e['note']})" if e["note"] else ""
         print(f"  {format_time(e['at'])}  {step:<20} attempt {e['attempt']}{where}{note}")
     return 0
+
+
+def _finding_line(finding: dict[str, Any]) -> str:
+    """Return one finding as ``jobs show`` prints it: where, how large, how likely."""
+    x, y, z = finding["center_mm"]
+    where = f"at ({x:.1f}, {y:.1f}, {z:.1f}) mm LPS"
+    if finding.get("slice") is not None:  # summaries before 0.1's slice field lack it
+        where += f", slice {finding['slice']}"
+        if finding.get("instance_number") is not None:
+            where += f" (instance {finding['instance_number']})"
+    size = f"{finding['diameter_mm']:.1f} mm"
+    if finding.get("short_axis_mm") is not None:
+        size += f" x {finding['short_axis_mm']:.1f} mm"
+    if finding.get("volume_ml") is not None:
+        size += f", {finding['volume_ml']:.2f} mL"
+    return f"{finding['number']}: {where}; {size}; probability {finding['probability']:.2f}"
 
 
 def _act(

@@ -106,3 +106,36 @@ def read_findings(path: Path, grids: Mapping[str, SourceGrid]) -> tuple[str, lis
         )
         series = series or grid.series_uid
     return series, findings
+
+
+def read_verdicts(ds: pydicom.Dataset) -> dict[str, tuple[hd.sr.CodedConcept, float]]:
+    """Return a report's verdicts: what was asked, the answer and its probability.
+
+    A detection model says whether any finding is present, a classification model
+    which class the series is; both are in TID 1500's Qualitative Evaluations
+    container, each a coded answer followed by a text item with its probability.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A Comprehensive 3D SR written by dicomnode.
+
+    Returns
+    -------
+    dict
+        The question's code meaning -> (the coded answer, the probability).
+    """
+    out: dict[str, tuple[hd.sr.CodedConcept, float]] = {}
+    for container in ds.get("ContentSequence", []):
+        name = container.ConceptNameCodeSequence[0]
+        if (name.CodingSchemeDesignator, name.CodeValue) != ("UMLS", "C0034375"):
+            continue
+        question: str | None = None
+        answer: hd.sr.CodedConcept | None = None
+        for item in container.get("ContentSequence", []):
+            if item.ValueType == "CODE":
+                question = str(item.ConceptNameCodeSequence[0].CodeMeaning)
+                answer = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+            elif item.ValueType == "TEXT" and question is not None and answer is not None:
+                out[question] = (answer, float(str(item.TextValue).split()[0]))
+    return out

@@ -3,6 +3,8 @@
 A detection package (``task = "detection"``) names the segmentation model whose mask
 bounds the search (``detection.lung_model``). Both run from the same warm cache; the
 mask model's own faster back-end and agreement check apply as in a segmentation job.
+The caller may instead hand over that mask as another job already made it (read back
+from its SEG), and the mask model is then not run at all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from dicomnode.errors import ModelPackageError, PermanentJobError
 from dicomnode.inference.nodules import (
+    blob_diameter_mm,
     detect_candidates,
     extract_patches,
     nodule_extent,
@@ -23,7 +26,7 @@ from dicomnode.inference.nodules import (
     suppress,
 )
 from dicomnode.inference.registry import ModelSpec
-from dicomnode.inference.segment import ModelCache, check_input, segment
+from dicomnode.inference.segment import ModelCache, SegmentationResult, check_input, segment
 from dicomnode.inference.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,11 @@ class Finding:
     center : np.ndarray
         ``(3,)`` patient coordinates (LPS, mm).
     diameter_mm : float
-        Longest axial diameter.
+        Longest axial diameter (the long axis), measured on ``voxels``.
+    short_axis_mm : float
+        Its width perpendicular to the long axis, on the same slice.
+    long_axis_slice : int
+        The slice on which the long axis lies.
     probability : float
         The CNN's probability that it is what the package detects.
     voxels : np.ndarray
@@ -50,6 +57,8 @@ class Finding:
     center_index: np.ndarray
     center: np.ndarray
     diameter_mm: float
+    short_axis_mm: float
+    long_axis_slice: int
     probability: float
     voxels: np.ndarray
 
@@ -79,6 +88,7 @@ class DetectionResult:
 
 
 MAX_FINDINGS = 50  # a scan with more is a failed search, not 50 nodules to list
+MAX_DIAMETER_MM = 50.0  # the largest nodule segmented; a larger mass is not a nodule
 
 
 def detect(
@@ -87,6 +97,7 @@ def detect(
     volume: Volume,
     cache: ModelCache,
     checkpoint: Callable[[], None] | None = None,
+    mask: np.ndarray | None = None,
 ) -> DetectionResult:
     """Find objects in a volume with a detection package.
 
@@ -102,11 +113,15 @@ def detect(
         Warm models.
     checkpoint : callable, optional
         Called between steps; it raises to abandon the work.
+    mask : np.ndarray, optional
+        ``mask_spec``'s labels on this volume (``(slices, rows, columns)``, 0
+        background), as a job of that model made them; None to run ``mask_spec`` here.
 
     Returns
     -------
     DetectionResult
-        The findings and the time spent in each step.
+        The findings and the time spent in each step (no ``mask_*`` steps when
+        ``mask`` was given).
 
     Raises
     ------
@@ -114,13 +129,22 @@ def detect(
         If the series does not fit the models, or a model misbehaves.
     TransientJobError
         If the device runs out of memory.
+    ValueError
+        If ``mask`` is not of the volume's shape.
     """
     check_input(spec, volume)
     if volume.shape[0] < 3:
         raise PermanentJobError(
             f"model {spec.name}: needs at least 3 slices, the series has {volume.shape[0]}"
         )
-    lungs = segment(mask_spec, volume, cache, checkpoint=checkpoint)
+    if mask is None:
+        lungs = segment(mask_spec, volume, cache, checkpoint=checkpoint)
+    elif mask.shape != volume.shape:
+        raise ValueError(f"mask of shape {mask.shape} for a volume of shape {volume.shape}")
+    else:
+        # Already made by the mask model: no time of its own here (the caller, who
+        # found and read it, knows what that cost).
+        lungs = SegmentationResult(labels=mask)
     timings = {f"mask_{k}": v for k, v in lungs.timings.items()}
     if checkpoint is not None:
         checkpoint()
@@ -169,10 +193,18 @@ def detect(
     for i in suppress(points, probability, settings.merge_mm):
         if probability[i] < spec.output.threshold or len(findings) == MAX_FINDINGS:
             break  # suppress() returns the best first
-        diameter, voxels = nodule_extent(
-            volume.pixels, spacing, candidates.centers[i], lung=lungs.labels > 0
+        # The blob's own scale sizes the sphere it is segmented in: twice the diameter
+        # the detector saw leaves room for an irregular nodule, while the vessels it
+        # touches are cut where they leave that sphere.
+        extent = nodule_extent(
+            volume.pixels,
+            spacing,
+            candidates.centers[i],
+            lung=lungs.labels > 0,
+            max_diameter_mm=min(MAX_DIAMETER_MM, 2 * blob_diameter_mm(candidates.sigma_mm[i])),
         )
-        if diameter < settings.min_diameter_mm or len(voxels) == 0:
+        voxels = extent.voxels
+        if extent.long_axis_mm < settings.min_diameter_mm or len(voxels) == 0:
             continue
         # A large nodule can hold two candidates further apart than merge_mm: the
         # weaker one is the same object when most of it is already a finding.
@@ -183,7 +215,9 @@ def detect(
             Finding(
                 center_index=candidates.centers[i],
                 center=points[i],
-                diameter_mm=diameter,
+                diameter_mm=extent.long_axis_mm,
+                short_axis_mm=extent.short_axis_mm,
+                long_axis_slice=extent.long_axis_slice,
                 probability=float(probability[i]),
                 voxels=voxels,
             )

@@ -253,6 +253,64 @@ def suppress(centers_mm: np.ndarray, scores: np.ndarray, radius_mm: float) -> np
     return np.asarray(kept, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Extent:
+    """A nodule as segmented around its centre, and its diameters on those voxels.
+
+    Attributes
+    ----------
+    long_axis_mm : float
+        The longest in-plane diameter over all its slices (0 when nothing was found).
+    short_axis_mm : float
+        Its width perpendicular to the long axis, on the long axis's slice.
+    long_axis_slice : int
+        The slice on which the long axis lies (-1 when nothing was found).
+    voxels : np.ndarray
+        ``(m, 3)`` voxel indices ``(slice, row, column)``: what the SEG shows and
+        what its volume is measured on.
+    """
+
+    long_axis_mm: float
+    short_axis_mm: float
+    long_axis_slice: int
+    voxels: np.ndarray
+
+    def volume_mm3(self, spacing: Sequence[float]) -> float:
+        """Return the volume of its voxels."""
+        return float(len(self.voxels) * np.prod(np.asarray(spacing, dtype=np.float64)))
+
+
+NOTHING = Extent(0.0, 0.0, -1, np.empty((0, 3), dtype=np.int64))
+
+
+def blob_diameter_mm(sigma_mm: float) -> float:
+    """Return the diameter of the sphere a scale-normalised LoG finds best at ``sigma_mm``.
+
+    In three dimensions the response of a solid sphere of radius r peaks at
+    sigma = r / sqrt(3).
+    """
+    return 2.0 * np.sqrt(3.0) * float(sigma_mm)
+
+
+def _axes(mask: np.ndarray, step: np.ndarray) -> tuple[float, float]:
+    """Return the longest chord of a 2-D mask and its width perpendicular to it, in mm."""
+    # The longest chord runs between boundary pixels, so only those are compared.
+    edge = np.argwhere(mask & ~ndi.binary_erosion(mask)) * step
+    gaps = edge[:, None, :] - edge[None, :, :]
+    lengths = (gaps**2).sum(-1)
+    i, j = np.unravel_index(int(np.argmax(lengths)), lengths.shape)
+    longest = float(np.sqrt(lengths[i, j]))
+    pixel = float(step[0])
+    if longest == 0.0:
+        return pixel, pixel  # a single pixel is one pixel wide each way
+    direction = gaps[i, j] / longest
+    across = np.array([-direction[1], direction[0]])
+    spread = np.argwhere(mask) * step @ across
+    # Each extreme measures from pixel centre to pixel centre: one pixel more is the
+    # object's edge to edge, as a reader's calliper would measure it.
+    return longest + pixel, float(spread.max() - spread.min()) + pixel
+
+
 def nodule_extent(
     hu: np.ndarray,
     spacing: Sequence[float],
@@ -261,14 +319,16 @@ def nodule_extent(
     max_diameter_mm: float = 50.0,
     threshold_hu: float = -500.0,
     opening_mm: float = 1.5,
-) -> tuple[float, np.ndarray]:
-    """Measure a nodule: its longest axial diameter and its dense voxels.
+) -> Extent:
+    """Segment a nodule around its centre and measure it on its own voxels.
 
     The nodule is the dense voxels (above ``threshold_hu``) connected to the centre,
-    within a box of ``max_diameter_mm``. Three things keep vessels and the chest wall
-    out of it: only voxels inside the lung region count (``lung``, with holes and
-    bites filled by :func:`lung_region`); an opening of ``opening_mm`` cuts the thin
-    necks where a vessel touches the nodule; and the box bounds what is left.
+    within a sphere of ``max_diameter_mm`` around it. Three things keep vessels and the
+    chest wall out of it: only voxels inside the lung region count (``lung``, with
+    holes and bites filled by :func:`lung_region`); an opening of ``opening_mm`` cuts
+    the thin necks where a vessel touches the nodule; and the sphere, sized by the
+    caller from the blob's scale, bounds what is left. The diameters are then measured
+    on exactly the voxels the volume is, so the two always describe one object.
 
     Parameters
     ----------
@@ -281,7 +341,7 @@ def nodule_extent(
     lung : np.ndarray, optional
         The lung mask on the same grid; without it the chest wall may join in.
     max_diameter_mm : float
-        Size of the search box.
+        Diameter of the search sphere.
     threshold_hu : float
         Density that counts as nodule.
     opening_mm : float
@@ -289,16 +349,21 @@ def nodule_extent(
 
     Returns
     -------
-    tuple[float, np.ndarray]
-        The longest in-plane diameter in mm (0 when the centre is not dense), and the
-        ``(m, 3)`` voxel indices of the nodule.
+    Extent
+        Its voxels and diameters; :data:`NOTHING` when the centre is not dense.
     """
+    step_mm = np.asarray(spacing, dtype=np.float64)
     half = [max(1, round(max_diameter_mm / 2 / float(s))) for s in spacing]
     c = [int(np.rint(v)) for v in center]
     lo = [max(0, c[a] - half[a]) for a in range(3)]
     hi = [min(hu.shape[a], c[a] + half[a] + 1) for a in range(3)]
     window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-    box = hu[window] > threshold_hu
+    local = np.asarray([c[a] - lo[a] for a in range(3)])
+    # A sphere, not a box: a box's corners would let a vessel run 1.7 times further
+    # along a diagonal than along an axis.
+    grid = np.ogrid[tuple(slice(0, hi[a] - lo[a]) for a in range(3))]
+    reach = sum(((g - local[a]) * step_mm[a]) ** 2 for a, g in enumerate(grid))
+    box = (hu[window] > threshold_hu) & (reach <= (max_diameter_mm / 2) ** 2)
     if lung is not None:
         box &= lung_region(lung[window], spacing)
     radius = max(1, round(opening_mm / float(spacing[1])))
@@ -307,29 +372,25 @@ def nodule_extent(
     opened = ndi.binary_opening(box, disk)
     # A nodule smaller than the opening would vanish: then the raw mask is measured.
     labels, _ = ndi.label(opened if opened.any() else box)
-    local = np.asarray([c[a] - lo[a] for a in range(3)])
     dense = np.argwhere(labels > 0)
     if dense.size == 0:
-        return 0.0, np.empty((0, 3), dtype=np.int64)
+        return NOTHING
     # The centre may sit in a partial-volume voxel: take the nearest dense one.
-    nearest = dense[np.argmin((((dense - local) * np.asarray(spacing)) ** 2).sum(axis=1))]
-    if np.linalg.norm((nearest - local) * np.asarray(spacing)) > 3.0:
-        return 0.0, np.empty((0, 3), dtype=np.int64)
+    nearest = dense[np.argmin((((dense - local) * step_mm) ** 2).sum(axis=1))]
+    if np.linalg.norm((nearest - local) * step_mm) > 3.0:
+        return NOTHING
     own = labels == labels[tuple(nearest)]
     # Give back what the opening shaved off the nodule itself (its top and bottom
     # slices, its rim) with two conditional dilation steps: a vessel gets two voxels.
     own = ndi.binary_dilation(own, ndi.generate_binary_structure(3, 1), iterations=2, mask=box)
     voxels = np.argwhere(own) + np.asarray(lo)
-    longest = 0.0
-    step = np.asarray(spacing[1:], dtype=np.float64)
+    best = (0.0, 0.0, -1)
     for k in range(own.shape[0]):
-        if not own[k].any():
-            continue
-        # The longest chord runs between boundary pixels, so only those are compared.
-        edge = np.argwhere(own[k] & ~ndi.binary_erosion(own[k])) * step
-        gaps = edge[:, None, :] - edge[None, :, :]
-        longest = max(longest, float(np.sqrt((gaps**2).sum(-1)).max()) + float(step[0]))
-    return longest, voxels
+        if own[k].any():
+            long_axis, short_axis = _axes(own[k], step_mm[1:])
+            if long_axis > best[0]:
+                best = (long_axis, short_axis, k + lo[0])
+    return Extent(best[0], best[1], best[2], voxels)
 
 
 def score_patches(

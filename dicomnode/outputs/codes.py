@@ -11,6 +11,11 @@ MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 DIAMETER = codes.SCT.Diameter
+SHORT_AXIS = codes.SCT.ShortAxis
+IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
+FINDING = codes.DCM.Finding
+# TID 1500's container for evaluations of the whole report (row 12).
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 STANDARD_DEVIATION = codes.SCT.StandardDeviation
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 # No standard code names %LAA-950, so a private scheme (99 prefix, as Part 16 asks)

@@ -77,6 +77,7 @@ def reported_findings(result: DetectionResult, volume: Volume) -> list[ReportedF
                 row=round(float(finding.center_index[1]) + 0.5, 2),
                 radius_px=finding.diameter_mm / 2 / volume.pixel_spacing[1],
                 diameter_mm=finding.diameter_mm,
+                short_axis_mm=finding.short_axis_mm,
                 probability=finding.probability,
             )
         )
@@ -126,19 +127,32 @@ def series_class(spec: ModelSpec, result: ClassificationResult) -> StudyFinding:
     )
 
 
-def detection_summary(result: DetectionResult) -> dict[str, Any]:
-    """Return the findings for the job's summary (``dicomnode jobs show``)."""
+def detection_summary(result: DetectionResult, volume: Volume) -> dict[str, Any]:
+    """Return the findings for the job's summary (``dicomnode jobs show``).
+
+    Each finding's centre is given in patient coordinates (LPS, mm) and as the slice
+    through it: its position in the series (1 = first in slice order) and that
+    image's Instance Number, as viewers show them.
+    """
+    findings = []
+    for number, finding in enumerate(result.findings, start=1):
+        source, _ = volume.source_of(finding.slice_index)
+        instance = source.get("InstanceNumber")
+        findings.append(
+            {
+                "number": number,
+                "center_mm": [round(float(v), 1) for v in finding.center],
+                "slice": finding.slice_index + 1,
+                "instance_number": None if instance in (None, "") else int(instance),
+                "diameter_mm": round(finding.diameter_mm, 1),
+                "short_axis_mm": round(finding.short_axis_mm, 1),
+                "volume_ml": round(len(finding.voxels) * volume.voxel_volume_ml, 2),
+                "probability": round(finding.probability, 4),
+            }
+        )
     return {
         "candidates": result.candidates,
         "present": bool(result.findings),
         "best_probability": round(result.best_probability, 4),
-        "findings": [
-            {
-                "number": number,
-                "center_mm": [round(float(v), 1) for v in finding.center],
-                "diameter_mm": round(finding.diameter_mm, 1),
-                "probability": round(finding.probability, 4),
-            }
-            for number, finding in enumerate(result.findings, start=1)
-        ],
+        "findings": findings,
     }

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicomnode.config import SegOptions
-from dicomnode.errors import PermanentJobError
+from dicomnode.errors import DicomnodeError, PermanentJobError
 from dicomnode.inference.registry import SegmentSpec
-from dicomnode.inference.volume import frame_order, is_enhanced
+from dicomnode.inference.volume import Volume, frame_order, is_enhanced
 from dicomnode.outputs.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_EQUIPMENT, coded
 from dicomnode.outputs.provenance import MANUFACTURER, RESEARCH_NOTICE, Provenance
 
@@ -228,3 +230,91 @@ def build_segmentation(
         series_description=provenance.series_description("SEG"),
         contributing_equipment=[contributing_equipment(provenance)],
     )
+
+
+class UnusableSeg(DicomnodeError):
+    """A SEG that cannot stand in for the labels of a volume; the message says why.
+
+    The message names no UID or patient data: it goes to the log.
+    """
+
+
+def read_labels(path: Path, volume: Volume, segments: Sequence[str]) -> np.ndarray:
+    """Read back the label volume a SEG of :func:`build_segmentation` was made from.
+
+    Every encoding a route can choose reads back exactly: BINARY or LABELMAP, any
+    lossless compression, with or without empty frames (a frame left out is empty).
+
+    Parameters
+    ----------
+    path : Path
+        The SEG file.
+    volume : Volume
+        The series the labels are wanted on.
+    segments : Sequence[str]
+        The labels of the segments the SEG must hold, in segment-number order.
+
+    Returns
+    -------
+    np.ndarray
+        ``(slices, rows, columns)`` uint8 labels in the volume's slice order: 0
+        background, ``i`` the segment ``segments[i - 1]``.
+
+    Raises
+    ------
+    UnusableSeg
+        If the file is gone or unreadable, or the SEG is not of this volume's grid
+        (another series, other source instances, another matrix) or holds other segments.
+    """
+    try:
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(path), copy=False)
+    except FileNotFoundError:
+        raise UnusableSeg("the SEG file is gone") from None
+    except Exception as exc:  # pydicom and highdicom raise many kinds on a bad file
+        raise UnusableSeg(f"the SEG does not read ({type(exc).__name__})") from None
+
+    # A LABELMAP SEG describes its background as segment 0: label 0 here too.
+    found = [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence]
+    found = [(number, label) for number, label in found if number != 0]
+    if found != list(enumerate(segments, start=1)):
+        raise UnusableSeg(f"the SEG holds {len(found)} other segment(s)")
+    if (int(seg.Rows), int(seg.Columns)) != volume.shape[1:]:
+        raise UnusableSeg(
+            f"the SEG is {seg.Rows}x{seg.Columns}, the series {volume.shape[1]}x{volume.shape[2]}"
+        )
+    referenced = seg.get("ReferencedSeriesSequence") or []
+    if len(referenced) != 1 or referenced[0].SeriesInstanceUID != volume.datasets[0].get(
+        "SeriesInstanceUID"
+    ):
+        raise UnusableSeg("the SEG references another series")
+    sources = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    # Every source image is referenced, also one whose frames were left out as empty.
+    if {str(i.ReferencedSOPInstanceUID) for i in referenced[0].ReferencedInstanceSequence} != set(
+        sources
+    ):
+        raise UnusableSeg("the SEG references other source instances than the series holds")
+
+    try:
+        if volume.is_multiframe:
+            if len(sources) != 1:
+                raise UnusableSeg("a SEG references the frames of one multi-frame instance only")
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=sources[0],
+                source_frame_numbers=[number for _, number in volume.frames],
+                combine_segments=True,
+                assert_missing_frames_are_empty=True,
+            )
+        else:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=sources,
+                combine_segments=True,
+                assert_missing_frames_are_empty=True,
+            )
+    except UnusableSeg:
+        raise
+    except Exception as exc:  # overlapping segments, frames that do not decode, ...
+        raise UnusableSeg(f"the SEG's frames do not decode ({type(exc).__name__})") from None
+    labels = np.asarray(pixels)
+    if labels.shape != volume.shape:
+        raise UnusableSeg(f"the SEG decodes to {labels.shape}, the series is {volume.shape}")
+    return labels.astype(np.uint8, copy=False)

@@ -4,11 +4,18 @@ One Volumetric ROI Measurements group per segment, each referencing its SEG
 segment and the source series, so that OHIF and other TID 1500 readers can show
 the measurements beside the segmentation.
 
+Each segment also gets a Planar ROI group with the same Tracking UID: its outline on
+the slice where it is largest. Viewers that read TID 1500 by finding, OHIF among them,
+merge the groups of one Tracking UID, and OHIF draws and labels a finding only when one
+of its groups has image coordinates (a finding without any makes OHIF 3 drop the
+whole report); the outline is what lets it show each lung's volume on the image.
+
 A detection model adds, per finding, a Planar ROI group: a circle of the finding's
-diameter on the source image through its centre (what OHIF and other viewers draw),
-with the diameter and the model's probability. Its Tracking UID is that of the
-finding's SEG segment, so both groups describe one finding. A study-level group
-then says whether any such finding is present, with the best probability seen.
+long axis on the source image through its centre, with its long and short axes and
+the model's probability. Its Tracking UID is that of the finding's SEG segment, so
+both groups describe one finding. Whether any finding is present, with the best
+probability seen (and a classification model's verdict), goes in the report's
+Qualitative Evaluations, outside the measurement groups, for the same reason.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from dicomnode.outputs.codes import (
     CT_CHEST,
     CT_UNSPECIFIED,
     DIAMETER,
+    FINDING,
     HOUNSFIELD_UNIT,
+    IMAGING_MEASUREMENTS,
     IMAGING_PROCEDURE,
     LAA_950,
     LUNG,
@@ -44,6 +53,8 @@ from dicomnode.outputs.codes import (
     PERCENT,
     PRESENT,
     PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
+    SHORT_AXIS,
     STANDARD_DEVIATION,
     VOLUME,
     coded,
@@ -79,7 +90,9 @@ class ReportedFinding:
     radius_px : float
         Half the diameter, in pixels along a row.
     diameter_mm : float
-        Longest axial diameter.
+        Longest axial diameter (long axis).
+    short_axis_mm : float
+        The width perpendicular to it.
     probability : float
         The model's probability.
     """
@@ -91,7 +104,38 @@ class ReportedFinding:
     row: float
     radius_px: float
     diameter_mm: float
+    short_axis_mm: float
     probability: float
+
+
+@dataclass(frozen=True)
+class SegmentOutline:
+    """A segment's outline on the source image where it is largest.
+
+    Attributes
+    ----------
+    segment_number : int
+        Its segment in the SEG.
+    source : Dataset
+        That source image.
+    frame_number : int or None
+        Its frame, for a multi-frame source.
+    points : np.ndarray
+        ``(n, 2)`` closed polyline, ``(column, row)`` in SCOORD pixel coordinates.
+    """
+
+    segment_number: int
+    source: Dataset
+    frame_number: int | None
+    points: np.ndarray
+
+
+def _source_image(source: Dataset, frame_number: int | None) -> sr.SourceImageForRegion:
+    return sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=None if frame_number is None else [frame_number],
+    )
 
 
 @dataclass(frozen=True)
@@ -134,13 +178,7 @@ def _finding_group(
                 [finding.column + max(finding.radius_px, 1.0), finding.row],
             ]
         ),
-        source_image=sr.SourceImageForRegion(
-            referenced_sop_class_uid=finding.source.SOPClassUID,
-            referenced_sop_instance_uid=finding.source.SOPInstanceUID,
-            referenced_frame_numbers=(
-                None if finding.frame_number is None else [finding.frame_number]
-            ),
-        ),
+        source_image=_source_image(finding.source, finding.frame_number),
     )
     return sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
@@ -155,6 +193,12 @@ def _finding_group(
                 unit=MILLIMETER,
                 algorithm_id=algorithm,
             ),
+            sr.Measurement(
+                name=SHORT_AXIS,
+                value=round(finding.short_axis_mm, 1),
+                unit=MILLIMETER,
+                algorithm_id=algorithm,
+            ),
             _probability(finding.probability, algorithm),
         ],
     )
@@ -166,36 +210,61 @@ def _probability(value: float, algorithm: sr.AlgorithmIdentification) -> sr.Meas
     )
 
 
-def _study_group(
-    study: StudyFinding,
+def _outline_group(
+    outline: SegmentOutline,
+    segment: SegmentSpec,
+    tracking: sr.TrackingIdentifier,
     algorithm: sr.AlgorithmIdentification,
-    provenance: Provenance,
-    source_series: str,
-) -> sr.MeasurementsAndQualitativeEvaluations:
-    # A chosen class is the group's Finding (TID 1501's own row); a yes/no verdict is a
-    # qualitative evaluation of the finding in question.
-    evaluations = (
-        []
+) -> sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    region = sr.ImageRegion(
+        graphic_type=sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        source_image=_source_image(outline.source, outline.frame_number),
+    )
+    return sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=coded(segment.type),
+        finding_category=coded(segment.category),
+        algorithm_id=algorithm,
+    )
+
+
+def _verdict(study: StudyFinding, provenance: Provenance) -> sr.ContainerContentItem:
+    """Return TID 1500's Qualitative Evaluations: the verdict and its probability.
+
+    The answer is "Present" or "Absent" to the question asked (e.g. "Pulmonary
+    nodule"), or a multi-class model's class as the "Finding". The probability, which
+    that container's content items cannot hold as a number, is a text item beside it.
+    """
+    container = sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=sr.RelationshipTypeValues.CONTAINS,
+    )
+    # A yes/no model answers its own question; a multi-class one says which Finding.
+    question, value = (
+        (FINDING, coded(study.chosen))
         if study.chosen is not None
-        else [
-            sr.QualitativeEvaluation(
-                name=coded(study.finding), value=PRESENT if study.present else ABSENT
-            )
+        else (coded(study.finding), PRESENT if study.present else ABSENT)
+    )
+    container.ContentSequence = sr.ContentSequence(
+        [
+            sr.CodeContentItem(
+                name=question,
+                value=value,
+                relationship_type=sr.RelationshipTypeValues.CONTAINS,
+            ),
+            sr.TextContentItem(
+                name=PROBABILITY,
+                value=(
+                    f"{study.best_probability:.4f} ({study.scope.lower()}, "
+                    f"{provenance.model_name} {provenance.model_version})"
+                ),
+                relationship_type=sr.RelationshipTypeValues.CONTAINS,
+            ),
         ]
     )
-    return sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=sr.TrackingIdentifier(
-            # One finding of this series by this model: its identity across re-runs.
-            uid=provenance.uid(
-                source_series, provenance.model_name, study.scope, study.finding.value
-            ),
-            identifier=f"{study.scope} classification",
-        ),
-        algorithm_id=algorithm,
-        finding_type=None if study.chosen is None else coded(study.chosen),
-        qualitative_evaluations=evaluations,
-        measurements=[_probability(study.best_probability, algorithm)],
-    )
+    return container
 
 
 def build_measurement_report(
@@ -210,6 +279,7 @@ def build_measurement_report(
     series_number: int,
     findings: Sequence[ReportedFinding] = (),
     study: StudyFinding | None = None,
+    outlines: Sequence[SegmentOutline] = (),
 ) -> sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-segment volume and mean value (and findings).
 
@@ -232,7 +302,9 @@ def build_measurement_report(
     findings : sequence of ReportedFinding
         A detection model's findings, each with its own segment.
     study : StudyFinding, optional
-        The study-level classification of a detection model.
+        The study- or series-level verdict of a detection or classification model.
+    outlines : sequence of SegmentOutline
+        Outlines of segments (not findings), each drawn with its segment's measurements.
 
     Returns
     -------
@@ -255,7 +327,12 @@ def build_measurement_report(
     tracking_uids = (
         {}
         if segmentation is None
-        else {int(i.SegmentNumber): str(i.TrackingUID) for i in segmentation.SegmentSequence}
+        else {
+            # A LABELMAP SEG's segment 0 is highdicom's Background, with no Tracking UID.
+            int(i.SegmentNumber): str(i.TrackingUID)
+            for i in segmentation.SegmentSequence
+            if "TrackingUID" in i
+        }
     )
     is_ct = source_images[0].get("Modality") == "CT"
     groups = []
@@ -311,14 +388,42 @@ def build_measurement_report(
             uid=tracking_uids[finding.segment_number], identifier=segment.label
         )
         finding_groups.append(_finding_group(finding, segment.type, tracking, algorithm))
-    study_groups = (
-        [] if study is None else [_study_group(study, algorithm, provenance, source_series)]
-    )
+    outline_groups = [
+        _outline_group(
+            outline,
+            segments[outline.segment_number - 1],
+            sr.TrackingIdentifier(
+                uid=tracking_uids[outline.segment_number],
+                identifier=segments[outline.segment_number - 1].label,
+            ),
+            algorithm,
+        )
+        for outline in outlines
+    ]
+    # A finding's groups first: OHIF lists the merged measurements in group order and
+    # labels a drawing with the first five (diameters and probability first).
+    measured: list[
+        sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | sr.MeasurementsAndQualitativeEvaluations
+    ] = [*finding_groups, *groups, *outline_groups]
+    if not measured and study is None:
+        raise ValueError("a report needs measurements or a verdict")
     report = sr.MeasurementReport(
         observation_context=sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_procedure(source_images[0]),
-        imaging_measurements=[*groups, *finding_groups, *study_groups],
+        # highdicom asks for one group at least; TID 1500 asks for Imaging Measurements
+        # or Qualitative Evaluations. A verdict alone drops this stand-in below.
+        imaging_measurements=measured
+        or [sr.MeasurementsAndQualitativeEvaluations(sr.TrackingIdentifier("1.2.3", "none"))],
     )
+    if not measured:
+        report[0].ContentSequence = sr.ContentSequence(
+            [i for i in report[0].ContentSequence if i.name != IMAGING_MEASUREMENTS],
+            is_root=False,
+        )
+    if study is not None:
+        report[0].ContentSequence.append(_verdict(study, provenance))
     evidence = list(source_images) if segmentation is None else [segmentation, *source_images]
     return sr.Comprehensive3DSR(
         evidence=evidence,

@@ -28,13 +28,15 @@ def write_config(
     destinations_extra: str = "",
     send_to: Sequence[str] = ("pacs",),
     spool: Path | None = None,
+    routes_extra: str = "",
 ) -> Path:
     """Write ``folder/node.toml``: one listener, one destination "pacs", one CT route.
 
     ``models_path`` points [models] at test-built packages and ``model`` names the
     route's model; ``worker_extra`` adds lines to [worker]; ``destinations_extra``
     adds [[destinations]] tables, which ``send_to`` can name beside "pacs";
-    ``spool`` is storage.path ("spool" beside the config by default).
+    ``spool`` is storage.path ("spool" beside the config by default); ``routes_extra``
+    adds [[routes]] tables after the CT route.
     """
     port = port or free_port()
     config = folder / "node.toml"
@@ -73,6 +75,7 @@ name = "chest-ct-lungs"
 match = {{ Modality = "CT" }}
 models = ["{model}"]
 send_to = [{routes_to}]
+{routes_extra}
 """
     )
     return config

@@ -12,6 +12,8 @@ from typing import Any
 
 from tests.conftest import free_port
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
 
 class Orthanc:
     """Start Orthanc with a temporary configuration and storage; stop it on exit.
@@ -26,14 +28,18 @@ class Orthanc:
         workdir: Path,
         aet: str = "ORTHANC",
         modalities: dict[str, list[str | int]] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         exe = shutil.which("Orthanc")
         if exe is None:
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
         self.exe = exe
+        if dicomweb and not Path(DICOMWEB_PLUGIN).is_file():
+            raise RuntimeError("Orthanc's DICOMweb plugin is not installed (orthanc-dicomweb)")
         self.workdir = workdir
         self.aet = aet
         self.modalities = modalities or {}
+        self.dicomweb = dicomweb
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,7 +57,9 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": True,
-            "Plugins": [],
+            # Debian's orthanc-dicomweb: the DICOMweb root OHIF reads (/dicom-web/).
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 2,
             "DicomModalities": self.modalities,
         }

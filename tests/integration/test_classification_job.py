@@ -14,6 +14,7 @@ import torch
 from pydicom.sr.codedict import codes
 
 from dicomnode.db.models import JobState
+from dicomnode.evaluate.sr_findings import read_verdicts
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
@@ -50,9 +51,12 @@ def run_classification(tmp_path: Path, db_url: str, sessions, scp: CountingSCP, 
     assert job.state == JobState.DONE, job.last_error
     assert [str(ds.SOPClassUID) for ds in scp.received] == ["1.2.840.10008.5.1.4.1.1.88.34"]
     content = hd.sr.Comprehensive3DSR.from_dataset(scp.received[0]).content
-    (group,) = content.get_image_measurement_groups()
-    probability = float(group.get_measurements(name=codes.DCM.Probability)[0].value)
-    return job, group, probability
+    # No measurement group: the verdict has no place on an image (OHIF 3 drops a
+    # report whose groups have no coordinates), so it is a Qualitative Evaluation.
+    assert content.get_image_measurement_groups() == []
+    ((question, (answer, probability)),) = read_verdicts(scp.received[0]).items()
+    assert question == ("Lung" if kind == "logits" else "Finding")
+    return job, answer, probability
 
 
 def test_one_class_present_with_its_probability(
@@ -61,12 +65,10 @@ def test_one_class_present_with_its_probability(
     sessions,
     scp: CountingSCP,  # noqa: F811
 ) -> None:
-    job, group, probability = run_classification(tmp_path, db_url, sessions, scp, "logits")
+    job, answer, probability = run_classification(tmp_path, db_url, sessions, scp, "logits")
     assert job.summary["classification"]["class"] == "Lungs visible"
     assert job.summary["classification"]["probabilities"]["Lungs visible"] == pytest.approx(0.8)
-    assert group.tracking_identifier == "Series-level classification"
-    (evaluation,) = group.get_qualitative_evaluations(name=LUNG)
-    assert evaluation.value == codes.SCT.Present
+    assert answer == codes.SCT.Present
     assert probability == pytest.approx(0.8, abs=1e-4)
     assert "inference_s" in job.timings and "seg_s" not in job.timings
 
@@ -77,8 +79,7 @@ def test_softmax_reports_the_chosen_class_as_the_finding(
     sessions,
     scp: CountingSCP,  # noqa: F811
 ) -> None:
-    job, group, probability = run_classification(tmp_path, db_url, sessions, scp, "softmax")
+    job, answer, probability = run_classification(tmp_path, db_url, sessions, scp, "softmax")
     assert job.summary["classification"]["class"] == "Lungs visible"
-    assert group.finding_type == LUNG  # TID 1501's Finding row holds the chosen class
-    assert group.get_qualitative_evaluations() == []
+    assert answer == LUNG  # the chosen class is the answer
     assert probability == pytest.approx(0.8, abs=1e-4)

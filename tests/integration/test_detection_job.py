@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode.config import Settings
 from dicomnode.db.models import JobState
+from dicomnode.evaluate.sr_findings import read_verdicts
 from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
@@ -107,13 +108,14 @@ def test_a_nodule_becomes_a_segment_a_circle_and_a_study_finding(
     assert volumetric[0].tracking_uid == group.tracking_uid
     volume_ml = float(volumetric[0].get_measurements(name=codes.SCT.Volume)[0].value)
     assert volume_ml == pytest.approx(np.pi / 6 * NODULE_MM**3 / 1000, rel=0.3)
-    # The study-level classification.
-    study = content.get_image_measurement_groups()
-    assert len(study) == 1
-    evaluation = study[0].get_qualitative_evaluations(
-        name=hd.sr.CodedConcept("786838002", "SCT", "Pulmonary nodule")
-    )[0]
-    assert evaluation.value == codes.SCT.Present
+    short = float(group.get_measurements(name=codes.SCT.ShortAxis)[0].value)
+    assert short == pytest.approx(found["findings"][0]["short_axis_mm"], abs=0.05)
+    assert short == pytest.approx(NODULE_MM, abs=2.0)  # a sphere is as wide as it is long
+    # The study-level verdict: a Qualitative Evaluation, not a group without coordinates.
+    assert content.get_image_measurement_groups() == []
+    answer, best = read_verdicts(received[COMPREHENSIVE_3D_SR])["Pulmonary nodule"]
+    assert answer == codes.SCT.Present
+    assert best == pytest.approx(found["best_probability"], abs=1e-4)
 
 
 def test_no_nodule_gives_an_sr_that_says_absent_and_no_seg(
@@ -133,8 +135,5 @@ def test_no_nodule_gives_an_sr_that_says_absent_and_no_seg(
     assert [str(ds.SOPClassUID) for ds in scp.received] == [COMPREHENSIVE_3D_SR]
     content = hd.sr.Comprehensive3DSR.from_dataset(scp.received[0]).content
     assert content.get_planar_roi_measurement_groups() == []
-    study = content.get_image_measurement_groups()[0]
-    evaluation = study.get_qualitative_evaluations(
-        name=hd.sr.CodedConcept("786838002", "SCT", "Pulmonary nodule")
-    )[0]
-    assert evaluation.value == codes.SCT.Absent
+    answer, _ = read_verdicts(scp.received[0])["Pulmonary nodule"]
+    assert answer == codes.SCT.Absent

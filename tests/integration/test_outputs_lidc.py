@@ -21,6 +21,7 @@ from pydicom.sr.codedict import codes
 from sqlalchemy import select
 
 from dicomnode.db.models import Job, JobState
+from dicomnode.evaluate.sr_findings import read_verdicts
 from dicomnode.outputs.codes import LAA_950
 from tests.integration.inprocess import node_sending_to
 from tests.integration.orthanc import Orthanc
@@ -147,6 +148,47 @@ def test_every_output_of_a_real_ct_validates_and_measures_right(
         probability = float(group.get_measurements(name=codes.DCM.Probability)[0].value)
         assert diameter == pytest.approx(finding["diameter_mm"], abs=0.05)
         assert probability == pytest.approx(finding["probability"], abs=1e-4)
-    (study,) = nodule_report.get_image_measurement_groups()
-    nodule = hd.sr.CodedConcept("786838002", "SCT", "Pulmonary nodule")
-    assert study.get_qualitative_evaluations(name=nodule)[0].value == codes.SCT.Present
+    # --- each finding's diameters and volume describe one object: its SEG segment
+    nodule_seg = hd.seg.segread(tmp_path / "lung-nodule-cnn-SEG.dcm")
+    spacing = [float(v) for v in headers[uids[0]].PixelSpacing]
+    slice_mm = abs(float(headers[uids[1]].ImagePositionPatient[2]) - float(
+        headers[uids[0]].ImagePositionPatient[2]))  # fmt: skip
+    volumes = {
+        int(g.referenced_segment.referenced_segment_numbers[0]): float(
+            g.get_measurements(name=codes.SCT.Volume)[0].value
+        )
+        for g in nodule_report.get_volumetric_roi_measurement_groups()
+    }
+    for number, finding in enumerate(findings, start=1):
+        voxels = np.argwhere(
+            np.asarray(
+                nodule_seg.get_pixels_by_source_instance(
+                    source_sop_instance_uids=uids, segment_numbers=[number], combine_segments=True
+                )
+            )
+            > 0
+        )
+        volume_mm3 = len(voxels) * spacing[0] * spacing[1] * slice_mm
+        assert volumes[number] == pytest.approx(volume_mm3 / 1000, abs=0.001)
+        # The long axis is the longest in-plane chord of these voxels (edge to edge).
+        longest = (
+            max(
+                float(np.max(np.hypot(*((p[:, None] - p[None]) * spacing).transpose(2, 0, 1))))
+                for k in np.unique(voxels[:, 0])
+                for p in [voxels[voxels[:, 0] == k][:, 1:].astype(float)]
+            )
+            + spacing[0]
+        )
+        assert finding["diameter_mm"] == pytest.approx(longest, abs=0.1)
+        assert finding["short_axis_mm"] <= finding["diameter_mm"]
+        # The sphere as large as the volume is neither larger than the long axis nor
+        # much smaller (a 51.5 mm "nodule" of 5.7 mL, a vessel tree, would be 0.43).
+        equivalent = (6 * volume_mm3 / np.pi) ** (1 / 3)
+        assert 0.5 * finding["diameter_mm"] <= equivalent <= 1.05 * finding["diameter_mm"], (
+            finding,
+            volume_mm3,
+        )
+    assert nodule_report.get_image_measurement_groups() == []
+    verdicts = read_verdicts(pydicom.dcmread(tmp_path / "lung-nodule-cnn-SR.dcm"))
+    assert verdicts["Pulmonary nodule"][0] == codes.SCT.Present
+    assert verdicts["Pulmonary nodule"][1] == pytest.approx(max(f["probability"] for f in findings))

@@ -8,6 +8,7 @@ import pytest
 from dicomnode.inference.nodules import (
     HU_HIGH,
     HU_LOW,
+    blob_diameter_mm,
     detect_candidates,
     extract_patches,
     lung_region,
@@ -115,17 +116,49 @@ def test_suppress_keeps_the_best_of_each_cluster() -> None:
 @pytest.mark.parametrize("diameter", [6.0, 12.0, 20.0])
 def test_nodule_extent_measures_the_diameter(diameter: float) -> None:
     hu, _, center = chest(nodule_mm=diameter)
-    measured, voxels = nodule_extent(hu, SPACING, center)
-    # The longest chord of a digital disc is within a pixel or two of the true one.
-    assert measured == pytest.approx(diameter, abs=2.0)
-    volume = len(voxels) * np.prod(SPACING)
-    assert volume == pytest.approx(np.pi / 6 * diameter**3, rel=0.3)
+    extent = nodule_extent(hu, SPACING, center)
+    # The longest chord of a digital disc is within a pixel or two of the true one;
+    # a sphere's short axis is its long axis.
+    assert extent.long_axis_mm == pytest.approx(diameter, abs=2.0)
+    assert extent.short_axis_mm == pytest.approx(diameter, abs=2.0)
+    assert extent.short_axis_mm <= extent.long_axis_mm
+    assert abs(extent.long_axis_slice - center[0]) <= 1  # the widest slice: the middle
+    assert extent.volume_mm3(SPACING) == pytest.approx(np.pi / 6 * diameter**3, rel=0.3)
+
+
+def test_an_elongated_nodule_has_a_short_axis_across_its_long_one() -> None:
+    hu = np.full((9, 80, 80), -850.0, np.float32)
+    z, y, x = np.mgrid[0:9, 0:80, 0:80]
+    # An ellipsoid 24 x 8 x 10 mm whose long axis runs diagonally in the slice.
+    u, v = (x - 40 + (y - 40)) / np.sqrt(2), (x - 40 - (y - 40)) / np.sqrt(2)
+    hu[(u / 12) ** 2 + (v / 4) ** 2 + ((z - 4) * 2.5 / 5) ** 2 <= 1] = 30.0
+    extent = nodule_extent(hu, SPACING, np.array([4.0, 40.0, 40.0]))
+    assert extent.long_axis_mm == pytest.approx(24.0, abs=2.0)
+    assert extent.short_axis_mm == pytest.approx(8.0, abs=2.0)
+
+
+def test_a_vessel_leaving_the_nodule_is_cut_at_the_sphere() -> None:
+    hu, _, center = chest(nodule_mm=10.0)
+    # A thick vessel (4 mm) from the nodule's edge 30 mm across the slice.
+    hu[19:22, 48:53, 40:75] = 30.0
+    wide = nodule_extent(hu, SPACING, center, max_diameter_mm=50.0)
+    tight = nodule_extent(hu, SPACING, center, max_diameter_mm=20.0)
+    assert wide.long_axis_mm > 30.0  # the vessel is counted as nodule
+    assert tight.long_axis_mm <= 20.0 + 1.0  # the sphere (and one pixel) bounds it
+    # Diameter and volume describe one object: the sphere as wide as the object's
+    # volume is not much smaller than its long axis.
+    equivalent = (6 * tight.volume_mm3(SPACING) / np.pi) ** (1 / 3)
+    assert 0.5 * tight.long_axis_mm <= equivalent <= 1.05 * tight.long_axis_mm
+
+
+def test_the_blob_scale_gives_the_sphere_it_answers_best() -> None:
+    assert blob_diameter_mm(3.0) == pytest.approx(10.39, abs=0.01)
 
 
 def test_nodule_extent_of_air_is_nothing() -> None:
     hu, _, _ = chest()
-    measured, voxels = nodule_extent(hu, SPACING, np.array([20.0, 100.0, 100.0]))
-    assert measured == 0.0 and len(voxels) == 0
+    extent = nodule_extent(hu, SPACING, np.array([20.0, 100.0, 100.0]))
+    assert extent.long_axis_mm == 0.0 and len(extent.voxels) == 0
 
 
 def test_score_patches_applies_the_sigmoid_and_checks_the_shape() -> None:
