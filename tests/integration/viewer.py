@@ -13,6 +13,7 @@ import json
 import mimetypes
 import shutil
 import subprocess
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -164,6 +165,7 @@ class Browser:
     """One headless Chromium page, driven by ``playwright-core`` in a Node process."""
 
     def __init__(self) -> None:
+        self.home = tempfile.TemporaryDirectory(prefix="dicomnode-chromium-")
         self.proc = subprocess.Popen(
             ["node", str(VIEWER / "drive.mjs")],
             cwd=VIEWER,
@@ -171,7 +173,8 @@ class Browser:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={"PATH": "/usr/bin:/bin", "CHROMIUM": str(CHROMIUM), "HOME": str(VIEWER)},
+            # Chromium writes its profile under HOME: a throwaway one, not the checkout.
+            env={"PATH": "/usr/bin:/bin", "CHROMIUM": str(CHROMIUM), "HOME": self.home.name},
         )
 
     def __enter__(self) -> Browser:
@@ -185,6 +188,7 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+        self.home.cleanup()
 
     def _do(self, **command: Any) -> Any:
         assert self.proc.stdin is not None and self.proc.stdout is not None
