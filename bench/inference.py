@@ -33,8 +33,7 @@ from dicomnode.inference.device import configure_threads  # noqa: E402
 from dicomnode.inference.registry import ModelSpec, load_registry  # noqa: E402
 from dicomnode.inference.segment import ModelCache, predict_slices, segment  # noqa: E402
 from dicomnode.inference.volume import Volume, load_series  # noqa: E402
-
-DEFAULT_SERIES = REPO.parent / "shared" / "data" / "ct" / "LIDC-IDRI-0001"
+from tests.testdata import restored_case  # noqa: E402
 
 
 def eager(pixels: np.ndarray, model_path: Path, offset: float, batch: int) -> np.ndarray:
@@ -57,7 +56,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--series", type=Path, default=DEFAULT_SERIES)
+    parser.add_argument("--series", type=Path, help="default: tests/data/ct/LIDC-IDRI-0001")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--repeat", type=int, default=2)
@@ -65,7 +64,8 @@ def main() -> None:
 
     threads = configure_threads(0)
     spec = load_registry(None)["lung-unet2d"]
-    files = sorted(p for p in args.series.rglob("*.dcm"))
+    series = args.series or restored_case("LIDC-IDRI-0001")  # the uncompressed originals
+    files = sorted(p for p in series.rglob("*.dcm"))
     volume = load_series(files)
     slices = volume.shape[0]
     print(f"{slices} slices of {volume.shape[1]}x{volume.shape[2]}, {threads} CPU threads")

@@ -9,7 +9,7 @@ For each number of concurrent associations it runs, in this order and on this ma
    the file was fsynced, renamed, its folder fsynced and its row committed.
 
 Both are fed by dcmtk's ``storescu`` (one process per association) with the same
-synthetic CT series made by ``../shared/tools/make_ct.py``. It prints instances/s
+synthetic CT series made by ``tests/data/make_ct.py``. It prints instances/s
 for each, the ratio (dicomnode / storescp), and the node's peak resident memory.
 Each figure is the median of ``--repeat`` runs.
 
@@ -42,20 +42,21 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from tests.conftest import free_port, fresh_pg_database, memory_bytes, shared_path  # noqa: E402
+from tests.conftest import free_port, fresh_pg_database, memory_bytes  # noqa: E402
+from tests.dcmtk import STORESCP, STORESCU  # noqa: E402
 from tests.integration.node_process import NodeProcess, write_config  # noqa: E402
+from tests.testdata import MAKE_CT  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: no Nagle on either side
 
 
 def make_series(folder: Path, count: int, slices: int, size: int) -> list[list[Path]]:
-    make_ct = shared_path() / "tools/make_ct.py"
     series = []
     for i in range(count):
         out = folder / f"series{i}"
         if not out.is_dir():
             subprocess.run(
-                [sys.executable, str(make_ct), str(out), "--slices", str(slices),
+                [sys.executable, str(MAKE_CT), str(out), "--slices", str(slices),
                  "--size", str(size), "--seed", str(i)],
                 check=True, capture_output=True,
             )  # fmt: skip
@@ -69,7 +70,7 @@ def send_all(port: int, aet: str, series: list[list[Path]]) -> float:
     procs = [
         subprocess.Popen(
             [
-                "storescu",
+                STORESCU,
                 "-aec",
                 aet,
                 "-to",
@@ -111,7 +112,7 @@ def run_storescp(series: list[list[Path]], workdir: Path) -> float:
     port = free_port()
     mode = ["--fork"] if len(series) > 1 else []
     scp = subprocess.Popen(
-        ["storescp", *mode, "-od", str(out), str(port)],
+        [STORESCP, *mode, "-od", str(out), str(port)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

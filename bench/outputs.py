@@ -41,6 +41,7 @@ from dicomnode.outputs.seg import build_segmentation  # noqa: E402
 from dicomnode.outputs.sr import build_measurement_report  # noqa: E402
 from dicomnode.outputs.validate import validate_file  # noqa: E402
 from dicomnode.pipeline import encode  # noqa: E402
+from tests.testdata import restored_case  # noqa: E402
 
 
 def timed(build, folder: Path, name: str) -> tuple[object, float, int, float, Path]:
@@ -57,9 +58,8 @@ def timed(build, folder: Path, name: str) -> tuple[object, float, int, float, Pa
 
 
 def main() -> None:
-    folder = (
-        Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared/data/ct/LIDC-IDRI-0001"
-    )
+    # default: tests/data/ct/LIDC-IDRI-0001, restored to the uncompressed originals
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else restored_case("LIDC-IDRI-0001")
     files = sorted(p for p in folder.glob("*.dcm"))
     source_bytes = sum(p.stat().st_size for p in files)
     models = load_registry(None)

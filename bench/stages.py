@@ -12,9 +12,13 @@ What it does, all on this machine:
 Usage::
 
     python bench/stages.py [SERIES_DIR] [--model lung-nodule-cnn]
-    # default: ../shared/data/ct/LIDC-IDRI-0001 and lung-unet2d
+    # default: tests/data/ct/LIDC-IDRI-0001 (restored uncompressed) and lung-unet2d
+    python bench/stages.py [SERIES_DIR] --reuse
 
 With a detection model the reference is compared with its mask model's stage.
+``--reuse`` runs the lung and nodule routes together (the nodule job reads the lung
+job's SEG back as its mask) and, as the reference, the nodule route alone (it runs
+the lung model itself), and prints both nodule jobs' stages side by side.
 
 It reuses the test suite's Orthanc and process helpers, so run it from the checkout.
 """
@@ -45,34 +49,89 @@ from tests.integration.node_process import (  # noqa: E402
     write_config,
 )
 from tests.integration.orthanc import Orthanc  # noqa: E402
+from tests.testdata import restored_case  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"  # dcmtk's; the venv's pynetdicom has a script of that name
+NODULES = """
+[[routes]]
+name = "chest-ct-nodules"
+match = { Modality = "CT" }
+models = ["lung-nodule-cnn"]
+requires = { min_slices = 20, axial = true, model = "lung-unet2d", min_volume_ml = 500 }
+send_to = ["pacs"]
+"""
 
 
-def run_job(series: list[Path], workdir: Path, model: str) -> dict:
+def run_jobs(series: list[Path], workdir: Path, model: str, routes_extra: str = "") -> list[dict]:
+    """Send the series to a fresh node; return every job's record once all sent an SR."""
+    expected = 1 + routes_extra.count("[[routes]]")
     with Orthanc(workdir / "orthanc") as pacs:
         config = write_config(workdir, db_url=f"sqlite:///{workdir / 'node.db'}",
                               pacs_port=pacs.dicom_port, quiet_seconds=2,
-                              model=model)  # fmt: skip
+                              model=model, routes_extra=routes_extra)  # fmt: skip
         with NodeProcess(config) as node:
             started = time.perf_counter()
             subprocess.run(
-                ["storescu", "-xt", "-aec", "DICOMNODE", "127.0.0.1",
+                [STORESCU, "-xt", "-aec", "DICOMNODE", "127.0.0.1",
                  str(listener_port(config)), *map(str, series)],
                 check=True, capture_output=True, timeout=600,
             )  # fmt: skip
             sent = time.perf_counter() - started
             while True:
                 found = pacs.series_by_modality()
-                if "SR" in found:  # a detection that finds nothing sends no SEG
+                # a detection that finds nothing sends no SEG
+                if len(found.get("SR", [])) >= expected:
                     break
                 if time.perf_counter() - started > 1200:
                     raise RuntimeError("no results after 20 minutes:\n" + node.log()[-2000:])
                 time.sleep(0.5)
             wall = time.perf_counter() - started
-            out = node.cli("jobs", "show", "1", "--json")
-            job = json.loads(out.stdout)
-    job["storescu_s"] = sent
-    job["wall_s"] = wall
-    return job
+            jobs = [
+                json.loads(node.cli("jobs", "show", str(n), "--json").stdout)
+                for n in range(1, expected + 1)
+            ]
+    for job in jobs:
+        job["storescu_s"] = sent
+        job["wall_s"] = wall
+    return jobs
+
+
+def run_job(series: list[Path], workdir: Path, model: str) -> dict:
+    return run_jobs(series, workdir, model)[0]
+
+
+def print_stages(columns: dict[str, dict[str, float]]) -> None:
+    names = [s for s in STAGES if any(s in t for t in columns.values())]
+    names += sorted({s for t in columns.values() for s in t if s not in STAGES})
+    print(f"{'stage':<18}" + "".join(f"{c:>24}" for c in columns))
+    for stage in names:
+        cells = [f"{t[stage]:.2f}" if stage in t else "-" for t in columns.values()]
+        print(f"{stage.removesuffix('_s'):<18}" + "".join(f"{c:>24}" for c in cells))
+
+
+def reuse(series: list[Path]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = run_jobs(series, Path(tmp), "lung-nodule-cnn")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        both = run_jobs(series, Path(tmp), "lung-unet2d", NODULES)
+    lung = next(j for j in both if j["model"].startswith("lung-unet2d"))
+    nodule = next(j for j in both if j["model"].startswith("lung-nodule-cnn"))
+    print_stages({
+        "lung job": lung["timings"],
+        "nodule job (reused)": nodule["timings"],
+        "nodule alone (computed)": alone["timings"],
+    })  # fmt: skip
+    computed = sum(v for k, v in alone["timings"].items() if k.startswith("mask_"))
+    loaded = nodule["timings"].get("mask_load_s")
+    if loaded is None:
+        raise RuntimeError("the nodule job did not reuse the lung mask")
+    print(f"\nnodule job's mask: {loaded:.2f} s reused vs {computed:.2f} s computed "
+          f"({computed / loaded:.0f}x less); mask from job "
+          f"{nodule['summary']['detection']['mask_from_job']}")  # fmt: skip
+    same = [f["center_mm"] for f in nodule["summary"]["detection"]["findings"]] == [
+        f["center_mm"] for f in alone["summary"]["detection"]["findings"]
+    ]
+    print(f"findings identical: {same}")
 
 
 def eager_reference(series: list[Path]) -> tuple[float, int]:
@@ -94,14 +153,18 @@ def eager_reference(series: list[Path]) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Time every stage of one real job.")
     parser.add_argument(
-        "folder", nargs="?", type=Path, default=REPO.parent / "shared/data/ct/LIDC-IDRI-0001"
+        "folder", nargs="?", type=Path, help="default: tests/data/ct/LIDC-IDRI-0001"
     )
     parser.add_argument("--model", default="lung-unet2d")
+    parser.add_argument("--reuse", action="store_true", help="the lung-mask reuse's saving")
     args = parser.parse_args()
-    folder = args.folder
+    folder = args.folder or restored_case("LIDC-IDRI-0001")
     series = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in ("", ".dcm"))
     threads = configure_threads(0)
     print(f"series: {folder} ({len(series)} files); torch {torch.__version__}, {threads} threads")
+    if args.reuse:
+        reuse(series)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         job = run_job(series, Path(tmp), args.model)
     timings = job["timings"]

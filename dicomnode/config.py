@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import dictionary_has_tag, tag_for_keyword
-
 from dicomnode.errors import ConfigError
 from dicomnode.schema import build, field_doc, one_of, positive, type_name
 
 ENV_CONFIG = "DICOMNODE_CONFIG"
+# Relative to the current directory when no configuration file is given.
+DEFAULT_DATABASE_URL = "sqlite:///var/dicomnode.db"
 ENV_PREFIX = "DICOMNODE_"
 
 
@@ -79,6 +79,10 @@ def _uid_root(value: str) -> str | None:
 
 
 def _match_rules(value: dict[str, Any]) -> str | None:
+    # pydicom's dictionary costs a quarter second to import: only configurations with
+    # match rules pay for it, not every CLI start-up.
+    from pydicom.datadict import dictionary_has_tag, tag_for_keyword
+
     for keyword, wanted in value.items():
         tag = tag_for_keyword(keyword)
         if tag is None or not dictionary_has_tag(tag):
@@ -146,7 +150,15 @@ class ListenerSettings:
     """The C-STORE / C-ECHO service class provider."""
 
     ae_title: str = field(default="DICOMNODE", metadata=field_doc("Our AE title.", _ae_title))
-    host: str = field(default="0.0.0.0", metadata=field_doc("Address to listen on."))
+    # Loopback by default: a node is opened to the network on purpose, with its
+    # allow-lists filled in, not by starting the example configuration.
+    host: str = field(
+        default="127.0.0.1",
+        metadata=field_doc(
+            "Address to listen on; 0.0.0.0 (all interfaces) for scanners and PACS on the "
+            "network, with allowed_calling_aets and allowed_networks set."
+        ),
+    )
     port: int = field(default=11112, metadata=field_doc("TCP port to listen on.", _port))
     max_pdu: int = field(
         default=4 * 2**20,
@@ -243,7 +255,7 @@ class DatabaseSettings:
     """The SQL database that records instances, jobs and deliveries."""
 
     url: str = field(
-        default="sqlite:///var/dicomnode.db",
+        default=DEFAULT_DATABASE_URL,
         metadata=field_doc(
             "SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://...", _database_url
         ),
@@ -822,6 +834,18 @@ def _check_destination_files(settings: Settings) -> None:
                 raise ConfigError(f"destinations[{i}].{key}: file not found: {path}")
 
 
+def _check_models_path(settings: Settings) -> None:
+    """Check that ``models.path``, when set, is a folder (after paths are resolved).
+
+    Every other missing file names its key; without this check a typo here surfaced
+    as "PATH: models folder not found" from the model registry, naming no key.
+    """
+    path = settings.models.path
+    if path is not None and not path.is_dir():
+        what = "not a folder" if path.exists() else "folder not found"
+        raise ConfigError(f"models.path: {what}: {path}")
+
+
 def _cross_check(settings: Settings) -> None:
     """Check what spans keys and sections: TLS files in pairs, unique names, routes."""
     listener = settings.listener
@@ -937,6 +961,7 @@ def parse_settings(
     _cross_check(settings)
     settings = _resolve_paths(settings, base or Path.cwd())
     _check_destination_files(settings)
+    _check_models_path(settings)
     return dataclasses.replace(settings, source=source)
 
 

@@ -19,6 +19,18 @@ class ConfigError(DicomnodeError):
     """A setting is unknown or has a bad value; the message names the key."""
 
 
+class DatabaseNotFound(DicomnodeError):
+    """The SQLite file a command only reads (or updates) does not exist.
+
+    Only ``dicomnode db upgrade`` and the commands that run the node create the
+    database; every other command stops with this instead of leaving an empty file.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"database not found: {path}")
+        self.path = path
+
+
 class ModelPackageError(DicomnodeError):
     """A model package under ``models/`` is incomplete or inconsistent."""
 

@@ -27,8 +27,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import pydicom
-
 # C0 and C1 controls and the Unicode line and paragraph separators; a backslash
 # stays as it is (log readers see "\n" typed by a peer and a real newline escaped
 # the same way, but only the real one could have started a forged line).
@@ -225,7 +223,7 @@ def _stderr_is_the_journal() -> bool:
         return False
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
+def setup_logging(level: str, fmt: str = "text", *, reads_dicom: bool = True) -> None:
     """Send logs to stderr at ``level``, as text or JSON lines.
 
     pynetdicom and APScheduler are kept at WARNING unless DEBUG is asked for:
@@ -238,6 +236,10 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         DEBUG, INFO, WARNING or ERROR.
     fmt : str
         ``text`` or ``json``.
+    reads_dicom : bool
+        Whether the process may read DICOM: then pydicom is loaded now and kept from
+        quoting values (:func:`keep_phi_out_of_logs`). A CLI command that only reads the
+        database passes False and starts without pydicom's import time.
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -250,7 +252,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(name).setLevel(quiet)
-    keep_phi_out_of_logs()
+    if reads_dicom or "pydicom" in sys.modules:
+        keep_phi_out_of_logs()
 
 
 def keep_phi_out_of_logs() -> None:
@@ -261,5 +264,7 @@ def keep_phi_out_of_logs() -> None:
     patient name sent by a scanner. dicomnode checks what it relies on (UIDs, pixel
     data) itself and reports problems with ids only, so reading validation is off.
     """
+    import pydicom.config  # here, not at the top: most CLI commands never load pydicom
+
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -219,10 +219,14 @@ class Pipeline:
 
         started = time.perf_counter()
         self._deliver(claim, ctx, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
-        timings["send_s"] = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        # A re-send keeps the run's own send_s: the job's record then still says how long
+        # the run took, and the re-send's duration is beside it (`studies show`).
+        timings["send_s" if not ctx.outputs else "resend_s"] = elapsed
         with transaction(self.sessions) as session:
             merge_timings(session, claim, timings)
-        metrics.job_finished(ctx.model, {**ctx.timings, **timings})  # earlier attempts' too
+        # earlier attempts' too; the metric's send stage is this attempt's sending
+        metrics.job_finished(ctx.model, {**ctx.timings, **timings, "send_s": elapsed})
         return timings
 
     # -- stages ------------------------------------------------------------

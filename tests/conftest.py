@@ -12,28 +12,44 @@ from pathlib import Path
 
 import pytest
 
+from tests.testdata import CT, DATA, restore_series
+
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
     "DICOMNODETEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 
 
-def shared_path() -> Path:
-    """The workplace's shared/ folder with the real test data (beside the checkout)."""
-    path = Path(os.environ.get("DICOMNODETEST_SHARED", REPO.parent / "shared"))
-    if not (path / "data").is_dir():
-        pytest.fail(f"test data not found at {path}: set DICOMNODETEST_SHARED", pytrace=False)
-    return path
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The repository's test data, ``tests/data`` (see its ATTRIBUTION.md)."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    return shared_path()
+def real_ct(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Give the original files of a case in ``tests/data/ct`` (images and readers' XML).
+
+    The repository keeps the LIDC-IDRI images JPEG-LS compressed; each case is restored
+    once per session, byte for byte as published (Explicit VR Little Endian).
+    """
+    restored: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in restored:
+            source = CT / case
+            if not source.is_dir():
+                pytest.fail(f"no test data at {source}", pytrace=False)
+            restored[case] = restore_series(source, tmp_path_factory.mktemp(case))
+        return restored[case]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def lidc1(shared: Path) -> list[Path]:
-    return sorted((shared / "data/ct/LIDC-IDRI-0001").glob("*.dcm"))
+def lidc1(real_ct: Callable[[str], Path]) -> list[Path]:
+    """LIDC-IDRI-0001's 133 CT images, as published, in file-name order."""
+    return sorted(real_ct("LIDC-IDRI-0001").glob("*.dcm"))
 
 
 def free_port() -> int:

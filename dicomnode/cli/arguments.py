@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dicomnode.db.models import utcnow
-
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 WHEN_FORMS = "an ISO date or date-time (UTC unless it says otherwise) or an age such as 2h or 3d"
@@ -113,7 +111,7 @@ def parse_since(text: str) -> datetime:
         If it is neither.
     """
     if _DURATION.match(text):
-        return utcnow() - parse_duration(text)
+        return datetime.now(UTC) - parse_duration(text)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from dicomnode.cli.arguments import add_when, closed_set, positive_int
-from dicomnode.cli.database import with_session
+from dicomnode.cli.database import open_database, with_session
 from dicomnode.cli.output import format_time
 from dicomnode.config import Settings
-from dicomnode.db import audit, migrate
-from dicomnode.db.engine import make_engine, read_only, session_factory
+from dicomnode.db import audit
+from dicomnode.db.engine import read_only, session_factory
 from dicomnode.db.models import utcnow
 from dicomnode.errors import DicomnodeError
 
@@ -207,9 +207,8 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
     if before > utcnow():
         raise DicomnodeError("audit prune: --before is in the future; entries are still written")
     path: Path = args.exported_to
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         sessions = session_factory(engine)
         digest = hashlib.sha256()
         try:

@@ -5,9 +5,44 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from sqlalchemy import Engine
+
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, read_only, session_factory
+
+
+def open_database(settings: Settings) -> Engine:
+    """Return an engine on the node's existing database, at the newest migration.
+
+    Commands other than ``db upgrade`` and the node itself never create a database:
+    a missing SQLite file raises :class:`~dicomnode.errors.DatabaseNotFound`, which
+    ``main`` turns into one line saying how to point at the right configuration.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database URL.
+
+    Returns
+    -------
+    Engine
+        The engine; the caller disposes of it.
+
+    Raises
+    ------
+    DatabaseNotFound
+        If the SQLite file does not exist.
+    DicomnodeError
+        If the schema is not at the newest migration.
+    """
+    engine = make_engine(settings.database.url, create=False)
+    try:
+        migrate.require_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
@@ -30,12 +65,13 @@ def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespa
     """
 
     def run(settings: Settings, args: argparse.Namespace) -> int:
-        engine = make_engine(settings.database.url)
+        engine = open_database(settings)
         try:
-            migrate.require_current(engine)
             with read_only(session_factory(engine))() as session:
                 return fn(session, args)
         finally:
             engine.dispose()
 
+    # It reads rows, never DICOM: main() then starts without pydicom (see Command).
+    setattr(run, "reads_dicom", False)  # noqa: B010 - a function attribute mypy knows not
     return run

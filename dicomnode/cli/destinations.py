@@ -249,12 +249,28 @@ def echo_destinations(settings: Settings, args: argparse.Namespace) -> int:
         if not results:
             print("no destinations configured")
         for r in results:
-            if r["ok"]:
-                where = f"{r['ae_title']}@{r['host']}:{r['port']}"
-                print(f"{r['name']} ok ({where}, {r['ms']:.0f} ms)")
-            else:
-                print(f"{r['name']} failed: {r['error']}")
+            print(echo_line(r))
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def echo_line(record: dict[str, Any]) -> str:
+    """Format one C-ECHO result, for ``destinations echo`` and ``echo`` alike.
+
+    Parameters
+    ----------
+    record : dict[str, Any]
+        From the echo: ``name``, ``ok``, ``ae_title``, ``host``, ``port``, ``ms`` and
+        ``error``.
+
+    Returns
+    -------
+    str
+        ``NAME ok (AE@host:port, N ms)`` or ``NAME failed: reason``.
+    """
+    if record["ok"]:
+        where = f"{record['ae_title']}@{record['host']}:{record['port']}"
+        return f"{record['name']} ok ({where}, {record['ms']:.0f} ms)"
+    return f"{record['name']} failed: {record['error']}"
 
 
 def register(sub: Any) -> None:

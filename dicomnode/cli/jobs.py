@@ -10,10 +10,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from dicomnode.cli.arguments import closed_set
+from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit, jobs, migrate
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db import audit, jobs
+from dicomnode.db.engine import session_factory
 from dicomnode.db.models import (
     Delivery,
     Job,
@@ -39,6 +40,7 @@ STAGES = (
     "sc_s",
     "write_validate_s",
     "send_s",
+    "resend_s",
 )
 
 
@@ -143,13 +145,72 @@ def job_record(job: Job, *, detail: bool, show_phi: bool = False) -> dict[str, A
                     "from": e.from_state,
                     "to": e.to_state,
                     "attempt": e.attempt,
+                    "counted": counted,
                     "worker": e.worker,
                     "note": e.note,
                 }
-                for e in job.events
+                for e, counted in zip(job.events, _counted(job), strict=True)
             ],
         )
+        record["started_at"], record["resent_at"] = run_times(job)
     return record
+
+
+_ATTEMPTED = (JobState.RUNNING.value, JobState.SENDING.value)
+
+
+def _counted(job: Job) -> list[bool]:
+    """Say per history event whether its attempt counts against ``max_attempts``.
+
+    ``attempts`` is the budget used: an attempt that only re-sent stored results, or
+    that a full disk or a worker's stop ended, is given back after its event was written
+    with the attempt's number. ``jobs list`` then says 0/5 where the history says
+    attempt 1; marking such an attempt "not counted" makes the two agree. An attempt was
+    given back when the next claim has the same number again, or, for the latest one,
+    when the job's count is below it.
+    """
+    events = list(job.events)
+    counted = [True] * len(events)
+    for i, e in enumerate(events):
+        if e.from_state not in _ATTEMPTED or e.to_state != JobState.QUEUED.value:
+            continue
+        claim = next((c for c in events[i + 1 :] if c.to_state == JobState.RUNNING.value), None)
+        given_back = e.attempt == claim.attempt if claim is not None else job.attempts < e.attempt
+        if given_back:
+            counted[i] = False
+            # The claim that began this attempt carries the same number: mark it too.
+            for j in range(i - 1, -1, -1):
+                if events[j].to_state == JobState.RUNNING.value:
+                    counted[j] = events[j].attempt != e.attempt
+                    break
+    return counted
+
+
+def run_times(job: Job) -> tuple[Any, Any]:
+    """Return when the run that made the job's results began, and the latest re-send.
+
+    A claim sets ``started_at``, also the claim of an attempt that only re-sends stored
+    outputs: read alone, it showed the re-send's time as the run's. The run is the
+    latest claim before the first output was written; a claim after it is a re-send.
+
+    Parameters
+    ----------
+    job : Job
+        The job, in an open session (its outputs and history are read).
+
+    Returns
+    -------
+    tuple
+        ``(run started, re-sent)``: ``started_at`` and None for a job without
+        outputs or re-sends.
+    """
+    made = min((o.created_at for o in job.outputs), default=None)
+    if made is None:
+        return job.started_at, None
+    claims = [e.at for e in job.events if e.to_state == JobState.RUNNING.value]
+    run = max((at for at in claims if at <= made), default=job.started_at)
+    resent = max((at for at in claims if at > made), default=None)
+    return run, resent
 
 
 FINAL_STATE_NAMES = tuple(s.value for s in jobs.FINAL_STATES)
@@ -272,6 +333,8 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
     print(f"{'attempts':<14}{record['attempts']}/{record['max_attempts']}")
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key:<14}{format_time(record[key])}")
+    if record["resent_at"] is not None:
+        print(f"{'resent_at':<14}{format_time(record['resent_at'])}")
     if record["last_error"]:
         print(f"{'error':<14}{record['last_error']}")
     timings = record["timings"]
@@ -308,7 +371,8 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
         step = f"{e['from'] or 'new'} -> {e['to']}"
         where = f"  on {e['worker']}" if e["worker"] else ""
         note = f"  ({e['note']})" if e["note"] else ""
-        print(f"  {format_time(e['at'])}  {step:<20} attempt {e['attempt']}{where}{note}")
+        attempt = f"attempt {e['attempt']}" + ("" if e["counted"] else " (not counted)")
+        print(f"  {format_time(e['at'])}  {step:<20} {attempt}{where}{note}")
     return 0
 
 
@@ -331,9 +395,8 @@ def _finding_line(finding: dict[str, Any]) -> str:
 def _act(
     settings: Settings, args: argparse.Namespace, action: Callable[..., Job], verb: str
 ) -> int:
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         sessions = session_factory(engine)
         who = audit.admin_actor()
         failed = 0
@@ -416,9 +479,8 @@ def purge_jobs(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0.
     """
     cutoff = utcnow() - args.older_than
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         result = retention.purge_jobs(
             session_factory(engine),
             Spool(settings.storage.path),

@@ -14,35 +14,27 @@ import signal
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dicomnode import __version__
+import dicomnode
 from dicomnode.cli import audit as audit_cli
 from dicomnode.cli import destinations as destinations_cli
 from dicomnode.cli import retention as retention_cli
 from dicomnode.cli import studies as studies_cli
 from dicomnode.cli import transfer as transfer_cli
 from dicomnode.cli.arguments import add_when, parse_duration, positive_int
-from dicomnode.cli.database import with_session
-from dicomnode.cli.evaluate import evaluate
-from dicomnode.cli.jobs import (
-    cancel_jobs,
-    ended_state,
-    job_state,
-    list_jobs,
-    purge_jobs,
-    retry_jobs,
-    show_job,
+from dicomnode.cli.commands import Command
+from dicomnode.cli.jobs import ended_state, job_state
+from dicomnode.config import ENV_CONFIG, Settings, load_settings
+from dicomnode.errors import (
+    ConfigError,
+    DatabaseNotFound,
+    DicomnodeError,
+    ModelPackageError,
 )
-from dicomnode.cli.models import check_models, list_models, show_model
-from dicomnode.cli.status import status
-from dicomnode.config import Settings, load_settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine
-from dicomnode.errors import ConfigError, DicomnodeError, ModelPackageError, TransientJobError
 from dicomnode.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -80,7 +72,7 @@ def _run_until(node: Node, settings: Settings, stop: threading.Event) -> None:
         raise
     log.info(
         "dicomnode %s serving: listener=%s workers=%d models=%s",
-        __version__,
+        dicomnode.__version__,
         f"{settings.listener.ae_title}@{node.listener.port}" if node.listener else "off",
         len(node.workers),
         (",".join(sorted(node.models)) if node.workers else "") or "-",
@@ -91,7 +83,10 @@ def _run_until(node: Node, settings: Settings, stop: threading.Event) -> None:
 
 
 def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    engine = make_engine(settings.database.url)
+    from dicomnode.db import migrate
+    from dicomnode.db.engine import make_engine
+
+    engine = make_engine(settings.database.url)  # the one command that creates it
     try:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)
@@ -104,32 +99,18 @@ def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 def _show_job(settings: Settings, args: argparse.Namespace) -> int:
     if args.preview is None:
-        return with_session(show_job)(settings, args)
+        return Command("dicomnode.cli.jobs:show_job", session=True)(settings, args)
     from dicomnode.cli.preview import show_job_command  # highdicom and Pillow: only here
 
     return show_job_command(settings, args)
 
 
 def _echo(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomnode.net.scu import echo
+    # `echo NAME` is `destinations echo NAME`: one function, one output format.
+    from dicomnode.cli.destinations import echo_destinations
 
-    destination = settings.destination(args.destination)
-    if not log.isEnabledFor(logging.DEBUG):
-        # Our one line says what failed; pynetdicom's own error lines only repeat it.
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    try:
-        status = echo(destination, settings.listener.ae_title)
-    except TransientJobError as exc:
-        print(f"echo failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if status != 0:
-        print(f"echo failed: {destination.name} answered status 0x{status:04X}", file=sys.stderr)
-        return EXIT_FAILED
-    print(
-        f"echo ok: {destination.name} ({destination.ae_title}@{destination.host}:"
-        f"{destination.port})"
-    )
-    return EXIT_OK
+    args.names = [args.destination]
+    return echo_destinations(settings, args)
 
 
 def _config_check(settings: Settings, args: argparse.Namespace) -> int:
@@ -146,6 +127,24 @@ def _config_check(settings: Settings, args: argparse.Namespace) -> int:
         f"models: {', '.join(sorted(models)) or 'none'}"
     )
     return EXIT_OK
+
+
+class _Version(argparse.Action):
+    """``--version``: reads the installed version only when asked (it is slow to read)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", 0)
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.exit(message=f"dicomnode {dicomnode.__version__}\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,13 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomnode",
         description="Receive DICOM studies, run AI models on them, send SEG and SR results back.",
     )
-    parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
-    parser.add_argument(
-        "-c",
-        "--config",
-        metavar="PATH",
-        help="TOML configuration file (default: $DICOMNODE_CONFIG, else built-in defaults)",
-    )
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
+    parser.add_argument("-c", "--config", metavar="PATH", help=CONFIG_HELP)
     parser.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -211,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--show-phi", action="store_true", help="also print patient IDs and accession numbers"
     )
-    p.set_defaults(run=with_session(list_jobs))
+    p.set_defaults(run=Command("dicomnode.cli.jobs:list_jobs", session=True))
     p = jobs.add_parser("show", help="show one job: state, timings per stage, outputs, error")
     p.add_argument("id", type=int, help="job id")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -227,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_show_job)
     p = jobs.add_parser("retry", help="queue ended jobs again (failed, cancelled or done)")
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
-    p.set_defaults(run=retry_jobs)
+    p.set_defaults(run=Command("dicomnode.cli.jobs:retry_jobs"))
     p = jobs.add_parser("cancel", help="cancel queued or running jobs")
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
-    p.set_defaults(run=cancel_jobs)
+    p.set_defaults(run=Command("dicomnode.cli.jobs:cancel_jobs"))
     p = jobs.add_parser(
         "purge",
         help="delete ended jobs older than an age: their rows and result files",
@@ -245,21 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="only print what would be purged")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=purge_jobs)
+    p.set_defaults(run=Command("dicomnode.cli.jobs:purge_jobs"))
 
     models = sub.add_parser("models", help="installed model packages").add_subparsers(
         dest="models_command", required=True, metavar="COMMAND"
     )
     p = models.add_parser("list", help="list the installed model packages")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=list_models)
+    p.set_defaults(run=Command("dicomnode.cli.models:list_models"))
     p = models.add_parser("show", help="show one package: input contract, outputs, licence")
     p.add_argument("name", help="model name")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=show_model)
+    p.set_defaults(run=Command("dicomnode.cli.models:show_model"))
     p = models.add_parser("check", help="load the weights and run one batch on the CPU")
     p.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
-    p.set_defaults(run=check_models)
+    p.set_defaults(run=Command("dicomnode.cli.models:check_models", reads_dicom=True))
 
     p = sub.add_parser(
         "evaluate",
@@ -322,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a progress bar on stderr (default: only when stderr is a terminal "
         "and --json is not given)",
     )
-    p.set_defaults(run=evaluate)
+    p.set_defaults(run=Command("dicomnode.cli.evaluate:evaluate", reads_dicom=True))
 
     p = sub.add_parser(
         "status",
@@ -344,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the listener has to answer the C-ECHO (default 3)",
     )
-    p.set_defaults(run=status)
+    p.set_defaults(run=Command("dicomnode.cli.status:status"))
 
     # Commands that live with their code register their own parsers.
     for register in (
@@ -358,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_echo)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
@@ -366,7 +361,77 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_parser(
         "check", help="validate the configuration and the model packages"
     ).set_defaults(run=_config_check)
+    _accept_config_after_command(parser)
     return parser
+
+
+# The built-in database URL is overridden by this variable alone, without a file.
+ENV_DATABASE_URL = "DICOMNODE_DATABASE_URL"
+CONFIG_HELP = (
+    f"TOML configuration file, before or after the command (default: ${ENV_CONFIG}, "
+    "else built-in defaults with the database at ./var/dicomnode.db)"
+)
+
+
+def _accept_config_after_command(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand its own ``-c/--config`` (``dicomnode serve --config x.toml``).
+
+    It has its own destination, ``config_after``, and no default: the global option
+    before the command is kept when it is not repeated, and wins otherwise
+    (:func:`config_path`).
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                if any(a.dest == "config_after" for a in sub._actions):
+                    continue
+                if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    _accept_config_after_command(sub)
+                    continue
+                sub.add_argument(
+                    "-c",
+                    "--config",
+                    dest="config_after",
+                    metavar="PATH",
+                    default=argparse.SUPPRESS,
+                    help=CONFIG_HELP,
+                )
+
+
+def config_path(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
+    """Return the configuration file a command line names, or None for the defaults.
+
+    Precedence: ``--config`` after the command, ``--config`` before it,
+    ``$DICOMNODE_CONFIG``, and else none (built-in defaults).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed command line.
+    environ : Mapping[str, str], optional
+        Environment to read; ``os.environ`` if omitted.
+
+    Returns
+    -------
+    str or None
+        The path, or None.
+    """
+    env = os.environ if environ is None else environ
+    chosen: str | None = getattr(args, "config_after", None) or args.config or env.get(ENV_CONFIG)
+    return chosen or None
+
+
+def _no_database(settings: Settings, exc: DatabaseNotFound) -> tuple[str, int]:
+    """Return the one-line error for a missing database, and the exit code."""
+    if settings.source is None and not os.environ.get(ENV_DATABASE_URL):
+        # No configuration anywhere: the likeliest cause is a command run outside the
+        # node's folder, and `db upgrade` here would only make a second, empty database.
+        return (
+            f"no configuration given and no database at {exc.path}: pass --config FILE "
+            f"(before or after the command) or set {ENV_CONFIG}=FILE"
+        ), EXIT_USAGE
+    # A configured database that is not there yet: failed, like an unmigrated one.
+    return f"{exc}: check database.url, or run `dicomnode db upgrade` to create it", EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,13 +449,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(config_path(args))
     except ConfigError as exc:
         print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(args.log_level or settings.logging.level, settings.logging.format)
+    setup_logging(
+        args.log_level or settings.logging.level,
+        settings.logging.format,
+        # A plain function (the node, transfers) may read DICOM; a Command says.
+        reads_dicom=getattr(args.run, "reads_dicom", True),
+    )
     try:
         return int(args.run(settings, args))
+    except DatabaseNotFound as exc:
+        message, code = _no_database(settings, exc)
+        print(f"dicomnode: {message}", file=sys.stderr)
+        return code
     except (ConfigError, ModelPackageError) as exc:
         print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -66,7 +66,7 @@ def list_models(settings: Settings, args: argparse.Namespace) -> int:
         print("no models installed")
         return 0
     print_table(
-        ["NAME", "VERSION", "TASK", "WEIGHTS", "MODALITY", "SEGMENTS", "LICENCE"],
+        ["NAME", "VERSION", "TASK", "WEIGHTS", "MODALITY", "FINDS", "LICENCE"],
         [
             [
                 m.name,
@@ -74,13 +74,67 @@ def list_models(settings: Settings, args: argparse.Namespace) -> int:
                 m.task,
                 m.weights.format,
                 ",".join(m.input.modality),
-                len(m.output.segments),
-                m.licence[:40],
+                shorten(finds(m), FINDS_WIDTH),
+                shorten(m.licence, LICENCE_WIDTH),
             ]
             for m in models.values()
         ],
     )
     return 0
+
+
+FINDS_WIDTH = 40
+LICENCE_WIDTH = 48
+
+
+def finds(spec: ModelSpec) -> str:
+    """Say what a package reports, by task.
+
+    A detection package has no fixed segments (it outlines each finding): a segment
+    count of 0 read as "finds nothing", so each task names its own output.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The package.
+
+    Returns
+    -------
+    str
+        ``segments: A, B``, ``classes: A, B`` or ``findings: MEANING``.
+    """
+    if spec.task == "detection":
+        return f"findings: {spec.detection.finding.meaning}"
+    if spec.task == "classification":
+        return "classes: " + (", ".join(c.label for c in spec.output.classes) or "-")
+    return "segments: " + (", ".join(s.label for s in spec.output.segments) or "-")
+
+
+def shorten(text: str, width: int) -> str:
+    """Shorten ``text`` to ``width`` characters at a word boundary, marked with "...".
+
+    Parameters
+    ----------
+    text : str
+        One line.
+    width : int
+        The most characters to print.
+
+    Returns
+    -------
+    str
+        ``text`` when it fits; else its words up to the last that fits, then ``...``
+        (a single word longer than ``width`` is cut, the only case with no boundary).
+    """
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 3]
+    if text[width - 3] != " ":  # the cut is inside a word: drop that word
+        space = cut.rfind(" ")
+        if space > 0:
+            cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."
 
 
 def show_model(settings: Settings, args: argparse.Namespace) -> int:

@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from dicomnode.cli.database import open_database
 from dicomnode.cli.jobs import show_job
 from dicomnode.config import Settings
-from dicomnode.db import jobs, migrate, studies
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db import jobs, studies
+from dicomnode.db.engine import session_factory
 from dicomnode.db.models import Job, Output
 from dicomnode.errors import DicomnodeError
 from dicomnode.inference.volume import Volume, load_series
-from dicomnode.outputs.findings import PALETTE
 from dicomnode.outputs.overlay import (
     LegendEntry,
     colorize,
@@ -36,6 +36,7 @@ from dicomnode.outputs.overlay import (
     select_slices,
     windowed,
 )
+from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.provenance import RESEARCH_NOTICE
 from dicomnode.store.spool import Spool
 
@@ -263,9 +264,8 @@ def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0; an unknown job, a job without a SEG or an unwritable path raise a
         one-line error (exit code 1).
     """
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         with session_factory(engine)() as session:
             target: Path | None = getattr(args, "preview", None)
             if target is None:
@@ -277,7 +277,9 @@ def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
             check_target(target)
             output = seg_output(session, job)
             code = show_job(session, args)
-            image, count = render_preview(Spool(settings.storage.path), session, job, output)
+            image, count = render_preview(
+                Spool(settings.storage.path, create=False), session, job, output
+            )
             try:
                 image.save(target, format="PNG")
             except OSError as exc:

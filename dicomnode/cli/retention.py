@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit, migrate
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db import audit
+from dicomnode.db.engine import session_factory
 from dicomnode.store import retention
 from dicomnode.store.spool import Spool
 
@@ -32,9 +33,8 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
     int
         0; 1 when the disk is below the emergency threshold and stays there.
     """
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         report = retention.run(
             session_factory(engine),
             Spool(settings.storage.path),

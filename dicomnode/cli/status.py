@@ -14,29 +14,23 @@ import logging
 import shutil
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import database_now, is_sqlite, make_engine, read_only, session_factory
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState, utcnow
+from dicomnode.db import health
+from dicomnode.db.engine import database_now, is_sqlite, read_only, session_factory
+from dicomnode.db.models import utcnow
 from dicomnode.queue import wakeup
 
 EXIT_HEALTHY, EXIT_ATTENTION = 0, 1
-LAST_ERRORS = 5
-RECENT_FAILURES = timedelta(hours=1)
-STALLED_AFTER = timedelta(minutes=10)
-FAILED_DELIVERIES = timedelta(days=1)
+STALLED_AFTER = health.STALLED_AFTER
 VERIFICATION = "1.2.840.10008.1.1"
-# Notes of a job going back to the queue that are not errors: a worker that stops
-# gives its job back, and a route waiting for another model's verdict postpones it.
-_NOT_ERRORS = ("released:", "waiting for ")
 
 
 @dataclass(frozen=True)
@@ -118,19 +112,7 @@ def _worker_processes(engine: Engine, spool: Path) -> tuple[str, int | None]:
         return "registrations in spool/run/wake", sum(
             1 for n in names if not n.endswith(".tmp") and wakeup._alive(n)
         )
-    try:
-        with engine.connect() as conn:
-            # Each worker process keeps one connection whose last statement is its LISTEN.
-            count = conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND query = :listen"
-                ),
-                {"listen": f"LISTEN {wakeup.CHANNEL}"},
-            )
-    except Exception:  # a role that may not read pg_stat_activity: say unknown
-        return "LISTEN connections", None
-    return "LISTEN connections", int(count or 0)
+    return "LISTEN connections", health.listen_connections(engine, wakeup.CHANNEL)
 
 
 def _disk(spool: Path, min_free_mb: int) -> dict[str, Any]:
@@ -149,35 +131,6 @@ def _disk(spool: Path, min_free_mb: int) -> dict[str, Any]:
     }
 
 
-def _last_errors(session: Session) -> list[dict[str, Any]]:
-    """Return the latest failed attempts: into ``failed``, or back to the queue with an error."""
-    attempted = (JobState.RUNNING.value, JobState.SENDING.value)
-    query = (
-        select(JobEvent.job_id, Job.model, JobEvent.at, JobEvent.to_state, JobEvent.note)
-        .join(Job, Job.id == JobEvent.job_id)
-        .where(
-            JobEvent.note.is_not(None),
-            or_(
-                JobEvent.to_state == JobState.FAILED.value,
-                (JobEvent.to_state == JobState.QUEUED.value) & JobEvent.from_state.in_(attempted),
-            ),
-            *[JobEvent.note.not_like(f"{prefix}%") for prefix in _NOT_ERRORS],
-        )
-        .order_by(JobEvent.id.desc())
-        .limit(LAST_ERRORS)
-    )
-    return [
-        {
-            "job_id": job_id,
-            "model": model,
-            "at": at,
-            "outcome": to_state,
-            "error": (note or "").splitlines()[0] if note else "",
-        }
-        for job_id, model, at, to_state, note in session.execute(query)
-    ]
-
-
 def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, Any]:
     """Gather everything ``dicomnode status`` reports, except the listener check.
 
@@ -194,62 +147,18 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
     -------
     dict[str, Any]
         ``workers``, ``queue``, ``oldest_queued``, ``deliveries``, ``failed_last_hour``,
-        ``disk`` and ``last_errors``.
+        ``stalled``, ``deliveries_failed_last_day``, ``failing_destinations``, ``disk``
+        and ``last_errors``.
     """
     # The database's clock: the one leases and back-offs are set with (db.jobs).
     now = database_now(session)
-    owners = session.scalars(
-        select(Job.lease_owner)
-        .where(
-            Job.state.in_((JobState.RUNNING, JobState.SENDING)),
-            Job.lease_owner.is_not(None),
-            Job.lease_expires_at > now,
-        )
-        .distinct()
-    ).all()
+    found = health.snapshot(session, now)
     source, processes = _worker_processes(engine, settings.storage.path)
-    depth = {s.value: 0 for s in JobState}
-    for job_state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
-        depth[JobState(job_state).value] = int(count)
-    oldest = session.execute(
-        select(Job.id, Job.created_at)
-        .where(Job.state == JobState.QUEUED)
-        .order_by(Job.created_at, Job.id)
-        .limit(1)
-    ).first()
-    deliveries = {s.value: 0 for s in (DeliveryState.PENDING, DeliveryState.FAILED)}
-    for delivery_state, count in session.execute(
-        select(Delivery.state, func.count())
-        .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)))
-        .group_by(Delivery.state)
-    ):
-        deliveries[DeliveryState(delivery_state).value] = int(count)
-    # Failed deliveries of jobs that changed in the last day: a failure an admin has
-    # looked at and left (the job failed for good a month ago) does not stay a problem.
-    failed_deliveries = session.scalar(
-        select(func.count())
-        .select_from(Delivery)
-        .join(Job, Delivery.job_id == Job.id)
-        .where(Delivery.state == DeliveryState.FAILED, Job.updated_at >= now - FAILED_DELIVERIES)
-    )
-    # Runnable for a while and still not claimed: no worker runs, or none takes this model.
-    stalled = session.scalar(
-        select(func.count()).where(
-            Job.state == JobState.QUEUED, Job.run_after <= now - STALLED_AFTER
-        )
-    )
-    failed_recently = session.scalar(
-        select(func.count()).where(
-            Job.state == JobState.FAILED, Job.finished_at >= now - RECENT_FAILURES
-        )
-    )
+    oldest = found.pop("oldest_queued")
+    busy = found.pop("busy")
     return {
-        "workers": {
-            "busy": sorted(o for o in owners if o),
-            "processes": processes,
-            "processes_source": source,
-        },
-        "queue": depth,
+        "workers": {"busy": busy, "processes": processes, "processes_source": source},
+        "queue": found.pop("queue"),
         "oldest_queued": None
         if oldest is None
         else {
@@ -257,12 +166,8 @@ def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, A
             "created_at": oldest[1],
             "age_s": round((now - oldest[1]).total_seconds(), 1),
         },
-        "deliveries": deliveries,
-        "failed_last_hour": int(failed_recently or 0),
-        "stalled": int(stalled or 0),
-        "deliveries_failed_last_day": int(failed_deliveries or 0),
+        **found,
         "disk": _disk(settings.storage.path, settings.storage.min_free_mb),
-        "last_errors": _last_errors(session),
     }
 
 
@@ -290,6 +195,13 @@ def problems(report: dict[str, Any]) -> list[str]:
         )
     if report["deliveries_failed_last_day"]:
         found.append(f"{report['deliveries_failed_last_day']} delivery(ies) failed")
+    for d in report["failing_destinations"]:
+        # Deliveries still being retried are not "failed" yet, but a destination whose
+        # latest attempts all failed is unreachable now: results are not arriving.
+        found.append(
+            f"destination {d['destination']}: latest delivery attempts failed since "
+            f"{format_time(d['since'])} ({d['deliveries']} delivery(ies)): {d['error']}"
+        )
     if report["stalled"]:
         found.append(
             f"{report['stalled']} job(s) could have run for over "
@@ -367,9 +279,8 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     int
         0 when healthy, 1 when something needs attention (see the module docstring).
     """
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         with read_only(session_factory(engine))() as session:
             report = collect(session, engine, settings)
     finally:

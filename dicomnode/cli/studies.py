@@ -33,7 +33,7 @@ LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST
 SERIES_HEADERS = ("SERIES", "MODALITY", "STATE", "GEN", "INSTANCES", "BYTES", "FIRST RECEIVED",
                   "LAST RECEIVED", "COMPLETED", "PURGED", "FROM")  # fmt: skip
 JOB_HEADERS = ("ID", "ROUTE", "MODEL", "STATE", "ATTEMPTS", "CREATED", "STARTED", "FINISHED",
-               "SERIES", "ERROR")  # fmt: skip
+               "RE-SENT", "SERIES", "ERROR")  # fmt: skip
 
 
 study_state = closed_set("study state", STUDY_STATES)
@@ -258,6 +258,8 @@ def _print_story(record: dict[str, Any], show_phi: bool) -> None:
                     format_time(j["created_at"]),
                     format_time(j["started_at"]),
                     format_time(j["finished_at"]),
+                    # The run's own times stay in STARTED; a later re-send is beside them.
+                    format_time(j["resent_at"]),
                     j["series_uid"],
                     first_line(j["last_error"]),
                 ]

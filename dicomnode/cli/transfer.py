@@ -30,11 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, MediaStorageDirectoryStorage
-from sqlalchemy.orm import Session, sessionmaker
-
+from dicomnode.cli.database import open_database
 from dicomnode.cli.output import print_json
 from dicomnode.config import Destination, Settings
 from dicomnode.db import audit, migrate
@@ -43,7 +39,9 @@ from dicomnode.errors import DicomnodeError, IngestError, InstanceTooLarge, OutO
 from dicomnode.evaluate.progress import Progress
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
     from pynetdicom.association import Association
+    from sqlalchemy.orm import Session, sessionmaker
 
     from dicomnode.store.ingest import Ingestor
 
@@ -153,11 +151,19 @@ def _end_progress(progress: Progress) -> None:
         progress.stream.flush()
 
 
+# pydicom.uid.MediaStorageDirectoryStorage (a DICOMDIR), without importing pydicom at
+# start-up: pydicom is imported by the functions that read files, so that the parser,
+# which registers `import` and `send` from here, stays fast for every other command.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
 def _os_reason(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0) or type(exc).__name__
 
 
 def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
     name = UID(uid).name
     return f"{uid} ({name})" if name and name != uid else uid
 
@@ -387,13 +393,16 @@ def import_file(ingestor: Ingestor, path: Path, calling_ae: str) -> Imported | P
         return Problem(
             "refused", f"instance of {size // 2**20} MiB exceeds storage.max_instance_mb"
         )
+    import pydicom
+    from pydicom.dataset import Dataset
+
     try:
         meta: Dataset = pydicom.filereader.read_file_meta_info(path)
     except Exception:  # the Ingestor's header check says what is wrong with it
         meta = Dataset()
     meta_class = str(meta.get("MediaStorageSOPClassUID", "") or "") or None
     meta_instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "") or None
-    if meta_class == MediaStorageDirectoryStorage:
+    if meta_class == MEDIA_STORAGE_DIRECTORY:
         return Problem("skipped", _DICOMDIR)
     try:
         # The sender would name these in its request (its presentation context and
@@ -408,7 +417,7 @@ def import_file(ingestor: Ingestor, path: Path, calling_ae: str) -> Imported | P
     except (OSError, ValueError) as exc:
         reason = _os_reason(exc) if isinstance(exc, OSError) else type(exc).__name__
         return Problem("refused", f"cannot be read ({reason})")
-    if header.sop_class_uid == MediaStorageDirectoryStorage:
+    if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
         return Problem("skipped", _DICOMDIR)
     if header.sop_class_uid not in ACCEPTED_SOP_CLASSES:
         return Problem(
@@ -483,7 +492,7 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
     inside = next((p for p in args.paths if p.resolve().is_relative_to(spool_root)), None)
     if inside is not None:
         return _usage_error(f"{inside} is inside the node's storage path: nothing to import")
-    engine = make_engine(settings.database.url)
+    engine = make_engine(settings.database.url, create=False)
     report = ImportReport()
     try:
         migrate.require_current(engine)
@@ -658,9 +667,8 @@ def job_outputs(settings: Settings, job_id: int) -> list[SourceFile]:
     """
     from dicomnode.db.models import Job
 
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         with session_factory(engine)() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -677,6 +685,8 @@ def job_outputs(settings: Settings, job_id: int) -> list[SourceFile]:
 
 def _plan(files: Sequence[SourceFile], report: SendReport) -> list[PlannedFile]:
     """Read each file's header for its presentation context; record those not sendable."""
+    import pydicom
+
     planned: list[PlannedFile] = []
     for index, source in enumerate(files):
         try:
@@ -701,7 +711,7 @@ def _plan(files: Sequence[SourceFile], report: SendReport) -> list[PlannedFile]:
         sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
         sop_instance = str(ds.get("SOPInstanceUID", "") or "") or None
         syntax = str(meta.get("TransferSyntaxUID", "") or "")
-        if sop_class == MediaStorageDirectoryStorage:
+        if sop_class == MEDIA_STORAGE_DIRECTORY:
             report.set(index, source, "skipped", reason=_DICOMDIR)
         elif not sop_class or not syntax:
             missing = "SOPClassUID" if not sop_class else "TransferSyntaxUID"
@@ -743,6 +753,8 @@ def _send_one(
         )
         report.set(item.index, source, "failed", sop_instance_uid=uid, reason=reason)
         return True
+    import pydicom
+
     try:
         ds = pydicom.dcmread(source.path)
     except Exception as exc:
@@ -864,9 +876,8 @@ def _audit_send(
     error: str | None,
 ) -> None:
     """Record a manual send in the audit trail (a database that is away only warns)."""
-    engine = make_engine(settings.database.url)
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
         with transaction(session_factory(engine)) as session:
             audit.record(
                 session,

@@ -27,6 +27,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, select, t
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from dicomnode.errors import DatabaseNotFound
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 READ_ONLY = "dicomnode_read_only"  # execution option: see read_only()
 # Where database_now() keeps the transaction's time, in Session.info.
@@ -121,7 +123,9 @@ def _setup_sqlite(engine: Engine) -> None:
 POOL_HEADROOM = 8
 
 
-def make_engine(url: str, *, connections: int | None = None, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, connections: int | None = None, create: bool = True, **kwargs: Any
+) -> Engine:
     """Create an engine for ``url`` with the settings this node needs.
 
     Parameters
@@ -135,6 +139,10 @@ def make_engine(url: str, *, connections: int | None = None, **kwargs: Any) -> E
         had; SQLAlchemy's default (5, and 10 more on demand) is less than the 32
         associations a listener takes by default. Not for in-memory SQLite, which
         has one connection per thread anyway.
+    create : bool
+        For a file-backed SQLite URL: create the file and its folder when missing
+        (``db upgrade``, the node). False for commands that only use an existing
+        database: they raise instead of leaving an empty file behind.
     **kwargs
         Passed on to :func:`sqlalchemy.create_engine`.
 
@@ -142,6 +150,11 @@ def make_engine(url: str, *, connections: int | None = None, **kwargs: Any) -> E
     -------
     Engine
         The engine. For a file-backed SQLite URL the parent folder is created.
+
+    Raises
+    ------
+    DatabaseNotFound
+        With ``create=False``, for a SQLite file that does not exist.
     """
     parsed = make_url(url)
     in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
@@ -149,6 +162,8 @@ def make_engine(url: str, *, connections: int | None = None, **kwargs: Any) -> E
         kwargs.setdefault("pool_size", connections + POOL_HEADROOM)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            if not create and not Path(parsed.database).is_file():
+                raise DatabaseNotFound(parsed.database)
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,

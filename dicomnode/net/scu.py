@@ -25,6 +25,45 @@ from dicomnode.net.reactor import tune_connection
 
 log = logging.getLogger(__name__)
 
+# What pynetdicom logs at ERROR when an outgoing connection fails, on its transport
+# logger, from the association's own thread. We already say it, with the reason, in
+# our own line (the worker's "job retrying ... error=destination NAME: cannot connect",
+# `echo`'s result), so a PACS that is down would otherwise add two ERRORs per retry.
+_CONNECT_FAILURES = (
+    "Association request failed: unable to connect to remote",
+    "TCP Initialisation Error",
+)
+
+
+class _QuietConnectFailures(logging.Filter):
+    """Drop pynetdicom's ERROR lines about a connection we could not open.
+
+    Only those two messages, which only the requesting side logs (the listener never
+    connects out); everything else pynetdicom says stays. At DEBUG they are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return False for a failed outgoing connection's lines, unless debugging.
+
+        Parameters
+        ----------
+        record : logging.LogRecord
+            A record of the ``pynetdicom.transport`` logger.
+
+        Returns
+        -------
+        bool
+            Whether to log it.
+        """
+        if record.levelno < logging.ERROR or log.isEnabledFor(logging.DEBUG):
+            return True
+        return not str(record.msg).startswith(_CONNECT_FAILURES)
+
+
+_TRANSPORT_LOG = logging.getLogger("pynetdicom.transport")
+if not any(isinstance(f, _QuietConnectFailures) for f in _TRANSPORT_LOG.filters):
+    _TRANSPORT_LOG.addFilter(_QuietConnectFailures())
+
 VERIFICATION = "1.2.840.10008.1.1"
 # Warnings: the object was stored, possibly with changes. PS3.4 B.2.3 names 0xB000,
 # 0xB006 and 0xB007 for storage and PS3.7 C.4 the general ones (0x0001, 0x0107,

@@ -9,17 +9,8 @@ from dicomnode.inference.detect import DetectionResult
 from dicomnode.inference.registry import ModelSpec, SegmentSpec
 from dicomnode.inference.volume import Volume
 from dicomnode.outputs.codes import MORPHOLOGICALLY_ABNORMAL
+from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.sr import ReportedFinding, StudyFinding
-
-# Warm colours that stand out against lung and against the lung masks' greens.
-PALETTE = (
-    [255, 200, 0],
-    [255, 110, 0],
-    [230, 40, 60],
-    [220, 0, 200],
-    [0, 200, 255],
-    [150, 90, 255],
-)
 
 
 def finding_segments(spec: ModelSpec, count: int) -> list[SegmentSpec]:

@@ -35,7 +35,6 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode import metrics
 from dicomnode.config import RetentionSettings, StorageSettings
 from dicomnode.db import audit, commitment, purge
 from dicomnode.db.engine import read_only, transaction
@@ -409,6 +408,8 @@ def run(
                 return
         if freed is not None:
             if not dry_run:
+                from dicomnode import metrics  # prometheus_client: only once it deletes
+
                 metrics.retention_deleted(why.split(":", 1)[0], freed)
             report.freed_bytes += freed
             report.deleted.append({**candidate.record(), "reason": why})

@@ -44,10 +44,22 @@ class Spool:
     ----------
     root : Path
         The storage root (``storage.path``); created if missing.
+    create : bool
+        False for a reader (``jobs show --preview``): nothing is created, and a
+        missing root raises instead.
+
+    Raises
+    ------
+    DicomnodeError
+        With ``create=False``, if the root is not a folder.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root
+        if not create:
+            if not root.is_dir():
+                raise DicomnodeError(f"storage path not found: {root}")
+            return
         (root / TMP).mkdir(parents=True, exist_ok=True)
 
     def relative_path(

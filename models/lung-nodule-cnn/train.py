@@ -9,8 +9,8 @@ below. From the repository root::
 The first run writes the shipped weights (``nodule_cnn.pt``) and ``results.json``; the
 second is the other fold, reported in the model card and written to ``results-*.json``.
 
-Data: the LIDC-IDRI scans under ``../shared/data/ct/<case>/`` (CT images plus the
-readers' XML, ``0*.xml``; CC BY 3.0, see that folder's ATTRIBUTION.md).
+Data: the LIDC-IDRI scans under ``tests/data/ct/<case>/`` (CT images, JPEG-LS lossless,
+plus the readers' XML, ``0*.xml``; CC BY 3.0, see ``tests/data/ATTRIBUTION.md``).
 
 - Candidates come from :func:`dicomnode.inference.nodules.detect_candidates` inside the
   lung mask of the shipped ``lung-unet2d``, exactly as in the worker.
@@ -245,7 +245,7 @@ def evaluate(network: torch.nn.Module, case: Case) -> dict[str, object]:
 def main() -> int:
     """Train on one case, test on another, and report (optionally save the weights)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=HERE.parents[1] / ".." / "shared/data/ct")
+    parser.add_argument("--data", type=Path, default=HERE.parents[1] / "tests/data/ct")
     parser.add_argument("--train", default="LIDC-IDRI-0003")
     parser.add_argument("--test", default="LIDC-IDRI-0001")
     parser.add_argument("--epochs", type=int, default=30)

@@ -26,10 +26,12 @@ from dicomnode.net.scp import Listener
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port, wait_for
+from tests.dcmtk import STORESCU
+from tests.dcmtk import tool as dcmtk_tool
 from tests.integration import hostile
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("openssl") is None,
+    shutil.which(STORESCU) is None or shutil.which("openssl") is None,
     reason="dcmtk and openssl are installed by .ci/run",
 )
 
@@ -38,7 +40,7 @@ MakeListener = Callable[..., Listener]
 
 def dcmtk(tool: str, port: int, *args: str, aet: str = "STORESCU") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [tool, "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "-ta", "10", "-td", "10",
+        [dcmtk_tool(tool), "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "-ta", "10", "-td", "10",
          *args, "127.0.0.1", str(port)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -46,7 +48,7 @@ def dcmtk(tool: str, port: int, *args: str, aet: str = "STORESCU") -> subprocess
 
 def storescu(port: int, *files: Path, args: tuple[str, ...] = (), aet: str = "STORESCU"):
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "-ta", "10", "-td", "10",
+        [STORESCU, "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "-ta", "10", "-td", "10",
          *args, "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

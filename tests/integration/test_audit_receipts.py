@@ -14,16 +14,17 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicomnode.db import audit
 from tests.conftest import wait_for
+from tests.dcmtk import STORESCU
 from tests.factories import ct_series, write_series
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 
 def storescu(port: int, files: list[Path], aet: str) -> int:
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "127.0.0.1", str(port),
+        [STORESCU, "-aet", aet, "-aec", "DICOMNODE", "-to", "10", "127.0.0.1", str(port),
          *map(str, files)],
         capture_output=True, timeout=60, check=False,
     ).returncode  # fmt: skip

@@ -31,11 +31,12 @@ from dicomnode.db.models import Instance
 from dicomnode.net import status
 from dicomnode.net.scp import Listener
 from tests.conftest import memory_bytes, wait_for
+from tests.dcmtk import STORESCU
 from tests.factories import ct_series, write_series
 from tests.integration.test_listener import dcmtk, send, spool_files
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 Sessions = sessionmaker[Session]

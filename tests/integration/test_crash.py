@@ -32,10 +32,12 @@ from sqlalchemy import func, select
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Instance, Series
 from tests.conftest import free_port
+from tests.dcmtk import STORESCU
 from tests.integration.node_process import NodeProcess, listener_port, write_config
+from tests.testdata import MAKE_CT
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 SERIES_SIZE = 300
@@ -68,10 +70,10 @@ class SourceSeries:
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> SourceSeries:
+def series(tmp_path_factory: pytest.TempPathFactory) -> SourceSeries:
     folder = tmp_path_factory.mktemp("ct300")
     subprocess.run(
-        [sys.executable, str(shared / "tools/make_ct.py"), str(folder),
+        [sys.executable, str(MAKE_CT), str(folder),
          "--slices", str(SERIES_SIZE), "--size", str(IMAGE_SIZE)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
@@ -87,7 +89,7 @@ def series(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> SourceSeri
 
 def storescu_command(port: int, files: Iterable[Path]) -> list[str]:
     # -to/-ta/-td bound every network wait, so storescu stops by itself when the node dies.
-    return ["storescu", "-v", "-aec", "DICOMNODE", "-to", "20", "-ta", "20", "-td", "20",
+    return [STORESCU, "-v", "-aec", "DICOMNODE", "-to", "20", "-ta", "20", "-td", "20",
             "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
 
 

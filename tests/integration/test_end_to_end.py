@@ -18,13 +18,14 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from tests.dcmtk import STORESCU
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 from tests.integration.orthanc import Orthanc
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not all(shutil.which(t) for t in ("storescu", "Orthanc", "dciodvfy")),
+        not all(shutil.which(t) for t in (STORESCU, "Orthanc", "dciodvfy")),
         reason="dcmtk, orthanc and dicom3tools are installed by .ci/run",
     ),
 ]
@@ -57,10 +58,10 @@ def test_ct_in_seg_and_sr_out(tmp_path: Path, db_url: str, lidc1: list[Path]) ->
             assert "database at revision" in upgrade.stdout
         with NodeProcess(config) as node:
             echo = node.cli("echo", "pacs")
-            assert echo.returncode == 0 and "echo ok" in echo.stdout, echo.stderr
+            assert echo.returncode == 0 and echo.stdout.startswith("pacs ok ("), echo.stderr
 
             sent = subprocess.run(
-                ["storescu", "-aec", "DICOMNODE", "-to", "30", "127.0.0.1",
+                [STORESCU, "-aec", "DICOMNODE", "-to", "30", "127.0.0.1",
                  str(listener_port(config)), *map(str, lidc1)],
                 capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip

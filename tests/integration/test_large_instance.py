@@ -20,11 +20,12 @@ from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate
 
 from dicomnode.db.engine import make_engine
 from tests.conftest import memory_bytes
+from tests.dcmtk import STORESCU
 from tests.factories import ct_series
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 FRAMES, SIZE = 512, 512  # 512 frames of 512 x 512 x 16 bit = 256 MiB of pixel data
@@ -63,7 +64,7 @@ def test_large_multiframe_is_streamed_to_disk(tmp_path: Path) -> None:
         assert node.proc is not None
         before = memory_bytes(node.proc.pid)
         proc = subprocess.run(
-            ["storescu", "-aec", "DICOMNODE", "-to", "60", "-td", "120", "127.0.0.1",
+            [STORESCU, "-aec", "DICOMNODE", "-to", "60", "-td", "120", "127.0.0.1",
              str(listener_port(config)), str(source)],
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip

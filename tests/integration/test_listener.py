@@ -18,10 +18,12 @@ from sqlalchemy import select
 from dicomnode.db.models import Instance, Series
 from dicomnode.net import status
 from dicomnode.net.scp import Listener
+from tests.dcmtk import STORESCU
+from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import ct_series, repaired_j2k_series, write_series
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 
@@ -35,7 +37,7 @@ def spool_files(listener: Listener) -> list[Path]:
 
 def dcmtk(tool: str, listener: Listener, *args: str, aec: str = "DICOMNODE") -> int:
     proc = subprocess.run(
-        [tool, "-aec", aec, "-to", "20", "127.0.0.1", str(listener.port), *args],
+        [dcmtk_tool(tool), "-aec", aec, "-to", "20", "127.0.0.1", str(listener.port), *args],
         capture_output=True,
         timeout=120,
         check=False,
@@ -86,8 +88,8 @@ def test_storescu_stores_every_file_and_row(
     assert np.array_equal(original.pixel_array, copy.pixel_array)
 
 
-def test_jpeg2000_is_stored_as_received(listener: Listener, shared: Path, tmp_path: Path) -> None:
-    files = repaired_j2k_series(shared / "data/ct/abdomen-ct-j2k", tmp_path, limit=4)
+def test_jpeg2000_is_stored_as_received(listener: Listener, data_dir: Path, tmp_path: Path) -> None:
+    files = repaired_j2k_series(data_dir / "ct/abdomen-ct-j2k", tmp_path, limit=4)
     assert dcmtk("storescu", listener, "-xv", *map(str, files)) == 0  # propose J2K lossless
     stored = spool_files(listener)
     assert len(stored) == 4
@@ -98,11 +100,11 @@ def test_jpeg2000_is_stored_as_received(listener: Listener, shared: Path, tmp_pa
 
 
 def test_real_export_without_study_uid_is_refused(
-    listener: Listener, shared: Path, raw_files: None
+    listener: Listener, data_dir: Path, raw_files: None
 ) -> None:
     # The untouched export has empty Study and Series UIDs: it cannot belong to any
     # series, so it is refused with a status that says why, and nothing is kept.
-    path = sorted((shared / "data/ct/abdomen-ct-j2k").glob("CT.*"))[0]
+    path = sorted((data_dir / "ct/abdomen-ct-j2k").glob("CT.*"))[0]
     assert send(listener, path) == status.CANNOT_UNDERSTAND_MISSING_UID
     assert spool_files(listener) == []
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import memory_bytes, shared_path
+from tests.conftest import memory_bytes
+from tests.dcmtk import STORESCU
 from tests.integration.node_process import NodeProcess, listener_port, write_config
+from tests.testdata import MAKE_CT
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 ASSOCIATIONS, SLICES, SIZE = 8, 300, 256
@@ -29,12 +31,11 @@ ASSOCIATIONS, SLICES, SIZE = 8, 300, 256
 @pytest.fixture(scope="module")
 def eight_series(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
     root = tmp_path_factory.mktemp("load")
-    make_ct = shared_path() / "tools/make_ct.py"
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
-                str(make_ct),
+                str(MAKE_CT),
                 str(root / f"s{i}"),
                 "--slices",
                 str(SLICES),
@@ -64,7 +65,7 @@ def test_eight_concurrent_associations(
         senders = [
             subprocess.Popen(
                 [
-                    "storescu",
+                    STORESCU,
                     "-aet",
                     f"CT{i:02d}",
                     "-aec",

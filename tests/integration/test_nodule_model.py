@@ -40,7 +40,7 @@ NODULE_DIAMETER_MM = 32.8  # mean of the four readers' longest outlines
 
 
 def test_held_out_nodule_found_sent_validated_and_scored(
-    tmp_path: Path, lidc1: list[Path], shared: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, lidc1: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     card = json.loads(CARD.read_text())["held_out"]
     assert card["case"] == "LIDC-IDRI-0001"
@@ -93,7 +93,7 @@ def test_held_out_nodule_found_sent_validated_and_scored(
     ours = tmp_path / "ours"
     ours.mkdir()
     shutil.copy(tmp_path / "sr.dcm", ours / "sr.dcm")
-    xml = next((shared / "data" / "ct" / "LIDC-IDRI-0001").glob("0*.xml"))
+    xml = next(lidc1[0].parent.glob("0*.xml"))  # beside the images
     code = cli(["evaluate", str(ours), str(xml), "--images", str(xml.parent), "--json"])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -31,6 +31,7 @@ from dicomnode.cli.main import main
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Job
 from tests.conftest import free_port, wait_for
+from tests.dcmtk import ECHOSCU, STORESCU
 from tests.factories import ct_series, lung_phantom, write_series
 from tests.integration.node_process import NodeProcess, listener_port, write_config
 from tests.integration.orthanc import Orthanc
@@ -39,7 +40,7 @@ from tests.unit.inference.packages import build_package
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not all(shutil.which(t) for t in ("storescu", "echoscu", "Orthanc", "dciodvfy")),
+        not all(shutil.which(t) for t in (STORESCU, ECHOSCU, "Orthanc", "dciodvfy")),
         reason="dcmtk, orthanc and dicom3tools are installed by .ci/run",
     ),
 ]
@@ -130,7 +131,7 @@ def site(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]) -> Ite
         files = phi_series(tmp_path / "study")
         with node:
             sent = subprocess.run(
-                ["storescu", "-aet", "CT01", "-aec", "DICOMNODE", "-to", "30", "127.0.0.1",
+                [STORESCU, "-aet", "CT01", "-aec", "DICOMNODE", "-to", "30", "127.0.0.1",
                  str(listener_port(config)), *map(str, files)],
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
@@ -149,7 +150,7 @@ def site(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]) -> Ite
 def _refuse_and_reject(site: Site) -> None:
     port = listener_port(site.config)
     wrong = subprocess.run(
-        ["echoscu", "-aet", "INTRUDER", "-aec", "NOT-US", "127.0.0.1", str(port)],
+        [ECHOSCU, "-aet", "INTRUDER", "-aec", "NOT-US", "127.0.0.1", str(port)],
         capture_output=True, timeout=30, check=False,
     )  # fmt: skip
     assert wrong.returncode != 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("case", ["LIDC-IDRI-0001", "LIDC-IDRI-0003"])
 def test_every_output_of_a_real_ct_validates_and_measures_right(
-    tmp_path: Path, shared: Path, case: str
+    tmp_path: Path, real_ct: Callable[[str], Path], case: str
 ) -> None:
-    sources = sorted((shared / "data" / "ct" / case).glob("*.dcm"))
+    sources = sorted(real_ct(case).glob("*.dcm"))
     routes = [
         {"name": "lungs", "models": ["lung-unet2d"], "overlay": True,
          "seg": {"compression": "jpeg2000"}},

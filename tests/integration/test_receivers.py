@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import shared_path, wait_for
+from tests.conftest import wait_for
+from tests.dcmtk import STORESCU
 from tests.integration.node_process import NodeProcess, listener_port, write_config
+from tests.testdata import MAKE_CT
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 SENDERS, SLICES = 6, 40
@@ -28,7 +30,7 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
     root = tmp_path_factory.mktemp("senders")
     for i in range(SENDERS):
         subprocess.run(
-            [sys.executable, str(shared_path() / "tools/make_ct.py"), str(root / f"s{i}"),
+            [sys.executable, str(MAKE_CT), str(root / f"s{i}"),
              "--slices", str(SLICES), "--size", "128", "--seed", str(i)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -66,7 +68,7 @@ def test_associations_spread_over_receivers(
         senders = [
             subprocess.Popen(
                 [
-                    "storescu",
+                    STORESCU,
                     "-aec",
                     "DICOMNODE",
                     "-to",

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import DeliveryState, Job, JobState, Series
 from tests.conftest import wait_for
+from tests.dcmtk import STORESCU
 from tests.factories import ct_series, lung_phantom, write_series
 from tests.integration.counting_scp import CountingSCP
 from tests.integration.node_process import NodeProcess, listener_port, write_config
@@ -43,7 +44,7 @@ from tests.unit.inference.packages import build_package, build_slow_package
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not all(shutil.which(t) for t in ("storescu", "dciodvfy")),
+        not all(shutil.which(t) for t in (STORESCU, "dciodvfy")),
         reason="dcmtk and dicom3tools are installed by .ci/run",
     ),
 ]
@@ -83,7 +84,7 @@ def write_all(folder: Path, series: Sequence[Sequence[Dataset]]) -> list[list[Pa
 
 
 def storescu(config: Path, files: Sequence[Path]) -> list[str]:
-    return ["storescu", "-aec", "DICOMNODE", "-to", "30", "-ta", "30", "-td", "30",
+    return [STORESCU, "-aec", "DICOMNODE", "-to", "30", "-ta", "30", "-td", "30",
             "127.0.0.1", str(listener_port(config)), *map(str, files)]  # fmt: skip
 
 

@@ -23,11 +23,13 @@ from sqlalchemy import select
 from dicomnode.db.models import Instance
 from dicomnode.inference.volume import Volume, load_series
 from dicomnode.net.scp import Listener
+from tests.dcmtk import STORESCU
+from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import repaired_j2k_series
 from tests.integration.test_listener import sop_of, spool_files
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="dcmtk is installed by .ci/run"
+    shutil.which(STORESCU) is None, reason="dcmtk is installed by .ci/run"
 )
 
 SLICES = 4  # enough for a volume with real spacing, few enough to keep the module fast
@@ -47,11 +49,12 @@ def lidc_run(lidc1: list[Path]) -> list[Path]:
     return ordered[middle : middle + SLICES]
 
 
-def dcmtk_encoder(*command: str) -> Encoder:
+def dcmtk_encoder(name: str, *args: str) -> Encoder:
     def encode(source: Path, dest: Path) -> None:
         proc = subprocess.run(
-            [*command, str(source), str(dest)], capture_output=True, text=True, check=False
-        )
+            [dcmtk_tool(name), *args, str(source), str(dest)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr  # dcmtk says why, e.g. an unsupported image
 
     return encode
@@ -77,7 +80,7 @@ def storescu(listener: Listener, propose: str, files: Sequence[Path]) -> None:
     timeouts = ["-to", "20", "-ta", "20", "-td", "20"]  # fail, not hang, if the node stalls
     peer = ["-aec", listener.settings.ae_title, "127.0.0.1", str(listener.port)]
     proc = subprocess.run(
-        ["storescu", propose, *timeouts, *peer, *map(str, files)],
+        [STORESCU, propose, *timeouts, *peer, *map(str, files)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -152,11 +155,11 @@ def test_lossless_syntax_is_stored_as_sent_and_decodes_exactly(
 
 
 def test_real_jpeg2000_series_is_stored_as_sent_and_loads(
-    listener: Listener, sessions, shared: Path, tmp_path: Path
+    listener: Listener, sessions, data_dir: Path, tmp_path: Path
 ) -> None:
     # A real export, J2K lossless as it came from the archive: there are no uncompressed
     # originals, so the reference is the sent files as pydicom decodes them.
-    source = shared / "data/ct/abdomen-ct-j2k"
+    source = data_dir / "ct/abdomen-ct-j2k"
     sent = repaired_j2k_series(source, tmp_path / "sent", limit=SLICES)
     for path in sent:  # the repair left the archive's codestream alone
         assert pydicom.dcmread(path).PixelData == pydicom.dcmread(source / path.name).PixelData

@@ -218,3 +218,21 @@ def test_a_bad_boolean_from_the_environment_is_one_line() -> None:
 def test_an_unknown_log_format_is_one_line() -> None:
     message = error_for({"logging": {"format": "xml"}})
     assert message.startswith("logging.format:") and "xml" in message
+
+
+def test_the_listener_listens_on_loopback_unless_opened() -> None:
+    # The Quick start runs the example: it must not open a C-STORE port to the network.
+    assert Settings().listener.host == "127.0.0.1"
+    assert tomllib.loads(EXAMPLE.read_text())["listener"]["host"] == "127.0.0.1"
+
+
+def test_a_missing_models_folder_names_its_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[models]\npath = "no-such-models"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert str(info.value) == f"models.path: folder not found: {tmp_path / 'no-such-models'}"
+    (tmp_path / "a-file").write_text("")
+    cfg.write_text('[models]\npath = "a-file"\n')
+    with pytest.raises(ConfigError, match=r"^models\.path: not a folder: "):
+        load_settings(cfg, environ={})

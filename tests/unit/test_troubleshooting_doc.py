@@ -98,7 +98,7 @@ FRAGMENTS = [
     "not a destination asked to commit",
     " within a minute: ",
     "object(s) stored with warning 0x",
-    "echo ok: ",
+    " ok (",
     # start-up
     "configuration error: ",
     "unknown setting (no such section)",
@@ -107,6 +107,7 @@ FRAGMENTS = [
     "needs prometheus-client; pip install 'dicomnode[metrics]'",
     "configuration file not found",
     "models folder not found",
+    "models.path: ",
     "is not an installed segmentation model",
     "the code needs ",
     "run `dicomnode db upgrade`",

@@ -24,6 +24,7 @@ from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port, wait_for
+from tests.dcmtk import STORESCP
 from tests.factories import ct_series
 from tests.integration.counting_scp import CountingSCP
 from tests.unit.cli.test_main import one_line_error, run
@@ -227,6 +228,24 @@ def test_echo(tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[st
     assert code == 0 and [r["ok"] for r in json.loads(out)] == [True]
 
 
+def test_echo_and_destinations_echo_print_the_same(
+    tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `echo NAME` used to say "echo ok: NAME (AE@host:port)" and, on stderr, "echo
+    # failed: destination NAME: ...": now it is `destinations echo NAME`, line for line.
+    closed = free_port()
+    config = _config(tmp_path, "sqlite:///unused.db", scp.port, closed)
+    for name in ("pacs", "archive"):
+        code, out, err = run(capsys, "--config", config, "destinations", "echo", name)
+        single = run(capsys, "--config", config, "echo", name)
+        assert single[0] == code and not err and not single[2]
+        # Same line, but for the round trip's milliseconds.
+        assert re.sub(r"\d+ ms", "N ms", single[1]) == re.sub(r"\d+ ms", "N ms", out)
+    assert _OK.match(run(capsys, "--config", config, "echo", "pacs")[1].strip())
+    code, out, _ = run(capsys, "--config", config, "echo", "archive", "--json")
+    assert code == 1 and json.loads(out)[0]["error"] == f"cannot connect to 127.0.0.1:{closed}"
+
+
 def test_echo_unknown_name(
     tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -241,13 +260,13 @@ def test_echo_unknown_name(
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[int]:
     """dcmtk's storescp on a free port, stopped afterwards."""
-    if shutil.which("storescp") is None:
+    if shutil.which(STORESCP) is None:
         pytest.skip("dcmtk storescp not installed")
     port = free_port()
     out = tmp_path / "received"
     out.mkdir()
     proc = subprocess.Popen(
-        ["storescp", "--aetitle", "DCMTK", "--output-directory", str(out), str(port)],
+        [STORESCP, "--aetitle", "DCMTK", "--output-directory", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

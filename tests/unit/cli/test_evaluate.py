@@ -102,8 +102,8 @@ def test_bad_options_exit_2(case, tmp_path: Path, capsys: pytest.CaptureFixture[
     capsys.readouterr()
 
 
-def test_bad_findings(shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    xml = shared / "data/ct/LIDC-IDRI-0001/069.xml"
+def test_bad_findings(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    xml = data_dir / "ct/LIDC-IDRI-0001/069.xml"
     findings = tmp_path / "f.json"
     findings.write_text(json.dumps([{"center": [1, 2], "probability": 0.5}]))
     assert main(["evaluate", str(findings), str(xml)]) == 1
@@ -116,7 +116,7 @@ def test_bad_findings(shared: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     two = tmp_path / "refs"
     two.mkdir()
     shutil.copy(xml, two / "069.xml")
-    shutil.copy(shared / "data/ct/LIDC-IDRI-0003/072.xml", two / "072.xml")
+    shutil.copy(data_dir / "ct/LIDC-IDRI-0003/072.xml", two / "072.xml")
     assert main(["evaluate", str(findings), str(two)]) == 1
     assert "needs exactly one reference case" in one_line_error(capsys)
     # One case but no geometry: no images beside a lone XML, no SEG of ours.

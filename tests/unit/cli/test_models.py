@@ -94,3 +94,44 @@ def test_check_names_what_is_broken(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     code, out, _ = run(capsys, "--config", str(config), "models", "check", "good")
     assert code == 0 and len(out.splitlines()) == 1
+
+
+def test_list_says_what_each_task_finds_and_cuts_at_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode.inference.registry import load_registry, shipped_models_path
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models]\npath = "{shipped_models_path()}"\n')
+    code, out, _ = run(capsys, "--config", str(config), "models", "list")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert "FINDS" in header and "SEGMENTS" not in header
+    by_name = {row.split()[0]: row for row in rows}
+    # The detector has no fixed segments: it said 0, now what it reports.
+    assert "findings: Pulmonary nodule" in by_name["lung-nodule-cnn"]
+    assert "segments: Left lung, Right lung" in by_name["lung-unet2d"]
+    start = header.index("LICENCE")
+    for name, spec in load_registry(shipped_models_path()).items():
+        cell = by_name[name][start:].strip()
+        if cell != spec.licence:
+            # Shortened: whole words of the licence, then "...".
+            assert cell.endswith("...") and len(cell) <= 48
+            words = cell.removesuffix("...").split()
+            assert spec.licence.split()[: len(words)] == words, (cell, spec.licence)
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "expected"),
+    [
+        ("short", 10, "short"),
+        ("MIT (c) 2026 the dicomnode authors; trained", 20, "MIT (c) 2026 the..."),
+        ("one verylongwordwithoutspaces", 12, "one..."),
+        ("Supercalifragilistic", 10, "Superca..."),
+    ],
+)
+def test_shorten_at_word_boundaries(text: str, width: int, expected: str) -> None:
+    from dicomnode.cli.models import shorten
+
+    assert shorten(text, width) == expected
+    assert len(shorten(text, width)) <= width

@@ -198,3 +198,80 @@ def test_an_old_failed_delivery_is_counted_but_no_longer_a_problem(
         )
     code, report = _status(capsys, config, "--no-listener")
     assert code == 0 and report["problems"] == [] and report["deliveries"]["failed"] == 1
+
+
+def test_an_unreachable_destination_needs_attention_until_a_delivery_succeeds(
+    tmp_path: Path, db_url: str, sessions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with transaction(sessions) as s:
+        series = add_series(s)
+        job = queue.enqueue(s, series, route="r", model="m", version="1", max_attempts=5)
+        assert job is not None
+        job_id = job.id
+    claim = queue.claim(sessions, "host-a:1:0:ab", 60)
+    assert claim is not None
+    error = "destination pacs: cannot connect to 127.0.0.1:4242 (Connection refused)"
+    with transaction(sessions) as s:  # what the pipeline records for a failed try
+        s.add(Delivery(job_id=job_id, destination="pacs", attempts=1, last_error=error))
+    queue.fail(sessions, claim, error, retryable=True, base_seconds=3600)
+    config = _config(tmp_path, db_url, free_port())
+
+    # Before: "healthy", with the delivery only pending (it is being retried).
+    code, report = _status(capsys, config, "--no-listener")
+    assert code == 1 and report["healthy"] is False
+    [failing] = report["failing_destinations"]
+    assert failing["destination"] == "pacs" and failing["deliveries"] == 1
+    assert failing["error"] == error
+    assert report["problems"] == [
+        f"destination pacs: latest delivery attempts failed since "
+        f"{failing['since'].replace('T', ' ')[:19]} (1 delivery(ies)): {error}"
+    ]
+    assert [e["job_id"] for e in report["last_errors"]] == [job_id]
+    code, out, _ = run(capsys, "--config", config, "status", "--no-listener")
+    assert code == 1 and "destination pacs: latest delivery attempts failed" in out
+
+    # The PACS is back: the re-send succeeded. Neither the destination nor the error
+    # it superseded is listed any more.
+    with transaction(sessions) as s:
+        s.execute(
+            update(Delivery)
+            .where(Delivery.job_id == job_id)
+            .values(
+                state=DeliveryState.SENT,
+                last_error=None,
+                sent_at=utcnow() + timedelta(seconds=1),
+                attempts=2,
+            )
+        )
+        s.execute(update(Job).where(Job.id == job_id).values(state="done"))
+    code, report = _status(capsys, config, "--no-listener")
+    assert report["failing_destinations"] == [] and report["last_errors"] == []
+    assert code == 0 and report["healthy"] is True
+
+
+def test_a_later_delivery_to_the_same_destination_clears_it(
+    tmp_path: Path, db_url: str, sessions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with transaction(sessions) as s:
+        old = queue.enqueue(s, add_series(s), route="r", model="m", version="1", max_attempts=5)
+        new = queue.enqueue(
+            s, add_series(s, "1.2.9", "1.2.9.1"), route="r", model="m", version="1",
+            max_attempts=5,
+        )  # fmt: skip
+        assert old is not None and new is not None
+        s.add(Delivery(job_id=old.id, destination="pacs", last_error="destination pacs: down"))
+        s.add(Delivery(job_id=new.id, destination="other", last_error="destination other: down"))
+    config = _config(tmp_path, db_url, free_port())
+    _, report = _status(capsys, config, "--no-listener")
+    assert [d["destination"] for d in report["failing_destinations"]] == ["other", "pacs"]
+    with transaction(sessions) as s:
+        s.add(
+            Delivery(
+                job_id=new.id,
+                destination="pacs",
+                state=DeliveryState.SENT,
+                sent_at=utcnow() + timedelta(seconds=1),
+            )
+        )
+    _, report = _status(capsys, config, "--no-listener")
+    assert [d["destination"] for d in report["failing_destinations"]] == ["other"]

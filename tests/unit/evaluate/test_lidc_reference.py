@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ LUNG = load_model_spec(shipped_models_path() / "lung-unet2d").output.segments[0]
 
 
 @pytest.fixture(scope="module")
-def real(shared: Path, tmp_path_factory: pytest.TempPathFactory):
-    folder = shared / "data/ct/LIDC-IDRI-0001"
+def real(real_ct: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory):
+    folder = real_ct("LIDC-IDRI-0001")
     datasets = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
     grid = grid_from_datasets(datasets)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}

@@ -141,8 +141,8 @@ def test_load_from_files_and_unreadable_file(tmp_path: Path) -> None:
         load_series(paths)
 
 
-def test_real_jpeg2000_series_decodes_to_hu(shared: Path) -> None:
-    paths = sorted((shared / "data/ct/abdomen-ct-j2k").glob("CT.*"))
+def test_real_jpeg2000_series_decodes_to_hu(data_dir: Path) -> None:
+    paths = sorted((data_dir / "ct/abdomen-ct-j2k").glob("CT.*"))
     assert len(paths) == 20
     vol = load_series(paths)
     assert vol.shape == (20, 512, 512)

@@ -214,10 +214,10 @@ def test_multiframe_without_functional_groups_is_refused() -> None:
         volume_from_datasets([ds])
 
 
-def test_real_jpeg2000_series_as_one_enhanced_instance(shared: Path, tmp_path: Path) -> None:
+def test_real_jpeg2000_series_as_one_enhanced_instance(data_dir: Path, tmp_path: Path) -> None:
     # Compressed frames stay encapsulated in the converted instance: decoding all
     # frames at once must give the same HU volume as the single-frame files.
-    paths = repaired_j2k_series(shared / "data/ct/abdomen-ct-j2k", tmp_path / "j2k")
+    paths = repaired_j2k_series(data_dir / "ct/abdomen-ct-j2k", tmp_path / "j2k")
     single = volume_from_datasets([pydicom.dcmread(p) for p in paths])
     multi = legacy_enhanced([pydicom.dcmread(p) for p in reversed(paths)])
     assert multi.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"

@@ -56,8 +56,8 @@ def make_seg(volume: Volume, labels: np.ndarray, **kwargs: object) -> hd.seg.Seg
 
 
 @pytest.fixture(scope="module")
-def built(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    paths = contiguous_lidc_slices(shared / "data/ct/LIDC-IDRI-0001", SLICES)
+def built(lidc1: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    paths = contiguous_lidc_slices(lidc1[0].parent, SLICES)
     single = volume_from_datasets([pydicom.dcmread(p) for p in paths])
     # Frames in a scrambled order: the volume must sort them, the SEG must undo that.
     order = list(range(SLICES))

@@ -211,11 +211,11 @@ def test_empty_sop_class_in_dataset_falls_back_to_the_negotiated_one(
 
 
 def test_encapsulated_pixel_data_without_its_end_is_refused(
-    ingestor: Ingestor, shared: Path, tmp_path: Path
+    ingestor: Ingestor, data_dir: Path, tmp_path: Path
 ) -> None:
     from tests.factories import repaired_j2k_series
 
-    path = repaired_j2k_series(shared / "data/ct/abdomen-ct-j2k", tmp_path / "j2k", limit=1)[0]
+    path = repaired_j2k_series(data_dir / "ct/abdomen-ct-j2k", tmp_path / "j2k", limit=1)[0]
     data = path.read_bytes()
     ingestor.store(data)  # whole: fine
     with pytest.raises(UnreadableInstance, match="no end"):

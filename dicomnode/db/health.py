@@ -1,0 +1,234 @@
+"""The queries behind ``dicomnode status``: queue, deliveries, workers, recent errors.
+
+Read-only; the CLI adds the listener check and the disk, and judges what needs
+attention. Nothing here returns patient data: job errors and event notes carry none
+by design.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, exists, func, or_, select, text
+from sqlalchemy.orm import Session, aliased
+
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState
+
+LAST_ERRORS = 5
+RECENT_FAILURES = timedelta(hours=1)
+STALLED_AFTER = timedelta(minutes=10)
+FAILED_DELIVERIES = timedelta(days=1)
+# Notes of a job going back to the queue that are not errors: a worker that stops
+# gives its job back, and a route waiting for another model's verdict postpones it.
+_NOT_ERRORS = ("released:", "waiting for ")
+
+
+def last_errors(session: Session, limit: int = LAST_ERRORS) -> list[dict[str, Any]]:
+    """Return the latest failed attempts that are still problems, newest first.
+
+    An attempt failed when it ended in ``failed``, or back in the queue with an error.
+    It stops being a problem once the job's results reached every destination after it:
+    a PACS that was down and took the results on the next try leaves no error behind.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    limit : int
+        At most this many.
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        ``job_id``, ``model``, ``at``, ``outcome`` and ``error`` (its first line).
+    """
+    attempted = (JobState.RUNNING.value, JobState.SENDING.value)
+    unsent = exists().where(
+        Delivery.job_id == JobEvent.job_id,
+        or_(
+            Delivery.state != DeliveryState.SENT,
+            Delivery.sent_at.is_(None),
+            Delivery.sent_at <= JobEvent.at,
+        ),
+    )
+    delivered_later = and_(exists().where(Delivery.job_id == JobEvent.job_id), ~unsent)
+    query = (
+        select(JobEvent.job_id, Job.model, JobEvent.at, JobEvent.to_state, JobEvent.note)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(
+            JobEvent.note.is_not(None),
+            or_(
+                JobEvent.to_state == JobState.FAILED.value,
+                (JobEvent.to_state == JobState.QUEUED.value) & JobEvent.from_state.in_(attempted),
+            ),
+            *[JobEvent.note.not_like(f"{prefix}%") for prefix in _NOT_ERRORS],
+            ~delivered_later,
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "job_id": job_id,
+            "model": model,
+            "at": at,
+            "outcome": to_state,
+            "error": (note or "").splitlines()[0] if note else "",
+        }
+        for job_id, model, at, to_state, note in session.execute(query)
+    ]
+
+
+def failing_destinations(session: Session, now: datetime) -> list[dict[str, Any]]:
+    """Return the destinations whose latest delivery attempts failed.
+
+    A delivery waiting for its retry after an error (``pending`` with ``last_error``),
+    or one that failed for good, in the last day, counts; a successful delivery to the
+    same destination after it (the PACS is back) clears it. The time of a failed
+    attempt is its job's ``updated_at``, which the attempt's end sets.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    now : datetime
+        The database's time (:func:`~dicomnode.db.engine.database_now`).
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        Per destination, by name: ``destination``, ``deliveries`` (how many are
+        failing), ``since`` (the oldest failing attempt's time), ``last_failed_at``
+        and ``error`` (the first line of the newest error).
+    """
+    later = aliased(Delivery)
+    failing = (
+        select(Delivery.destination, Job.updated_at, Delivery.last_error)
+        .join(Job, Delivery.job_id == Job.id)
+        .where(
+            Delivery.last_error.is_not(None),
+            Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+            Job.updated_at >= now - FAILED_DELIVERIES,
+            ~exists().where(
+                later.destination == Delivery.destination,
+                later.state == DeliveryState.SENT,
+                later.sent_at > Job.updated_at,
+            ),
+        )
+        .order_by(Delivery.destination, Job.updated_at)
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for name, at, error in session.execute(failing):
+        entry = found.setdefault(
+            name, {"destination": name, "deliveries": 0, "since": at, "last_failed_at": at}
+        )
+        entry["deliveries"] += 1
+        entry["last_failed_at"] = at
+        entry["error"] = (error or "").splitlines()[0] if error else ""
+    return list(found.values())
+
+
+def snapshot(session: Session, now: datetime) -> dict[str, Any]:
+    """Return the queue and delivery figures of ``dicomnode status``.
+
+    Parameters
+    ----------
+    session : Session
+        Database session.
+    now : datetime
+        The database's time: the one leases and back-offs are set with (db.jobs).
+
+    Returns
+    -------
+    dict[str, Any]
+        ``busy`` (lease owners of running jobs), ``queue`` (count per state),
+        ``oldest_queued``, ``deliveries`` (pending and failed counts),
+        ``failed_last_hour``, ``stalled``, ``deliveries_failed_last_day``,
+        ``failing_destinations`` and ``last_errors``.
+    """
+    owners = session.scalars(
+        select(Job.lease_owner)
+        .where(
+            Job.state.in_((JobState.RUNNING, JobState.SENDING)),
+            Job.lease_owner.is_not(None),
+            Job.lease_expires_at > now,
+        )
+        .distinct()
+    ).all()
+    depth = {s.value: 0 for s in JobState}
+    for job_state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        depth[JobState(job_state).value] = int(count)
+    oldest = session.execute(
+        select(Job.id, Job.created_at)
+        .where(Job.state == JobState.QUEUED)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    ).first()
+    deliveries = {s.value: 0 for s in (DeliveryState.PENDING, DeliveryState.FAILED)}
+    for delivery_state, count in session.execute(
+        select(Delivery.state, func.count())
+        .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)))
+        .group_by(Delivery.state)
+    ):
+        deliveries[DeliveryState(delivery_state).value] = int(count)
+    # Failed deliveries of jobs that changed in the last day: a failure an admin has
+    # looked at and left (the job failed for good a month ago) does not stay a problem.
+    failed_deliveries = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .join(Job, Delivery.job_id == Job.id)
+        .where(Delivery.state == DeliveryState.FAILED, Job.updated_at >= now - FAILED_DELIVERIES)
+    )
+    # Runnable for a while and still not claimed: no worker runs, or none takes this model.
+    stalled = session.scalar(
+        select(func.count()).where(
+            Job.state == JobState.QUEUED, Job.run_after <= now - STALLED_AFTER
+        )
+    )
+    failed_recently = session.scalar(
+        select(func.count()).where(
+            Job.state == JobState.FAILED, Job.finished_at >= now - RECENT_FAILURES
+        )
+    )
+    return {
+        "busy": sorted(o for o in owners if o),
+        "queue": depth,
+        "oldest_queued": None if oldest is None else (oldest[0], oldest[1]),
+        "deliveries": deliveries,
+        "failed_last_hour": int(failed_recently or 0),
+        "stalled": int(stalled or 0),
+        "deliveries_failed_last_day": int(failed_deliveries or 0),
+        "failing_destinations": failing_destinations(session, now),
+        "last_errors": last_errors(session),
+    }
+
+
+def listen_connections(engine: Engine, channel: str) -> int | None:
+    """Count the PostgreSQL connections waiting on ``LISTEN channel`` (worker processes).
+
+    Parameters
+    ----------
+    engine : Engine
+        A PostgreSQL engine.
+    channel : str
+        The wake-up channel.
+
+    Returns
+    -------
+    int or None
+        The count; None when the role may not read ``pg_stat_activity``.
+    """
+    try:
+        with engine.connect() as conn:
+            # Each worker process keeps one connection whose last statement is its LISTEN.
+            count = conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query = :listen"
+                ),
+                {"listen": f"LISTEN {channel}"},
+            )
+    except Exception:  # a role that may not read pg_stat_activity: say unknown
+        return None
+    return int(count or 0)

@@ -1,0 +1,72 @@
+"""The CLI starts without the heavy libraries: checked on the import graph, not on time.
+
+``bench/cli.py`` measures the start-up time; this test keeps what makes it fast from
+regressing: torch, monai, highdicom, pynetdicom (and scipy, pydicom, alembic, numpy)
+are imported only by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "monai", "highdicom", "pynetdicom", "scipy", "pydicom", "alembic", "numpy")
+
+# Parse and run the command in a fresh interpreter, then list what is loaded.
+PROBE = """
+import json, sys
+from dicomnode.cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --help
+    code = exc.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def _loaded(cwd: Path, *argv: str) -> tuple[int, set[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    return report["code"], {m.split(".")[0] for m in report["modules"]}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n[storage]\npath = "spool"\n'
+    )
+    from dicomnode.cli.main import main
+
+    assert main(["--config", str(path), "db", "upgrade"]) == 0
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["jobs", "list"],
+        ["status", "--no-listener"],
+        ["jobs", "list", "--json"],
+        ["studies", "list"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_light_commands_import_no_heavy_library(
+    argv: list[str], config: str, tmp_path: Path
+) -> None:
+    code, modules = _loaded(tmp_path, *argv, *([] if argv == ["--help"] else ["-c", config]))
+    assert code in (0, 1)  # status: 1 when this host's disk is below the watermark
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
