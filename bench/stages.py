@@ -62,13 +62,16 @@ send_to = ["pacs"]
 """
 
 
-def run_jobs(series: list[Path], workdir: Path, model: str, routes_extra: str = "") -> list[dict]:
+def run_jobs(
+    series: list[Path], workdir: Path, model: str, routes_extra: str = "", worker_extra: str = ""
+) -> list[dict]:
     """Send the series to a fresh node; return every job's record once all sent an SR."""
     expected = 1 + routes_extra.count("[[routes]]")
     with Orthanc(workdir / "orthanc") as pacs:
         config = write_config(workdir, db_url=f"sqlite:///{workdir / 'node.db'}",
                               pacs_port=pacs.dicom_port, quiet_seconds=2,
-                              model=model, routes_extra=routes_extra)  # fmt: skip
+                              model=model, routes_extra=routes_extra,
+                              worker_extra=worker_extra)  # fmt: skip
         with NodeProcess(config) as node:
             started = time.perf_counter()
             subprocess.run(
@@ -96,8 +99,8 @@ def run_jobs(series: list[Path], workdir: Path, model: str, routes_extra: str = 
     return jobs
 
 
-def run_job(series: list[Path], workdir: Path, model: str) -> dict:
-    return run_jobs(series, workdir, model)[0]
+def run_job(series: list[Path], workdir: Path, model: str, worker_extra: str = "") -> dict:
+    return run_jobs(series, workdir, model, worker_extra=worker_extra)[0]
 
 
 def print_stages(columns: dict[str, dict[str, float]]) -> None:
@@ -109,11 +112,11 @@ def print_stages(columns: dict[str, dict[str, float]]) -> None:
         print(f"{stage.removesuffix('_s'):<18}" + "".join(f"{c:>24}" for c in cells))
 
 
-def reuse(series: list[Path]) -> None:
+def reuse(series: list[Path], worker_extra: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        alone = run_jobs(series, Path(tmp), "lung-nodule-cnn")[0]
+        alone = run_jobs(series, Path(tmp), "lung-nodule-cnn", worker_extra=worker_extra)[0]
     with tempfile.TemporaryDirectory() as tmp:
-        both = run_jobs(series, Path(tmp), "lung-unet2d", NODULES)
+        both = run_jobs(series, Path(tmp), "lung-unet2d", NODULES, worker_extra)
     lung = next(j for j in both if j["model"].startswith("lung-unet2d"))
     nodule = next(j for j in both if j["model"].startswith("lung-nodule-cnn"))
     print_stages({
@@ -157,16 +160,29 @@ def main() -> None:
     )
     parser.add_argument("--model", default="lung-unet2d")
     parser.add_argument("--reuse", action="store_true", help="the lung-mask reuse's saving")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="worker.precision; fp32 measures here what a CPU without bf16 runs",
+    )
     args = parser.parse_args()
     folder = args.folder or restored_case("LIDC-IDRI-0001")
     series = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in ("", ".dcm"))
     threads = configure_threads(0)
     print(f"series: {folder} ({len(series)} files); torch {torch.__version__}, {threads} threads")
+    worker_extra = f'precision = "{args.precision}"'
+    bf16 = (
+        "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        if Path("/proc/cpuinfo").exists()
+        else False
+    )
+    print(f"worker.precision = {args.precision}; this CPU has bf16 (avx512_bf16): {bf16}")
     if args.reuse:
-        reuse(series)
+        reuse(series, worker_extra)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        job = run_job(series, Path(tmp), args.model)
+        job = run_job(series, Path(tmp), args.model, worker_extra)
     timings = job["timings"]
     print(f"\njob {job['id']}: {job['state']}, {job['summary'].get('slices')} slices")
     print(f"{'stage':<18}{'seconds':>9}")

@@ -20,16 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from dicomnode.cli.arguments import add_when, closed_set, positive_int
-from dicomnode.cli.database import open_database, with_session
+from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time
 from dicomnode.config import Settings
 from dicomnode.db import audit
 from dicomnode.db.engine import read_only, session_factory
 from dicomnode.db.models import utcnow
 from dicomnode.errors import DicomnodeError
-
-event_name = closed_set("audit event", audit.EVENTS)
 
 
 def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
@@ -247,54 +244,3 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
         f"{checked.last_id}), each found unchanged in {archive}; the trail records the prune"
     )
     return 0
-
-
-def register(sub: Any) -> None:
-    """Add ``dicomnode audit`` to the parser.
-
-    Parameters
-    ----------
-    sub : argparse._SubParsersAction
-        The top-level subcommands.
-    """
-    commands = sub.add_parser(
-        "audit", help="the audit trail: who sent what, which jobs ran, where results went"
-    ).add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    p = commands.add_parser(
-        "export",
-        help="export audit entries, oldest first, as CSV or JSON",
-        description="Entries name AE titles, addresses, UIDs, job ids and counts; never "
-        f"patient data. Events: {', '.join(audit.EVENTS)}.",
-    )
-    add_when(p, "--since", "entries at or after")
-    add_when(p, "--until", "entries before")
-    p.add_argument(
-        "--event", type=event_name, action="append", metavar="EVENT", help="only this event "
-        "(repeatable)"
-    )  # fmt: skip
-    p.add_argument("--study", metavar="UID", help="only entries about this Study Instance UID")
-    p.add_argument("--job", type=positive_int, metavar="ID", help="only entries about this job")
-    p.add_argument("--format", choices=["csv", "json", "jsonl"], default="csv", help="default csv")
-    p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout"
-    )
-    p.set_defaults(run=with_session(export))
-    p = commands.add_parser(
-        "prune",
-        help="delete entries before a date, once an export is checked to hold them all",
-        description="Reads FILE (written by `dicomnode audit export`, CSV or JSON) and "
-        "compares it with every entry before --before; deletes them only if each is there "
-        "unchanged, and records the prune, with FILE's SHA-256, as an audit-pruned entry. "
-        "Export with --until DATE, archive the file, then prune with --before DATE and "
-        "--exported-to the archived copy.",
-    )
-    add_when(p, "--before", "delete entries before", required=True)
-    p.add_argument(
-        "--exported-to",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="the export that holds them (checked entry by entry before anything is deleted)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="only check and say what would go")
-    p.set_defaults(run=prune)

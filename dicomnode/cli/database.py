@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING
 
 from dicomnode.config import Settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, read_only, session_factory
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+# SQLAlchemy and the database layer are imported when a command opens the database,
+# not when the parser is built: `dicomnode --help` should not pay for them.
 
 
 def open_database(settings: Settings) -> Engine:
@@ -36,6 +39,9 @@ def open_database(settings: Settings) -> Engine:
     DicomnodeError
         If the schema is not at the newest migration.
     """
+    from dicomnode.db import migrate
+    from dicomnode.db.engine import make_engine
+
     engine = make_engine(settings.database.url, create=False)
     try:
         migrate.require_current(engine)
@@ -65,6 +71,8 @@ def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespa
     """
 
     def run(settings: Settings, args: argparse.Namespace) -> int:
+        from dicomnode.db.engine import read_only, session_factory
+
         engine = open_database(settings)
         try:
             with read_only(session_factory(engine))() as session:

@@ -271,33 +271,3 @@ def echo_line(record: dict[str, Any]) -> str:
         where = f"{record['ae_title']}@{record['host']}:{record['port']}"
         return f"{record['name']} ok ({where}, {record['ms']:.0f} ms)"
     return f"{record['name']} failed: {record['error']}"
-
-
-def register(sub: Any) -> None:
-    """Add ``dicomnode destinations`` to the parser.
-
-    Parameters
-    ----------
-    sub : argparse._SubParsersAction
-        The top-level subcommands.
-    """
-    commands = sub.add_parser(
-        "destinations", help="the configured destinations: deliveries to them, C-ECHO"
-    ).add_subparsers(dest="destinations_command", required=True, metavar="COMMAND")
-    p = commands.add_parser(
-        "list",
-        help="list the [[destinations]] with their deliveries sent, pending and failed",
-        description="The delivery counts come from the database; when it cannot be read "
-        "the configuration is printed alone, with a one-line note on stderr.",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=list_destinations)
-    p = commands.add_parser(
-        "echo",
-        help="C-ECHO destinations; exit 1 if any does not answer",
-        description="One line per destination: 'NAME ok (AE@host:port, N ms)' or "
-        "'NAME failed: reason'.",
-    )
-    p.add_argument("names", nargs="*", metavar="NAME", help="[[destinations]] names (default: all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=echo_destinations)

@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dicomnode.cli.arguments import closed_set
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
@@ -211,38 +210,6 @@ def run_times(job: Job) -> tuple[Any, Any]:
     run = max((at for at in claims if at <= made), default=job.started_at)
     resent = max((at for at in claims if at > made), default=None)
     return run, resent
-
-
-FINAL_STATE_NAMES = tuple(s.value for s in jobs.FINAL_STATES)
-
-job_state = closed_set("job state", [s.value for s in JobState])
-
-
-def ended_state(text: str) -> str:
-    """Check ``jobs purge --state``: only ended jobs may be purged.
-
-    Parameters
-    ----------
-    text : str
-        A job state.
-
-    Returns
-    -------
-    str
-        The state: done, failed or cancelled.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If it is unknown, or a state of jobs that have not ended.
-    """
-    job_state(text)
-    if text not in FINAL_STATE_NAMES:
-        raise argparse.ArgumentTypeError(
-            f"refusing to purge {text} jobs: only ended jobs ({', '.join(FINAL_STATE_NAMES)}) "
-            "can be purged"
-        )
-    return text
 
 
 def list_jobs(session: Session, args: argparse.Namespace) -> int:

@@ -20,14 +20,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import dicomnode
-from dicomnode.cli import audit as audit_cli
-from dicomnode.cli import destinations as destinations_cli
-from dicomnode.cli import retention as retention_cli
-from dicomnode.cli import studies as studies_cli
-from dicomnode.cli import transfer as transfer_cli
+from dicomnode.cli import parsers
 from dicomnode.cli.arguments import add_when, parse_duration, positive_int
 from dicomnode.cli.commands import Command
-from dicomnode.cli.jobs import ended_state, job_state
+from dicomnode.cli.parsers import ended_state, job_state
 from dicomnode.config import ENV_CONFIG, Settings, load_settings
 from dicomnode.errors import (
     ConfigError,
@@ -342,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands that live with their code register their own parsers.
     for register in (
-        studies_cli.register,
-        destinations_cli.register,
-        transfer_cli.register,
-        retention_cli.register,
-        audit_cli.register,
+        parsers.register_studies,
+        parsers.register_destinations,
+        parsers.register_transfer,
+        parsers.register_retention,
+        parsers.register_audit,
     ):
         register(sub)
 

@@ -92,25 +92,3 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def register(sub: Any) -> None:
-    """Add ``dicomnode purge`` to the parser.
-
-    Parameters
-    ----------
-    sub : argparse._SubParsersAction
-        The top-level subcommands.
-    """
-    p = sub.add_parser(
-        "purge",
-        help="apply the retention rules now: delete instances and results that are due",
-        description="Delete received instances and our results per [retention]: series whose "
-        "jobs all ended done or cancelled after done_days, failed ones after failed_days, and, "
-        "while the disk is below the emergency threshold, the oldest done ones early. A "
-        "series with a job queued, running or sending is never deleted. Exit 1 when the disk "
-        "stays below the emergency threshold.",
-    )
-    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=purge)

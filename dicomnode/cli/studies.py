@@ -15,8 +15,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dicomnode.cli.arguments import add_when, closed_set, positive_int
-from dicomnode.cli.database import with_session
 from dicomnode.cli.jobs import job_record
 from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
 from dicomnode.db import audit, studies
@@ -27,16 +25,12 @@ from dicomnode.db.models import (
 from dicomnode.db.studies import DELIVERY_STATE_ORDER, JOB_STATE_ORDER
 
 # receiving: a series still receives; purged: retention deleted every series' images.
-STUDY_STATES = ("receiving", "complete", "purged")
 LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST RECEIVED",
                 "JOBS", "DELIVERIES")  # fmt: skip
 SERIES_HEADERS = ("SERIES", "MODALITY", "STATE", "GEN", "INSTANCES", "BYTES", "FIRST RECEIVED",
                   "LAST RECEIVED", "COMPLETED", "PURGED", "FROM")  # fmt: skip
 JOB_HEADERS = ("ID", "ROUTE", "MODEL", "STATE", "ATTEMPTS", "CREATED", "STARTED", "FINISHED",
                "RE-SENT", "SERIES", "ERROR")  # fmt: skip
-
-
-study_state = closed_set("study state", STUDY_STATES)
 
 
 def format_counts(counts: dict[str, int], order: tuple[str, ...]) -> str:
@@ -352,48 +346,3 @@ def show_study(session: Session, args: argparse.Namespace) -> int:
     else:
         _print_story(record, args.show_phi)
     return 0
-
-
-def register(sub: Any) -> None:
-    """Add ``dicomnode studies`` to the parser.
-
-    Parameters
-    ----------
-    sub : argparse._SubParsersAction
-        The top-level subcommands.
-    """
-    commands = sub.add_parser(
-        "studies", help="received studies: their series, jobs, deliveries and audit trail"
-    ).add_subparsers(dest="studies_command", required=True, metavar="COMMAND")
-    phi_help = "also print patient ID and accession number (patient data)"
-
-    p = commands.add_parser(
-        "list",
-        help="list studies, newest first (by their latest received instance)",
-        description="Patient ID and accession number filter, but are printed only with "
-        "--show-phi. A study is 'receiving' while a series of it is, 'purged' once "
-        "retention deleted the images of all its series, else 'complete'.",
-    )
-    add_when(p, "--since", "only studies that received an instance since")
-    p.add_argument("--accession", metavar="NUMBER", help="only studies of this accession number")
-    p.add_argument("--patient-id", metavar="ID", help="only studies of this patient ID")
-    p.add_argument(
-        "--state", type=study_state, help="only studies in this state: receiving, complete, purged"
-    )
-    p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--show-phi", action="store_true", help=phi_help)
-    p.set_defaults(run=with_session(list_studies))
-
-    p = commands.add_parser(
-        "show",
-        help="one study's whole story: series, jobs, outputs, deliveries, audit timeline",
-    )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("study", nargs="?", metavar="STUDY", help="Study Instance UID")
-    which.add_argument(
-        "--accession", metavar="NUMBER", help="the study with this accession number instead"
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--show-phi", action="store_true", help=phi_help)
-    p.set_defaults(run=with_session(show_study))

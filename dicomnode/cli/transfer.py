@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DEFAULT_CALLING_AE = "IMPORT"
 MAX_PROBLEM_LINES = 20  # per report, in the human output; JSON lists them all
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 _COPY_CHUNK = 2**20
@@ -166,33 +165,6 @@ def _uid_name(uid: str) -> str:
 
     name = UID(uid).name
     return f"{uid} ({name})" if name and name != uid else uid
-
-
-def ae_title(value: str) -> str:
-    """Check an AE title given on the command line (``--calling-ae``).
-
-    Parameters
-    ----------
-    value : str
-        The argument.
-
-    Returns
-    -------
-    str
-        The title without surrounding spaces.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If it is empty, longer than 16 characters, or has a backslash or a character
-        that is not printable ASCII.
-    """
-    title = value.strip()
-    if not 1 <= len(title) <= 16 or "\\" in title or not (title.isascii() and title.isprintable()):
-        raise argparse.ArgumentTypeError(
-            f"not an AE title (1-16 printable ASCII characters, no backslash): {value!r}"
-        )
-    return title
 
 
 def _print_problems(problems: Sequence[dict[str, Any]]) -> None:
@@ -983,62 +955,3 @@ def send_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # --- parsers -------------------------------------------------------------------------
-
-
-def _progress_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"show a progress bar over the {what} on stderr (default: only when stderr is "
-        "a terminal and --json is not given)",
-    )
-
-
-def register(sub: Any) -> None:
-    """Add this module's commands to the ``dicomnode`` parser.
-
-    Parameters
-    ----------
-    sub : argparse._SubParsersAction
-        The top-level subcommands.
-    """
-    p = sub.add_parser(
-        "import",
-        help="backfill DICOM files or folders into the node, as if received over C-STORE",
-        description="Store DICOM files (folders: recursively) the way the listener stores "
-        "received instances: the same checks, durable writes, duplicate and replace rules; "
-        "the node's completion sweep completes their series. Files that are not DICOM "
-        "instances (no DICM prefix, a DICOMDIR) are skipped. Exit 0 when all were imported "
-        "or skipped, 1 when an instance was refused or storage ran low, 2 for bad usage.",
-    )
-    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
-    p.add_argument(
-        "--calling-ae",
-        type=ae_title,
-        default=DEFAULT_CALLING_AE,
-        metavar="AE",
-        help=f"AE title recorded as the sender of the instances (default {DEFAULT_CALLING_AE})",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _progress_option(p, "files")
-    p.set_defaults(run=import_command)
-
-    p = sub.add_parser(
-        "send",
-        help="C-STORE DICOM files, or a job's stored outputs, to a configured destination",
-        description="Send a DICOM file or folder (recursively), or the stored outputs of a "
-        "job (ID or job:ID), to a [[destinations]] entry, one C-STORE status per object. "
-        "A job's deliveries are not changed: this is a manual re-send. Exit 0 when every "
-        "object was stored (warnings included), 1 when one was not or the destination "
-        "cannot be reached, 2 for bad usage.",
-    )
-    p.add_argument(
-        "source",
-        metavar="SOURCE",
-        help="a DICOM file or folder, or a job id (ID or job:ID; ./ID for a file named ID)",
-    )
-    p.add_argument("destination", metavar="DESTINATION_NAME", help="a [[destinations]] name")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _progress_option(p, "objects")
-    p.set_defaults(run=send_command)

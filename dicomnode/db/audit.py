@@ -50,25 +50,12 @@ from sqlalchemy import CursorResult, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import transaction
+from dicomnode.db.events import EVENTS
 from dicomnode.db.models import AuditEvent, utcnow
 from dicomnode.errors import DicomnodeError
 
 log = logging.getLogger(__name__)
 
-EVENTS = (
-    "instances-received",
-    "instances-refused",
-    "association-rejected",
-    "commitment-report-refused",
-    "instances-imported",
-    "job-queued",
-    "job-ended",
-    "results-sent",
-    "results-resent",
-    "instances-deleted",
-    "admin",
-    "audit-pruned",
-)
 FIELDS = (
     "id",
     "at",

@@ -70,3 +70,21 @@ def test_light_commands_import_no_heavy_library(
     code, modules = _loaded(tmp_path, *argv, *([] if argv == ["--help"] else ["-c", config]))
     assert code in (0, 1)  # status: 1 when this host's disk is below the watermark
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_help_builds_every_parser_without_the_database_layer(tmp_path: Path) -> None:
+    # The parser names each command's code, which is imported only when it runs.
+    code, modules = _loaded(tmp_path, "--help")
+    assert code == 0
+    assert "sqlalchemy" not in modules
+
+
+def test_the_parsers_states_are_the_database_states() -> None:
+    from dicomnode.cli import parsers
+    from dicomnode.db.events import EVENTS
+    from dicomnode.db.jobs import FINAL_STATES
+    from dicomnode.db.models import JobState
+
+    assert tuple(s.value for s in JobState) == parsers.JOB_STATES
+    assert set(parsers.FINAL_STATE_NAMES) == {s.value for s in FINAL_STATES}
+    assert parsers.event_name("admin") == "admin" and "admin" in EVENTS

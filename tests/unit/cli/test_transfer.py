@@ -19,7 +19,8 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from dicomnode.cli.main import main
-from dicomnode.cli.transfer import ae_title, parse_source
+from dicomnode.cli.parsers import ae_title
+from dicomnode.cli.transfer import parse_source
 from dicomnode.db import jobs as queue
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, session_factory, transaction
