@@ -32,8 +32,8 @@ def test_a_refused_association_logs_no_pynetdicom_errors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()  # nothing listens there
-    logging.getLogger("dicomnode").setLevel(logging.INFO)
-    with caplog.at_level(logging.INFO):
+    # at_level restores both levels: a level left set would leak into later tests.
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="dicomnode"):
         error = _refused(port)
         _refused(port)  # a retry: the same again
     assert error == f"destination pacs: cannot connect to 127.0.0.1:{port}"
@@ -44,13 +44,7 @@ def test_a_refused_association_logs_no_pynetdicom_errors(
 
 
 def test_at_debug_they_are_kept(caplog: pytest.LogCaptureFixture) -> None:
-    dicomnode_log = logging.getLogger("dicomnode")
-    before = dicomnode_log.level
-    dicomnode_log.setLevel(logging.DEBUG)
-    try:
-        with caplog.at_level(logging.DEBUG):
-            _refused(free_port())
-    finally:
-        dicomnode_log.setLevel(before)
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="dicomnode"):
+        _refused(free_port())
     messages = [r.getMessage() for r in caplog.records if r.name == "pynetdicom.transport"]
     assert any(m.startswith("TCP Initialisation Error") for m in messages), messages
