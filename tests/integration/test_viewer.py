@@ -60,10 +60,10 @@ def _lacking() -> str | None:
     return missing()
 
 
-# CI installs all of it (.ci/run) and sets DICOMNODE_REQUIRE_VIEWER, so there a missing
+# CI installs all of it (.ci/run) and sets DICOMNODETEST_REQUIRE_VIEWER, so there a missing
 # piece fails the run instead of skipping the test.
 LACKING = _lacking()
-if LACKING and os.environ.get("DICOMNODE_REQUIRE_VIEWER"):
+if LACKING and os.environ.get("DICOMNODETEST_REQUIRE_VIEWER"):
     raise RuntimeError(f"the viewer test cannot run: {LACKING}")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(LACKING is not None, reason=str(LACKING))]
 
