@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from dicomnode.config import Settings
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from dicomnode.db.engine import Engine
 
 # SQLAlchemy and the database layer are imported when a command opens the database,
 # not when the parser is built: `dicomnode --help` should not pay for them.

@@ -13,17 +13,11 @@ import logging
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-
-from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from dicomnode.cli.output import first_line, format_time, print_json, print_table
 from dicomnode.config import Destination, Settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, read_only, session_factory
-from dicomnode.db.models import Delivery, DeliveryState
+from dicomnode.db import health
 
 log = logging.getLogger("dicomnode")
 
@@ -66,54 +60,7 @@ def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
         Whatever stops the database from being read: not found, unreachable, not
         migrated (:class:`~dicomnode.errors.DicomnodeError`).
     """
-    url = make_url(settings.database.url)
-    kwargs: dict[str, Any] = {}
-    if url.get_backend_name() == "sqlite":
-        # Opening a missing SQLite file would create an empty one.
-        if url.database and url.database != ":memory:" and not Path(url.database).is_file():
-            raise FileNotFoundError(f"database not found: {url.database}")
-    else:
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-    engine = make_engine(settings.database.url, **kwargs)
-    stats: dict[str, dict[str, Any]] = {}
-
-    def entry(name: str) -> dict[str, Any]:
-        return stats.setdefault(
-            name, {"sent": 0, "pending": 0, "failed": 0, "last_sent_at": None, "last_error": None}
-        )
-
-    try:
-        migrate.require_current(engine)
-        with read_only(session_factory(engine))() as session:
-            for name, state, n, last_sent in session.execute(
-                select(
-                    Delivery.destination,
-                    Delivery.state,
-                    func.count(Delivery.id),
-                    func.max(Delivery.sent_at),
-                ).group_by(Delivery.destination, Delivery.state)
-            ):
-                record = entry(name)
-                record[DeliveryState(state).value] = int(n)
-                if last_sent is not None and (
-                    record["last_sent_at"] is None or last_sent > record["last_sent_at"]
-                ):
-                    record["last_sent_at"] = last_sent
-            newest = (
-                select(func.max(Delivery.id).label("id"))
-                .where(Delivery.last_error.is_not(None))
-                .group_by(Delivery.destination)
-                .subquery()
-            )
-            for name, error in session.execute(
-                select(Delivery.destination, Delivery.last_error).join(
-                    newest, Delivery.id == newest.c.id
-                )
-            ):
-                entry(name)["last_error"] = first_line(error)
-    finally:
-        engine.dispose()
-    return stats
+    return health.delivery_statistics_at(settings.database.url, CONNECT_TIMEOUT_S)
 
 
 def list_destinations(settings: Settings, args: argparse.Namespace) -> int:

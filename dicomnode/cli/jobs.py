@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
-
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
@@ -23,6 +21,9 @@ from dicomnode.db.models import (
 from dicomnode.queue.wakeup import Announcer
 from dicomnode.store import retention
 from dicomnode.store.spool import Spool
+
+if TYPE_CHECKING:
+    from dicomnode.db.engine import Session  # annotations only: the CLI runs no SQL
 
 STAGES = (
     "receive_s",
@@ -286,9 +287,7 @@ def show_job(session: Session, args: argparse.Namespace) -> int:
     int
         Exit code: 1 if there is no such job.
     """
-    job = session.get(Job, args.id)
-    if job is None:
-        raise LookupError(f"no job with id {args.id}")
+    job = jobs.get(session, args.id)
     phi = bool(getattr(args, "show_phi", False))
     record = job_record(job, detail=True, show_phi=phi)
     if args.json:

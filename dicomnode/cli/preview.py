@@ -12,12 +12,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
 from PIL import Image
-from sqlalchemy.orm import Session
 
 from dicomnode.cli.database import open_database
 from dicomnode.cli.jobs import show_job
@@ -39,6 +38,9 @@ from dicomnode.outputs.overlay import (
 from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.provenance import RESEARCH_NOTICE
 from dicomnode.store.spool import Spool
+
+if TYPE_CHECKING:
+    from dicomnode.db.engine import Session  # annotations only: the CLI runs no SQL
 
 MAX_SLICES = 12
 TILE_WIDTH = 256
@@ -270,9 +272,7 @@ def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
             target: Path | None = getattr(args, "preview", None)
             if target is None:
                 return show_job(session, args)
-            job = session.get(Job, args.id)
-            if job is None:
-                raise LookupError(f"no job with id {args.id}")
+            job = jobs.get(session, args.id)
             # Everything that can be refused is refused before anything is printed.
             check_target(target)
             output = seg_output(session, job)

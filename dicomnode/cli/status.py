@@ -17,14 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
-
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import health
-from dicomnode.db.engine import database_now, is_sqlite, read_only, session_factory
+from dicomnode.db.engine import (
+    Engine,
+    Session,
+    database_now,
+    is_sqlite,
+    read_only,
+    session_factory,
+)
 from dicomnode.db.models import utcnow
 from dicomnode.queue import wakeup
 

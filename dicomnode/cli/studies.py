@@ -11,9 +11,7 @@ only with ``--show-phi``: without it no command here writes patient data.
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.cli.jobs import job_record
 from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
@@ -23,6 +21,9 @@ from dicomnode.db.models import (
     Study,
 )
 from dicomnode.db.studies import DELIVERY_STATE_ORDER, JOB_STATE_ORDER
+
+if TYPE_CHECKING:
+    from dicomnode.db.engine import Session  # annotations only: the CLI runs no SQL
 
 # receiving: a series still receives; purged: retention deleted every series' images.
 LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST RECEIVED",

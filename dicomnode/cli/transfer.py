@@ -41,8 +41,8 @@ from dicomnode.evaluate.progress import Progress
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
     from pynetdicom.association import Association
-    from sqlalchemy.orm import Session, sessionmaker
 
+    from dicomnode.db.engine import Session, sessionmaker
     from dicomnode.store.ingest import Ingestor
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ by design.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, func, or_, select, text
+from sqlalchemy import Engine, and_, exists, func, make_url, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState
@@ -232,3 +233,107 @@ def listen_connections(engine: Engine, channel: str) -> int | None:
     except Exception:  # a role that may not read pg_stat_activity: say unknown
         return None
     return int(count or 0)
+
+
+def delivery_statistics(session: Session) -> dict[str, dict[str, Any]]:
+    """Return per destination name its deliveries by state, last send and last error.
+
+    Parameters
+    ----------
+    session : Session
+        A session on the node's database.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        Per destination name (configured or not: deliveries outlive a renamed
+        destination): ``sent``, ``pending``, ``failed``, ``last_sent_at`` and
+        ``last_error`` (the first line of the newest delivery's error that has one).
+    """
+    stats: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return stats.setdefault(
+            name, {"sent": 0, "pending": 0, "failed": 0, "last_sent_at": None, "last_error": None}
+        )
+
+    for name, state, n, last_sent in session.execute(
+        select(
+            Delivery.destination,
+            Delivery.state,
+            func.count(Delivery.id),
+            func.max(Delivery.sent_at),
+        ).group_by(Delivery.destination, Delivery.state)
+    ):
+        record = entry(name)
+        record[DeliveryState(state).value] = int(n)
+        if last_sent is not None and (
+            record["last_sent_at"] is None or last_sent > record["last_sent_at"]
+        ):
+            record["last_sent_at"] = last_sent
+    newest = (
+        select(func.max(Delivery.id).label("id"))
+        .where(Delivery.last_error.is_not(None))
+        .group_by(Delivery.destination)
+        .subquery()
+    )
+    for name, error in session.execute(
+        select(Delivery.destination, Delivery.last_error).join(newest, Delivery.id == newest.c.id)
+    ):
+        entry(name)["last_error"] = _first_line(error)
+
+    return stats
+
+
+def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Open the node's database at ``url`` and return :func:`delivery_statistics`.
+
+    For a command that must answer quickly, or without the numbers: a missing SQLite
+    file is not created, and a PostgreSQL server that does not answer gives up after
+    ``connect_timeout_s``.
+
+    Parameters
+    ----------
+    url : str
+        The database URL.
+    connect_timeout_s : float
+        Seconds to wait for a PostgreSQL server.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        As :func:`delivery_statistics`.
+
+    Raises
+    ------
+    Exception
+        Whatever stops the database from being read: not found, unreachable, not
+        migrated (:class:`~dicomnode.errors.DicomnodeError`).
+    """
+    from dicomnode.db import migrate  # alembic: only when the statistics are read
+    from dicomnode.db.engine import make_engine, read_only, session_factory
+
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        # Opening a missing SQLite file would create an empty one.
+        if (
+            parsed.database
+            and parsed.database != ":memory:"
+            and not Path(parsed.database).is_file()
+        ):
+            raise FileNotFoundError(f"database not found: {parsed.database}")
+    else:
+        kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
+    engine = make_engine(url, **kwargs)
+    try:
+        migrate.require_current(engine)
+        with read_only(session_factory(engine))() as session:
+            return delivery_statistics(session)
+    finally:
+        engine.dispose()
+
+
+def _first_line(text: str | None) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[0] if lines else None

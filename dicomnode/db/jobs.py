@@ -921,6 +921,32 @@ def cancel(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> 
         return job
 
 
+def get(session: Session, job_id: int) -> Job:
+    """Return one job by id.
+
+    Parameters
+    ----------
+    session : Session
+        The session.
+    job_id : int
+        The job's id.
+
+    Returns
+    -------
+    Job
+        The job.
+
+    Raises
+    ------
+    LookupError
+        If there is no such job (``main`` prints it as one line, exit 1).
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job with id {job_id}")
+    return job
+
+
 def find(
     session: Session,
     *,
