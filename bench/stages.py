@@ -43,23 +43,15 @@ sys.path.insert(0, str(REPO))
 from dicomnode.cli.jobs import STAGES  # noqa: E402
 from dicomnode.inference.device import configure_threads  # noqa: E402
 from dicomnode.inference.registry import load_registry  # noqa: E402
+from tests.dcmtk import STORESCU  # noqa: E402
 from tests.integration.node_process import (  # noqa: E402
+    NODULE_ROUTE,
     NodeProcess,
     listener_port,
     write_config,
 )
 from tests.integration.orthanc import Orthanc  # noqa: E402
 from tests.testdata import restored_case  # noqa: E402
-
-STORESCU = "/usr/bin/storescu"  # dcmtk's; the venv's pynetdicom has a script of that name
-NODULES = """
-[[routes]]
-name = "chest-ct-nodules"
-match = { Modality = "CT" }
-models = ["lung-nodule-cnn"]
-requires = { min_slices = 20, axial = true, model = "lung-unet2d", min_volume_ml = 500 }
-send_to = ["pacs"]
-"""
 
 
 def run_jobs(
@@ -116,7 +108,7 @@ def reuse(series: list[Path], worker_extra: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         alone = run_jobs(series, Path(tmp), "lung-nodule-cnn", worker_extra=worker_extra)[0]
     with tempfile.TemporaryDirectory() as tmp:
-        both = run_jobs(series, Path(tmp), "lung-unet2d", NODULES, worker_extra)
+        both = run_jobs(series, Path(tmp), "lung-unet2d", NODULE_ROUTE, worker_extra)
     lung = next(j for j in both if j["model"].startswith("lung-unet2d"))
     nodule = next(j for j in both if j["model"].startswith("lung-nodule-cnn"))
     print_stages({

@@ -12,6 +12,17 @@ from pathlib import Path
 
 from tests.conftest import free_port
 
+# config.example.toml's second route: nodules, once the lung route found lungs. For
+# write_config's routes_extra, beside its lung route.
+NODULE_ROUTE = """
+[[routes]]
+name = "chest-ct-nodules"
+match = { Modality = "CT" }
+models = ["lung-nodule-cnn"]
+requires = { min_slices = 20, axial = true, model = "lung-unet2d", min_volume_ml = 500 }
+send_to = ["pacs"]
+"""
+
 
 def write_config(
     folder: Path,

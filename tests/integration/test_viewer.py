@@ -34,23 +34,14 @@ from scipy import ndimage as ndi
 
 from dicomnode.inference.registry import load_registry
 from tests.conftest import REPO
-from tests.integration.node_process import NodeProcess, listener_port, write_config
+from tests.dcmtk import STORESCU
+from tests.integration.node_process import NODULE_ROUTE, NodeProcess, listener_port, write_config
 from tests.integration.orthanc import DICOMWEB_PLUGIN, Orthanc
 from tests.integration.viewer import Browser, OhifServer, missing
 
 SAMPLE = REPO / "samples" / "lidc-idri-0001-lungs"
 ARTIFACTS = REPO / "test-artifacts" / "viewer"
-STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's script of the same name
 RESULT_TIMEOUT_S = 600
-
-NODULES = """
-[[routes]]
-name = "chest-ct-nodules"
-match = { Modality = "CT" }
-models = ["lung-nodule-cnn"]
-requires = { min_slices = 20, axial = true, model = "lung-unet2d", min_volume_ml = 500 }
-send_to = ["pacs"]
-"""
 
 
 def _lacking() -> str | None:
@@ -201,7 +192,10 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
     with Orthanc(tmp / "orthanc", dicomweb=True) as pacs:
         storescu(pacs.dicom_port, pacs.aet, ct)  # the scanner's own route to the PACS
         config = write_config(
-            tmp, db_url=f"sqlite:///{tmp}/node.db", pacs_port=pacs.dicom_port, routes_extra=NODULES
+            tmp,
+            db_url=f"sqlite:///{tmp}/node.db",
+            pacs_port=pacs.dicom_port,
+            routes_extra=NODULE_ROUTE,
         )
         with NodeProcess(config) as node:
             storescu(listener_port(config), "DICOMNODE", ct)
