@@ -29,10 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dicomnode.imaging.manifest import ModelSpec, load_registry  # noqa: E402
+from dicomnode.imaging.volume import Volume, load_series  # noqa: E402
 from dicomnode.inference.device import configure_threads  # noqa: E402
-from dicomnode.inference.registry import ModelSpec, load_registry  # noqa: E402
 from dicomnode.inference.segment import ModelCache, predict_slices, segment  # noqa: E402
-from dicomnode.inference.volume import Volume, load_series  # noqa: E402
 from tests.testdata import restored_case  # noqa: E402
 
 

@@ -47,8 +47,11 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 from dicomnode.db import jobs, migrate  # noqa: E402
 from dicomnode.db.engine import make_engine, session_factory, transaction  # noqa: E402
 from dicomnode.db.models import JobState, Series, Study  # noqa: E402
-from dicomnode.queue.doorbell import Doorbell  # noqa: E402
-from dicomnode.queue.wakeup import Announcer, WakeListener  # noqa: E402
+from dicomnode.queue.wakeup import (  # noqa: E402
+    Announcer,
+    Doorbell,
+    WakeListener,
+)
 from tests.conftest import fresh_pg_database  # noqa: E402
 
 

@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomnode.config import SegOptions  # noqa: E402
+from dicomnode.imaging.manifest import load_registry  # noqa: E402
+from dicomnode.imaging.measurements import segment_stats  # noqa: E402
+from dicomnode.imaging.volume import load_series  # noqa: E402
 from dicomnode.inference.detect import detect  # noqa: E402
-from dicomnode.inference.measurements import segment_stats  # noqa: E402
-from dicomnode.inference.registry import load_registry  # noqa: E402
 from dicomnode.inference.segment import ModelCache, segment  # noqa: E402
-from dicomnode.inference.volume import load_series  # noqa: E402
 from dicomnode.outputs.findings import (  # noqa: E402
     finding_segments,
     reported_findings,

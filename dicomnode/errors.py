@@ -3,7 +3,7 @@
 Every error the node raises on purpose derives from :class:`DicomnodeError`.
 Job errors say whether a retry can help: a :class:`PermanentJobError` fails the
 job at once, a :class:`TransientJobError` is retried with backoff. Ingest
-errors are mapped to C-STORE statuses by ``dicomnode.net.status``.
+errors are mapped to C-STORE statuses by ``dicomnode.dimse.statuses``.
 """
 
 from __future__ import annotations
@@ -169,3 +169,42 @@ class InstanceTooLarge(OutOfResources):
 
 class StorageLow(OutOfResources):
     """Free space on the spool's disk is below ``storage.min_free_mb``."""
+
+
+class HeaderUnavailable(DicomnodeError):
+    """No instance header of the series can be read right now; try the next sweep."""
+
+
+class Disagreement(DicomnodeError):
+    """The faster back-end's first batch did not match PyTorch's."""
+
+
+class JobStateError(DicomnodeError, LookupError):
+    """An admin action that the job's state does not allow (the CLI's one-line error)."""
+
+
+class EvaluationError(DicomnodeError):
+    """A case that cannot be compared: one line, naming the file and the problem."""
+
+
+class UsageError(EvaluationError):
+    """An option given wrongly (``dicomnode evaluate`` exits 2 on it)."""
+
+
+class LidcError(DicomnodeError):
+    """An LIDC XML file that cannot be read, or that does not match the series."""
+
+
+class UnusableSeg(DicomnodeError):
+    """A SEG that cannot stand in for the labels of a volume; the message says why.
+
+    The message names no UID or patient data: it goes to the log.
+    """
+
+
+class PreviewError(DicomnodeError):
+    """The preview cannot be made: no SEG yet, files missing, or the path is unwritable."""
+
+
+class ExportMismatch(DicomnodeError):
+    """An export does not hold every entry a prune would delete, exactly as stored."""

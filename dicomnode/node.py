@@ -27,16 +27,15 @@ from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import is_sqlite, make_engine, session_factory
 from dicomnode.errors import ConfigError, DicomnodeError, NodeAlreadyRunning
+from dicomnode.imaging.manifest import ModelSpec, load_registry
 from dicomnode.inference.device import configure_threads, select_device
-from dicomnode.inference.registry import ModelSpec, load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.metrics import MetricsServer
-from dicomnode.net.receivers import Receivers, build_listener
-from dicomnode.net.scp import Listener
+from dicomnode.listener.processes import Receivers, build_listener
+from dicomnode.listener.scp import Listener
+from dicomnode.metrics_server import MetricsServer
 from dicomnode.pipeline import Pipeline
-from dicomnode.queue.doorbell import Doorbell
 from dicomnode.queue.scheduler import make_scheduler
-from dicomnode.queue.wakeup import Announcer, WakeListener
+from dicomnode.queue.wakeup import Announcer, Doorbell, WakeListener
 from dicomnode.queue.worker import ModelSlots, Worker
 from dicomnode.store.spool import ListenerLock, Spool
 

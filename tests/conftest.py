@@ -150,7 +150,7 @@ def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
     (the fixture's by default) to the Ingestor, the rest to ListenerSettings.
     """
     from dicomnode.config import ListenerSettings
-    from dicomnode.net.scp import Listener
+    from dicomnode.listener.scp import Listener
     from dicomnode.store.ingest import Ingestor
     from dicomnode.store.spool import Spool
 

@@ -26,7 +26,7 @@ from dicomnode.config import Settings
 from dicomnode.db import audit
 from dicomnode.db.engine import read_only, session_factory
 from dicomnode.db.models import utcnow
-from dicomnode.errors import DicomnodeError
+from dicomnode.errors import DicomnodeError, ExportMismatch
 
 
 def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
@@ -122,7 +122,7 @@ def _json_entry(line: str, number: int) -> dict[str, Any]:
     except ValueError:
         entry = None
     if not isinstance(entry, dict):
-        raise audit.ExportMismatch(f"line {number} of the export is not an audit entry")
+        raise ExportMismatch(f"line {number} of the export is not an audit entry")
     return entry
 
 
@@ -155,7 +155,7 @@ def read_export(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     head = line.strip()
     if head.startswith("["):
         if head not in ("[", "[]"):
-            raise audit.ExportMismatch("the JSON export is not one entry a line, as written")
+            raise ExportMismatch("the JSON export is not one entry a line, as written")
         for number, line in numbered:
             body = line.strip().rstrip(",")
             if body and body != "]":
@@ -168,7 +168,7 @@ def read_export(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     else:
         reader = csv.DictReader(itertools.chain([line], (text for _, text in numbered)))
         if tuple(reader.fieldnames or ()) != audit.FIELDS:
-            raise audit.ExportMismatch(
+            raise ExportMismatch(
                 "not an audit export: the CSV header is not " + ",".join(audit.FIELDS)
             )
         yield from reader
@@ -198,7 +198,7 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
     ------
     DicomnodeError
         If ``--before`` is in the future, the export cannot be read, or it does not
-        hold every entry to delete (:class:`~dicomnode.db.audit.ExportMismatch`).
+        hold every entry to delete (:class:`~dicomnode.db.ExportMismatch`).
     """
     before: datetime = args.before
     if before > utcnow():
@@ -220,7 +220,7 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
             raise DicomnodeError(
                 f"audit prune: {path} is not an audit export (not UTF-8)"
             ) from None
-        except audit.ExportMismatch as exc:
+        except ExportMismatch as exc:
             raise DicomnodeError(f"audit prune: refused, {path} is incomplete: {exc}") from None
         cutoff = f"{format_time(before)} UTC"
         if not checked.count:
@@ -235,7 +235,7 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         try:
             deleted = audit.prune(sessions, checked, audit.admin_actor(), archive)
-        except audit.ExportMismatch as exc:
+        except ExportMismatch as exc:
             raise DicomnodeError(f"audit prune: refused: {exc}") from None
     finally:
         engine.dispose()

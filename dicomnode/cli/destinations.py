@@ -129,7 +129,7 @@ def list_destinations(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _echo_one(destination: Destination, calling_ae: str) -> dict[str, Any]:
-    from dicomnode.net.scu import echo  # pynetdicom: only for the commands that talk DICOM
+    from dicomnode.send.scu import echo  # pynetdicom: only for the commands that talk DICOM
 
     record: dict[str, Any] = {
         "name": destination.name,

@@ -3,7 +3,7 @@
 REFERENCE is a DICOM SEG, a NIfTI label volume or LIDC XML (a file, or a folder of
 them); its kind decides the comparison:
 
-* SEG: segments paired by label (:func:`dicomnode.evaluate.seg.compare_segs`).
+* SEG: segments paired by label (:func:`dicomnode.evaluate.seg_reference.compare_segs`).
 * NIfTI: label value N is our segment number N, or as ``--label-map`` says; one file
   per case, named after the source series UID or after our SEG file.
 * LIDC XML: our nodule segment(s) against the readers' outlines, and, with findings
@@ -29,6 +29,7 @@ import pydicom
 
 from dicomnode.cli.output import print_json, print_table
 from dicomnode.config import Settings
+from dicomnode.errors import EvaluationError, UsageError
 from dicomnode.evaluate.detection import (
     CPM_RATES,
     DetectionReport,
@@ -44,13 +45,7 @@ from dicomnode.evaluate.lidc_reference import (
 )
 from dicomnode.evaluate.nifti import compare_nifti_case, is_nifti, nifti_stem, parse_label_map
 from dicomnode.evaluate.progress import Progress
-from dicomnode.evaluate.seg import (
-    CaseMasks,
-    EvaluationError,
-    SegmentComparison,
-    UsageError,
-    compare_seg_case,
-)
+from dicomnode.evaluate.seg_reference import CaseMasks, SegmentComparison, compare_seg_case
 from dicomnode.evaluate.sr_findings import read_findings
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -110,8 +110,8 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _config_check(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomnode.inference.registry import load_registry
-    from dicomnode.net.scp import make_ssl_context
+    from dicomnode.imaging.manifest import load_registry
+    from dicomnode.listener.scp import make_ssl_context
     from dicomnode.node import check_routes
 
     models = load_registry(settings.models.path)

@@ -10,7 +10,7 @@ from typing import Any
 from dicomnode.cli.output import print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.errors import ModelPackageError
-from dicomnode.inference.registry import ModelSpec, load_registry
+from dicomnode.imaging.manifest import ModelSpec, load_registry
 
 
 def model_record(spec: ModelSpec) -> dict[str, Any]:

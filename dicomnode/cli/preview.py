@@ -24,8 +24,8 @@ from dicomnode.config import Settings
 from dicomnode.db import jobs, studies
 from dicomnode.db.engine import session_factory
 from dicomnode.db.models import Job, Output
-from dicomnode.errors import DicomnodeError
-from dicomnode.inference.volume import Volume, load_series
+from dicomnode.errors import PreviewError
+from dicomnode.imaging.volume import Volume, load_series
 from dicomnode.outputs.overlay import (
     LegendEntry,
     colorize,
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 MAX_SLICES = 12
 TILE_WIDTH = 256
 COLUMNS = 4
-
-
-class PreviewError(DicomnodeError):
-    """The preview cannot be made: no SEG yet, files missing, or the path is unwritable."""
 
 
 def check_target(path: Path) -> None:

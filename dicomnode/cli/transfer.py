@@ -350,7 +350,7 @@ def import_file(ingestor: Ingestor, path: Path, calling_ae: str) -> Imported | P
         take the row: the import should stop (:class:`InstanceTooLarge` is a refusal
         and returned as one).
     """
-    from dicomnode.net.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+    from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
     from dicomnode.store.ingest import read_header
 
     try:
@@ -801,7 +801,7 @@ def send_planned(
     from pynetdicom import AE
 
     from dicomnode.errors import JobError
-    from dicomnode.net.scu import associate
+    from dicomnode.send.scu import associate
 
     handled: set[int] = set()
     for group in _groups(planned):

@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.db.engine import transaction
 from dicomnode.db.events import EVENTS
 from dicomnode.db.models import AuditEvent, utcnow
-from dicomnode.errors import DicomnodeError
+from dicomnode.errors import DicomnodeError, ExportMismatch
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,6 @@ def entries(
 PRUNE_SETTING = "dicomnode.audit_prune_before"
 # The SQLite trigger the prune lifts inside its own transaction (migration 0005).
 _SQLITE_DELETE_TRIGGER = "audit_events_no_delete"
-
-
-class ExportMismatch(DicomnodeError):
-    """An export does not hold every entry a prune would delete, exactly as stored."""
 
 
 @dataclass(frozen=True)

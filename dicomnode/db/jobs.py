@@ -37,6 +37,7 @@ from dicomnode.db.models import (
     Series,
     Study,
 )
+from dicomnode.errors import JobStateError
 
 log = logging.getLogger(__name__)
 
@@ -799,10 +800,6 @@ def reap_expired(sessions: sessionmaker[Session], by: str | None = None) -> int:
 
 
 FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-class JobStateError(LookupError):
-    """An admin action that the job's state does not allow (the CLI's one-line error)."""
 
 
 def _locked(session: Session, job_id: int) -> Job:

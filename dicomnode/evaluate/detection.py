@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dicomnode.evaluate.metrics import DetectionScores, roc_auc
+from dicomnode.evaluate.scores import DetectionScores, roc_auc
 
 CPM_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MIN_MATCH_RADIUS_MM = 5.0

@@ -22,13 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dicomnode.errors import DicomnodeError
+from dicomnode.errors import LidcError
 
 _NS = "{http://www.nih.gov}"
-
-
-class LidcError(DicomnodeError):
-    """An LIDC XML file that cannot be read, or that does not match the series."""
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from dicomnode.errors import EvaluationError, LidcError
 from dicomnode.evaluate import lidc
 from dicomnode.evaluate.geometry import SourceGrid
-from dicomnode.evaluate.metrics import score_segmentation
-from dicomnode.evaluate.seg import (
+from dicomnode.evaluate.scores import score_segmentation
+from dicomnode.evaluate.seg_reference import (
     CaseMasks,
-    EvaluationError,
     SegmentComparison,
     _source,
     read_seg,
@@ -64,7 +64,7 @@ def read_lidc(path: Path) -> LidcCase:
     """
     try:
         series_uid, marks = lidc.read_marks(path)
-    except lidc.LidcError as exc:
+    except LidcError as exc:
         raise EvaluationError(str(exc)) from None
     if not series_uid:
         raise EvaluationError(f"{path}: the LIDC XML names no SeriesInstanceUid")

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.errors import EvaluationError, UsageError
 from dicomnode.evaluate.geometry import SourceGrid, grid_from_seg
-from dicomnode.evaluate.seg import (
+from dicomnode.evaluate.seg_reference import (
     CaseMasks,
-    EvaluationError,
-    UsageError,
     _source,
     read_seg,
     score_masks,

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.evaluate.metrics import roc_auc, roc_curve
-from dicomnode.evaluate.seg import EvaluationError
+from dicomnode.errors import EvaluationError
+from dicomnode.evaluate.scores import roc_auc, roc_curve
 
 DPI = 100
 OURS_COLOUR = "#ff3b30"

@@ -16,9 +16,9 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicomnode.errors import EvaluationError
 from dicomnode.evaluate.detection import Finding
 from dicomnode.evaluate.geometry import SourceGrid
-from dicomnode.evaluate.seg import EvaluationError
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 

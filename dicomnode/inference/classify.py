@@ -9,45 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import ModelPackageError, PermanentJobError
-from dicomnode.inference.registry import ClassSpec, ModelSpec
+from dicomnode.imaging.manifest import ClassSpec, ModelSpec
+from dicomnode.imaging.results import ClassificationResult
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.segment import ModelCache, check_input, forward_in_pieces
 from dicomnode.inference.transforms import intensity
-from dicomnode.inference.volume import Volume
-
-
-@dataclass
-class ClassificationResult:
-    """The series' class and the scores behind it.
-
-    Attributes
-    ----------
-    probabilities : dict[str, float]
-        Series-level probability of each class, by label.
-    chosen : ClassSpec or None
-        The class of the series: the most probable one, or, for a one-class model, that
-        class when its probability reaches the threshold (None otherwise).
-    per_slice : np.ndarray
-        ``(slices, classes)`` probabilities.
-    """
-
-    probabilities: dict[str, float]
-    chosen: ClassSpec | None
-    per_slice: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def probability(self) -> float:
-        """Return the probability of the chosen class (of the only class when none is)."""
-        if self.chosen is None:
-            return next(iter(self.probabilities.values()))
-        return self.probabilities[self.chosen.label]
 
 
 def classify(

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging.results import DetectionResult, Finding
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.nodules import (
     blob_diameter_mm,
     detect_candidates,
@@ -25,66 +27,9 @@ from dicomnode.inference.nodules import (
     score_patches,
     suppress,
 )
-from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.segment import ModelCache, SegmentationResult, check_input, segment
-from dicomnode.inference.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One detected object.
-
-    Attributes
-    ----------
-    center_index : np.ndarray
-        ``(3,)`` voxel index ``(slice, row, column)`` of its centre.
-    center : np.ndarray
-        ``(3,)`` patient coordinates (LPS, mm).
-    diameter_mm : float
-        Longest axial diameter (the long axis), measured on ``voxels``.
-    short_axis_mm : float
-        Its width perpendicular to the long axis, on the same slice.
-    long_axis_slice : int
-        The slice on which the long axis lies.
-    probability : float
-        The CNN's probability that it is what the package detects.
-    voxels : np.ndarray
-        ``(m, 3)`` voxel indices of the object, for the SEG and its volume.
-    """
-
-    center_index: np.ndarray
-    center: np.ndarray
-    diameter_mm: float
-    short_axis_mm: float
-    long_axis_slice: int
-    probability: float
-    voxels: np.ndarray
-
-    @property
-    def slice_index(self) -> int:
-        """Return the slice nearest the centre."""
-        return round(float(self.center_index[0]))
-
-
-@dataclass
-class DetectionResult:
-    """Findings above the package's threshold, best first, and what led to them."""
-
-    findings: list[Finding]
-    candidates: int
-    best_probability: float  # over all candidates; 0 when there were none
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def labels(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """Return a label volume: finding ``i`` (from 1) where its voxels lie."""
-        labels = np.zeros(shape, dtype=np.uint8)
-        # Later (weaker) findings never overwrite earlier ones where they touch.
-        for number in range(len(self.findings), 0, -1):
-            voxels = self.findings[number - 1].voxels
-            labels[tuple(voxels.T)] = number
-        return labels
 
 
 MAX_FINDINGS = 50  # a scan with more is a failed search, not 50 nodules to list

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
-from dicomnode.errors import ModelPackageError, PermanentJobError, TransientJobError
+from dicomnode.errors import Disagreement, ModelPackageError, PermanentJobError, TransientJobError
+from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.autocast import AutocastModel, autocast_dtype
 from dicomnode.inference.backends import (
     OpenVINOModel,
@@ -28,7 +30,6 @@ from dicomnode.inference.backends import (
     openvino_available,
 )
 from dicomnode.inference.lungs import split_left_right
-from dicomnode.inference.registry import ModelSpec
 from dicomnode.inference.sliding import predict_volume
 from dicomnode.inference.transforms import (
     FORWARD_ERRORS,
@@ -38,7 +39,6 @@ from dicomnode.inference.transforms import (
     intensity,
     to_output,
 )
-from dicomnode.inference.volume import Volume
 from dicomnode.inference.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -272,10 +272,6 @@ def forward_in_pieces(
 
 
 DECISIVE_VOXELS = 1000  # foreground voxels a compared batch needs to settle the check
-
-
-class Disagreement(Exception):
-    """The faster back-end's first batch did not match PyTorch's."""
 
 
 def _agree(expected: torch.Tensor, got: torch.Tensor, spec: ModelSpec) -> bool:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import PermanentJobError, TransientJobError
-from dicomnode.inference.registry import ModelSpec
+from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.transforms import (
     FORWARD_ERRORS,
     channels,
@@ -23,7 +24,6 @@ from dicomnode.inference.transforms import (
     intensity,
     to_output,
 )
-from dicomnode.inference.volume import Volume
 
 _RAS_SIGN = np.array([-1.0, -1.0, 1.0])  # RAS = LPS with x and y reversed
 # For each network axis, the stored axis that becomes it, and whether it is reversed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dicomnode.inference.registry import ModelSpec
+from dicomnode.imaging.manifest import ModelSpec
 
 
 def intensity(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

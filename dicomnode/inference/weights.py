@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dicomnode.errors import ModelPackageError
-from dicomnode.inference.registry import ModelSpec
+from dicomnode.imaging.manifest import ModelSpec
 
 
 def file_sha256(spec: ModelSpec) -> str:

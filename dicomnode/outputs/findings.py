@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dicomnode.inference.classify import ClassificationResult
-from dicomnode.inference.detect import DetectionResult
-from dicomnode.inference.registry import ModelSpec, SegmentSpec
-from dicomnode.inference.volume import Volume
+from dicomnode.imaging.manifest import ModelSpec, SegmentSpec
+from dicomnode.imaging.results import ClassificationResult, DetectionResult
+from dicomnode.imaging.volume import Volume
 from dicomnode.outputs.codes import MORPHOLOGICALLY_ABNORMAL
 from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.sr import ReportedFinding, StudyFinding

@@ -13,9 +13,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicomnode.config import SegOptions
-from dicomnode.errors import DicomnodeError, PermanentJobError
-from dicomnode.inference.registry import SegmentSpec
-from dicomnode.inference.volume import Volume, frame_order, is_enhanced
+from dicomnode.errors import PermanentJobError, UnusableSeg
+from dicomnode.imaging.manifest import SegmentSpec
+from dicomnode.imaging.volume import Volume, frame_order, is_enhanced
 from dicomnode.outputs.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_EQUIPMENT, coded
 from dicomnode.outputs.provenance import MANUFACTURER, RESEARCH_NOTICE, Provenance
 
@@ -230,13 +230,6 @@ def build_segmentation(
         series_description=provenance.series_description("SEG"),
         contributing_equipment=[contributing_equipment(provenance)],
     )
-
-
-class UnusableSeg(DicomnodeError):
-    """A SEG that cannot stand in for the labels of a volume; the message says why.
-
-    The message names no UID or patient data: it goes to the log.
-    """
 
 
 def read_labels(path: Path, volume: Volume, segments: Sequence[str]) -> np.ndarray:

@@ -30,8 +30,8 @@ from highdicom import sr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomnode.inference.measurements import SegmentStats
-from dicomnode.inference.registry import CodeSpec, SegmentSpec
+from dicomnode.imaging.manifest import CodeSpec, SegmentSpec
+from dicomnode.imaging.measurements import SegmentStats
 from dicomnode.outputs.codes import (
     ABSENT,
     ATTENUATION,

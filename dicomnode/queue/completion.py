@@ -29,16 +29,13 @@ from dicomnode.config import REGEX_PREFIX, Route, Settings
 from dicomnode.db.engine import read_only, transaction
 from dicomnode.db.jobs import URGENT, enqueue
 from dicomnode.db.models import Instance, Series, SeriesState, UTCDateTime, utcnow
-from dicomnode.inference.registry import ModelSpec
+from dicomnode.errors import HeaderUnavailable
+from dicomnode.imaging.manifest import ModelSpec
 from dicomnode.queue.routing import matching_routes, value_matches
 from dicomnode.queue.volumetric import why_not_volumetric
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
-
-
-class HeaderUnavailable(Exception):
-    """No instance header of the series can be read right now; try the next sweep."""
 
 
 def _header(session: Session, spool: Spool, series: Series) -> Dataset:

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings
 from dicomnode.db import commitment
 from dicomnode.db.jobs import reap_expired
-from dicomnode.inference.registry import ModelSpec
+from dicomnode.imaging.manifest import ModelSpec
 from dicomnode.queue.completion import NotYetDue, sweep
-from dicomnode.queue.doorbell import Doorbell
+from dicomnode.queue.wakeup import Doorbell
 from dicomnode.store import retention
 from dicomnode.store.orphans import remove_orphans
 from dicomnode.store.spool import Spool

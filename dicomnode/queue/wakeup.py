@@ -1,6 +1,11 @@
-"""Wake idle workers in other processes and on other hosts when work is queued.
+"""Wake idle workers when work is queued: in this process, in others, and on other hosts.
 
-The :class:`~dicomnode.queue.doorbell.Doorbell` wakes the workers of one process.
+In this process, a :class:`Doorbell`: workers that find the queue empty sleep
+``worker.poll_seconds`` before they look again, so a job queued by the completion
+sweep of the same process (``serve``) waited up to a whole poll interval. The sweep
+now rings, and the sleepers answer at once.
+
+The doorbell wakes the workers of one process.
 A listener host and separate worker processes need the news to cross processes,
 or a new job waits for a worker's next poll (``worker.poll_seconds``).
 
@@ -24,6 +29,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +37,56 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from dicomnode.db.engine import is_sqlite
-from dicomnode.queue.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "dicomnode_jobs"
 RECONNECT_SECONDS = 5.0
+
+
+class Doorbell:
+    """Rings counted, so a ring between a waiter's look and its wait is not missed."""
+
+    def __init__(self, remote: Callable[[], None] | None = None) -> None:
+        self._condition = threading.Condition()
+        self._rings = 0
+        self.remote = remote  # tells other processes; set by the node
+
+    @property
+    def rings(self) -> int:
+        """Return how many times the bell has rung; pass it to :meth:`wait`."""
+        with self._condition:
+            return self._rings
+
+    def ring(self) -> None:
+        """Wake every waiter."""
+        with self._condition:
+            self._rings += 1
+            self._condition.notify_all()
+
+    def announce(self) -> None:
+        """Wake every waiter here and, when the node set it up, in other processes."""
+        self.ring()
+        if self.remote is not None:
+            self.remote()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Wait until the bell rings after ``seen`` rings, or ``timeout`` seconds.
+
+        Parameters
+        ----------
+        seen : int
+            :attr:`rings` as it was when the caller last looked for work.
+        timeout : float
+            The longest wait in seconds.
+
+        Returns
+        -------
+        bool
+            True if it rang.
+        """
+        with self._condition:
+            return self._condition.wait_for(lambda: self._rings != seen, timeout)
 
 
 def _registry(spool_root: Path) -> Path:

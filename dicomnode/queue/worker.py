@@ -28,9 +28,8 @@ from dicomnode.errors import (
     WaitingForModel,
     is_disk_full,
 )
-from dicomnode.pipeline import Pipeline
-from dicomnode.queue import content
-from dicomnode.queue.doorbell import Doorbell
+from dicomnode.pipeline import Pipeline, content
+from dicomnode.queue.wakeup import Doorbell
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,9 @@ from dicomnode.evaluate.lidc import (
     mark_center,
     read_marks,
 )
-from dicomnode.evaluate.metrics import roc_auc
+from dicomnode.evaluate.scores import roc_auc
+from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
+from dicomnode.imaging.volume import Volume, load_series
 from dicomnode.inference.nodules import (
     Candidates,
     detect_candidates,
@@ -54,9 +56,7 @@ from dicomnode.inference.nodules import (
     score_patches,
     suppress,
 )
-from dicomnode.inference.registry import load_model_spec, shipped_models_path
 from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.inference.volume import Volume, load_series
 
 HERE = Path(__file__).resolve().parent
 SEED = 20261122

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings, parse_settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.inference.registry import ModelSpec, load_registry
+from dicomnode.imaging.manifest import ModelSpec, load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep

@@ -20,9 +20,9 @@ from sqlalchemy import func, select
 
 from dicomnode.config import ListenerSettings
 from dicomnode.db.models import Instance
+from dicomnode.dimse import statuses
 from dicomnode.errors import DicomnodeError
-from dicomnode.net import status
-from dicomnode.net.scp import Listener
+from dicomnode.listener.scp import Listener
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port, wait_for
@@ -213,7 +213,7 @@ def test_free_space_watermark_refuses_with_out_of_resources(
 ) -> None:
     # A watermark above what any disk here has free: every instance is refused.
     listener = make_listener(ingest={"min_free_bytes": 2**62})
-    assert send_one(listener, lidc1[0]) == status.OUT_OF_RESOURCES
+    assert send_one(listener, lidc1[0]) == statuses.OUT_OF_RESOURCES
     assert storescu(listener.port, lidc1[1]).returncode != 0
     assert incoming(listener) == [] and instance_rows(sessions) == 0
     assert list(listener.ingestor.spool.tmp.iterdir()) == []  # the received bytes went too
@@ -225,10 +225,10 @@ def test_instances_over_the_size_limit_are_refused(
 ) -> None:
     size = lidc1[0].stat().st_size
     listener = make_listener(ingest={"max_instance_bytes": size - 1000})
-    assert send_one(listener, lidc1[0]) == status.OUT_OF_RESOURCES_TOO_LARGE
+    assert send_one(listener, lidc1[0]) == statuses.OUT_OF_RESOURCES_TOO_LARGE
     assert incoming(listener) == [] and instance_rows(sessions) == 0
     roomy = make_listener(ingest={"max_instance_bytes": size + 1000})
-    assert send_one(roomy, lidc1[0]) == status.SUCCESS
+    assert send_one(roomy, lidc1[0]) == statuses.SUCCESS
 
 
 def test_a_silent_connection_does_not_block_tls(

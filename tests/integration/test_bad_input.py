@@ -28,8 +28,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance
-from dicomnode.net import status
-from dicomnode.net.scp import Listener
+from dicomnode.dimse import statuses
+from dicomnode.listener.scp import Listener
 from tests.conftest import memory_bytes, wait_for
 from tests.dcmtk import STORESCU
 from tests.factories import ct_series, write_series
@@ -203,7 +203,7 @@ def test_association_dropped_mid_dataset_leaves_nothing(
 
     # And it still works: the same instance, sent whole, is stored once.
     assert dcmtk("echoscu", node) == 0
-    assert send(node, ds) == status.SUCCESS
+    assert send(node, ds) == statuses.SUCCESS
     stored = spool_files(node)
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
@@ -284,13 +284,13 @@ BAD_DATASETS: dict[str, Callable[[bytes], bytes]] = {
 # PS3.4 B.2.3 and PS3.7 C.4.2: what a C-STORE failure may be. Anything else (success,
 # or a warning such as 0xB000) would tell the sender that the instance was kept.
 FAILURES = {
-    status.PROCESSING_FAILURE,
-    status.OUT_OF_RESOURCES,
-    status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    status.CANNOT_UNDERSTAND_UNREADABLE,
-    status.CANNOT_UNDERSTAND_MISSING_UID,
-    status.CANNOT_UNDERSTAND_INVALID_UID,
-    status.CANNOT_UNDERSTAND_UID_MISMATCH,
+    statuses.PROCESSING_FAILURE,
+    statuses.OUT_OF_RESOURCES,
+    statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    statuses.CANNOT_UNDERSTAND_UNREADABLE,
+    statuses.CANNOT_UNDERSTAND_MISSING_UID,
+    statuses.CANNOT_UNDERSTAND_INVALID_UID,
+    statuses.CANNOT_UNDERSTAND_UID_MISMATCH,
 }
 
 
@@ -317,7 +317,7 @@ def test_wrong_vrs_and_lengths_are_refused(
     assert code in FAILURES, f"status 0x{code:04X} for a dataset that does not parse"
     assert_nothing_kept(listener, sessions)
     # The unchanged file is stored: the refusal was about the bytes, not the instance.
-    assert send(listener, good) == status.SUCCESS
+    assert send(listener, good) == statuses.SUCCESS
     assert len(spool_files(listener)) == 1
 
 

@@ -24,7 +24,7 @@ from dicomnode.config import load_settings
 from dicomnode.db import audit
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Delivery, Instance, Job, JobState, Output, Series, SeriesState
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.completion import sweep

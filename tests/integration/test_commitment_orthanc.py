@@ -23,12 +23,12 @@ from dicomnode.config import ListenerSettings
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.net import commitment
-from dicomnode.net.scp import Listener
+from dicomnode.listener.scp import Listener
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.worker import Worker
+from dicomnode.send import commitment
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port, wait_for

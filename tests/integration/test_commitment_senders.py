@@ -35,14 +35,14 @@ from dicomnode.db.models import (
     SeriesState,
     utcnow,
 )
-from dicomnode.net.commitment import (
+from dicomnode.listener.scp import Listener
+from dicomnode.pipeline import encode
+from dicomnode.send.commitment import (
     REFUSED_SENDER,
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
     request_dataset,
 )
-from dicomnode.net.scp import Listener
-from dicomnode.pipeline import encode
 from dicomnode.store.ingest import Ingestor
 from dicomnode.store.spool import Spool
 from tests.conftest import REPO

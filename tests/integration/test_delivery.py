@@ -24,11 +24,11 @@ from sqlalchemy import select
 from dicomnode.config import Settings
 from dicomnode.db.models import Delivery, DeliveryState, JobState
 from dicomnode.errors import TransientJobError
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.net import scu
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.worker import Worker
+from dicomnode.send import scu
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port
 from tests.integration.test_access import _ca, _signed

@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes
 from dicomnode.config import Settings
 from dicomnode.db.models import JobState
 from dicomnode.evaluate.sr_findings import read_verdicts
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep

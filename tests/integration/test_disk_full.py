@@ -25,7 +25,7 @@ from dicomnode import pipeline as pipeline_module
 from dicomnode.config import StorageSettings
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobEvent, JobState, Output, utcnow
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.worker import Worker

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, func, select
 
 from dicomnode.db.models import Instance
-from dicomnode.net.scp import Listener
+from dicomnode.listener.scp import Listener
 from tests.conftest import free_port, wait_for
 from tests.factories import ct_series, write_series
 from tests.integration import hostile

@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.db.models import Instance, Series, Study
-from dicomnode.net import status
-from dicomnode.net.scp import Listener
+from dicomnode.dimse import statuses
+from dicomnode.listener.scp import Listener
 from dicomnode.pipeline import encode
 from tests.conftest import free_port, memory_bytes
 from tests.deflated import deflate_bomb, with_raw, with_syntax
@@ -147,7 +147,7 @@ def test_values_that_do_not_fit_the_index_are_stored_without_them(
     path = tmp_path / "unfit.dcm"
     path.write_bytes(data)
     with caplog.at_level("INFO"):
-        assert send(listener.port, path) == status.SUCCESS
+        assert send(listener.port, path) == statuses.SUCCESS
     # The file exactly as it was sent; the index without the value.
     (stored,) = spooled(listener)
     assert dataset_part(stored.read_bytes()) == dataset_part(data)
@@ -184,12 +184,12 @@ def test_pixel_data_contradicting_its_transfer_syntax_is_refused(
 ) -> None:
     path = tmp_path / "mismatch.dcm"
     path.write_bytes(build())
-    assert send(listener.port, path) == status.CANNOT_UNDERSTAND_UNREADABLE
+    assert send(listener.port, path) == statuses.CANNOT_UNDERSTAND_UNREADABLE
     assert spooled(listener) == [] and rows(sessions) == 0
     # The listener goes on: the same image, encoded as it says, is stored.
     good = tmp_path / "good.dcm"
     good.write_bytes(encode(one_ct()))
-    assert send(listener.port, good) == status.SUCCESS
+    assert send(listener.port, good) == statuses.SUCCESS
     assert len(spooled(listener)) == 1 and rows(sessions) == 1
 
 
@@ -219,7 +219,7 @@ def test_a_row_the_database_refuses_is_a_failure_not_out_of_resources(
             conn.execute(text(statement))
     code = send(listener.port, one_ct())
     # 0xA7xx would have the sender retry the same instance for ever.
-    assert code == status.PROCESSING_FAILURE, f"0x{code:04X}"
+    assert code == statuses.PROCESSING_FAILURE, f"0x{code:04X}"
     assert spooled(listener) == [] and rows(sessions) == 0
 
 
@@ -245,7 +245,7 @@ def test_a_value_postgresql_refuses_unforeseen_is_stored_without_the_index(
                 "FOR EACH ROW EXECUTE FUNCTION refuse_numbers()"
             )
         )
-    assert send(listener.port, one_ct()) == status.SUCCESS
+    assert send(listener.port, one_ct()) == statuses.SUCCESS
     assert len(spooled(listener)) == 1
     index = index_of(sessions)
     assert index["instance_number"] is None and index["patient_id"] is None
@@ -263,9 +263,9 @@ def test_no_free_connection_in_the_pool_is_out_of_resources(
         node = make_listener(sessions=sessions)
         with small.connect():
             code = send(node.port, one_ct())
-            assert code == status.OUT_OF_RESOURCES, f"0x{code:04X}"
+            assert code == statuses.OUT_OF_RESOURCES, f"0x{code:04X}"
             assert spooled(node) == []
-        assert send(node.port, one_ct()) == status.SUCCESS  # the retry is stored
+        assert send(node.port, one_ct()) == statuses.SUCCESS  # the retry is stored
         assert len(spooled(node)) == 1 and rows(sessions) == 1
         node.stop()  # while its engine is open: stopping writes the receipts
     finally:
@@ -297,7 +297,7 @@ def test_four_deflate_bombs_at_once_stay_within_the_memory_bound(
         pid = node.proc.pid
         # One ordinary store first, so what the first association allocates anyway
         # (pynetdicom's and the database driver's first use) is not counted.
-        assert send(port, one_ct()) == status.SUCCESS
+        assert send(port, one_ct()) == statuses.SUCCESS
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # restart VmHWM from VmRSS
         before = memory_bytes(pid, "VmRSS")
         start = threading.Barrier(len(bombs))
@@ -312,7 +312,7 @@ def test_four_deflate_bombs_at_once_stay_within_the_memory_bound(
         for sender in senders:
             sender.join(timeout=300)
         peak = memory_bytes(pid, "VmHWM")
-    assert statuses == [status.SUCCESS] * 4
+    assert statuses == [statuses.SUCCESS] * 4
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM instances")).scalar() == 5
     grown = peak - before

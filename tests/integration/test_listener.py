@@ -16,8 +16,8 @@ from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 from sqlalchemy import select
 
 from dicomnode.db.models import Instance, Series
-from dicomnode.net import status
-from dicomnode.net.scp import Listener
+from dicomnode.dimse import statuses
+from dicomnode.listener.scp import Listener
 from tests.dcmtk import STORESCU
 from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import ct_series, repaired_j2k_series, write_series
@@ -105,7 +105,7 @@ def test_real_export_without_study_uid_is_refused(
     # The untouched export has empty Study and Series UIDs: it cannot belong to any
     # series, so it is refused with a status that says why, and nothing is kept.
     path = sorted((data_dir / "ct/abdomen-ct-j2k").glob("CT.*"))[0]
-    assert send(listener, path) == status.CANNOT_UNDERSTAND_MISSING_UID
+    assert send(listener, path) == statuses.CANNOT_UNDERSTAND_MISSING_UID
     assert spool_files(listener) == []
 
 
@@ -158,11 +158,14 @@ def one_ct() -> Dataset:
     [
         (
             lambda d: setattr(d, "SeriesInstanceUID", "../../../../tmp/evil"),
-            status.CANNOT_UNDERSTAND_INVALID_UID,
+            statuses.CANNOT_UNDERSTAND_INVALID_UID,
         ),
-        (lambda d: setattr(d, "StudyInstanceUID", "1.2.3/4"), status.CANNOT_UNDERSTAND_INVALID_UID),
-        (lambda d: delattr(d, "StudyInstanceUID"), status.CANNOT_UNDERSTAND_MISSING_UID),
-        (lambda d: setattr(d, "SeriesInstanceUID", ""), status.CANNOT_UNDERSTAND_MISSING_UID),
+        (
+            lambda d: setattr(d, "StudyInstanceUID", "1.2.3/4"),
+            statuses.CANNOT_UNDERSTAND_INVALID_UID,
+        ),
+        (lambda d: delattr(d, "StudyInstanceUID"), statuses.CANNOT_UNDERSTAND_MISSING_UID),
+        (lambda d: setattr(d, "SeriesInstanceUID", ""), statuses.CANNOT_UNDERSTAND_MISSING_UID),
     ],
 )
 def test_bad_identifiers_get_specific_statuses(listener: Listener, mutate, expected: int) -> None:
@@ -180,7 +183,7 @@ def test_sop_instance_uid_mismatch(listener: Listener, tmp_path: Path, raw_files
     raw = pydicom.dcmread(path)
     raw.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
     raw.save_as(path)  # as it is: enforcing the format would repair the meta
-    assert send(listener, path) == status.CANNOT_UNDERSTAND_UID_MISMATCH
+    assert send(listener, path) == statuses.CANNOT_UNDERSTAND_UID_MISMATCH
     assert spool_files(listener) == []
 
 
@@ -203,6 +206,6 @@ def test_truncated_and_lying_datasets(
         bad = data[: at + 8] + (4000).to_bytes(4, "little") + data[at + 12 : at + 12 + 4000]
     path = tmp_path / "bad.dcm"
     path.write_bytes(bad)
-    assert send(listener, path) == status.CANNOT_UNDERSTAND_UNREADABLE
+    assert send(listener, path) == statuses.CANNOT_UNDERSTAND_UNREADABLE
     assert spool_files(listener) == []
     assert dcmtk("echoscu", listener) == 0

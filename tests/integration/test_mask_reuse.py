@@ -25,10 +25,10 @@ from sqlalchemy import select, update
 from dicomnode.config import Settings, parse_settings
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobState, Output
+from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging.volume import Volume, load_series
 from dicomnode.inference.detect import detect
-from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.inference.volume import Volume, load_series
 from dicomnode.outputs.findings import detection_summary
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep

@@ -176,7 +176,7 @@ def test_rejections_are_counted_by_reason(
     tmp_path: Path, sessions, make_listener, listener_settings, calling, called, reason
 ) -> None:
     from dicomnode.config import MetricsSettings
-    from dicomnode.metrics import MetricsServer
+    from dicomnode.metrics_server import MetricsServer
     from dicomnode.store.spool import Spool
 
     server = MetricsServer(

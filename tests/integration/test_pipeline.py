@@ -33,7 +33,7 @@ from dicomnode.db.models import (
     utcnow,
 )
 from dicomnode.errors import JobSuperseded, PermanentJobError
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep

@@ -23,7 +23,7 @@ from dicomnode.cli.main import main
 from dicomnode.cli.preview import COLUMNS, TILE_WIDTH
 from dicomnode.config import Settings
 from dicomnode.db.models import Job, JobState
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue.completion import sweep

@@ -12,7 +12,7 @@ from pynetdicom import AE
 
 from dicomnode.config import Destination
 from dicomnode.errors import TransientJobError
-from dicomnode.net.scu import associate
+from dicomnode.send.scu import associate
 from tests.conftest import free_port
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -21,8 +21,8 @@ from pydicom import uid
 from sqlalchemy import select
 
 from dicomnode.db.models import Instance
-from dicomnode.inference.volume import Volume, load_series
-from dicomnode.net.scp import Listener
+from dicomnode.imaging.volume import Volume, load_series
+from dicomnode.listener.scp import Listener
 from tests.dcmtk import STORESCU
 from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import repaired_j2k_series

@@ -14,11 +14,11 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode import metrics
+from dicomnode import metrics, metrics_server
 from dicomnode.config import MetricsSettings, parse_settings
 from dicomnode.db.engine import make_engine, session_factory
 from dicomnode.errors import ConfigError, DicomnodeError
-from dicomnode.metrics import MetricsServer
+from dicomnode.metrics_server import MetricsServer
 from dicomnode.store.spool import Spool
 from tests.conftest import free_port
 
@@ -215,7 +215,7 @@ def test_half_sent_requests_neither_grow_threads_nor_block_a_scrape(
     finally:
         running.stop()
     # The reader and the handler pool, not a thread per connection.
-    assert during - before <= metrics.HTTP_HANDLER_THREADS + 1, (before, during)
+    assert during - before <= metrics_server.HTTP_HANDLER_THREADS + 1, (before, during)
 
 
 def test_a_silent_client_is_dropped(

@@ -14,9 +14,9 @@ from dicomnode.cli.main import main
 from dicomnode.evaluate.geometry import grid_from_datasets
 from dicomnode.evaluate.nifti import affine_of
 from dicomnode.evaluate.progress import Progress
-from dicomnode.inference.volume import volume_from_datasets
+from dicomnode.imaging.volume import volume_from_datasets
 from tests.factories import ct_series, lung_phantom
-from tests.unit.evaluate.test_seg import write_seg
+from tests.unit.evaluate.test_seg_reference import write_seg
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from sqlalchemy import update
 from dicomnode.db import jobs as queue
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Delivery, DeliveryState, Job, Series, utcnow
-from dicomnode.queue.doorbell import Doorbell
-from dicomnode.queue.wakeup import WakeListener
+from dicomnode.queue.wakeup import Doorbell, WakeListener
 from tests.conftest import free_port
 from tests.factories import add_series
 from tests.unit.cli.test_main import run

@@ -29,7 +29,7 @@ from dicomnode.db import migrate
 from dicomnode.db.engine import make_engine, transaction
 from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Output, Series, utcnow
 from dicomnode.db.studies import study_summaries
-from dicomnode.net.scp import Listener
+from dicomnode.listener.scp import Listener
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import sweep
 from dicomnode.store import retention

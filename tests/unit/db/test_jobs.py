@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from dicomnode.db import jobs, models
 from dicomnode.db.engine import database_now, transaction
 from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, utcnow
+from dicomnode.errors import JobStateError
 from tests.conftest import wait_for
 from tests.factories import add_series
 
@@ -290,7 +291,7 @@ def test_delivery_failures_retry_for_a_time_not_a_count(sessions, series_id: int
 
 def test_admin_retry_and_cancel(sessions, series_id: int) -> None:
     job_id = add_job(sessions, series_id, "m", max_attempts=1)
-    with pytest.raises(jobs.JobStateError, match="is queued; only ended jobs"):
+    with pytest.raises(JobStateError, match="is queued; only ended jobs"):
         jobs.retry(sessions, job_id)
     claim = jobs.claim(sessions, "w1", 60)
     with transaction(sessions) as s:
@@ -308,9 +309,9 @@ def test_admin_retry_and_cancel(sessions, series_id: int) -> None:
     assert not jobs.finish(sessions, claim)
     job = state(sessions, job_id)
     assert job.state == JobState.CANCELLED and job.last_error == "cancelled by admin bob"
-    with pytest.raises(jobs.JobStateError, match="already cancelled"):
+    with pytest.raises(JobStateError, match="already cancelled"):
         jobs.cancel(sessions, job_id)
-    with pytest.raises(jobs.JobStateError, match="no job with id 999"):
+    with pytest.raises(JobStateError, match="no job with id 999"):
         jobs.cancel(sessions, 999)
     steps = [(f, t) for f, t, _, _ in history(sessions, job_id)]
     assert steps == [

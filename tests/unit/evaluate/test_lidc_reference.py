@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 
 from dicomnode.cli.main import main
-from dicomnode.evaluate import lidc, metrics
+from dicomnode.errors import EvaluationError
+from dicomnode.evaluate import lidc
+from dicomnode.evaluate import scores as metrics
 from dicomnode.evaluate.geometry import grid_from_datasets
 from dicomnode.evaluate.lidc_reference import compare_lidc_case, read_lidc, reference_nodules
-from dicomnode.evaluate.seg import EvaluationError
-from dicomnode.inference.registry import load_model_spec, shipped_models_path
+from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.pipeline import encode

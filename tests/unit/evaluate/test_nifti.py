@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from dicomnode.cli.main import main
+from dicomnode.errors import EvaluationError, UsageError
 from dicomnode.evaluate.geometry import grid_from_datasets
 from dicomnode.evaluate.nifti import affine_of, compare_nifti_case, parse_label_map
-from dicomnode.evaluate.seg import EvaluationError, UsageError, compare_segs
-from dicomnode.inference.volume import volume_from_datasets
+from dicomnode.evaluate.seg_reference import compare_segs
+from dicomnode.imaging.volume import volume_from_datasets
 from tests.factories import ct_series, lung_phantom, write_series
-from tests.unit.evaluate.test_seg import write_seg
+from tests.unit.evaluate.test_seg_reference import write_seg
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from dicomnode.cli.main import main
+from dicomnode.errors import EvaluationError
 from dicomnode.evaluate import plots
-from dicomnode.evaluate.metrics import roc_curve
-from dicomnode.evaluate.seg import EvaluationError
+from dicomnode.evaluate.scores import roc_curve
 
 
 def size(path: Path) -> tuple[int, int]:

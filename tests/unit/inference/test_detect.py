@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging.volume import Volume, volume_from_datasets
 from dicomnode.inference.detect import detect
-from dicomnode.inference.registry import load_registry
 from dicomnode.inference.segment import ModelCache
-from dicomnode.inference.volume import Volume, volume_from_datasets
 from tests.factories import ct_series
 from tests.unit.inference.packages import TwoScores, build_detection_package, build_package
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference.lungs import largest_components, split_left_right
-from dicomnode.inference.volume import volume_from_datasets
 from tests.factories import AXIAL, ct_series
 
 

@@ -12,9 +12,9 @@ from dicomnode.errors import (
     PermanentJobError,
     TransientJobError,
 )
-from dicomnode.inference.registry import load_model_spec
+from dicomnode.imaging.manifest import load_model_spec
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.inference.volume import volume_from_datasets
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import WrongShape, build_package
 

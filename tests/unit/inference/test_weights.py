@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dicomnode.errors import ModelPackageError
-from dicomnode.inference.registry import load_model_spec
+from dicomnode.imaging.manifest import load_model_spec
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.inference.volume import volume_from_datasets
 from dicomnode.inference.weights import load_model
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import (

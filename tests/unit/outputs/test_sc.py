@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.inference.registry import load_registry
-from dicomnode.inference.volume import volume_from_datasets
+from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.outputs.overlay import contour_mask
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.sc import SC_CLASS, build_overlay_capture, overlay_slices

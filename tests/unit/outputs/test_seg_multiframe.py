@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomnode.errors import PermanentJobError
-from dicomnode.inference.registry import load_model_spec
-from dicomnode.inference.volume import Volume, volume_from_datasets
+from dicomnode.imaging.manifest import load_model_spec
+from dicomnode.imaging.volume import Volume, volume_from_datasets
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation, labels_in_source_order
 from dicomnode.outputs.validate import dciodvfy_errors
@@ -178,7 +178,7 @@ def test_single_frame_label_count_mismatch_is_refused() -> None:
 
 
 def test_sr_on_a_multiframe_source_lists_it_as_evidence(built: dict, tmp_path: Path) -> None:
-    from dicomnode.inference.measurements import segment_stats
+    from dicomnode.imaging.measurements import segment_stats
     from dicomnode.outputs.sr import build_measurement_report
 
     volume, labels = built["volume"], built["labels"]

@@ -18,9 +18,9 @@ from pydicom.sr.codedict import codes
 
 from dicomnode.config import SegOptions, parse_settings
 from dicomnode.errors import ConfigError, PermanentJobError
-from dicomnode.inference.measurements import segment_stats
-from dicomnode.inference.registry import load_model_spec, shipped_models_path
-from dicomnode.inference.volume import load_series
+from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
+from dicomnode.imaging.measurements import segment_stats
+from dicomnode.imaging.volume import load_series
 from dicomnode.outputs.codes import LAA_950
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation

@@ -15,10 +15,11 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomnode.config import SegOptions
-from dicomnode.inference.registry import load_model_spec
-from dicomnode.inference.volume import Volume, volume_from_datasets
+from dicomnode.errors import UnusableSeg
+from dicomnode.imaging.manifest import load_model_spec
+from dicomnode.imaging.volume import Volume, volume_from_datasets
 from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import UnusableSeg, build_segmentation, read_labels
+from dicomnode.outputs.seg import build_segmentation, read_labels
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced, lung_phantom
 

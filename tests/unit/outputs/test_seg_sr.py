@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.inference.measurements import segment_stats
-from dicomnode.inference.registry import load_registry
-from dicomnode.inference.volume import volume_from_datasets
+from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging.measurements import segment_stats
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report

@@ -12,7 +12,7 @@ from dicomnode.config import parse_settings
 from dicomnode.db import jobs
 from dicomnode.db.jobs import URGENT
 from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
-from dicomnode.inference.registry import load_registry
+from dicomnode.imaging.manifest import load_registry
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import NotYetDue, sweep
 from dicomnode.store.ingest import Ingestor

@@ -9,8 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from dicomnode.queue.doorbell import Doorbell
-from dicomnode.queue.wakeup import Announcer, WakeListener
+from dicomnode.queue.wakeup import Announcer, Doorbell, WakeListener
 
 ANNOUNCE = """
 import sys

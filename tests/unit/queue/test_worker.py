@@ -8,7 +8,7 @@ from dicomnode.config import WorkerSettings
 from dicomnode.db import jobs
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobState, Series, Study
-from dicomnode.queue.doorbell import Doorbell
+from dicomnode.queue.wakeup import Doorbell
 from dicomnode.queue.worker import ModelSlots, Worker, _Heartbeat
 
 

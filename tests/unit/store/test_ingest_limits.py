@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from dicomnode.db.engine import POOL_HEADROOM, make_engine
 from dicomnode.db.models import Instance, Series, Study
+from dicomnode.dimse import statuses
 from dicomnode.errors import (
     InstanceTooLarge,
     InvalidUID,
@@ -39,7 +40,6 @@ from dicomnode.errors import (
     RecordRefused,
     UnreadableInstance,
 )
-from dicomnode.net import status
 from dicomnode.pipeline import encode
 from dicomnode.store import ingest
 from dicomnode.store.ingest import (
@@ -291,7 +291,7 @@ def test_database_errors_are_transient_only_when_a_retry_can_help(
 ) -> None:
     refused = database_error(error)  # type: ignore[arg-type]
     assert type(refused) is refusal
-    assert status.status_for(refused) == code
+    assert statuses.status_for(refused) == code
 
 
 def test_a_lost_connection_is_transient_whatever_its_class() -> None:

@@ -31,6 +31,7 @@ from dicomnode.db.models import (
     SeriesState,
     utcnow,
 )
+from dicomnode.errors import JobStateError
 from dicomnode.pipeline import encode
 from dicomnode.store import retention
 from dicomnode.store.ingest import Ingestor
@@ -278,7 +279,7 @@ def test_a_purged_series_cannot_be_retried(sessions, spool: Spool) -> None:
     uid, _ = receive(sessions, spool)
     job_id = add_job(sessions, spool, complete(sessions, uid, 40), JobState.FAILED, days_ago=31)
     assert retention.run(sessions, spool, RULES, STORAGE).deleted
-    with pytest.raises(jobs.JobStateError, match="deleted by retention"):
+    with pytest.raises(JobStateError, match="deleted by retention"):
         jobs.retry(sessions, job_id)
 
 
@@ -369,7 +370,7 @@ def test_deletions_are_counted_in_the_metrics(tmp_path: Path, sessions, spool: S
     from prometheus_client.parser import text_string_to_metric_families
 
     from dicomnode.config import MetricsSettings
-    from dicomnode.metrics import MetricsServer
+    from dicomnode.metrics_server import MetricsServer
     from tests.conftest import free_port
 
     uid, _ = receive(sessions, spool)

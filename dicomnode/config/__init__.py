@@ -1,0 +1,60 @@
+"""The node's settings: the TOML file, ``DICOMNODE_*`` variables, and their checks.
+
+:mod:`~dicomnode.config.settings` holds the settings' dataclasses and the loader,
+:mod:`~dicomnode.config.fields` the TOML-to-dataclass builder they share with model
+packages, and :mod:`~dicomnode.config.reference` writes ``docs/configuration.md``.
+"""
+
+from dicomnode.config.settings import (
+    DEFAULT_DATABASE_URL,
+    DESTINATION_TLS_FILES,
+    ENV_CONFIG,
+    ENV_PREFIX,
+    REGEX_PREFIX,
+    SEG_COMPRESSIONS,
+    CompletionSettings,
+    ContentCheck,
+    DatabaseSettings,
+    Destination,
+    ListenerSettings,
+    LoggingSettings,
+    MetricsSettings,
+    ModelSettings,
+    OutputSettings,
+    RetentionSettings,
+    Route,
+    SegOptions,
+    Settings,
+    StorageSettings,
+    WorkerSettings,
+    documented_keys,
+    load_settings,
+    parse_settings,
+)
+
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DESTINATION_TLS_FILES",
+    "ENV_CONFIG",
+    "ENV_PREFIX",
+    "REGEX_PREFIX",
+    "SEG_COMPRESSIONS",
+    "CompletionSettings",
+    "ContentCheck",
+    "DatabaseSettings",
+    "Destination",
+    "ListenerSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "RetentionSettings",
+    "Route",
+    "SegOptions",
+    "Settings",
+    "StorageSettings",
+    "WorkerSettings",
+    "documented_keys",
+    "load_settings",
+    "parse_settings",
+]

@@ -1,0 +1,835 @@
+"""Run one job: the only place that knows the order of the stages.
+
+load series -> model -> post-process -> measure -> SEG -> SR -> validate -> write
+-> send to each destination of the route.
+
+Outputs are written durably and recorded before anything is sent. A retry after
+a failed delivery therefore re-sends the recorded objects instead of running the
+model again, and deterministic UIDs make a re-sent object the same object to the
+PACS, never a duplicate.
+
+A full disk while the results are written is the node's condition, not the job's:
+the job is retried by time like a delivery to a destination that is down, its
+attempts given back, and the model does not run again until the spool has space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import metrics
+from dicomnode.config import Destination, Route, Settings
+from dicomnode.db import audit, masks
+from dicomnode.db import commitment as commitment_db
+from dicomnode.db.engine import database_now, transaction
+from dicomnode.db.jobs import Claim, failing_since, merge_timings, set_state
+from dicomnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    SeriesState,
+    utcnow,
+)
+from dicomnode.errors import (
+    DISK_FULL,
+    DeliveryFailed,
+    JobInterrupted,
+    JobSuperseded,
+    PermanentJobError,
+    ResultsDiskFull,
+    TransientJobError,
+    UnusableSeg,
+    is_disk_full,
+)
+from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging.measurements import segment_stats
+from dicomnode.imaging.results import ClassificationResult, DetectionResult
+from dicomnode.imaging.volume import Volume, load_series
+from dicomnode.inference.classify import classify
+from dicomnode.inference.detect import detect
+from dicomnode.inference.segment import ModelCache, segment
+from dicomnode.outputs.contours import segment_outlines
+from dicomnode.outputs.findings import (
+    detection_summary,
+    finding_segments,
+    reported_findings,
+    series_class,
+    study_finding,
+)
+from dicomnode.outputs.headers import repair_source_headers
+from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.rejection import build_rejection_note
+from dicomnode.outputs.sc import build_overlay_capture
+from dicomnode.outputs.seg import build_segmentation, read_labels
+from dicomnode.outputs.sr import build_measurement_report
+from dicomnode.outputs.validate import validate_file
+from dicomnode.pipeline import content
+from dicomnode.send import commitment, scu
+from dicomnode.store.spool import REJECTED, RESULTS, Spool
+
+log = logging.getLogger(__name__)
+
+REJECTION = "rejection"  # the output kind of an IOCM rejection note
+
+
+@dataclass
+class JobContext:
+    """What a job needs from the database, read once at the start."""
+
+    job_id: int
+    series_id: int
+    generation: int
+    route: str
+    model: str
+    model_version: str
+    series_uid: str
+    study_uid: str
+    input_digest: str  # identifies exactly which instance contents went in
+    instance_paths: list[str]
+    first_received_at: datetime
+    last_received_at: datetime
+    started_at: datetime
+    timings: dict[str, Any]
+    outputs: list[tuple[str, str]]  # (kind, spool-relative path)
+
+
+@dataclass
+class BuiltOutput:
+    """An object made by the job, before it is written."""
+
+    kind: str
+    dataset: Dataset
+
+
+def encode(dataset: Dataset) -> bytes:
+    """Encode a dataset as a DICOM file (preamble, file meta, dataset).
+
+    Parameters
+    ----------
+    dataset : Dataset
+        A dataset with file meta.
+
+    Returns
+    -------
+    bytes
+        The Part 10 file.
+    """
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Pipeline:
+    """Runs claimed jobs end to end.
+
+    Parameters
+    ----------
+    settings : Settings
+        Routes, destinations, output settings.
+    sessions : sessionmaker[Session]
+        Database sessions.
+    spool : Spool
+        Where instances lie and results go.
+    models : Mapping[str, ModelSpec]
+        The model registry.
+    cache : ModelCache
+        Warm models.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        models: Mapping[str, ModelSpec],
+        cache: ModelCache,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.spool = spool
+        self.models = models
+        self.cache = cache
+
+    def run(self, claim: Claim, should_stop: Callable[[], bool]) -> dict[str, float]:
+        """Run a claimed job to the end: outputs made, recorded and delivered.
+
+        Parameters
+        ----------
+        claim : Claim
+            The job and our lease on it.
+        should_stop : callable
+            True when the worker must stop or lost its lease; asked between stages.
+
+        Returns
+        -------
+        dict[str, float]
+            Seconds per stage of this attempt.
+
+        Raises
+        ------
+        JobInterrupted
+            If ``should_stop`` said so; the job is left as it was at the last stage boundary.
+        PermanentJobError, TransientJobError
+            If the attempt failed; the worker records it and decides on a retry.
+        """
+
+        def checkpoint() -> None:
+            if should_stop():
+                raise JobInterrupted(f"job {claim.job_id} interrupted")
+
+        ctx = self._context(claim)
+        route = self._route(ctx)
+        timings: dict[str, float] = {}
+        if "wait_s" not in ctx.timings:
+            timings["receive_s"] = (ctx.last_received_at - ctx.first_received_at).total_seconds()
+            timings["wait_s"] = (ctx.started_at - ctx.last_received_at).total_seconds()
+
+        outputs = ctx.outputs
+        if not outputs:
+            checkpoint()
+            with self.sessions() as session:
+                content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
+                self._check_space(session, ctx.job_id)
+            built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
+            built += self._rejection(ctx, built)
+            timings.update(stage_times)
+            checkpoint()
+            outputs = self._store_outputs(claim, ctx, built, summary, timings)
+        else:
+            log.info("job %d: outputs exist from an earlier attempt; sending them", claim.job_id)
+
+        started = time.perf_counter()
+        self._deliver(claim, ctx, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
+        elapsed = time.perf_counter() - started
+        # A re-send keeps the run's own send_s: the job's record then still says how long
+        # the run took, and the re-send's duration is beside it (`studies show`).
+        timings["send_s" if not ctx.outputs else "resend_s"] = elapsed
+        with transaction(self.sessions) as session:
+            merge_timings(session, claim, timings)
+        # earlier attempts' too; the metric's send stage is this attempt's sending
+        metrics.job_finished(ctx.model, {**ctx.timings, **timings, "send_s": elapsed})
+        return timings
+
+    # -- stages ------------------------------------------------------------
+
+    def _context(self, claim: Claim) -> JobContext:
+        with self.sessions() as session:
+            job = session.get(Job, claim.job_id)
+            if job is None:
+                raise PermanentJobError(f"job {claim.job_id} vanished")
+            series = session.get(Series, job.series_id)
+            assert series is not None
+            if series.generation != job.generation or series.state != SeriesState.COMPLETE:
+                raise JobSuperseded(
+                    "superseded: a late instance re-opened the series; a newer job replaces this"
+                )
+            instances = session.execute(
+                select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
+                .where(Instance.series_id == series.id)
+                .order_by(Instance.sop_instance_uid)
+            ).all()
+            digest = hashlib.sha256()
+            for _, sop_uid, sha in instances:
+                digest.update(f"{sop_uid}:{sha};".encode())
+            outputs = session.execute(
+                select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
+            ).all()
+            return JobContext(
+                job_id=job.id,
+                series_id=series.id,
+                generation=job.generation,
+                route=job.route,
+                model=job.model,
+                model_version=job.model_version,
+                series_uid=series.series_uid,
+                study_uid=series.study.study_uid,
+                input_digest=digest.hexdigest(),
+                instance_paths=[path for path, _, _ in instances],
+                first_received_at=series.first_received_at,
+                last_received_at=series.last_received_at,
+                started_at=job.started_at or utcnow(),
+                timings=dict(job.timings or {}),
+                outputs=[(k, p) for k, p in outputs],
+            )
+
+    def _results_folder(self) -> Path:
+        return self.spool.absolute(RESULTS)
+
+    def _check_space(self, session: Session, job_id: int) -> None:
+        """Refuse to run the model again while the disk that was full still is.
+
+        "Full" is below ``storage.min_free_mb`` (the listener's own watermark), or no
+        space at all when that is 0: a model run whose results cannot be written is
+        only wasted time on a busy GPU. Only a retry after a full disk is held back: a
+        job that never met one still runs on a low disk, and its results are written if
+        they fit. So the job's history is read only when the disk is low.
+        """
+        need = max(self.settings.storage.min_free_mb * 2**20, 1)
+        if self.spool.has_free(need):
+            return
+        _, disk_full_failures = failing_since(session, job_id, DISK_FULL)
+        if disk_full_failures:
+            free = self.spool.free_bytes()
+            raise ResultsDiskFull(
+                f"no space left on device in the results folder ({self._results_folder()}): "
+                f"{free / 2**20:.1f} MiB free, the model runs again once "
+                f"{need / 2**20:.0f} MiB are (storage.min_free_mb)"
+            )
+
+    def _disk_full(self, written: int, of: int) -> ResultsDiskFull:
+        free = self.spool.free_bytes()
+        return ResultsDiskFull(
+            f"no space left on device in the results folder ({self._results_folder()}): "
+            f"{written} of {of} object(s) written, {free / 2**20:.1f} MiB free"
+            "; retried when space is freed"
+        )
+
+    def _route(self, ctx: JobContext) -> Route:
+        for route in self.settings.routes:
+            if route.name == ctx.route:
+                return route
+        raise PermanentJobError(f"route {ctx.route} is no longer configured")
+
+    def _spec(self, ctx: JobContext) -> ModelSpec:
+        spec = self.models.get(ctx.model)
+        if spec is None:
+            raise PermanentJobError(f"model {ctx.model} is not installed")
+        if spec.version != ctx.model_version:
+            raise PermanentJobError(
+                f"model {ctx.model} is now version {spec.version}, job wants {ctx.model_version}"
+            )
+        return spec
+
+    def _series_base(self, route: str, spec: ModelSpec) -> int:
+        """Return the first Series Number of a route's model's results: 10 apart each.
+
+        The (route, model) pairs are counted in configuration order, which every host
+        sharing the configuration sees alike: two models on one series then never share
+        a Series Number (SEG +1, SR +2, overlay +3, rejection notes +9), and a model
+        keeps its numbers across re-runs and model installs.
+        """
+        pairs = [(r.name, m) for r in self.settings.routes for m in r.models]
+        index = pairs.index((route, spec.name)) if (route, spec.name) in pairs else len(pairs)
+        return self.settings.outputs.series_number + 10 * index
+
+    def _mask_spec(self, spec: ModelSpec) -> ModelSpec:
+        mask = self.models.get(spec.detection.lung_model)
+        if mask is None:
+            raise PermanentJobError(
+                f"model {spec.name} needs mask model {spec.detection.lung_model}, "
+                "which is not installed"
+            )
+        return mask
+
+    def _reusable_mask(
+        self, ctx: JobContext, mask_spec: ModelSpec, volume: Volume
+    ) -> tuple[int, np.ndarray] | None:
+        """Return the mask model's labels as a job on this series already made them.
+
+        The mask model's route usually ran on the same series just before (a nodule
+        route waits for the lung route's verdict), and its SEG holds the very labels
+        running the model again would give: same model, same version, same series
+        generation (so the same instances). Reading the SEG back takes a fraction of a
+        second where the model takes many.
+
+        Returns
+        -------
+        tuple[int, np.ndarray] or None
+            The job that made the mask and its labels on ``volume``; None when there is
+            none to reuse, or it does not fit or read (the caller runs the model then).
+        """
+        with self.sessions() as session:
+            found = masks.find_mask(
+                session,
+                series_id=ctx.series_id,
+                generation=ctx.generation,
+                model=mask_spec.name,
+                version=mask_spec.version,
+            )
+        if found is None:
+            return None
+        try:
+            labels = read_labels(
+                self.spool.absolute(found.path),
+                volume,
+                [segment.label for segment in mask_spec.output.segments],
+            )
+        except UnusableSeg as exc:
+            log.info(
+                "job %d: not reusing the mask of job %d (%s); running the mask model",
+                ctx.job_id,
+                found.job_id,
+                exc,
+            )
+            return None
+        log.info("job %d: reusing the mask of job %d", ctx.job_id, found.job_id)
+        return found.job_id, labels
+
+    def _make_outputs(
+        self, ctx: JobContext, route: Route, checkpoint: Callable[[], None]
+    ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
+        spec = self._spec(ctx)
+        timings: dict[str, float] = {}
+
+        started = time.perf_counter()
+        volume = load_series([self.spool.absolute(p) for p in ctx.instance_paths])
+        timings["load_s"] = time.perf_counter() - started
+        content.check_images(route.requires, volume.shape[0], volume.normal)
+        checkpoint()
+
+        detection: DetectionResult | None = None
+        mask_from_job: int | None = None
+        classification: ClassificationResult | None = None
+        if spec.task == "classification":
+            classification = classify(spec, volume, self.cache, checkpoint=checkpoint)
+            timings.update(classification.timings)
+            labels, segments = np.zeros((0,), dtype=np.uint8), []
+        elif spec.task == "detection":
+            mask_spec = self._mask_spec(spec)
+            started = time.perf_counter()
+            reused = self._reusable_mask(ctx, mask_spec, volume)
+            mask: np.ndarray | None = None
+            if reused is not None:
+                mask_from_job, mask = reused
+                # Instead of mask_inference_s and mask_postprocess_s, which detect()
+                # records only when it runs the mask model itself.
+                timings["mask_load_s"] = time.perf_counter() - started
+            detection = detect(
+                spec, mask_spec, volume, self.cache, checkpoint=checkpoint, mask=mask
+            )
+            timings.update(detection.timings)
+            labels = detection.labels(volume.shape)
+            segments = finding_segments(spec, len(detection.findings))
+        else:
+            result = segment(spec, volume, self.cache, checkpoint=checkpoint)
+            timings.update(result.timings)
+            labels, segments = result.labels, list(spec.output.segments)
+        checkpoint()
+
+        names = [s.label for s in segments]
+        stats = (
+            segment_stats(labels, volume.pixels, volume.voxel_volume_ml, names) if segments else []
+        )
+        provenance = Provenance(
+            model_name=spec.name,
+            model_version=spec.version,
+            clinical_use=spec.clinical_use,
+            uid_root=self.settings.outputs.uid_root,
+        )
+        # Series UIDs depend on the input series, the route and the model only, so
+        # every re-run addresses the same result series (and two routes running one
+        # model with different encodings never share one). Instance UIDs also depend
+        # on the model version and on exactly which instance contents went in: the same
+        # input gives the same object (a resend is no duplicate), different input a new one.
+        identity = (ctx.series_uid, ctx.route, spec.name)
+        version = (spec.version, ctx.input_digest)
+        base_number = self._series_base(ctx.route, spec)
+
+        repaired = repair_source_headers(volume.datasets)
+        if repaired:
+            log.info(
+                "job %d: repaired %d non-conformant source header values", ctx.job_id, repaired
+            )
+
+        seg: Dataset | None = None
+        if segments:  # a detection that found nothing has nothing to segment
+            started = time.perf_counter()
+            with _building("SEG"):
+                seg = build_segmentation(
+                    volume.datasets,
+                    labels,
+                    segments,
+                    provenance,
+                    series_uid=provenance.uid(*identity, "seg"),
+                    sop_uid=provenance.uid(*identity, *version, "seg"),
+                    series_number=base_number + 1,
+                    frames=volume.frames,
+                    options=route.seg,
+                    tracking_key="" if detection is None else ctx.input_digest,
+                )
+            timings["seg_s"] = time.perf_counter() - started
+            checkpoint()
+
+        started = time.perf_counter()
+        with _building("SR"):
+            report = build_measurement_report(
+                seg,
+                volume.datasets,
+                stats,
+                segments,
+                provenance,
+                series_uid=provenance.uid(*identity, "sr"),
+                sop_uid=provenance.uid(*identity, *version, "sr"),
+                series_number=base_number + 2,
+                findings=[] if detection is None else reported_findings(detection, volume),
+                # Findings have their circles; other segments are drawn by outline.
+                outlines=(
+                    segment_outlines(labels, len(segments), volume) if detection is None else []
+                ),
+                study=(
+                    study_finding(spec, detection)
+                    if detection is not None
+                    else None
+                    if classification is None
+                    else series_class(spec, classification)
+                ),
+            )
+        timings["sr_s"] = time.perf_counter() - started
+
+        summary = {
+            "segments": [
+                {
+                    "label": s.label,
+                    "voxels": s.voxels,
+                    "volume_ml": round(s.volume_ml, 2),
+                    "mean": None if s.voxels == 0 else round(s.mean, 2),
+                    "std": None if s.voxels == 0 else round(s.std, 2),
+                    "below_950_percent": None if s.voxels == 0 else round(s.below_950, 2),
+                }
+                for s in stats
+            ],
+            "total_volume_ml": round(sum(s.volume_ml for s in stats), 2),
+            "slices": volume.shape[0],
+        }
+        if detection is not None:
+            found = detection_summary(detection, volume)
+            # Which job's mask bounded the search (None: this job ran the mask model).
+            found["mask_from_job"] = mask_from_job
+            summary["detection"] = found
+        if classification is not None:
+            summary["classification"] = {
+                "class": None if classification.chosen is None else classification.chosen.label,
+                "probabilities": {k: round(v, 4) for k, v in classification.probabilities.items()},
+            }
+        built = [] if seg is None else [BuiltOutput("seg", seg)]
+        built.append(BuiltOutput("sr", report))
+        if route.overlay and segments:  # for PACS viewers that cannot show SEG
+            checkpoint()
+            started = time.perf_counter()
+            with _building("SC"):
+                overlay = build_overlay_capture(
+                    volume,
+                    labels,
+                    segments,
+                    provenance,
+                    series_uid=provenance.uid(*identity, "sc"),
+                    sop_uid=provenance.uid(*identity, *version, "sc"),
+                    series_number=base_number + 3,
+                    summary=summary,
+                )
+            timings["sc_s"] = time.perf_counter() - started
+            built.append(BuiltOutput("sc", overlay))
+        return built, summary, timings
+
+    def _rejection(self, ctx: JobContext, built: list[BuiltOutput]) -> list[BuiltOutput]:
+        """Return an IOCM rejection note for the previous run's results this one replaces.
+
+        Every earlier job of the same route and model on this series (only earlier
+        ones: a job never rejects a newer job's results) had its results delivered to
+        the same destinations; all of them that this run does not re-make with the same
+        UIDs are rejected, so a link of the chain whose note never left (a run
+        cancelled before sending) leaves nothing visible behind. Rejecting an instance
+        twice is harmless to an IOCM receiver.
+        """
+        made = {str(out.dataset.SOPInstanceUID) for out in built}
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Output.path, Output.sop_instance_uid)
+                .join(Job, Output.job_id == Job.id)
+                .where(
+                    Job.series_id == ctx.series_id,
+                    Job.route == ctx.route,
+                    Job.model == ctx.model,
+                    Job.id < ctx.job_id,
+                    Output.kind != REJECTION,
+                )
+                .order_by(Output.id)
+            ).all()
+        seen: set[str] = set()
+        superseded = []
+        for path, uid in rows:
+            if uid in made or uid in seen or not self.spool.absolute(path).exists():
+                continue
+            seen.add(uid)
+            superseded.append(self.spool.absolute(path))
+        if not superseded:
+            return []
+        spec = self._spec(ctx)
+        provenance = Provenance(
+            model_name=spec.name,
+            model_version=spec.version,
+            clinical_use=spec.clinical_use,
+            uid_root=self.settings.outputs.uid_root,
+        )
+        identity = (ctx.series_uid, ctx.route, spec.name)
+        with _building("rejection note"):
+            note = build_rejection_note(
+                superseded,
+                provenance,
+                series_uid=provenance.uid(*identity, REJECTION),
+                sop_uid=provenance.uid(*identity, spec.version, ctx.input_digest, REJECTION),
+                series_number=self._series_base(ctx.route, spec) + 9,
+            )
+        log.info("job %d: rejecting %d superseded instance(s)", ctx.job_id, len(superseded))
+        return [BuiltOutput(REJECTION, note)]
+
+    def _store_outputs(
+        self,
+        claim: Claim,
+        ctx: JobContext,
+        built: list[BuiltOutput],
+        summary: dict[str, Any],
+        timings: dict[str, float],
+    ) -> list[tuple[str, str]]:
+        started = time.perf_counter()
+        written: list[tuple[BuiltOutput, str, int]] = []
+        for out in built:
+            ds = out.dataset
+            relative = self.spool.relative_path(
+                RESULTS, ctx.study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+            )
+            try:
+                final, size = self._write_once(relative, ds)
+                try:
+                    validate_file(final, self.settings.outputs.validate)
+                except PermanentJobError as exc:
+                    # Never sent, but kept where an admin can look at it.
+                    kept = self.spool.move(relative, REJECTED)
+                    raise PermanentJobError(f"{exc}; the object is kept at {kept}") from None
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise self._disk_full(len(written), len(built)) from None
+                raise
+            written.append((out, relative.as_posix(), size))
+        timings["write_validate_s"] = time.perf_counter() - started
+
+        with transaction(self.sessions) as session:
+            series = session.get(Series, ctx.series_id)
+            if series is None or series.generation != ctx.generation:
+                # A late image re-opened the series while this job ran: its results
+                # describe an incomplete series, and a newer job replaces them.
+                raise JobSuperseded(
+                    "superseded: a late instance re-opened the series; a newer job replaces this"
+                )
+            # The database's clock, like the job's started_at it is compared with (which
+            # attempt made the outputs decides whether a retry only re-sends them).
+            now = database_now(session)
+            for out, path, size in written:
+                session.add(
+                    Output(
+                        job_id=claim.job_id,
+                        kind=out.kind,
+                        sop_class_uid=str(out.dataset.SOPClassUID),
+                        sop_instance_uid=str(out.dataset.SOPInstanceUID),
+                        series_uid=str(out.dataset.SeriesInstanceUID),
+                        path=path,
+                        size_bytes=size,
+                        created_at=now,
+                    )
+                )
+            job = session.get(Job, claim.job_id)
+            if job is not None:
+                job.summary = summary
+            merge_timings(session, claim, timings)
+            if not set_state(session, claim, JobState.SENDING):
+                raise JobInterrupted(f"job {claim.job_id}: lease lost before sending")
+        return [(out.kind, path) for out, path, _ in written]
+
+    def _write_once(self, relative: Path, dataset: Dataset) -> tuple[Path, int]:
+        """Write an object unless an earlier attempt of the job already did; return it and its size.
+
+        The object's SOP Instance UID, and so its path, is fixed by the input, the route,
+        the model and its version: a file already there is this very object, written
+        whole (fsynced, then renamed into place) by an attempt that the disk filling up
+        stopped before it could record it. It is validated again by the caller.
+        """
+        final = self.spool.absolute(relative)
+        try:
+            # Touched: the orphan sweep takes its change time for when it was written,
+            # and must not take a file this attempt is about to record.
+            os.utime(final)
+            return final, final.stat().st_size
+        except FileNotFoundError:
+            pass
+        data = encode(dataset)
+        return self.spool.write(relative, data), len(data)
+
+    def _deliver(
+        self,
+        claim: Claim,
+        ctx: JobContext,
+        route: Route,
+        files: list[Path],
+        checkpoint: Callable[[], None],
+    ) -> None:
+        failures: list[tuple[str, bool]] = []
+        for name in route.send_to:
+            checkpoint()
+            with transaction(self.sessions) as session:
+                delivery = _delivery(session, claim.job_id, name)
+                if delivery is None:
+                    # Created by the database's clock: the delivery window (how long a
+                    # destination has been failing) is judged by it.
+                    delivery = Delivery(
+                        job_id=claim.job_id,
+                        destination=name,
+                        attempts=0,
+                        created_at=database_now(session),
+                    )
+                    session.add(delivery)
+                if delivery.state == DeliveryState.SENT:
+                    continue
+                delivery.attempts += 1
+            error: str | None = None
+            retryable = False
+            warning: str | None = None
+            committing = False
+            destination: Destination | None = None
+            try:
+                destination = self.settings.destination(name)
+                committing = destination.storage_commitment
+                warning = self._send(claim, destination, files)
+            except (TransientJobError, PermanentJobError) as exc:
+                error, retryable = str(exc), exc.retryable
+            except Exception as exc:  # the network stack can raise anything
+                error, retryable = f"destination {name}: {type(exc).__name__}: {exc}", True
+            with transaction(self.sessions) as session:
+                delivery = _delivery(session, claim.job_id, name)
+                assert delivery is not None  # created above, never deleted
+                if error is None and committing and delivery.commitment_uid is None:
+                    # The PACS reported failures on the N-ACTION's own association,
+                    # which re-opened the delivery while we were still sending.
+                    error, retryable = f"destination {name}: {delivery.last_error}", True
+                self._audit_delivery(
+                    session, claim, ctx, name, destination, len(files), error, warning
+                )
+                if error is None:
+                    delivery.state = DeliveryState.SENT
+                    delivery.sent_at = database_now(session)
+                    delivery.last_error = None
+                    delivery.warning = warning
+                    log.info(
+                        "delivered job_id=%d destination=%s objects=%d",
+                        claim.job_id,
+                        name,
+                        len(files),
+                    )
+                else:
+                    delivery.state = DeliveryState.PENDING if retryable else DeliveryState.FAILED
+                    delivery.last_error = error
+                    failures.append((error, retryable))
+                    metrics.delivery_failed(name)
+                    log.warning("delivery failed job_id=%d destination=%s", claim.job_id, name)
+        if failures:
+            message = "; ".join(e for e, _ in failures)
+            if any(r for _, r in failures):
+                raise DeliveryFailed(message)
+            raise PermanentJobError(message)
+
+    def _audit_delivery(
+        self,
+        session: Session,
+        claim: Claim,
+        ctx: JobContext,
+        name: str,
+        destination: Destination | None,
+        count: int,
+        error: str | None,
+        warning: str | None,
+    ) -> None:
+        # In the delivery's own transaction: the trail says "sent" exactly when the
+        # delivery row does.
+        audit.record(
+            session,
+            "results-sent",
+            outcome="failure" if error else "warning" if warning else "success",
+            actor=claim.owner,
+            peer=None
+            if destination is None
+            else f"{destination.ae_title}@{destination.host}:{destination.port}",
+            destination=name,
+            job_id=claim.job_id,
+            study_uid=ctx.study_uid,
+            series_uid=ctx.series_uid,
+            count=count,
+            detail=error or warning,
+        )
+
+    def _send(self, claim: Claim, destination: Destination, files: list[Path]) -> str | None:
+        """C-STORE ``files`` and, if the destination wants it, request storage commitment.
+
+        Returns a note of warning statuses (the objects count as stored), or None.
+        """
+        calling_ae = self.settings.listener.ae_title
+        statuses = scu.send_files(destination, files, calling_ae)
+        warned = Counter(code for code in statuses if code != 0)
+        warning = "; ".join(
+            f"{n} object(s) stored with warning 0x{code:04X}" for code, n in sorted(warned.items())
+        )
+        if destination.storage_commitment:
+            uid = commitment.new_transaction_uid(self.settings.outputs.uid_root)
+            # Recorded before the N-ACTION: the report may come back on another
+            # association (to the listener, perhaps in another process) before the
+            # N-ACTION's response reaches us.
+            with transaction(self.sessions) as session:
+                delivery = _delivery(session, claim.job_id, destination.name)
+                assert delivery is not None
+                commitment_db.request(session, delivery, uid)
+            try:
+                commitment.request_commitment(
+                    destination,
+                    commitment.references(files),
+                    uid,
+                    calling_ae,
+                    self.sessions,
+                )
+            except BaseException:
+                with transaction(self.sessions) as session:
+                    delivery = _delivery(session, claim.job_id, destination.name)
+                    assert delivery is not None
+                    commitment_db.withdraw(session, delivery)
+                raise
+        return warning or None
+
+
+def _delivery(session: Session, job_id: int, destination: str) -> Delivery | None:
+    return session.scalar(
+        select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+    )
+
+
+@contextmanager
+def _building(kind: str) -> Iterator[None]:
+    """Turn a builder's complaint about the source headers into a job failure.
+
+    highdicom validates eagerly and raises ValueError or TypeError for what it cannot
+    encode; its message may quote a header value, so only the type is kept.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.debug("building the %s failed", kind, exc_info=True)
+        raise PermanentJobError(
+            f"cannot build the {kind} from these source headers ({type(exc).__name__})"
+        ) from None
