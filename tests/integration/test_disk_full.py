@@ -21,7 +21,7 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from dicomnode import pipeline as pipeline_module
+from dicomnode.pipeline import run as pipeline_module
 from dicomnode.config import StorageSettings
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobEvent, JobState, Output, utcnow

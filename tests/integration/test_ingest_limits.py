@@ -291,7 +291,7 @@ def test_four_deflate_bombs_at_once_stay_within_the_memory_bound(
     assert all(path.stat().st_size < 2**20 for path in bombs)
     config = write_config(tmp_path, db_url=db_url, pacs_port=free_port())
     port = listener_port(config)
-    statuses: list[int] = []
+    answers: list[int] = []
     with NodeProcess(config, command="listen") as node:
         assert node.proc is not None
         pid = node.proc.pid
@@ -304,7 +304,7 @@ def test_four_deflate_bombs_at_once_stay_within_the_memory_bound(
 
         def bomb(path: Path) -> None:
             start.wait(timeout=60)
-            statuses.append(send(port, path))
+            answers.append(send(port, path))
 
         senders = [threading.Thread(target=bomb, args=(path,)) for path in bombs]
         for sender in senders:
@@ -312,7 +312,7 @@ def test_four_deflate_bombs_at_once_stay_within_the_memory_bound(
         for sender in senders:
             sender.join(timeout=300)
         peak = memory_bytes(pid, "VmHWM")
-    assert statuses == [statuses.SUCCESS] * 4
+    assert answers == [statuses.SUCCESS] * 4
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM instances")).scalar() == 5
     grown = peak - before

@@ -221,7 +221,7 @@ def test_half_sent_requests_neither_grow_threads_nor_block_a_scrape(
 def test_a_silent_client_is_dropped(
     tmp_path: Path, sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(metrics, "HTTP_REQUEST_SECONDS", 0.5)
+    monkeypatch.setattr(metrics_server, "HTTP_REQUEST_SECONDS", 0.5)
     running = MetricsServer(
         MetricsSettings(enabled=True, port=free_port()), sessions, Spool(tmp_path / "spool")
     )
