@@ -21,13 +21,13 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from dicomnode.pipeline import run as pipeline_module
 from dicomnode.config import StorageSettings
 from dicomnode.db.engine import transaction
 from dicomnode.db.models import Job, JobEvent, JobState, Output, utcnow
 from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import run as pipeline_module
 from dicomnode.queue.worker import Worker
 from dicomnode.store.spool import RESULTS, Spool
 from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dicomnode.config import settings as settings_module
 from dicomnode.config import Settings, load_settings
+from dicomnode.config import settings as settings_module
 from dicomnode.config.fields import build, field_doc
 from dicomnode.config.reference import (
     REGENERATE,
