@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -209,3 +210,68 @@ def _restore_logging() -> Iterator[None]:
         if type(handler) is logging.StreamHandler and handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+# --- Test tiers --------------------------------------------------------------------------
+# `pytest -m fast` runs what needs no database, no network and no subprocess: the tier a
+# change is checked against in seconds. A test is fast unless it lives outside
+# tests/unit, asks for a database fixture, or carries one of the markers below; the
+# guard that follows makes the promise hold, failing a fast test that reaches for a
+# socket, a child process or an engine, instead of trusting a list kept by hand.
+TESTS = Path(__file__).resolve().parent
+DATABASE_FIXTURES = frozenset({"db_url", "engine", "sessions", "pg_url"})
+NOT_FAST_MARKERS = ("system", "slow", "postgres")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test that may run in the fast tier with ``fast``."""
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        if parts[0] != "unit":
+            continue
+        if any(item.get_closest_marker(name) for name in NOT_FAST_MARKERS):
+            continue
+        if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            continue
+        item.add_marker(pytest.mark.fast)
+
+
+class NotFast(AssertionError):
+    """A fast test reached for a database, the network or a child process."""
+
+
+def _refuse(what: str) -> Callable[..., object]:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise NotFast(f"a fast test may not {what}; mark it @pytest.mark.system")
+
+    return refuse
+
+
+@pytest.fixture(scope="session")
+def _font_cache() -> None:
+    """Let matplotlib build its font cache, which runs ``fc-list`` once per machine.
+
+    That child process is the library's own first-use work, not the test's: it
+    happens wherever matplotlib is first imported, so it is done here, unguarded.
+    """
+    with contextlib.suppress(ImportError):  # the evaluate extra may not be installed
+        import matplotlib.font_manager  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse sockets, child processes and database engines inside fast tests."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    request.getfixturevalue("_font_cache")
+    import subprocess
+
+    import sqlalchemy.engine.base
+
+    monkeypatch.setattr(socket.socket, "connect", _refuse("open a network connection"))
+    monkeypatch.setattr(socket.socket, "connect_ex", _refuse("open a network connection"))
+    monkeypatch.setattr(socket.socket, "bind", _refuse("listen on a socket"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a child process"))
+    monkeypatch.setattr(os, "fork", _refuse("fork"))
+    monkeypatch.setattr(sqlalchemy.engine.base.Engine, "__init__", _refuse("open a database"))

@@ -104,6 +104,7 @@ def test_healthz_and_unknown_paths(server: MetricsServer) -> None:
     assert get(f"http://127.0.0.1:{server.port}/nothing")[0] == 404
 
 
+@pytest.mark.system
 def test_healthz_fails_when_the_database_is_unreachable(tmp_path: Path) -> None:
     (tmp_path / "db").mkdir()  # a folder where the database file should be
     engine = make_engine(f"sqlite:///{tmp_path / 'db'}")

@@ -135,6 +135,7 @@ def test_export_csv_json_and_jsonl(
     assert code == 0 and out.splitlines() == [",".join(audit.FIELDS)]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -61,6 +61,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
     return {"sources": sources, "labels": labels, "volume": volume, "path": path, "ds": ds}
 
 
+@pytest.mark.system
 def test_sc_passes_dciodvfy(built) -> None:
     assert dciodvfy_errors(built["path"]) == []
 
@@ -123,6 +124,7 @@ def test_sc_uids_are_deterministic_and_the_pixels_too(built) -> None:
     assert newer.SOPInstanceUID != first.SOPInstanceUID
 
 
+@pytest.mark.system
 def test_a_clinical_model_has_no_notice(built, tmp_path: Path) -> None:
     clinical = Provenance(model_name="m", model_version="1", clinical_use=True)
     ds = build(built["volume"], built["labels"], provenance=clinical)
@@ -141,6 +143,7 @@ def test_a_short_series_is_shown_whole() -> None:
     assert ds.NumberOfFrames == 6
 
 
+@pytest.mark.system
 def test_multiframe_source_frames_are_referenced_by_number(tmp_path: Path) -> None:
     sources, labels = phantom(slices=16, size=64)
     enhanced = legacy_enhanced(sources, frame_order=list(reversed(range(16))))

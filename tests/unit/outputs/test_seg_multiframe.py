@@ -139,6 +139,7 @@ def test_seg_pixels_equal_the_label_map_per_source_frame(built: dict) -> None:
     np.testing.assert_array_equal(array, labels)
 
 
+@pytest.mark.system
 def test_dciodvfy_finds_no_errors(built: dict) -> None:
     assert dciodvfy_errors(built["seg_path"]) == []
 
@@ -177,6 +178,7 @@ def test_single_frame_label_count_mismatch_is_refused() -> None:
         make_seg(volume, np.zeros((3, 16, 16), np.uint8))
 
 
+@pytest.mark.system
 def test_sr_on_a_multiframe_source_lists_it_as_evidence(built: dict, tmp_path: Path) -> None:
     from dicomnode.imaging.measurements import segment_stats
     from dicomnode.outputs.sr import build_measurement_report

@@ -80,6 +80,7 @@ def read_back(path: Path, volume) -> np.ndarray:
     return np.asarray(masks, dtype=np.uint8)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("options", "sop_class", "dciodvfy_ran"),
     [
@@ -132,6 +133,7 @@ def test_a_binary_seg_cannot_take_rle_or_jpeg_ls() -> None:
     assert settings.routes[0].seg == SegOptions("labelmap", "rle", True)
 
 
+@pytest.mark.system
 def test_sr_measurements_equal_numpy_on_the_seg_read_back(case, tmp_path: Path) -> None:
     volume, labels = case
     seg_path = build(volume, labels, SegOptions(), tmp_path)

@@ -151,6 +151,7 @@ def test_evidence_lists_the_seg_and_every_source(built) -> None:
     assert evidence == expected
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", ["seg_path", "sr_path"])
 def test_dciodvfy_finds_no_errors(built, name: str) -> None:
     assert dciodvfy_errors(built[name]) == []
@@ -169,6 +170,7 @@ def test_encode_round_trip(built) -> None:
     assert pydicom.dcmread(BytesIO(data)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
 
 
+@pytest.mark.system
 def test_dciodvfy_reports_a_broken_object(built, tmp_path: Path) -> None:
     ds = pydicom.dcmread(built["seg_path"])
     del ds.SegmentSequence
@@ -186,6 +188,7 @@ def test_sr_findings_carry_the_seg_segments_tracking_uids(built) -> None:
         assert group.tracking_uid == by_number[number]
 
 
+@pytest.mark.system
 def test_non_conformant_source_values_are_repaired(tmp_path: Path) -> None:
     from dicomnode.outputs.headers import repair_source_headers
 

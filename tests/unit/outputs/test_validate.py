@@ -15,6 +15,7 @@ def good(tmp_path: Path) -> Path:
     return write_series(ct_series(np.zeros((1, 4, 4), np.float32)), tmp_path)[0]
 
 
+@pytest.mark.system
 def test_valid_object_passes(good: Path) -> None:
     assert validate_file(good, "auto") is True
     assert validate_file(good, "dciodvfy") is True
@@ -24,6 +25,7 @@ def test_off_runs_nothing(tmp_path: Path) -> None:
     assert validate_file(tmp_path / "does-not-matter.dcm", "off") is False
 
 
+@pytest.mark.system
 def test_errors_fail_the_job_with_the_validators_message(good: Path) -> None:
     import pydicom
 
@@ -41,6 +43,7 @@ def test_missing_validator(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         validate_file(good, "dciodvfy")
 
 
+@pytest.mark.system
 def test_validator_messages_do_not_quote_values(good: Path) -> None:
     import pydicom
 
@@ -68,6 +71,7 @@ def _with(good: Path, **values: str) -> Path:
     return good
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [
@@ -85,6 +89,7 @@ def test_digit_only_values_are_redacted(good: Path, keyword: str, value: str) ->
     assert "Length invalid for this VR = <" in message  # a count, not a value: kept
 
 
+@pytest.mark.system
 def test_no_quoted_value_survives_in_any_dciodvfy_message(good: Path) -> None:
     from dicomnode.outputs.validate import dciodvfy_errors, redact
 

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from dicomnode.queue.wakeup import Announcer, Doorbell, WakeListener
 
 ANNOUNCE = """
@@ -65,6 +67,7 @@ def test_silence_does_not_ring(engine, tmp_path: Path) -> None:
         listener.join(5)
 
 
+@pytest.mark.system
 def test_a_dead_processs_registration_is_removed(tmp_path: Path) -> None:
     from dicomnode.db.engine import make_engine
 

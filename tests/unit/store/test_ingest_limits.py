@@ -321,6 +321,7 @@ def test_the_pool_holds_a_connection_for_every_thread(db_url: str, engine) -> No
         sized.dispose()
 
 
+@pytest.mark.system
 def test_a_node_sizes_its_pool_to_associations_and_workers(tmp_path: Path) -> None:
     from dicomnode.config import parse_settings
     from dicomnode.node import Node

@@ -49,6 +49,7 @@ def test_clean_tmp_removes_partial_files(tmp_path: Path) -> None:
     assert list((tmp_path / TMP).iterdir()) == []
 
 
+@pytest.mark.system
 def test_a_second_listener_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
     import subprocess
 
