@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomnode.cli.jobs import STAGES  # noqa: E402
+from dicomnode.cli.job_output import STAGES  # noqa: E402
 from dicomnode.imaging.manifest import load_registry  # noqa: E402
 from dicomnode.inference.device import configure_threads  # noqa: E402
 from tests.dcmtk import STORESCU  # noqa: E402

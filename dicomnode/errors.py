@@ -208,3 +208,23 @@ class PreviewError(DicomnodeError):
 
 class ExportMismatch(DicomnodeError):
     """An export does not hold every entry a prune would delete, exactly as stored."""
+
+
+def first_line(message: object) -> str:
+    """Return the first non-empty line of a message, stripped; ``""`` when it has none.
+
+    Error messages shown on one line (a job's error, a CLI's stderr, an audit row)
+    come from exceptions whose text may be empty or start with a blank line:
+    ``str(exc).splitlines()[0]`` would raise IndexError on them.
+
+    Parameters
+    ----------
+    message : object
+        A message, or an exception (its ``str``).
+
+    Returns
+    -------
+    str
+        The first line with text on it, or ``""``.
+    """
+    return next((line.strip() for line in str(message).splitlines() if line.strip()), "")

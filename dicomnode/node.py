@@ -12,17 +12,20 @@ import errno
 import logging
 import os
 import resource
+import signal
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+import dicomnode
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import migrate
 from dicomnode.db.engine import is_sqlite, make_engine, session_factory
@@ -31,7 +34,7 @@ from dicomnode.imaging.manifest import ModelSpec, load_registry
 from dicomnode.inference.device import configure_threads, select_device
 from dicomnode.inference.segment import ModelCache
 from dicomnode.listener.processes import Receivers, build_listener
-from dicomnode.listener.scp import Listener
+from dicomnode.listener.scp import Listener, make_ssl_context
 from dicomnode.metrics_server import MetricsServer
 from dicomnode.pipeline import Pipeline
 from dicomnode.queue.scheduler import make_scheduler
@@ -40,6 +43,9 @@ from dicomnode.queue.worker import ModelSlots, Worker
 from dicomnode.store.spool import ListenerLock, Spool
 
 log = logging.getLogger(__name__)
+# The lines an operator (and a test starting a node) waits for, "serving:" and
+# "shutting down", keep the logger name they were documented with.
+serve_log = logging.getLogger("dicomnode")
 
 # Descriptors one association holds: its socket and the reactor's eventfd (measured:
 # 2.0 per idle association), the file being received and a database connection.
@@ -88,6 +94,30 @@ def check_routes(settings: Settings, models: dict[str, ModelSpec]) -> None:
         for name in names:
             if name not in models:
                 raise ConfigError(f"{key}: unknown model {name!r} (known: {known})")
+
+
+def check_configuration(settings: Settings) -> dict[str, ModelSpec]:
+    """Check what a node needs to start, without starting it.
+
+    Parameters
+    ----------
+    settings : Settings
+        The settings: model packages, routes and the listener's TLS files.
+
+    Returns
+    -------
+    dict[str, ModelSpec]
+        The installed model packages.
+
+    Raises
+    ------
+    ConfigError, ModelPackageError
+        If a model package, a route or a TLS file is not usable.
+    """
+    models = load_registry(settings.models.path)
+    check_routes(settings, models)
+    make_ssl_context(settings.listener)  # TLS files exist and load
+    return models
 
 
 def database_connections(settings: Settings, *, listen: bool, work: bool) -> int:
@@ -321,7 +351,8 @@ def raise_descriptor_limit(listener: ListenerSettings) -> None:
 class Node:
     """All roles of one dicomnode process.
 
-    Build it with :meth:`from_settings`, then :meth:`start` and :meth:`stop`.
+    Build it with :meth:`from_settings`, then :meth:`start` and :meth:`stop`, or
+    :meth:`run_until` an event is set.
     """
 
     settings: Settings
@@ -472,3 +503,67 @@ class Node:
             lock.release()
         self.locks.clear()
         log.info("node stopped")
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Start the node, serve until ``stop`` is set, then stop it.
+
+        Parameters
+        ----------
+        stop : threading.Event
+            Set to stop the node (a signal handler, a test).
+
+        Raises
+        ------
+        NodeAlreadyRunning, DicomnodeError
+            If the node cannot start; whatever did start is stopped again first.
+        """
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # whatever did start (scheduler, threads, database pool) stops again
+            raise
+        serve_log.info(
+            "dicomnode %s serving: listener=%s workers=%d models=%s",
+            dicomnode.__version__,
+            f"{self.settings.listener.ae_title}@{self.listener.port}" if self.listener else "off",
+            len(self.workers),
+            (",".join(sorted(self.models)) if self.workers else "") or "-",
+        )
+        while not stop.wait(1.0):
+            pass
+        self.stop()
+
+
+def serve_until_signal(settings: Settings, *, listen: bool = True, work: bool = True) -> None:
+    """Assemble a node and run it until SIGINT or SIGTERM (``dicomnode serve``).
+
+    The signal handlers are this process's for as long as the node runs, and the
+    previous ones are put back after.
+
+    Parameters
+    ----------
+    settings : Settings
+        Validated settings.
+    listen : bool
+        Receive instances and run the completion sweep.
+    work : bool
+        Run jobs.
+
+    Raises
+    ------
+    ConfigError, ModelPackageError, NodeAlreadyRunning, DicomnodeError
+        If the node cannot be assembled or started.
+    """
+    node = Node.from_settings(settings, listen=listen, work=work)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        serve_log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        node.run_until(stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

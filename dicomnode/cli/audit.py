@@ -24,7 +24,7 @@ from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time
 from dicomnode.config import Settings
 from dicomnode.db import audit
-from dicomnode.db.engine import read_only, session_factory
+from dicomnode.db.engine import read, session_factory
 from dicomnode.db.models import utcnow
 from dicomnode.errors import DicomnodeError, ExportMismatch
 
@@ -206,12 +206,11 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
     path: Path = args.exported_to
     engine = open_database(settings)
     try:
-        sessions = session_factory(engine)
         digest = hashlib.sha256()
         try:
-            with path.open("rb") as stream, read_only(sessions)() as session:
+            with path.open("rb") as stream:
                 lines = _hashed_lines(stream, digest)
-                checked = audit.check_export(session, read_export(lines), before)
+                checked = read(engine, audit.check_export, read_export(lines), before)
                 for _ in lines:  # the rest of the file, for its checksum
                     pass
         except OSError as exc:
@@ -234,7 +233,7 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
             )
             return 0
         try:
-            deleted = audit.prune(sessions, checked, audit.admin_actor(), archive)
+            deleted = audit.prune(session_factory(engine), checked, audit.admin_actor(), archive)
         except ExportMismatch as exc:
             raise DicomnodeError(f"audit prune: refused: {exc}") from None
     finally:

@@ -1,15 +1,18 @@
-"""Opening the node's database for one CLI command."""
+"""The node's database for the CLI: opened for one command, or made current (``db upgrade``)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from dicomnode.config import Settings
 
 if TYPE_CHECKING:
-    from dicomnode.db.engine import Engine
+    from dicomnode.db.engine import Engine, Session
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # SQLAlchemy and the database layer are imported when a command opens the database,
 # not when the parser is built: `dicomnode --help` should not pay for them.
@@ -40,15 +43,50 @@ def open_database(settings: Settings) -> Engine:
         If the schema is not at the newest migration.
     """
     from dicomnode.db import migrate
-    from dicomnode.db.engine import make_engine
 
-    engine = make_engine(settings.database.url, create=False)
+    return migrate.open_current(settings.database.url)
+
+
+def read(
+    settings: Settings,
+    query: Callable[Concatenate[Session, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Open the database, run one read in a read-only session, close it, return the result.
+
+    The query (one of :mod:`dicomnode.db.queries`, :mod:`dicomnode.db.studies`,
+    :mod:`dicomnode.db.health`) returns plain values: the command prints them after
+    the database is closed, and never holds a session or a row itself.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database URL.
+    query : Callable
+        ``query(session, *args, **kwargs)``.
+    *args, **kwargs
+        Passed on to ``query``.
+
+    Returns
+    -------
+    T
+        What ``query`` returned.
+
+    Raises
+    ------
+    DatabaseNotFound
+        If the SQLite file does not exist.
+    DicomnodeError
+        If the schema is not at the newest migration.
+    """
+    from dicomnode.db import engine as db
+
+    engine = open_database(settings)
     try:
-        migrate.require_current(engine)
-    except BaseException:
+        return db.read(engine, query, *args, **kwargs)
+    finally:
         engine.dispose()
-        raise
-    return engine
 
 
 def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
@@ -71,15 +109,37 @@ def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespa
     """
 
     def run(settings: Settings, args: argparse.Namespace) -> int:
-        from dicomnode.db.engine import read_only, session_factory
-
-        engine = open_database(settings)
-        try:
-            with read_only(session_factory(engine))() as session:
-                return fn(session, args)
-        finally:
-            engine.dispose()
+        return read(settings, fn, args)
 
     # It reads rows, never DICOM: main() then starts without pydicom (see Command).
     setattr(run, "reads_dicom", False)  # noqa: B010 - a function attribute mypy knows not
     return run
+
+
+def db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``dicomnode db upgrade``: create the database or migrate it to the newest.
+
+    Parameters
+    ----------
+    settings : Settings
+        The database URL.
+    args : argparse.Namespace
+        Unused.
+
+    Returns
+    -------
+    int
+        0; a failure raises.
+    """
+    from dicomnode.db import migrate
+    from dicomnode.db.engine import make_engine
+
+    engine = make_engine(settings.database.url)  # the one command that creates it
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    print(f"database at revision {after} (was {before or 'empty'})")
+    return 0

@@ -12,12 +12,14 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
 from dicomnode.cli.output import first_line, format_time, print_json, print_table
 from dicomnode.config import Destination, Settings
 from dicomnode.db import health
+from dicomnode.db.health import DeliveryCounts
 
 log = logging.getLogger("dicomnode")
 
@@ -39,7 +41,7 @@ def _config_record(destination: Destination) -> dict[str, Any]:
     }
 
 
-def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
+def delivery_statistics(settings: Settings) -> dict[str, DeliveryCounts]:
     """Count the deliveries per destination, with the last sending and the last error.
 
     Parameters
@@ -49,7 +51,7 @@ def delivery_statistics(settings: Settings) -> dict[str, dict[str, Any]]:
 
     Returns
     -------
-    dict[str, dict[str, Any]]
+    dict[str, DeliveryCounts]
         Per destination name (configured or not: deliveries outlive a renamed
         destination): ``sent``, ``pending``, ``failed``, ``last_sent_at`` and
         ``last_error`` (the first line of the newest delivery's error that has one).
@@ -79,7 +81,7 @@ def list_destinations(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0, also when the database cannot be read (a note on stderr says so).
     """
     records = [_config_record(d) for d in settings.destinations]
-    stats: dict[str, dict[str, Any]] | None
+    stats: dict[str, DeliveryCounts] | None
     try:
         stats = delivery_statistics(settings)
     except Exception as exc:
@@ -95,9 +97,9 @@ def list_destinations(settings: Settings, args: argparse.Namespace) -> int:
              "tls": None, "storage_commitment": None, "timeout_seconds": None}
             for name in sorted(stats) if name not in known
         ]  # fmt: skip
-        empty = {"sent": 0, "pending": 0, "failed": 0, "last_sent_at": None, "last_error": None}
         for r in records:
-            r.update(stats.get(r["name"], empty))
+            # Its fields are the keys, in order: sent, pending, failed, last sent, error.
+            r.update(asdict(stats.get(r["name"], DeliveryCounts())))
     if args.json:
         print_json(records)
         return 0

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from dicomnode import errors
+
 
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
@@ -76,9 +78,7 @@ def first_line(text: str | None) -> str | None:
     str or None
         Its first line, stripped; None for no message.
     """
-    if not text:
-        return None
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
+    return errors.first_line(text) or None if text else None
 
 
 def format_size(size: int | None) -> str:

@@ -12,18 +12,18 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from PIL import Image
 
-from dicomnode.cli.database import open_database
+from dicomnode.cli.database import read
+from dicomnode.cli.job_output import print_job
 from dicomnode.cli.jobs import show_job
 from dicomnode.config import Settings
-from dicomnode.db import jobs, studies
-from dicomnode.db.engine import session_factory
-from dicomnode.db.models import Job, Output
+from dicomnode.db import queries
+from dicomnode.db.queries import JobDetail, PreviewSource
 from dicomnode.errors import PreviewError
 from dicomnode.imaging.volume import Volume, load_series
 from dicomnode.outputs.overlay import (
@@ -38,9 +38,6 @@ from dicomnode.outputs.overlay import (
 from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.provenance import RESEARCH_NOTICE
 from dicomnode.store.spool import Spool
-
-if TYPE_CHECKING:
-    from dicomnode.db.engine import Session  # annotations only: the CLI runs no SQL
 
 MAX_SLICES = 12
 TILE_WIDTH = 256
@@ -69,32 +66,30 @@ def check_target(path: Path) -> None:
         raise PreviewError(f"cannot write the preview to {path}: {folder} is not writable")
 
 
-def seg_output(session: Session, job: Job) -> Output:
-    """Return the job's SEG output.
+def seg_path(source: PreviewSource) -> str:
+    """Return the spool path of the job's SEG output.
 
     Parameters
     ----------
-    session : Session
-        Database session.
-    job : Job
-        The job.
+    source : PreviewSource
+        The job and what a preview of it reads.
 
     Returns
     -------
-    Output
-        The newest SEG row of the job.
+    str
+        The path of the newest SEG of the job, relative to the spool.
 
     Raises
     ------
     PreviewError
         If the job has none (not run yet, or nothing was segmented).
     """
-    row = jobs.latest_output(session, job.id, "seg")
-    if row is None:
+    if source.seg_path is None:
+        job = source.detail.job
         raise PreviewError(
-            f"job {job.id} has no SEG output yet (state {job.state.value}); nothing to preview"
+            f"job {job.id} has no SEG output yet (state {job.state}); nothing to preview"
         )
-    return row
+    return source.seg_path
 
 
 def label_volume(seg: hd.seg.Segmentation, volume: Volume) -> np.ndarray:
@@ -160,10 +155,10 @@ def segment_entries(seg: hd.seg.Segmentation, summary: dict[str, Any]) -> list[L
     return entries
 
 
-def headline(job: Job) -> list[str]:
+def headline(detail: JobDetail) -> list[str]:
     """Return the header lines: the job and its key result (no patient data)."""
-    summary = job.summary or {}
-    lines = [f"job {job.id}  {job.model} {job.model_version}  ({job.state.value})"]
+    job, summary = detail.job, detail.summary
+    lines = [f"job {job.id}  {job.model} {job.model_version}  ({job.state})"]
     detection = summary.get("detection")
     if detection is not None:
         found = len(detection.get("findings", []))
@@ -177,21 +172,15 @@ def headline(job: Job) -> list[str]:
     return lines
 
 
-def render_preview(
-    spool: Spool, session: Session, job: Job, output: Output
-) -> tuple[Image.Image, int]:
+def render_preview(spool: Spool, source: PreviewSource) -> tuple[Image.Image, int]:
     """Draw the montage of a job's SEG over its source series.
 
     Parameters
     ----------
     spool : Spool
         Where the SEG and the source instances lie.
-    session : Session
-        Database session.
-    job : Job
-        The job.
-    output : Output
-        Its SEG row (:func:`seg_output`).
+    source : PreviewSource
+        The job, its SEG (:func:`seg_path`) and its source instances.
 
     Returns
     -------
@@ -203,9 +192,10 @@ def render_preview(
     PreviewError
         If the SEG or the source images are gone from the spool.
     """
-    paths = [spool.absolute(p) for p in studies.instance_paths(session, job.series_id)]
-    seg_path = spool.absolute(output.path)
-    missing = [p for p in [seg_path, *paths] if not p.is_file()]
+    job = source.detail.job
+    paths = [spool.absolute(p) for p in source.instance_paths]
+    seg_file = spool.absolute(seg_path(source))
+    missing = [p for p in [seg_file, *paths] if not p.is_file()]
     if missing or not paths:
         raise PreviewError(
             f"job {job.id}: {len(missing)} of its files are no longer in the spool"
@@ -213,9 +203,9 @@ def render_preview(
             else f"job {job.id}: its series has no instances left"
         )
     volume = load_series(paths)
-    seg = hd.seg.segread(seg_path)
+    seg = hd.seg.segread(seg_file)
     labels = label_volume(seg, volume)
-    entries = segment_entries(seg, job.summary or {})
+    entries = segment_entries(seg, source.detail.summary)
     window = default_window(
         volume.modality,
         str(volume.datasets[0].get("BodyPartExamined", "") or ""),
@@ -238,7 +228,7 @@ def render_preview(
     image = montage(
         tiles,
         [f"slice {k + 1}/{volume.shape[0]}" for k in shown],
-        header=headline(job),
+        header=headline(source.detail),
         entries=entries,
         clinical_use=not research,
         columns=COLUMNS,
@@ -262,31 +252,23 @@ def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0; an unknown job, a job without a SEG or an unwritable path raise a
         one-line error (exit code 1).
     """
-    engine = open_database(settings)
+    target: Path | None = getattr(args, "preview", None)
+    if target is None:
+        return show_job(settings, args)
+    phi = bool(getattr(args, "show_phi", False))
+    source = read(settings, queries.preview_source, args.id, show_phi=phi)
+    # Everything that can be refused is refused before anything is printed.
+    check_target(target)
+    seg_path(source)
+    code = print_job(source.detail, args)
+    image, count = render_preview(Spool(settings.storage.path, create=False), source)
     try:
-        with session_factory(engine)() as session:
-            target: Path | None = getattr(args, "preview", None)
-            if target is None:
-                return show_job(session, args)
-            job = jobs.get(session, args.id)
-            # Everything that can be refused is refused before anything is printed.
-            check_target(target)
-            output = seg_output(session, job)
-            code = show_job(session, args)
-            image, count = render_preview(
-                Spool(settings.storage.path, create=False), session, job, output
-            )
-            try:
-                image.save(target, format="PNG")
-            except OSError as exc:
-                raise PreviewError(
-                    f"cannot write the preview to {target}: {exc.strerror or exc}"
-                ) from None
-            message = f"preview       {target} ({count} slices, {image.width}x{image.height})"
-            if args.json:  # stdout holds the JSON record alone
-                print(message, file=sys.stderr)
-            else:
-                print(message)
-            return code
-    finally:
-        engine.dispose()
+        image.save(target, format="PNG")
+    except OSError as exc:
+        raise PreviewError(f"cannot write the preview to {target}: {exc.strerror or exc}") from None
+    message = f"preview       {target} ({count} slices, {image.width}x{image.height})"
+    if args.json:  # stdout holds the JSON record alone
+        print(message, file=sys.stderr)
+    else:
+        print(message)
+    return code

@@ -13,22 +13,15 @@ import argparse
 import logging
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
+from dicomnode.db import engine as db
 from dicomnode.db import health
-from dicomnode.db.engine import (
-    Engine,
-    Session,
-    database_now,
-    is_sqlite,
-    read_only,
-    session_factory,
-)
 from dicomnode.db.models import utcnow
 from dicomnode.queue import wakeup
 
@@ -107,18 +100,6 @@ def check_listener(listener: ListenerSettings, timeout: float) -> ListenerCheck:
     return ListenerCheck("up", f"{where} C-ECHO status 0x{int(reply.Status):04X}")
 
 
-def _worker_processes(engine: Engine, spool: Path) -> tuple[str, int | None]:
-    """Count the worker processes waiting for work, as the wake-up mechanism sees them."""
-    if is_sqlite(engine):
-        registry = spool / "run" / "wake"
-        names = [e.name for e in registry.iterdir()] if registry.is_dir() else []
-        # A registration outlives a killed process until an announcement finds it dead.
-        return "registrations in spool/run/wake", sum(
-            1 for n in names if not n.endswith(".tmp") and wakeup._alive(n)
-        )
-    return "LISTEN connections", health.listen_connections(engine, wakeup.CHANNEL)
-
-
 def _disk(spool: Path, min_free_mb: int) -> dict[str, Any]:
     # The spool may not exist yet on a fresh install: measure the disk it will be on.
     path = spool
@@ -135,42 +116,38 @@ def _disk(spool: Path, min_free_mb: int) -> dict[str, Any]:
     }
 
 
-def collect(session: Session, engine: Engine, settings: Settings) -> dict[str, Any]:
+def collect(settings: Settings) -> dict[str, Any]:
     """Gather everything ``dicomnode status`` reports, except the listener check.
 
     Parameters
     ----------
-    session : Session
-        Database session.
-    engine : Engine
-        Its engine (the dialect decides how worker processes are counted).
     settings : Settings
-        Spool path and disk watermark.
+        Database, spool path and disk watermark.
 
     Returns
     -------
     dict[str, Any]
         ``workers``, ``queue``, ``oldest_queued``, ``deliveries``, ``failed_last_hour``,
-        ``stalled``, ``deliveries_failed_last_day``, ``failing_destinations``, ``disk``
-        and ``last_errors``.
+        ``stalled``, ``deliveries_failed_last_day``, ``failing_destinations``,
+        ``last_errors`` and ``disk``.
     """
-    # The database's clock: the one leases and back-offs are set with (db.jobs).
-    now = database_now(session)
-    found = health.snapshot(session, now)
-    source, processes = _worker_processes(engine, settings.storage.path)
-    oldest = found.pop("oldest_queued")
-    busy = found.pop("busy")
+    engine = open_database(settings)
+    try:
+        found = db.read(engine, health.snapshot)
+        source, processes = wakeup.waiting_workers(engine, settings.storage.path)
+    finally:
+        engine.dispose()
     return {
-        "workers": {"busy": busy, "processes": processes, "processes_source": source},
-        "queue": found.pop("queue"),
-        "oldest_queued": None
-        if oldest is None
-        else {
-            "job_id": oldest[0],
-            "created_at": oldest[1],
-            "age_s": round((now - oldest[1]).total_seconds(), 1),
-        },
-        **found,
+        "workers": {"busy": list(found.busy), "processes": processes, "processes_source": source},
+        "queue": dict(found.queue),
+        "oldest_queued": None if found.oldest_queued is None else asdict(found.oldest_queued),
+        "deliveries": dict(found.deliveries),
+        "failed_last_hour": found.failed_last_hour,
+        "stalled": found.stalled,
+        "deliveries_failed_last_day": found.deliveries_failed_last_day,
+        # Their fields are the keys, in order: see health.FailingDestination, FailedAttempt.
+        "failing_destinations": [asdict(d) for d in found.failing_destinations],
+        "last_errors": [asdict(e) for e in found.last_errors],
         "disk": _disk(settings.storage.path, settings.storage.min_free_mb),
     }
 
@@ -283,12 +260,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     int
         0 when healthy, 1 when something needs attention (see the module docstring).
     """
-    engine = open_database(settings)
-    try:
-        with read_only(session_factory(engine))() as session:
-            report = collect(session, engine, settings)
-    finally:
-        engine.dispose()
+    report = collect(settings)
     if args.no_listener:
         check = ListenerCheck("not checked", "--no-listener")
     else:

@@ -11,19 +11,22 @@ only with ``--show-phi``: without it no command here writes patient data.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.cli.jobs import job_record
+from dicomnode.cli.database import read
+from dicomnode.cli.job_output import job_record
 from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
-from dicomnode.db import audit, studies
-from dicomnode.db.models import (
-    SeriesState,
-    Study,
+from dicomnode.db import studies
+from dicomnode.db.studies import (
+    DELIVERY_STATE_ORDER,
+    JOB_STATE_ORDER,
+    StudyStory,
+    StudySummary,
 )
-from dicomnode.db.studies import DELIVERY_STATE_ORDER, JOB_STATE_ORDER
 
 if TYPE_CHECKING:
-    from dicomnode.db.engine import Session  # annotations only: the CLI runs no SQL
+    from dicomnode.config import Settings
 
 # receiving: a series still receives; purged: retention deleted every series' images.
 LIST_HEADERS = ("STUDY", "STATE", "SERIES", "INSTANCES", "FIRST RECEIVED", "LAST RECEIVED",
@@ -55,6 +58,37 @@ def format_counts(counts: dict[str, int], order: tuple[str, ...]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in names) or "-"
 
 
+def summary_record(summary: StudySummary, show_phi: bool) -> dict[str, Any]:
+    """Return a study of ``studies list`` as a JSON-ready mapping.
+
+    Parameters
+    ----------
+    summary : StudySummary
+        The study.
+    show_phi : bool
+        Include ``patient_id`` and ``accession_number``.
+
+    Returns
+    -------
+    dict[str, Any]
+        The record, with the jobs and deliveries counted per state.
+    """
+    record: dict[str, Any] = {"study_uid": summary.study_uid}
+    if show_phi:
+        record["patient_id"] = summary.patient_id
+        record["accession_number"] = summary.accession_number
+    record.update(
+        state=summary.state,
+        series=summary.series,
+        instances=summary.instances,
+        first_received_at=summary.first_received_at,
+        last_received_at=summary.last_received_at,
+        jobs=dict(summary.jobs),
+        deliveries=dict(summary.deliveries),
+    )
+    return record
+
+
 def _print_summaries(records: list[dict[str, Any]], show_phi: bool) -> None:
     phi_headers = ["PATIENT ID", "ACCESSION"] if show_phi else []
     print_table(
@@ -76,13 +110,13 @@ def _print_summaries(records: list[dict[str, Any]], show_phi: bool) -> None:
     )
 
 
-def list_studies(session: Session, args: argparse.Namespace) -> int:
+def list_studies(settings: Settings, args: argparse.Namespace) -> int:
     """Print studies newest first (``dicomnode studies list``).
 
     Parameters
     ----------
-    session : Session
-        Database session.
+    settings : Settings
+        The database URL.
     args : argparse.Namespace
         ``since``, ``accession``, ``patient_id``, ``state``, ``limit``, ``json`` and
         ``show_phi``; the filters left None do not apply.
@@ -92,8 +126,9 @@ def list_studies(session: Session, args: argparse.Namespace) -> int:
     int
         Exit code 0.
     """
-    records = studies.study_summaries(
-        session,
+    found = read(
+        settings,
+        studies.study_summaries,
         since=args.since,
         accession=args.accession,
         patient_id=args.patient_id,
@@ -101,6 +136,7 @@ def list_studies(session: Session, args: argparse.Namespace) -> int:
         limit=args.limit,
         show_phi=args.show_phi,
     )
+    records = [summary_record(r, args.show_phi) for r in found]
     if args.json:
         print_json(records)
         return 0
@@ -111,37 +147,12 @@ def list_studies(session: Session, args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_study(session: Session, args: argparse.Namespace) -> Study:
-    if args.study is not None:
-        study = studies.by_uid(session, args.study)
-        if study is None:
-            raise LookupError(f"no study {args.study}")
-        return study
-    matches = studies.by_accession(session, args.accession)
-    if not matches:
-        # The number itself is patient data: not repeated without --show-phi.
-        shown = f" {args.accession}" if args.show_phi else ""
-        raise LookupError(f"no study with accession number{shown}")
-    if len(matches) > 1:
-        records = studies.study_summaries(session, accession=args.accession, show_phi=args.show_phi)
-        if args.json:
-            print_json({"matches": records})
-        else:
-            _print_summaries(records, args.show_phi)
-        raise LookupError(
-            f"the accession number matches {len(matches)} studies: give a Study Instance UID"
-        )
-    return matches[0]
-
-
-def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, Any]:
-    """Return everything known about one study, as a JSON-ready mapping.
+def story_record(story: StudyStory, show_phi: bool) -> dict[str, Any]:
+    """Return one study's story as a JSON-ready mapping (``studies show --json``).
 
     Parameters
     ----------
-    session : Session
-        Database session.
-    study : Study
+    story : StudyStory
         The study.
     show_phi : bool
         Include ``patient_id`` and ``accession_number``.
@@ -154,54 +165,37 @@ def study_story(session: Session, study: Study, *, show_phi: bool) -> dict[str, 
         ``dicomnode jobs show --json`` has them, outputs, deliveries and history
         included) and ``timeline`` (the study's audit entries, oldest first).
     """
-    rows = studies.study_rows(session, study)
-    series_rows, stored, senders = rows.series, rows.stored, rows.senders
-    receiving = sum(1 for s in series_rows if s.state == SeriesState.RECEIVING)
-    purged = sum(1 for s in series_rows if s.purged_at is not None)
-    if receiving:
-        state = "receiving"
-    elif series_rows and purged == len(series_rows):
-        state = "purged"
-    else:
-        state = "complete"
-    record: dict[str, Any] = {"study_uid": study.study_uid}
+    record: dict[str, Any] = {"study_uid": story.study_uid}
     if show_phi:
-        record["patient_id"] = study.patient_id
-        record["accession_number"] = study.accession_number
-    series_records: list[dict[str, Any]] = [
-        {
-            "series_uid": s.series_uid,
-            "modality": s.modality,
-            "state": s.state.value,
-            "generation": s.generation,
-            "instances": s.instance_count,
-            "stored_instances": stored.get(s.id, (0, 0))[0],
-            "bytes": stored.get(s.id, (0, 0))[1],
-            "expected_instances": s.expected_instances,
-            "first_received_at": s.first_received_at,
-            "last_received_at": s.last_received_at,
-            "completed_at": s.completed_at,
-            "purged_at": s.purged_at,
-            "calling_aes": [],
-        }
-        for s in series_rows
-    ]
+        record["patient_id"] = story.patient_id
+        record["accession_number"] = story.accession_number
     record.update(
-        state=state,
-        created_at=study.created_at,
-        first_received_at=min((s.first_received_at for s in series_rows), default=None),
-        last_received_at=max((s.last_received_at for s in series_rows), default=None),
-        series=series_records,
-        jobs=[job_record(j, detail=True) for j in rows.jobs],
+        state=story.state,
+        created_at=story.created_at,
+        first_received_at=story.first_received_at,
+        last_received_at=story.last_received_at,
+        series=[
+            {
+                "series_uid": s.series_uid,
+                "modality": s.modality,
+                "state": s.state,
+                "generation": s.generation,
+                "instances": s.instances,
+                "stored_instances": s.stored_instances,
+                "bytes": s.stored_bytes,
+                "expected_instances": s.expected_instances,
+                "first_received_at": s.first_received_at,
+                "last_received_at": s.last_received_at,
+                "completed_at": s.completed_at,
+                "purged_at": s.purged_at,
+                "calling_aes": list(s.calling_aes),
+            }
+            for s in story.series
+        ],
+        jobs=[job_record(j) for j in story.jobs],
+        # An entry's fields are audit.FIELDS, in order: the keys of `audit export`.
+        timeline=[asdict(e) for e in story.timeline],
     )
-    timeline = list(audit.entries(session, study_uid=study.study_uid))
-    for entry in timeline:
-        # Retention deletes the instance rows; the trail still says who sent them.
-        if entry["event"] == "instances-received" and entry["actor"] and entry["series_uid"]:
-            senders.setdefault(entry["series_uid"], set()).add(entry["actor"])
-    for s in series_records:
-        s["calling_aes"] = sorted(senders.get(s["series_uid"], ()))
-    record["timeline"] = timeline
     return record
 
 
@@ -319,13 +313,13 @@ def _print_story(record: dict[str, Any], show_phi: bool) -> None:
         )
 
 
-def show_study(session: Session, args: argparse.Namespace) -> int:
+def show_study(settings: Settings, args: argparse.Namespace) -> int:
     """Print one study's whole story (``dicomnode studies show``).
 
     Parameters
     ----------
-    session : Session
-        Database session.
+    settings : Settings
+        The database URL.
     args : argparse.Namespace
         ``study`` (a Study Instance UID) or ``accession``, ``json`` and ``show_phi``.
 
@@ -340,8 +334,29 @@ def show_study(session: Session, args: argparse.Namespace) -> int:
         If no study matches, or the accession number matches several (which are
         listed first); the CLI prints one line and exits with 1.
     """
-    study = _find_study(session, args)
-    record = study_story(session, study, show_phi=args.show_phi)
+    found = read(
+        settings,
+        studies.find_study,
+        study_uid=args.study,
+        accession=args.accession,
+        show_phi=args.show_phi,
+    )
+    if found.story is None:
+        if args.study is not None:
+            raise LookupError(f"no study {args.study}")
+        if not found.matches:
+            # The number itself is patient data: not repeated without --show-phi.
+            shown = f" {args.accession}" if args.show_phi else ""
+            raise LookupError(f"no study with accession number{shown}")
+        records = [summary_record(r, args.show_phi) for r in found.matches]
+        if args.json:
+            print_json({"matches": records})
+        else:
+            _print_summaries(records, args.show_phi)
+        raise LookupError(
+            f"the accession number matches {len(found.matches)} studies: give a Study Instance UID"
+        )
+    record = story_record(found.story, show_phi=args.show_phi)
     if args.json:
         print_json(record)
     else:

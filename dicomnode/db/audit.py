@@ -73,6 +73,25 @@ FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the trail, as read back: the fields of :data:`FIELDS`, in that order."""
+
+    id: int
+    at: datetime
+    event: str
+    actor: str | None
+    peer: str | None
+    study_uid: str | None
+    series_uid: str | None
+    job_id: int | None
+    destination: str | None
+    count: int | None
+    size_bytes: int | None
+    outcome: str
+    detail: str | None
+
+
 def admin_actor() -> str:
     """Name the person running an admin command: ``admin user@host``.
 

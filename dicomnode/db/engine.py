@@ -17,11 +17,11 @@ Times the node writes and compares across hosts come from the database's clock
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
@@ -210,6 +210,36 @@ def read_only(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     """
     engine: Engine = factory.kw["bind"]
     return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def read(
+    engine: Engine, query: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run one read in a read-only session of its own and return what it returns.
+
+    For a caller that holds an engine but should not hold a session (the CLI): the
+    query returns plain values, and the session is closed before they are used.
+
+    Parameters
+    ----------
+    engine : Engine
+        The node's database.
+    query : Callable
+        ``query(session, *args, **kwargs)``.
+    *args, **kwargs
+        Passed on to ``query``.
+
+    Returns
+    -------
+    T
+        What ``query`` returned.
+    """
+    with read_only(session_factory(engine))() as session:
+        return query(session, *args, **kwargs)
 
 
 @contextmanager

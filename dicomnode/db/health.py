@@ -1,12 +1,14 @@
-"""The queries behind ``dicomnode status``: queue, deliveries, workers, recent errors.
+"""The queries behind ``dicomnode status`` and ``destinations list``.
 
-Read-only; the CLI adds the listener check and the disk, and judges what needs
-attention. Nothing here returns patient data: job errors and event notes carry none
-by design.
+Queue, deliveries, workers, recent errors, per-destination counts: read-only, and
+returned as frozen views of plain values. The CLI adds the listener check and the
+disk, and judges what needs attention. Nothing here returns patient data: job errors
+and event notes carry none by design.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,9 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, make_url, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
+from dicomnode.db.engine import database_now
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState
+from dicomnode.errors import first_line
 
 LAST_ERRORS = 5
 RECENT_FAILURES = timedelta(hours=1)
@@ -25,7 +29,65 @@ FAILED_DELIVERIES = timedelta(days=1)
 _NOT_ERRORS = ("released:", "waiting for ")
 
 
-def last_errors(session: Session, limit: int = LAST_ERRORS) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class FailedAttempt:
+    """A failed attempt that is still a problem; the fields are ``status --json``'s."""
+
+    job_id: int
+    model: str
+    at: datetime
+    outcome: str  # the state it ended in: failed, or queued for a retry
+    error: str  # the first line of its error
+
+
+@dataclass(frozen=True)
+class FailingDestination:
+    """A destination whose latest delivery attempts failed; ``status --json``'s fields."""
+
+    destination: str
+    deliveries: int  # how many are failing
+    since: datetime  # the oldest failing attempt
+    last_failed_at: datetime
+    error: str  # the first line of the newest error
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """The job that has waited longest in the queue; ``status --json``'s fields."""
+
+    job_id: int
+    created_at: datetime
+    age_s: float  # by the database's clock, to a tenth of a second
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The queue and delivery figures of ``dicomnode status``."""
+
+    now: datetime  # the database's clock, which the figures were taken by
+    busy: tuple[str, ...]  # lease owners of running jobs, sorted
+    queue: tuple[tuple[str, int], ...]  # (job state, count) for every state
+    oldest_queued: QueuedJob | None
+    deliveries: tuple[tuple[str, int], ...]  # (state, count): pending, then failed
+    failed_last_hour: int
+    stalled: int  # runnable for STALLED_AFTER and not claimed
+    deliveries_failed_last_day: int
+    failing_destinations: tuple[FailingDestination, ...]
+    last_errors: tuple[FailedAttempt, ...]
+
+
+@dataclass(frozen=True)
+class DeliveryCounts:
+    """Deliveries to one destination; the fields are ``destinations list --json``'s."""
+
+    sent: int = 0
+    pending: int = 0
+    failed: int = 0
+    last_sent_at: datetime | None = None
+    last_error: str | None = None  # the first line of the newest error
+
+
+def last_errors(session: Session, limit: int = LAST_ERRORS) -> tuple[FailedAttempt, ...]:
     """Return the latest failed attempts that are still problems, newest first.
 
     An attempt failed when it ended in ``failed``, or back in the queue with an error.
@@ -41,8 +103,8 @@ def last_errors(session: Session, limit: int = LAST_ERRORS) -> list[dict[str, An
 
     Returns
     -------
-    list[dict[str, Any]]
-        ``job_id``, ``model``, ``at``, ``outcome`` and ``error`` (its first line).
+    tuple[FailedAttempt, ...]
+        The attempts.
     """
     attempted = (JobState.RUNNING.value, JobState.SENDING.value)
     unsent = exists().where(
@@ -69,19 +131,13 @@ def last_errors(session: Session, limit: int = LAST_ERRORS) -> list[dict[str, An
         .order_by(JobEvent.id.desc())
         .limit(limit)
     )
-    return [
-        {
-            "job_id": job_id,
-            "model": model,
-            "at": at,
-            "outcome": to_state,
-            "error": (note or "").splitlines()[0] if note else "",
-        }
+    return tuple(
+        FailedAttempt(job_id, model, at, to_state, (note or "").splitlines()[0] if note else "")
         for job_id, model, at, to_state, note in session.execute(query)
-    ]
+    )
 
 
-def failing_destinations(session: Session, now: datetime) -> list[dict[str, Any]]:
+def failing_destinations(session: Session, now: datetime) -> tuple[FailingDestination, ...]:
     """Return the destinations whose latest delivery attempts failed.
 
     A delivery waiting for its retry after an error (``pending`` with ``last_error``),
@@ -98,10 +154,8 @@ def failing_destinations(session: Session, now: datetime) -> list[dict[str, Any]
 
     Returns
     -------
-    list[dict[str, Any]]
-        Per destination, by name: ``destination``, ``deliveries`` (how many are
-        failing), ``since`` (the oldest failing attempt's time), ``last_failed_at``
-        and ``error`` (the first line of the newest error).
+    tuple[FailingDestination, ...]
+        One per destination, by name.
     """
     later = aliased(Delivery)
     failing = (
@@ -127,27 +181,24 @@ def failing_destinations(session: Session, now: datetime) -> list[dict[str, Any]
         entry["deliveries"] += 1
         entry["last_failed_at"] = at
         entry["error"] = (error or "").splitlines()[0] if error else ""
-    return list(found.values())
+    return tuple(FailingDestination(**entry) for entry in found.values())
 
 
-def snapshot(session: Session, now: datetime) -> dict[str, Any]:
+def snapshot(session: Session) -> Snapshot:
     """Return the queue and delivery figures of ``dicomnode status``.
 
     Parameters
     ----------
     session : Session
         Database session.
-    now : datetime
-        The database's time: the one leases and back-offs are set with (db.jobs).
 
     Returns
     -------
-    dict[str, Any]
-        ``busy`` (lease owners of running jobs), ``queue`` (count per state),
-        ``oldest_queued``, ``deliveries`` (pending and failed counts),
-        ``failed_last_hour``, ``stalled``, ``deliveries_failed_last_day``,
-        ``failing_destinations`` and ``last_errors``.
+    Snapshot
+        The figures, taken by the database's clock: the one leases and back-offs are
+        set with (db.jobs), whichever host asks.
     """
+    now = database_now(session)
     owners = session.scalars(
         select(Job.lease_owner)
         .where(
@@ -192,17 +243,20 @@ def snapshot(session: Session, now: datetime) -> dict[str, Any]:
             Job.state == JobState.FAILED, Job.finished_at >= now - RECENT_FAILURES
         )
     )
-    return {
-        "busy": sorted(o for o in owners if o),
-        "queue": depth,
-        "oldest_queued": None if oldest is None else (oldest[0], oldest[1]),
-        "deliveries": deliveries,
-        "failed_last_hour": int(failed_recently or 0),
-        "stalled": int(stalled or 0),
-        "deliveries_failed_last_day": int(failed_deliveries or 0),
-        "failing_destinations": failing_destinations(session, now),
-        "last_errors": last_errors(session),
-    }
+    return Snapshot(
+        now=now,
+        busy=tuple(sorted(o for o in owners if o)),
+        queue=tuple(depth.items()),
+        oldest_queued=None
+        if oldest is None
+        else QueuedJob(oldest[0], oldest[1], round((now - oldest[1]).total_seconds(), 1)),
+        deliveries=tuple(deliveries.items()),
+        failed_last_hour=int(failed_recently or 0),
+        stalled=int(stalled or 0),
+        deliveries_failed_last_day=int(failed_deliveries or 0),
+        failing_destinations=failing_destinations(session, now),
+        last_errors=last_errors(session),
+    )
 
 
 def listen_connections(engine: Engine, channel: str) -> int | None:
@@ -235,7 +289,7 @@ def listen_connections(engine: Engine, channel: str) -> int | None:
     return int(count or 0)
 
 
-def delivery_statistics(session: Session) -> dict[str, dict[str, Any]]:
+def delivery_statistics(session: Session) -> dict[str, DeliveryCounts]:
     """Return per destination name its deliveries by state, last send and last error.
 
     Parameters
@@ -245,10 +299,10 @@ def delivery_statistics(session: Session) -> dict[str, dict[str, Any]]:
 
     Returns
     -------
-    dict[str, dict[str, Any]]
+    dict[str, DeliveryCounts]
         Per destination name (configured or not: deliveries outlive a renamed
-        destination): ``sent``, ``pending``, ``failed``, ``last_sent_at`` and
-        ``last_error`` (the first line of the newest delivery's error that has one).
+        destination); ``last_error`` is the first line of the newest delivery's error
+        that has one.
     """
     stats: dict[str, dict[str, Any]] = {}
 
@@ -280,12 +334,12 @@ def delivery_statistics(session: Session) -> dict[str, dict[str, Any]]:
     for name, error in session.execute(
         select(Delivery.destination, Delivery.last_error).join(newest, Delivery.id == newest.c.id)
     ):
-        entry(name)["last_error"] = _first_line(error)
+        entry(name)["last_error"] = first_line(error) or None if error else None
 
-    return stats
+    return {name: DeliveryCounts(**record) for name, record in stats.items()}
 
 
-def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, dict[str, Any]]:
+def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, DeliveryCounts]:
     """Open the node's database at ``url`` and return :func:`delivery_statistics`.
 
     For a command that must answer quickly, or without the numbers: a missing SQLite
@@ -301,7 +355,7 @@ def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, dict
 
     Returns
     -------
-    dict[str, dict[str, Any]]
+    dict[str, DeliveryCounts]
         As :func:`delivery_statistics`.
 
     Raises
@@ -332,8 +386,3 @@ def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, dict
             return delivery_statistics(session)
     finally:
         engine.dispose()
-
-
-def _first_line(text: str | None) -> str | None:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[0] if lines else None

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicomnode.db import audit
 from dicomnode.db.engine import database_now, transaction
@@ -973,9 +973,15 @@ def find(
     Returns
     -------
     list[Job]
-        The jobs.
+        The jobs, with their series and study loaded.
     """
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    query = (
+        select(Job)
+        .order_by(Job.id.desc())
+        .limit(limit)
+        # Each line names its series and study: two queries for the page, not two a job.
+        .options(selectinload(Job.series).selectinload(Series.study))
+    )
     if state is not None:
         query = query.where(Job.state == state)
     if route:

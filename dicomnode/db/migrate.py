@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, inspect, text
 
+from dicomnode.db.engine import make_engine
 from dicomnode.errors import DicomnodeError
 
 if TYPE_CHECKING:
@@ -148,3 +149,36 @@ def require_current(engine: Engine) -> None:
             f"database is at revision {current or 'none (empty)'}, the code needs {head}: "
             "run `dicomnode db upgrade`"
         )
+
+
+def open_current(url: str) -> Engine:
+    """Return an engine on an existing database that is at the newest migration.
+
+    What every command but ``db upgrade`` opens: it never creates a database (a
+    missing SQLite file would otherwise become an empty one) and never runs on an
+    old schema, whose answers would be wrong.
+
+    Parameters
+    ----------
+    url : str
+        The database URL.
+
+    Returns
+    -------
+    Engine
+        The engine; the caller disposes of it.
+
+    Raises
+    ------
+    DatabaseNotFound
+        If the SQLite file does not exist.
+    DicomnodeError
+        If the schema is not at the newest migration.
+    """
+    engine = make_engine(url, create=False)
+    try:
+        require_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

@@ -20,10 +20,14 @@ pynetdicom's 4 KiB ones):
 
 pynetdicom calls ``time.sleep`` through its modules' ``time`` attribute; we give
 those two modules a stand-in whose ``sleep`` dispatches to the calling thread's
-waiter and falls back to :func:`time.sleep` for every other thread. If pynetdicom's
-internals ever differ from what we expect, :func:`install` leaves them alone and the
-node runs at pynetdicom's own speed (and :mod:`dicomnode.dimse.compat` refuses to
-listen with an untested pynetdicom at all).
+waiter and falls back to :func:`time.sleep` for every other thread.
+
+Every change to pynetdicom itself (the stand-in, the socket wrapper's methods, the
+queues that wake the threads) is made by :mod:`dicomnode.dimse.compat`, which makes
+it only where pynetdicom is as expected: otherwise :func:`install` and
+:func:`attach` leave it alone and the node runs at pynetdicom's own speed (and
+:func:`dicomnode.dimse.compat.check` refuses to listen with an untested pynetdicom
+at all). This module holds what is put there.
 
 Two more replacements on pynetdicom's socket wrapper, for every association:
 
@@ -38,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import select
 import socket
 import ssl
@@ -48,10 +51,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-import pynetdicom.association
-import pynetdicom.dul
 from pynetdicom.transport import AssociationSocket
 
+from dicomnode.dimse import compat
 from dicomnode.dimse.pdu import PDU_HEADER, encode_abort
 
 log = logging.getLogger(__name__)
@@ -91,16 +93,10 @@ def install() -> bool:
     with _install_lock:
         if _installed:
             return True
-        modules = (pynetdicom.association, pynetdicom.dul)
-        if not all(getattr(m, "time", None) is time for m in modules):
+        if not compat.replace_sleep(_Time()):
             log.warning("pynetdicom layout not recognised: association wake-ups stay polled")
             return False
-        for module in modules:
-            module.time = _Time()  # type: ignore[attr-defined]
-        if callable(getattr(AssociationSocket, "recv", None)):
-            AssociationSocket.recv = _recv  # type: ignore[method-assign]
-        if isinstance(getattr(AssociationSocket, "ready", None), property):
-            AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
+        compat.replace_socket_io(recv=_recv, ready=_ready)
         logging.getLogger("pynetdicom.dul").addFilter(_known_read_failures)
         _installed = True
         return True
@@ -203,16 +199,6 @@ def _refuse_oversized(
 _RECV_STEP = 4 * 2**20  # the most the buffer grows ahead of the data it has
 
 
-def _waking_put(q: queue.Queue[Any], wake: Callable[[], None]) -> None:
-    put = q.put
-
-    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
-        put(item, block, timeout)
-        wake()
-
-    q.put = put_and_wake  # type: ignore[method-assign]
-
-
 def attach(assoc: Any) -> bool:
     """Give one new association's two threads event-driven waiters.
 
@@ -228,17 +214,9 @@ def attach(assoc: Any) -> bool:
     bool
         Whether the waiters were attached.
     """
-    dul = getattr(assoc, "dul", None)
-    dimse = getattr(assoc, "dimse", None)
-    if not _installed or dul is None or dimse is None:
+    if not _installed or not compat.reactor_parts_known(assoc):
         return False
-    queues = (
-        getattr(dimse, "msg_queue", None),
-        getattr(dul, "to_user_queue", None),
-        getattr(dul, "to_provider_queue", None),
-    )
-    if not all(isinstance(q, queue.Queue) for q in queues):
-        return False
+    dul = assoc.dul
 
     # Association thread: woken when a message or an ACSE primitive arrives for it.
     arrived = threading.Event()
@@ -247,11 +225,11 @@ def attach(assoc: Any) -> bool:
         arrived.wait(seconds)
         arrived.clear()  # the reactor looks at its queues right after this returns
 
-    _waking_put(dimse.msg_queue, arrived.set)
-    _waking_put(dul.to_user_queue, arrived.set)
+    compat.wake_association_thread(assoc, arrived.set)
     setattr(assoc, _WAITER, assoc_wait)
     if getattr(assoc, "is_requestor", False):
-        _keep_responses_for_the_caller(assoc, dimse)
+        # Responses are for the thread that sent the request (compat says why).
+        compat.keep_responses_for_the_caller(assoc)
 
     # DUL thread: woken by incoming bytes or by a PDU the association queued to send.
     wakeup = _Wakeup()
@@ -271,20 +249,12 @@ def attach(assoc: Any) -> bool:
         if wakeup.fileno() in woken:
             wakeup.clear()
 
-    _waking_put(dul.to_provider_queue, wakeup.set)
+    compat.wake_dul_thread(assoc, wakeup.set)
     setattr(dul, _WAITER, dul_wait)
     # The wake-up descriptor is closed when the DUL thread ends, on that thread: never
     # under a running select, and not whenever the garbage collector gets to it (a few
     # hundred finished associations held that many descriptors until it did).
-    run = dul.run
-
-    def run_then_close() -> None:
-        try:
-            run()
-        finally:
-            wakeup.close()
-
-    dul.run = run_then_close
+    compat.when_dul_thread_ends(assoc, wakeup.close)
     weakref.finalize(dul, wakeup.close)  # in case the thread never starts
     return True
 
@@ -313,12 +283,12 @@ def _ready(self: AssociationSocket) -> bool:
     1024 or more; the association then ends as if the peer had closed it.
     """
     sock = self.socket
-    if sock is None or not getattr(self, "_is_connected", True):
+    if sock is None or not compat.socket_connected(self):
         return False
     try:
         ready = bool(_poll((sock.fileno(),), 0))
     except (OSError, ValueError):
-        self.event_queue.put("Evt17")  # as pynetdicom does: the connection is gone
+        compat.connection_lost(self)  # as pynetdicom does: the connection is gone
         return False
     # An SSLSocket may hold decrypted bytes that poll does not know about.
     return ready or (isinstance(sock, ssl.SSLSocket) and bool(sock.pending()))
@@ -366,34 +336,6 @@ class _Wakeup:
                 return
             self._closed = True
             _close(*{self._read, self._write})
-
-
-def _keep_responses_for_the_caller(assoc: Any, dimse: Any) -> None:
-    """Stop an association we opened from taking its own responses off the queue.
-
-    pynetdicom's ``send_c_store`` pauses the association thread with a handshake
-    (clear an event, spin until a flag says "paused") that has a window: the
-    thread can set the flag, pass the event just before it is cleared, and then
-    take the C-STORE response meant for the caller, log it as "unexpected" and
-    drop it. The caller then waits out the whole DIMSE timeout and the delivery is
-    retried, so the PACS gets the objects twice. Waking that thread as soon as a
-    message arrives makes the window easy to hit under load (8 in 200 two-object
-    sends, against none without the wake-ups).
-
-    On associations we open we only ever send requests and wait for their
-    responses, never serve the peer's requests, so the association thread has no
-    business reading DIMSE messages at all: its non-blocking reads return nothing,
-    and every message waits for the blocking read of the thread that sent the
-    request.
-    """
-    get_msg = dimse.get_msg
-
-    def caller_only(block: bool = False) -> Any:
-        if not block and threading.current_thread() is assoc:
-            return None, None
-        return get_msg(block)
-
-    dimse.get_msg = caller_only
 
 
 def set_nodelay(event: Any) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
-from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
 from dicomnode.imaging.manifest import ClassSpec, ModelSpec
 from dicomnode.imaging.results import ClassificationResult
 from dicomnode.imaging.volume import Volume
@@ -75,7 +75,7 @@ def classify(
                 y = forward_in_pieces(module, x, spec.name)
             except RuntimeError as exc:
                 raise PermanentJobError(
-                    f"model {spec.name}: forward pass failed: {str(exc).splitlines()[0]}"
+                    f"model {spec.name}: forward pass failed: {first_line(exc)}"
                 ) from None
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0], width):
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
 from dicomnode.imaging.manifest import ModelSpec
 from dicomnode.imaging.results import DetectionResult, Finding
 from dicomnode.imaging.volume import Volume
@@ -127,7 +127,7 @@ def detect(
         )
     except (RuntimeError, ValueError) as exc:
         raise PermanentJobError(
-            f"model {spec.name}: scoring failed: {str(exc).splitlines()[0][:200]}"
+            f"model {spec.name}: scoring failed: {first_line(exc)[:200]}"
         ) from None
     timings["inference_s"] = time.perf_counter() - started
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dicomnode.errors import ModelPackageError
+from dicomnode.errors import ModelPackageError, first_line
 from dicomnode.imaging.manifest import ModelSpec
 
 
@@ -141,7 +141,7 @@ def build_network(spec: ModelSpec, name: str, args: dict[str, Any]) -> torch.nn.
     except Exception as exc:
         raise ModelPackageError(
             f"model {spec.name}: network.args do not fit {short}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            f"{first_line(exc)[:200]}"
         ) from None
 
 

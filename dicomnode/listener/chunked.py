@@ -8,7 +8,8 @@ in the spool's ``tmp/`` so that keeping it is a rename on the same filesystem, n
 a second copy. pynetdicom creates the file on the association's DUL thread, so the
 folder is looked up on the calling thread: a listener marks the DUL threads of its
 associations with its spool's folder, and every other receiver (a test SCP, a
-second AE in the process) keeps the default.
+second AE in the process) keeps the default. The settings and the file factory are
+put in pynetdicom by :mod:`dicomnode.dimse.compat`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import pynetdicom.dimse_messages
-from pynetdicom import _config
+from dicomnode.dimse import compat
 
 _FOLDER = "_dicomnode_receive_folder"
 _LIMITS = "_dicomnode_receive_limits"
@@ -118,13 +118,12 @@ def install() -> bool:
         works, with files in the system's temporary folder.
     """
     global _installed
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    compat.receive_datasets_in_files()
     if _installed:
         return True
-    module: Any = pynetdicom.dimse_messages
-    if getattr(module, "NamedTemporaryFile", None) is not tempfile.NamedTemporaryFile:
+    factory = functools.wraps(tempfile.NamedTemporaryFile)(_named_temporary_file)
+    if not compat.replace_dataset_file(factory):
         return False
-    module.NamedTemporaryFile = functools.wraps(tempfile.NamedTemporaryFile)(_named_temporary_file)
     _installed = True
     return True
 
@@ -165,8 +164,7 @@ def discard_partial(assoc: Any) -> None:
     assoc : pynetdicom.association.Association
         The association whose connection closed.
     """
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    partial = getattr(message, "_data_set_file", None)
+    partial = compat.partial_dataset_file(assoc)
     if partial is None:
         return
     with contextlib.suppress(OSError):

@@ -66,20 +66,15 @@ class _Handler(RequestHandler):
 
     pynetdicom's handler would wait for the request on the association's own
     threads; here it has arrived and been decoded (see :mod:`dicomnode.listener.admission`),
-    so it is queued for the state machine as if the DUL had just read it (event 6,
-    "A-ASSOCIATE-RQ PDU received", after the event 5 the socket queues itself).
+    and :func:`dicomnode.dimse.compat.start_admitted` hands it to the state machine.
     """
 
     server: _Server
 
     def handle(self) -> None:
+        """Start the association with the request the gate read for this connection."""
         request = self.server.requests.pop(self.request)
-        assoc = self._create_association()
-        dul = assoc.dul
-        dul._recv_pdu.put(request.pdu)
-        dul.event_queue.put("Evt6")
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
+        compat.start_admitted(self, request.pdu)
 
 
 class _Server(AssociationServer):

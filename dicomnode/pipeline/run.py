@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,14 +34,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
-from dicomnode.config import Destination, Route, Settings
-from dicomnode.db import audit, masks
-from dicomnode.db import commitment as commitment_db
+from dicomnode.config import Route, Settings
+from dicomnode.db import masks
 from dicomnode.db.engine import database_now, transaction
 from dicomnode.db.jobs import Claim, failing_since, merge_timings, set_state
 from dicomnode.db.models import (
-    Delivery,
-    DeliveryState,
     Instance,
     Job,
     JobState,
@@ -53,12 +49,10 @@ from dicomnode.db.models import (
 )
 from dicomnode.errors import (
     DISK_FULL,
-    DeliveryFailed,
     JobInterrupted,
     JobSuperseded,
     PermanentJobError,
     ResultsDiskFull,
-    TransientJobError,
     UnusableSeg,
     is_disk_full,
 )
@@ -85,7 +79,7 @@ from dicomnode.outputs.seg import build_segmentation, read_labels
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.outputs.validate import validate_file
 from dicomnode.pipeline import content
-from dicomnode.send import commitment, scu
+from dicomnode.send.delivery import deliver
 from dicomnode.store.spool import REJECTED, RESULTS, Spool
 
 log = logging.getLogger(__name__)
@@ -220,7 +214,16 @@ class Pipeline:
             log.info("job %d: outputs exist from an earlier attempt; sending them", claim.job_id)
 
         started = time.perf_counter()
-        self._deliver(claim, ctx, route, [self.spool.absolute(p) for _, p in outputs], checkpoint)
+        deliver(
+            self.settings,
+            self.sessions,
+            claim,
+            route.send_to,
+            [self.spool.absolute(p) for _, p in outputs],
+            study_uid=ctx.study_uid,
+            series_uid=ctx.series_uid,
+            checkpoint=checkpoint,
+        )
         elapsed = time.perf_counter() - started
         # A re-send keeps the run's own send_s: the job's record then still says how long
         # the run took, and the re-send's duration is beside it (`studies show`).
@@ -674,149 +677,6 @@ class Pipeline:
             pass
         data = encode(dataset)
         return self.spool.write(relative, data), len(data)
-
-    def _deliver(
-        self,
-        claim: Claim,
-        ctx: JobContext,
-        route: Route,
-        files: list[Path],
-        checkpoint: Callable[[], None],
-    ) -> None:
-        failures: list[tuple[str, bool]] = []
-        for name in route.send_to:
-            checkpoint()
-            with transaction(self.sessions) as session:
-                delivery = _delivery(session, claim.job_id, name)
-                if delivery is None:
-                    # Created by the database's clock: the delivery window (how long a
-                    # destination has been failing) is judged by it.
-                    delivery = Delivery(
-                        job_id=claim.job_id,
-                        destination=name,
-                        attempts=0,
-                        created_at=database_now(session),
-                    )
-                    session.add(delivery)
-                if delivery.state == DeliveryState.SENT:
-                    continue
-                delivery.attempts += 1
-            error: str | None = None
-            retryable = False
-            warning: str | None = None
-            committing = False
-            destination: Destination | None = None
-            try:
-                destination = self.settings.destination(name)
-                committing = destination.storage_commitment
-                warning = self._send(claim, destination, files)
-            except (TransientJobError, PermanentJobError) as exc:
-                error, retryable = str(exc), exc.retryable
-            except Exception as exc:  # the network stack can raise anything
-                error, retryable = f"destination {name}: {type(exc).__name__}: {exc}", True
-            with transaction(self.sessions) as session:
-                delivery = _delivery(session, claim.job_id, name)
-                assert delivery is not None  # created above, never deleted
-                if error is None and committing and delivery.commitment_uid is None:
-                    # The PACS reported failures on the N-ACTION's own association,
-                    # which re-opened the delivery while we were still sending.
-                    error, retryable = f"destination {name}: {delivery.last_error}", True
-                self._audit_delivery(
-                    session, claim, ctx, name, destination, len(files), error, warning
-                )
-                if error is None:
-                    delivery.state = DeliveryState.SENT
-                    delivery.sent_at = database_now(session)
-                    delivery.last_error = None
-                    delivery.warning = warning
-                    log.info(
-                        "delivered job_id=%d destination=%s objects=%d",
-                        claim.job_id,
-                        name,
-                        len(files),
-                    )
-                else:
-                    delivery.state = DeliveryState.PENDING if retryable else DeliveryState.FAILED
-                    delivery.last_error = error
-                    failures.append((error, retryable))
-                    metrics.delivery_failed(name)
-                    log.warning("delivery failed job_id=%d destination=%s", claim.job_id, name)
-        if failures:
-            message = "; ".join(e for e, _ in failures)
-            if any(r for _, r in failures):
-                raise DeliveryFailed(message)
-            raise PermanentJobError(message)
-
-    def _audit_delivery(
-        self,
-        session: Session,
-        claim: Claim,
-        ctx: JobContext,
-        name: str,
-        destination: Destination | None,
-        count: int,
-        error: str | None,
-        warning: str | None,
-    ) -> None:
-        # In the delivery's own transaction: the trail says "sent" exactly when the
-        # delivery row does.
-        audit.record(
-            session,
-            "results-sent",
-            outcome="failure" if error else "warning" if warning else "success",
-            actor=claim.owner,
-            peer=None
-            if destination is None
-            else f"{destination.ae_title}@{destination.host}:{destination.port}",
-            destination=name,
-            job_id=claim.job_id,
-            study_uid=ctx.study_uid,
-            series_uid=ctx.series_uid,
-            count=count,
-            detail=error or warning,
-        )
-
-    def _send(self, claim: Claim, destination: Destination, files: list[Path]) -> str | None:
-        """C-STORE ``files`` and, if the destination wants it, request storage commitment.
-
-        Returns a note of warning statuses (the objects count as stored), or None.
-        """
-        calling_ae = self.settings.listener.ae_title
-        statuses = scu.send_files(destination, files, calling_ae)
-        warned = Counter(code for code in statuses if code != 0)
-        warning = "; ".join(
-            f"{n} object(s) stored with warning 0x{code:04X}" for code, n in sorted(warned.items())
-        )
-        if destination.storage_commitment:
-            uid = commitment.new_transaction_uid(self.settings.outputs.uid_root)
-            # Recorded before the N-ACTION: the report may come back on another
-            # association (to the listener, perhaps in another process) before the
-            # N-ACTION's response reaches us.
-            with transaction(self.sessions) as session:
-                delivery = _delivery(session, claim.job_id, destination.name)
-                assert delivery is not None
-                commitment_db.request(session, delivery, uid)
-            try:
-                commitment.request_commitment(
-                    destination,
-                    commitment.references(files),
-                    uid,
-                    calling_ae,
-                    self.sessions,
-                )
-            except BaseException:
-                with transaction(self.sessions) as session:
-                    delivery = _delivery(session, claim.job_id, destination.name)
-                    assert delivery is not None
-                    commitment_db.withdraw(session, delivery)
-                raise
-        return warning or None
-
-
-def _delivery(session: Session, job_id: int, destination: str) -> Delivery | None:
-    return session.scalar(
-        select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
-    )
 
 
 @contextmanager

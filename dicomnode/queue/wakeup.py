@@ -37,6 +37,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from dicomnode.db.engine import is_sqlite
+from dicomnode.db.health import listen_connections
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,32 @@ def _alive(name: str) -> bool:
     except PermissionError:
         return True  # someone else's process: it exists
     return True
+
+
+def waiting_workers(engine: Engine, spool_root: Path) -> tuple[str, int | None]:
+    """Count the worker processes waiting for work, as this mechanism sees them.
+
+    Parameters
+    ----------
+    engine : Engine
+        The node's database.
+    spool_root : Path
+        The spool (SQLite's registrations).
+
+    Returns
+    -------
+    tuple[str, int | None]
+        Where the count comes from, and the count (None when PostgreSQL does not let
+        this role see the connections).
+    """
+    if is_sqlite(engine):
+        registry = _registry(spool_root)
+        names = [e.name for e in registry.iterdir()] if registry.is_dir() else []
+        # A registration outlives a killed process until an announcement finds it dead.
+        return "registrations in spool/run/wake", sum(
+            1 for n in names if not n.endswith(".tmp") and _alive(n)
+        )
+    return "LISTEN connections", listen_connections(engine, CHANNEL)
 
 
 class WakeListener(threading.Thread):

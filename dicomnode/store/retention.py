@@ -36,7 +36,7 @@ from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import RetentionSettings, StorageSettings
-from dicomnode.db import audit, commitment, purge
+from dicomnode.db import audit, commitment, purge, queries
 from dicomnode.db.engine import read_only, transaction
 from dicomnode.db.models import (
     Delivery,
@@ -445,7 +445,7 @@ def run(
 class JobPurge:
     """What ``dicomnode jobs purge`` deleted (or would delete, in a dry run)."""
 
-    jobs: list[Job]  # with their series and study loaded, for describing them
+    jobs: tuple[queries.JobView, ...]  # read before their rows went
     files: list[str]  # result files only these jobs named, spool-relative
     kept: int  # aged jobs kept because a storage commitment is still awaited
 
@@ -491,9 +491,11 @@ def purge_jobs(
         with read_only(sessions)() as session:
             picked = purge.select_ended(session, state, cutoff, lock=False)
             files = purge.result_files(session, [j.id for j in picked.jobs])
-        return JobPurge(picked.jobs, files, picked.kept)
+            views = tuple(queries.view_of(j) for j in picked.jobs)
+        return JobPurge(views, files, picked.kept)
     with transaction(sessions) as session:
         picked = purge.select_ended(session, state, cutoff, lock=True)
+        views = tuple(queries.view_of(j) for j in picked.jobs)  # before the rows go
         ids = [j.id for j in picked.jobs]
         files = purge.result_files(session, ids)
         purge.delete_jobs(session, ids)
@@ -511,4 +513,4 @@ def purge_jobs(
     # After the commit: a rollback must not have lost a file a row still names.
     for path in files:
         spool.remove(path)
-    return JobPurge(picked.jobs, files, picked.kept)
+    return JobPurge(views, files, picked.kept)

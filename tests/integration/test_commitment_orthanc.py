@@ -18,11 +18,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from dicomnode.cli.jobs import job_record
+from dicomnode.cli.job_output import job_record
 from dicomnode.config import ListenerSettings
 from dicomnode.db import commitment as commitment_db
+from dicomnode.db import queries
 from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, Output
+from dicomnode.db.models import Delivery, DeliveryState, JobState, Output
 from dicomnode.imaging.manifest import load_registry
 from dicomnode.inference.segment import ModelCache
 from dicomnode.listener.scp import Listener
@@ -99,5 +100,5 @@ def test_commitment_confirmed_by_orthanc_and_a_missing_instance_fails(
         delivery = the_delivery(sessions)
         assert delivery.state == DeliveryState.SENT and delivery.commitment_failed is None
         with sessions() as s:
-            record = job_record(s.get(Job, job_row(sessions).id), detail=True)
+            record = job_record(queries.job_detail(s, job_row(sessions).id))
         assert record["deliveries"][0]["commitment"] == "confirmed"

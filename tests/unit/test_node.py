@@ -31,6 +31,7 @@ def test_requires_model_must_be_a_segmentation_model(tmp_path: Path) -> None:
         check_routes(settings, models)
 
 
+@pytest.mark.system
 def test_a_second_port_lock_is_refused_naming_the_holder_by_its_pid() -> None:
     import os
     import re

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.cli.main import build_parser, config_path, main
+from dicomnode.cli.main import config_path, main
+from dicomnode.cli.parser import build_parser
 from tests.unit.cli.test_main import one_line_error, run
 
 
@@ -55,6 +56,7 @@ def test_serve_accepts_config_after_the_command(
     assert "x.toml: configuration file not found" in one_line_error(err)
 
 
+@pytest.mark.system
 def test_the_environment_names_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -100,6 +102,7 @@ def test_read_only_commands_create_nothing(
     assert "--config FILE (before or after the command) or set DICOMNODE_CONFIG" in line
 
 
+@pytest.mark.system
 def test_a_configured_database_that_is_missing_is_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

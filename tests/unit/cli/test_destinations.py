@@ -147,6 +147,7 @@ def test_list(
     assert "second line" not in out and "detail" not in out
 
 
+@pytest.mark.system
 def test_list_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Config only, a one-line note on stderr, exit 0: missing, empty or unreachable."""
     missing = tmp_path / "missing" / "node.db"
@@ -189,6 +190,7 @@ def test_list_nothing_configured(tmp_path: Path, capsys: pytest.CaptureFixture[s
 _OK = re.compile(r"^pacs ok \(COUNTER@127\.0\.0\.1:(\d+), (\d+) ms\)$")
 
 
+@pytest.mark.system
 def test_echo(tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[str]) -> None:
     closed = free_port()
     config = _config(tmp_path, "sqlite:///unused.db", scp.port, closed)
@@ -228,6 +230,7 @@ def test_echo(tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[st
     assert code == 0 and [r["ok"] for r in json.loads(out)] == [True]
 
 
+@pytest.mark.system
 def test_echo_and_destinations_echo_print_the_same(
     tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -246,6 +249,7 @@ def test_echo_and_destinations_echo_print_the_same(
     assert code == 1 and json.loads(out)[0]["error"] == f"cannot connect to 127.0.0.1:{closed}"
 
 
+@pytest.mark.system
 def test_echo_unknown_name(
     tmp_path: Path, scp: CountingSCP, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -287,6 +291,7 @@ def storescp(tmp_path: Path) -> Iterator[int]:
             proc.wait()
 
 
+@pytest.mark.system
 def test_echo_dcmtk(tmp_path: Path, storescp: int, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "node.toml"
     config.write_text(

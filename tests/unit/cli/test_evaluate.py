@@ -13,7 +13,6 @@ import pytest
 from dicomnode.cli.main import main
 from dicomnode.evaluate.geometry import grid_from_datasets
 from dicomnode.evaluate.nifti import affine_of
-from dicomnode.evaluate.progress import Progress
 from dicomnode.imaging.volume import volume_from_datasets
 from tests.factories import ct_series, lung_phantom
 from tests.unit.evaluate.test_seg_reference import write_seg
@@ -137,26 +136,3 @@ def test_progress_only_when_asked_or_on_a_terminal(
     json.loads(captured.out)  # stdout stays clean JSON
     assert captured.err.startswith("\r[1/1] #################### 100% 00:00 elapsed")
     assert captured.err.endswith("\n")
-
-
-def test_progress_line() -> None:
-    class Sink:
-        text = ""
-
-        def write(self, s: str) -> None:
-            self.text += s
-
-        def flush(self) -> None:
-            pass
-
-    sink = Sink()
-    bar = Progress(4, True, sink)  # type: ignore[arg-type]
-    bar.advance()
-    assert sink.text == "\r[1/4] #####---------------  25% 00:00 elapsed"
-    for _ in range(3):
-        bar.advance()
-    assert sink.text.endswith("[4/4] #################### 100% 00:00 elapsed\n")
-    quiet = Sink()
-    silent = Progress(4, False, quiet)  # type: ignore[arg-type]
-    silent.advance()
-    assert quiet.text == "" and silent.done == 1

@@ -54,6 +54,7 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.system
 def test_bad_config_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -68,6 +69,7 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert code == 2 and "configuration file not found" in one_line_error(err)
 
 
+@pytest.mark.system
 def test_route_to_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = '[[routes]]\nname = "r"\nmodels = ["no-such-model"]\nsend_to = ["pacs"]\n'
     config = write_config(tmp_path, "sqlite:///db.sqlite", extra)
@@ -76,6 +78,7 @@ def test_route_to_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "routes[0].models: unknown model 'no-such-model'" in one_line_error(err)
 
 
+@pytest.mark.system
 def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, "sqlite:///db.sqlite")
     code, out, _ = run(capsys, "--config", str(config), "config", "check")
@@ -188,6 +191,7 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert info.value.code == 2
 
 
+@pytest.mark.system
 def test_echo_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(write_config(tmp_path, "sqlite:///db.sqlite"))
     code, _, err = run(capsys, "--config", config, "echo", "elsewhere")
@@ -196,6 +200,7 @@ def test_echo_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 1 and out.startswith("pacs failed: cannot connect to 127.0.0.1:")
 
 
+@pytest.mark.system
 def test_serve_on_a_busy_port_fails_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -216,6 +221,7 @@ def test_serve_on_a_busy_port_fails_with_one_line(
     assert "Traceback" not in err
 
 
+@pytest.mark.system
 def test_config_check_names_a_missing_tls_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -53,6 +53,7 @@ def config(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "argv",
     [
@@ -72,6 +73,7 @@ def test_light_commands_import_no_heavy_library(
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+@pytest.mark.system
 def test_help_builds_every_parser_without_the_database_layer(tmp_path: Path) -> None:
     # The parser names each command's code, which is imported only when it runs.
     code, modules = _loaded(tmp_path, "--help")
@@ -80,11 +82,11 @@ def test_help_builds_every_parser_without_the_database_layer(tmp_path: Path) -> 
 
 
 def test_the_parsers_states_are_the_database_states() -> None:
-    from dicomnode.cli import parsers
+    from dicomnode.cli import subcommands
     from dicomnode.db.events import EVENTS
     from dicomnode.db.jobs import FINAL_STATES
     from dicomnode.db.models import JobState
 
-    assert tuple(s.value for s in JobState) == parsers.JOB_STATES
-    assert set(parsers.FINAL_STATE_NAMES) == {s.value for s in FINAL_STATES}
-    assert parsers.event_name("admin") == "admin" and "admin" in EVENTS
+    assert tuple(s.value for s in JobState) == subcommands.JOB_STATES
+    assert set(subcommands.FINAL_STATE_NAMES) == {s.value for s in FINAL_STATES}
+    assert subcommands.event_name("admin") == "admin" and "admin" in EVENTS

@@ -169,6 +169,7 @@ def test_no_listener_skips_the_echo(
     assert report["workers"]["processes"] == 0
 
 
+@pytest.mark.system
 def test_status_on_an_empty_database_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

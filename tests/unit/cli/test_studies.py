@@ -443,6 +443,7 @@ def test_unknown_study(filled: Filled, capsys: pytest.CaptureFixture[str]) -> No
     assert one_line_error(err) == "dicomnode: no study 1.2.3.999"
 
 
+@pytest.mark.system
 def test_database_not_migrated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     migrate.upgrade(engine, "0004")

@@ -19,7 +19,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from dicomnode.cli.main import main
-from dicomnode.cli.parsers import ae_title
+from dicomnode.cli.subcommands import ae_title
 from dicomnode.cli.transfer import parse_source
 from dicomnode.db import jobs as queue
 from dicomnode.db import migrate
@@ -124,6 +124,7 @@ def test_ae_title_and_source_parsing() -> None:
             parse_source(bad)
 
 
+@pytest.mark.system
 def test_import_usage_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -143,6 +144,7 @@ def test_import_usage_errors_are_one_line(
     assert "the following arguments are required: PATH" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.system
 def test_import_needs_a_current_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, migrated=False)
     small_series(tmp_path / "in")
@@ -151,6 +153,7 @@ def test_import_needs_a_current_schema(tmp_path: Path, capsys: pytest.CaptureFix
     assert "run `dicomnode db upgrade`" in one_line(err)
 
 
+@pytest.mark.system
 def test_send_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     small_series(tmp_path / "in")
@@ -172,6 +175,7 @@ def test_send_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "required: DESTINATION_NAME" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.system
 def test_send_an_unknown_job_or_one_without_outputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,6 +201,7 @@ def test_send_an_unknown_job_or_one_without_outputs(
     assert one_line(err) == f"dicomnode: job {job_id} (queued) has no stored outputs to send"
 
 
+@pytest.mark.system
 def test_send_needs_a_current_schema_for_a_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -208,6 +213,7 @@ def test_send_needs_a_current_schema_for_a_job(
 # --- import: what is taken, refused and skipped ------------------------------------------
 
 
+@pytest.mark.system
 def test_non_dicom_files_and_a_dicomdir_are_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -235,6 +241,7 @@ def test_non_dicom_files_and_a_dicomdir_are_skipped(
     assert [i.calling_ae for i in instances(tmp_path)] == ["IMPORT"] * 3
 
 
+@pytest.mark.system
 def test_classes_and_syntaxes_the_listener_refuses_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -267,6 +274,7 @@ def test_classes_and_syntaxes_the_listener_refuses_are_refused(
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []  # no copy left behind
 
 
+@pytest.mark.system
 def test_too_large_is_refused_and_the_import_goes_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -283,6 +291,7 @@ def test_too_large_is_refused_and_the_import_goes_on(
     assert len(instances(tmp_path)) == 2
 
 
+@pytest.mark.system
 def test_storage_low_stops_the_import_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -301,6 +310,7 @@ def test_storage_low_stops_the_import_with_one_line(
     assert instances(tmp_path) == []
 
 
+@pytest.mark.system
 def test_problem_lines_are_capped_at_20(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     folder = tmp_path / "notes"
@@ -316,6 +326,7 @@ def test_problem_lines_are_capped_at_20(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(json.loads(out)["problems"]) == 25
 
 
+@pytest.mark.system
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     small_series(tmp_path / "in", slices=4)
@@ -328,6 +339,7 @@ def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and json.loads(out)["duplicates"] == 4 and err == ""  # not a terminal
 
 
+@pytest.mark.system
 def test_the_spool_itself_is_not_imported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

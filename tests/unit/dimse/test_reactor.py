@@ -56,7 +56,7 @@ def test_associations_get_event_driven_waiters(listener: Listener) -> None:
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context("1.2.840.10008.1.1")
     # The client side tuned too: an untuned pynetdicom client now and then takes its
-    # own C-ECHO response off the queue under load (see _keep_responses_for_the_caller).
+    # own C-ECHO response off the queue under load (see compat.keep_responses_for_the_caller).
     assoc = ae.associate(
         "127.0.0.1",
         listener.port,

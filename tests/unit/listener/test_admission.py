@@ -81,6 +81,7 @@ def start_gate() -> Iterator[Callable[[_Recorder], _Running]]:
         r.gate.listening.close()
 
 
+@pytest.mark.system
 def test_a_request_sent_byte_by_byte_is_decoded_and_handed_over(start_gate) -> None:
     recorder = _Recorder(None)
     sock = hostile.connect(start_gate(recorder).port)
@@ -94,6 +95,7 @@ def test_a_request_sent_byte_by_byte_is_decoded_and_handed_over(start_gate) -> N
     sock.close()
 
 
+@pytest.mark.system
 def test_a_rejection_is_answered_and_reported(start_gate) -> None:
     recorder = _Recorder(admission.Rejection(1, 1, 3, "calling_ae"))
     sock = hostile.connect(start_gate(recorder).port)
@@ -103,6 +105,7 @@ def test_a_rejection_is_answered_and_reported(start_gate) -> None:
     sock.close()
 
 
+@pytest.mark.system
 def test_anything_but_an_association_request_is_aborted(start_gate) -> None:
     recorder = _Recorder(None)
     sock = hostile.connect(start_gate(recorder).port)
@@ -112,6 +115,7 @@ def test_anything_but_an_association_request_is_aborted(start_gate) -> None:
     sock.close()
 
 
+@pytest.mark.system
 def test_stopping_closes_the_connections_still_waiting(start_gate) -> None:
     running = start_gate(_Recorder(None))
     sock = hostile.connect(running.port)

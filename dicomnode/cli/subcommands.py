@@ -123,7 +123,7 @@ def register_studies(sub: Any) -> None:
     p.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--show-phi", action="store_true", help=phi_help)
-    p.set_defaults(run=Command("dicomnode.cli.studies:list_studies", session=True))
+    p.set_defaults(run=Command("dicomnode.cli.studies:list_studies"))
 
     p = commands.add_parser(
         "show",
@@ -136,7 +136,7 @@ def register_studies(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--show-phi", action="store_true", help=phi_help)
-    p.set_defaults(run=Command("dicomnode.cli.studies:show_study", session=True))
+    p.set_defaults(run=Command("dicomnode.cli.studies:show_study"))
 
 
 def register_destinations(sub: Any) -> None:
@@ -289,3 +289,75 @@ def register_audit(sub: Any) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="only check and say what would go")
     p.set_defaults(run=Command("dicomnode.cli.audit:prune"))
+
+
+def register_evaluate(sub: Any) -> None:
+    """Add ``dicomnode evaluate`` to the parser.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        The top-level subcommands.
+    """
+    p = sub.add_parser(
+        "evaluate",
+        help="compare our SEGs and findings with references (SEG, NIfTI, LIDC XML)",
+        description="Compare our SEGs (Dice, IoU, HD95, volumes) and findings (sensitivity, "
+        "precision, FROC, CPM, AUC) with reference DICOM SEGs, NIfTI label volumes or LIDC "
+        "XML annotations, per case and overall.",
+    )
+    p.add_argument("ours", type=Path, help="our SEG (or findings JSON) file, or a folder of them")
+    p.add_argument(
+        "reference", type=Path, help="reference SEG, NIfTI (.nii/.nii.gz) or LIDC XML, or a folder"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="source series folder, for LIDC and NIfTI geometry and plot backgrounds (repeatable)",
+    )
+    p.add_argument(
+        "--label-map",
+        action="append",
+        metavar='N="LABEL"',
+        help="NIfTI label value N is our segment LABEL (repeatable, or comma-separated); "
+        "default: value N is segment number N",
+    )
+    p.add_argument(
+        "--segment", metavar="LABEL", help="LIDC: our segment to compare (default: any *nodule*)"
+    )
+    p.add_argument(
+        "--findings",
+        type=Path,
+        metavar="FILE.json",
+        help='LIDC detection: a JSON list of {"center": [x, y, z] (LPS mm), "diameter_mm", '
+        '"probability"}, or an object of series UID -> such lists',
+    )
+    p.add_argument(
+        "--min-readers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="LIDC: nodules (and outline voxels) marked by at least N readers (default 1)",
+    )
+    p.add_argument(
+        "--include-small",
+        action="store_true",
+        help="LIDC detection: also nodules no reader outlined (< 3 mm)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="detection: findings with probability >= this count (default 0.5)",
+    )
+    p.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="show a progress bar on stderr (default: only when stderr is a terminal "
+        "and --json is not given)",
+    )
+    p.set_defaults(run=Command("dicomnode.cli.evaluate:evaluate", reads_dicom=True))
