@@ -28,10 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import MetricsSettings
-from dicomnode.db.engine import read_only
-from dicomnode.db.models import Job, JobState
+from dicomnode.db import Job, JobState, read_only
 from dicomnode.errors import DicomnodeError
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric

@@ -27,20 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import dicomnode
 from dicomnode.config import ListenerSettings, Settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import is_sqlite, make_engine, session_factory
+from dicomnode.db import is_sqlite, make_engine, migrate, session_factory
 from dicomnode.errors import ConfigError, DicomnodeError, NodeAlreadyRunning
-from dicomnode.imaging.manifest import ModelSpec, load_registry
-from dicomnode.inference.device import configure_threads, select_device
-from dicomnode.inference.segment import ModelCache
-from dicomnode.listener.processes import Receivers, build_listener
-from dicomnode.listener.scp import Listener, make_ssl_context
+from dicomnode.imaging import ModelSpec, load_registry
+from dicomnode.inference import ModelCache, configure_threads, select_device
+from dicomnode.listener import Listener, Receivers, build_listener, make_ssl_context
 from dicomnode.metrics_server import MetricsServer
 from dicomnode.pipeline import Pipeline
-from dicomnode.queue.scheduler import make_scheduler
-from dicomnode.queue.wakeup import Announcer, Doorbell, WakeListener
-from dicomnode.queue.worker import ModelSlots, Worker
-from dicomnode.store.spool import ListenerLock, Spool
+from dicomnode.queue import Announcer, Doorbell, ModelSlots, WakeListener, Worker, make_scheduler
+from dicomnode.store import ListenerLock, Spool
 
 log = logging.getLogger(__name__)
 # The lines an operator (and a test starting a node) waits for, "serving:" and

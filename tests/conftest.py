@@ -125,8 +125,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def engine(db_url: str) -> Iterator[object]:
     """An engine on a migrated database."""
-    from dicomnode.db import migrate
-    from dicomnode.db.engine import make_engine
+    from dicomnode.db import make_engine, migrate
 
     eng = make_engine(db_url)
     migrate.upgrade(eng)
@@ -136,7 +135,7 @@ def engine(db_url: str) -> Iterator[object]:
 
 @pytest.fixture
 def sessions(engine):
-    from dicomnode.db.engine import session_factory
+    from dicomnode.db import session_factory
 
     return session_factory(engine)
 
@@ -151,9 +150,8 @@ def make_listener(tmp_path: Path, sessions) -> Iterator[Callable[..., object]]:
     (the fixture's by default) to the Ingestor, the rest to ListenerSettings.
     """
     from dicomnode.config import ListenerSettings
-    from dicomnode.listener.scp import Listener
-    from dicomnode.store.ingest import Ingestor
-    from dicomnode.store.spool import Spool
+    from dicomnode.listener import Listener
+    from dicomnode.store import Ingestor, Spool
 
     started: list[Listener] = []
     shared = sessions

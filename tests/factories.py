@@ -200,7 +200,7 @@ def add_series(
 
     ``study`` sets Study columns such as ``patient_id`` and ``accession_number``.
     """
-    from dicomnode.db.models import Series, Study
+    from dicomnode.db import Series, Study
 
     row = Study(study_uid=study_uid, **study)
     session.add(row)  # type: ignore[attr-defined]

@@ -23,9 +23,7 @@ from typing import IO, Any, TextIO
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time
 from dicomnode.config import Settings
-from dicomnode.db import audit
-from dicomnode.db.engine import read, session_factory
-from dicomnode.db.models import utcnow
+from dicomnode.db import audit, read, session_factory, utcnow
 from dicomnode.errors import DicomnodeError, ExportMismatch
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 from dicomnode.config import Settings
 
 if TYPE_CHECKING:
-    from dicomnode.db.engine import Engine, Session
+    from dicomnode.db import Engine, Session
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -131,8 +131,7 @@ def db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     int
         0; a failure raises.
     """
-    from dicomnode.db import migrate
-    from dicomnode.db.engine import make_engine
+    from dicomnode.db import make_engine, migrate
 
     engine = make_engine(settings.database.url)  # the one command that creates it
     try:

@@ -18,8 +18,7 @@ from typing import Any
 
 from dicomnode.cli.output import first_line, format_time, print_json, print_table
 from dicomnode.config import Destination, Settings
-from dicomnode.db import health
-from dicomnode.db.health import DeliveryCounts
+from dicomnode.db import DeliveryCounts, health
 
 log = logging.getLogger("dicomnode")
 

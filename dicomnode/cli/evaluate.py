@@ -20,17 +20,18 @@ import sys
 from dicomnode.cli.output import print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.errors import UsageError
-from dicomnode.evaluate.report import (
+from dicomnode.evaluate import (
     DETECTION_HEADERS,
     SEGMENTATION_HEADERS,
+    EvaluationOptions,
     EvaluationReport,
     closing_notes,
     detection_notes,
     detection_rows,
+    evaluate_folders,
     report_record,
     segmentation_rows,
 )
-from dicomnode.evaluate.run import EvaluationOptions, evaluate_folders
 
 EXIT_USAGE = 2
 

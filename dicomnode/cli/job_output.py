@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from dicomnode.cli.output import format_time, print_json
-from dicomnode.db.queries import JobDetail, JobView
+from dicomnode.db import JobDetail, JobView
 
 STAGES = (
     "receive_s",

@@ -10,12 +10,9 @@ from dicomnode.cli.database import open_database, read
 from dicomnode.cli.job_output import job_record, print_job
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit, jobs, queries
-from dicomnode.db.engine import session_factory
-from dicomnode.db.models import JobState, utcnow
-from dicomnode.queue.wakeup import Announcer
-from dicomnode.store import retention
-from dicomnode.store.spool import Spool
+from dicomnode.db import JobState, audit, jobs, queries, session_factory, utcnow
+from dicomnode.queue import Announcer
+from dicomnode.store import Spool, retention
 
 
 def list_jobs(settings: Settings, args: argparse.Namespace) -> int:

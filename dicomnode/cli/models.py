@@ -10,7 +10,7 @@ from typing import Any
 from dicomnode.cli.output import print_json, print_table
 from dicomnode.config import Settings
 from dicomnode.errors import ModelPackageError
-from dicomnode.imaging.manifest import ModelSpec, load_registry
+from dicomnode.imaging import ModelSpec, load_registry
 
 
 def model_record(spec: ModelSpec) -> dict[str, Any]:
@@ -237,8 +237,7 @@ def check_models(settings: Settings, args: argparse.Namespace) -> int:
     """
     import torch
 
-    from dicomnode.inference.transforms import example_shapes
-    from dicomnode.inference.weights import load_model
+    from dicomnode.inference import example_shapes, load_model
 
     models = _registry(settings)
     names = args.names or sorted(models)

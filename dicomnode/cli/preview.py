@@ -22,11 +22,12 @@ from dicomnode.cli.database import read
 from dicomnode.cli.job_output import print_job
 from dicomnode.cli.jobs import show_job
 from dicomnode.config import Settings
-from dicomnode.db import queries
-from dicomnode.db.queries import JobDetail, PreviewSource
+from dicomnode.db import JobDetail, PreviewSource, queries
 from dicomnode.errors import PreviewError
-from dicomnode.imaging.volume import Volume, load_series
-from dicomnode.outputs.overlay import (
+from dicomnode.imaging import Volume, load_series
+from dicomnode.outputs import (
+    PALETTE,
+    RESEARCH_NOTICE,
     LegendEntry,
     colorize,
     default_window,
@@ -35,9 +36,7 @@ from dicomnode.outputs.overlay import (
     select_slices,
     windowed,
 )
-from dicomnode.outputs.palette import PALETTE
-from dicomnode.outputs.provenance import RESEARCH_NOTICE
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 
 MAX_SLICES = 12
 TILE_WIDTH = 256

@@ -8,10 +8,8 @@ from typing import Any
 from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.db import audit
-from dicomnode.db.engine import session_factory
-from dicomnode.store import retention
-from dicomnode.store.spool import Spool
+from dicomnode.db import audit, session_factory
+from dicomnode.store import Spool, retention
 
 
 def _mib(n: int) -> str:

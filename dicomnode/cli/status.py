@@ -21,8 +21,7 @@ from dicomnode.cli.database import open_database
 from dicomnode.cli.output import format_time, print_json, print_table
 from dicomnode.config import ListenerSettings, Settings
 from dicomnode.db import engine as db
-from dicomnode.db import health
-from dicomnode.db.models import utcnow
+from dicomnode.db import health, utcnow
 from dicomnode.queue import wakeup
 
 EXIT_HEALTHY, EXIT_ATTENTION = 0, 1

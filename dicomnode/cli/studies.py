@@ -17,13 +17,7 @@ from typing import TYPE_CHECKING, Any
 from dicomnode.cli.database import read
 from dicomnode.cli.job_output import job_record
 from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
-from dicomnode.db import studies
-from dicomnode.db.studies import (
-    DELIVERY_STATE_ORDER,
-    JOB_STATE_ORDER,
-    StudyStory,
-    StudySummary,
-)
+from dicomnode.db import DELIVERY_STATE_ORDER, JOB_STATE_ORDER, StudyStory, StudySummary, studies
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings

@@ -14,7 +14,7 @@ from typing import Any
 
 from dicomnode.cli.arguments import add_when, closed_set, positive_int
 from dicomnode.cli.commands import Command
-from dicomnode.db.events import EVENTS
+from dicomnode.db import EVENTS
 
 DEFAULT_CALLING_AE = "IMPORT"
 STUDY_STATES = ("receiving", "complete", "purged")

@@ -19,7 +19,7 @@ from typing import Any
 
 from dicomnode.cli.output import print_json
 from dicomnode.config import Settings
-from dicomnode.evaluate.progress import Progress
+from dicomnode.evaluate import Progress
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
         0 when every file was imported (or skipped as not an instance), 1 when an
         instance was refused or storage ran low, 2 when a path does not exist.
     """
-    from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
-    from dicomnode.store.staging import Accepted, import_files
+    from dicomnode.dimse import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+    from dicomnode.store import Accepted, import_files
 
     missing = _missing(args.paths)
     if missing is not None:
@@ -189,7 +189,7 @@ def send_command(settings: Settings, args: argparse.Namespace) -> int:
     DicomnodeError
         If the job has no outputs, or the destination cannot be reached (exit 1).
     """
-    from dicomnode.send.planning import send_source
+    from dicomnode.send import send_source
 
     destination = settings.destination(args.destination)
     try:

@@ -20,10 +20,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import audit
-from dicomnode.db.engine import transaction
+from dicomnode.db import audit, transaction
 from dicomnode.logs import shown
-from dicomnode.store.ingest import StoreOutcome
+from dicomnode.store import StoreOutcome
 
 log = logging.getLogger(__name__)
 

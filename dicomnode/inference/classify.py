@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
-from dicomnode.imaging.manifest import ClassSpec, ModelSpec
-from dicomnode.imaging.results import ClassificationResult
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import ClassificationResult, ClassSpec, ModelSpec, Volume
 from dicomnode.inference.segment import ModelCache, check_input, forward_in_pieces
 from dicomnode.inference.transforms import intensity
 

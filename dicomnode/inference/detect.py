@@ -16,9 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
-from dicomnode.imaging.manifest import ModelSpec
-from dicomnode.imaging.results import DetectionResult, Finding
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import DetectionResult, Finding, ModelSpec, Volume
 from dicomnode.inference.nodules import (
     blob_diameter_mm,
     detect_candidates,

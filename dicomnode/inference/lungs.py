@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import Volume
 
 _BIN_MM = 2.0  # histogram bin width along patient x when looking for the midline
 

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import Disagreement, ModelPackageError, PermanentJobError, TransientJobError
-from dicomnode.imaging.manifest import ModelSpec
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import ModelSpec, Volume
 from dicomnode.inference.autocast import AutocastModel, autocast_dtype
 from dicomnode.inference.backends import (
     OpenVINOModel,

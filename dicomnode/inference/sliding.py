@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
 from dicomnode.errors import PermanentJobError, TransientJobError
-from dicomnode.imaging.manifest import ModelSpec
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import ModelSpec, Volume
 from dicomnode.inference.transforms import (
     FORWARD_ERRORS,
     channels,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging import ModelSpec
 
 
 def intensity(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

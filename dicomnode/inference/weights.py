@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dicomnode.errors import ModelPackageError, first_line
-from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging import ModelSpec
 
 
 def file_sha256(spec: ModelSpec) -> str:

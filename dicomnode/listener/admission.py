@@ -47,7 +47,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-from dicomnode.dimse.pdu import PDU_HEADER, encode_abort
+from dicomnode.dimse import PDU_HEADER, encode_abort
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,10 @@ from types import FrameType
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db import make_engine, session_factory
 from dicomnode.listener.scp import Listener
 from dicomnode.logs import setup_logging
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 
 log = logging.getLogger(__name__)
 

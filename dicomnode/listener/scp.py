@@ -39,16 +39,20 @@ from pynetdicom.transport import AssociationServer, RequestHandler
 
 from dicomnode import metrics
 from dicomnode.config import Destination, ListenerSettings
-from dicomnode.dimse import compat, reactor, statuses
-from dicomnode.dimse.audit_trail import Receipts
-from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
-from dicomnode.dimse.peers import ip_address
+from dicomnode.dimse import (
+    ACCEPTED_SOP_CLASSES,
+    ACCEPTED_TRANSFER_SYNTAXES,
+    Receipts,
+    compat,
+    ip_address,
+    reactor,
+    statuses,
+)
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.listener import admission, chunked
 from dicomnode.logs import shown
-from dicomnode.send.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.uids import is_safe_uid
+from dicomnode.send import STORAGE_COMMITMENT_PUSH, ReportHandler
+from dicomnode.store import Ingestor, is_safe_uid
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
-from dicomnode.imaging.manifest import CodeSpec
+from dicomnode.imaging import CodeSpec
 
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import Volume
 from dicomnode.outputs.sr import SegmentOutline
 
 # Moore neighbourhood, clockwise from west, as (row, column) steps.

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dicomnode.imaging.manifest import ModelSpec, SegmentSpec
-from dicomnode.imaging.results import ClassificationResult, DetectionResult
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import ClassificationResult, DetectionResult, ModelSpec, SegmentSpec, Volume
 from dicomnode.outputs.codes import MORPHOLOGICALLY_ABNORMAL
 from dicomnode.outputs.palette import PALETTE
 from dicomnode.outputs.sr import ReportedFinding, StudyFinding

@@ -26,8 +26,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode.imaging.manifest import SegmentSpec
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging import SegmentSpec, Volume
 from dicomnode.outputs.overlay import (
     LegendEntry,
     Window,

@@ -14,8 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from dicomnode.config import SegOptions
 from dicomnode.errors import PermanentJobError, UnusableSeg
-from dicomnode.imaging.manifest import SegmentSpec
-from dicomnode.imaging.volume import Volume, frame_order, is_enhanced
+from dicomnode.imaging import SegmentSpec, Volume, frame_order, is_enhanced
 from dicomnode.outputs.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_EQUIPMENT, coded
 from dicomnode.outputs.provenance import MANUFACTURER, RESEARCH_NOTICE, Provenance
 

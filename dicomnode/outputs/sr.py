@@ -30,8 +30,7 @@ from highdicom import sr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomnode.imaging.manifest import CodeSpec, SegmentSpec
-from dicomnode.imaging.measurements import SegmentStats
+from dicomnode.imaging import CodeSpec, SegmentSpec, SegmentStats
 from dicomnode.outputs.codes import (
     ABSENT,
     ATTENUATION,

@@ -5,6 +5,28 @@ claimed job; :mod:`~dicomnode.pipeline.content` the checks a series must pass be
 route's models run on it.
 """
 
-from dicomnode.pipeline.run import BuiltOutput, JobContext, Pipeline, encode
+from __future__ import annotations
 
-__all__ = ["BuiltOutput", "JobContext", "Pipeline", "encode"]
+from typing import TYPE_CHECKING
+
+from dicomnode.exports import lazy_exports
+
+if TYPE_CHECKING:
+    from dicomnode.pipeline.run import BuiltOutput, JobContext, Pipeline, encode
+
+# Each public name and the module it lives in. The modules load when a name is first
+# used, so importing one of them does not import its siblings (the CLI's start-up).
+_HOMES = {
+    "BuiltOutput": "dicomnode.pipeline.run",
+    "JobContext": "dicomnode.pipeline.run",
+    "Pipeline": "dicomnode.pipeline.run",
+    "encode": "dicomnode.pipeline.run",
+}
+
+__all__ = [
+    "BuiltOutput",
+    "JobContext",
+    "Pipeline",
+    "encode",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

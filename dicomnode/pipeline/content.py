@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomnode.config import ContentCheck
-from dicomnode.db.models import Job, JobState
+from dicomnode.db import Job, JobState
 from dicomnode.errors import ContentCheckFailed, WaitingForModel
 
 AXIAL_DEGREES = 10.0

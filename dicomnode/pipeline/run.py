@@ -35,16 +35,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Route, Settings
-from dicomnode.db import masks
-from dicomnode.db.engine import database_now, transaction
-from dicomnode.db.jobs import Claim, failing_since, merge_timings, set_state
-from dicomnode.db.models import (
+from dicomnode.db import (
+    Claim,
     Instance,
     Job,
     JobState,
     Output,
     Series,
     SeriesState,
+    database_now,
+    failing_since,
+    masks,
+    merge_timings,
+    set_state,
+    transaction,
     utcnow,
 )
 from dicomnode.errors import (
@@ -56,31 +60,37 @@ from dicomnode.errors import (
     UnusableSeg,
     is_disk_full,
 )
-from dicomnode.imaging.manifest import ModelSpec
-from dicomnode.imaging.measurements import segment_stats
-from dicomnode.imaging.results import ClassificationResult, DetectionResult
-from dicomnode.imaging.volume import Volume, load_series
+from dicomnode.imaging import (
+    ClassificationResult,
+    DetectionResult,
+    ModelSpec,
+    Volume,
+    load_series,
+    segment_stats,
+)
+from dicomnode.inference import ModelCache
 from dicomnode.inference.classify import classify
 from dicomnode.inference.detect import detect
-from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.outputs.contours import segment_outlines
-from dicomnode.outputs.findings import (
+from dicomnode.inference.segment import segment
+from dicomnode.outputs import (
+    Provenance,
+    build_measurement_report,
+    build_overlay_capture,
+    build_rejection_note,
+    build_segmentation,
     detection_summary,
     finding_segments,
+    read_labels,
+    repair_source_headers,
     reported_findings,
+    segment_outlines,
     series_class,
     study_finding,
+    validate_file,
 )
-from dicomnode.outputs.headers import repair_source_headers
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.rejection import build_rejection_note
-from dicomnode.outputs.sc import build_overlay_capture
-from dicomnode.outputs.seg import build_segmentation, read_labels
-from dicomnode.outputs.sr import build_measurement_report
-from dicomnode.outputs.validate import validate_file
 from dicomnode.pipeline import content
-from dicomnode.send.delivery import deliver
-from dicomnode.store.spool import REJECTED, RESULTS, Spool
+from dicomnode.send import deliver
+from dicomnode.store import REJECTED, RESULTS, Spool
 
 log = logging.getLogger(__name__)
 

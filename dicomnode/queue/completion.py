@@ -26,14 +26,22 @@ from sqlalchemy import ColumnElement, case, literal, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import REGEX_PREFIX, Route, Settings
-from dicomnode.db.engine import read_only, transaction
-from dicomnode.db.jobs import URGENT, enqueue
-from dicomnode.db.models import Instance, Series, SeriesState, UTCDateTime, utcnow
+from dicomnode.db import (
+    URGENT,
+    Instance,
+    Series,
+    SeriesState,
+    UTCDateTime,
+    enqueue,
+    read_only,
+    transaction,
+    utcnow,
+)
 from dicomnode.errors import HeaderUnavailable
-from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.imaging import ModelSpec
 from dicomnode.queue.routing import matching_routes, value_matches
 from dicomnode.queue.volumetric import why_not_volumetric
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 
 log = logging.getLogger(__name__)
 

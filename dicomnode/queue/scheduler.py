@@ -13,14 +13,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db import commitment
-from dicomnode.db.jobs import reap_expired
-from dicomnode.imaging.manifest import ModelSpec
+from dicomnode.db import commitment, reap_expired
+from dicomnode.imaging import ModelSpec
 from dicomnode.queue.completion import NotYetDue, sweep
 from dicomnode.queue.wakeup import Doorbell
-from dicomnode.store import retention
-from dicomnode.store.orphans import remove_orphans
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool, remove_orphans, retention
 
 log = logging.getLogger(__name__)
 

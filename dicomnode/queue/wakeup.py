@@ -36,8 +36,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from dicomnode.db.engine import is_sqlite
-from dicomnode.db.health import listen_connections
+from dicomnode.db import is_sqlite, listen_connections
 
 log = logging.getLogger(__name__)
 

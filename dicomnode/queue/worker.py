@@ -14,9 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import WorkerSettings
-from dicomnode.db import jobs
-from dicomnode.db.jobs import Claim
-from dicomnode.db.models import JobState
+from dicomnode.db import Claim, JobState, jobs
 from dicomnode.errors import (
     DISK_FULL,
     ContentCheckFailed,

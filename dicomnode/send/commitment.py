@@ -34,13 +34,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Destination
 from dicomnode.db import commitment
-from dicomnode.dimse import statuses
-from dicomnode.dimse.audit_trail import Receipts
-from dicomnode.dimse.peers import IPAddress, ip_address
+from dicomnode.dimse import IPAddress, Receipts, ip_address, statuses
 from dicomnode.errors import PermanentJobError, TransientJobError
 from dicomnode.logs import shown
 from dicomnode.send.scu import associate
-from dicomnode.store.uids import is_safe_uid
+from dicomnode.store import is_safe_uid
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Destination, Settings
-from dicomnode.db import audit
+from dicomnode.db import Claim, Delivery, DeliveryState, audit, database_now, transaction
 from dicomnode.db import commitment as commitment_db
-from dicomnode.db.engine import database_now, transaction
-from dicomnode.db.jobs import Claim
-from dicomnode.db.models import Delivery, DeliveryState
 from dicomnode.errors import DeliveryFailed, PermanentJobError, TransientJobError
 from dicomnode.send import commitment, scu
 

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Destination, Settings
-from dicomnode.db import audit, migrate
-from dicomnode.db.engine import session_factory, transaction
+from dicomnode.db import audit, migrate, session_factory, transaction
 from dicomnode.errors import DicomnodeError, first_line
-from dicomnode.store.staging import (
+from dicomnode.store import (
     DICOMDIR,
     MEDIA_STORAGE_DIRECTORY,
     NOT_DICOM,
@@ -132,7 +131,7 @@ def job_outputs(settings: Settings, job_id: int) -> list[SourceFile]:
     DicomnodeError
         If the job has no outputs, or the schema is not current.
     """
-    from dicomnode.db.models import Job
+    from dicomnode.db import Job
 
     engine = migrate.open_current(settings.database.url)
     try:

@@ -20,7 +20,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicomnode.config import Destination
-from dicomnode.dimse.reactor import tune_connection
+from dicomnode.dimse import tune_connection
 from dicomnode.errors import PermanentJobError, TransientJobError
 
 log = logging.getLogger(__name__)

@@ -50,9 +50,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
-from dicomnode.db.engine import is_sqlite, transaction
-from dicomnode.db.jobs import cancel_superseded
-from dicomnode.db.models import Instance, Series, SeriesState, Study, UTCDateTime, utcnow
+from dicomnode.db import (
+    Instance,
+    Series,
+    SeriesState,
+    Study,
+    UTCDateTime,
+    cancel_superseded,
+    is_sqlite,
+    transaction,
+    utcnow,
+)
 from dicomnode.errors import (
     IngestError,
     InstanceTooLarge,

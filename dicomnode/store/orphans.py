@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Instance, Output, Series
+from dicomnode.db import Instance, Output, Series
 from dicomnode.store.spool import INCOMING, RESULTS, Spool
 
 log = logging.getLogger(__name__)

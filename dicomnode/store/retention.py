@@ -36,9 +36,7 @@ from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import RetentionSettings, StorageSettings
-from dicomnode.db import audit, commitment, purge, queries
-from dicomnode.db.engine import read_only, transaction
-from dicomnode.db.models import (
+from dicomnode.db import (
     Delivery,
     Instance,
     Job,
@@ -47,6 +45,12 @@ from dicomnode.db.models import (
     Series,
     SeriesState,
     Study,
+    audit,
+    commitment,
+    purge,
+    queries,
+    read_only,
+    transaction,
     utcnow,
 )
 from dicomnode.store.spool import Spool

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dicomnode.config import Settings
-from dicomnode.db import audit, migrate
-from dicomnode.db.engine import session_factory, transaction
+from dicomnode.db import audit, migrate, session_factory, transaction
 from dicomnode.errors import IngestError, InstanceTooLarge, OutOfResources
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from dicomnode.db.engine import Session, sessionmaker
+    from dicomnode.db import Session, sessionmaker
     from dicomnode.store.ingest import Ingestor
 
 _COPY_CHUNK = 2**20

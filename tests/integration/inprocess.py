@@ -19,15 +19,13 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.imaging.manifest import ModelSpec, load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.db import make_engine, migrate, session_factory
+from dicomnode.imaging import ModelSpec, load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 
 
 @dataclass

@@ -19,12 +19,11 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicomnode.config import ListenerSettings
-from dicomnode.db.models import Instance
+from dicomnode.db import Instance
 from dicomnode.dimse import statuses
 from dicomnode.errors import DicomnodeError
-from dicomnode.listener.scp import Listener
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.listener import Listener
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port, wait_for
 from tests.dcmtk import STORESCU
 from tests.dcmtk import tool as dcmtk_tool

@@ -60,8 +60,7 @@ def test_audit_prune_deletes_only_what_an_export_holds(
 ) -> None:
     from datetime import timedelta
 
-    from dicomnode.db.engine import transaction
-    from dicomnode.db.models import utcnow
+    from dicomnode.db import transaction, utcnow
 
     now = utcnow()
     with transaction(sessions) as s:

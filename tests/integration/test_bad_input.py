@@ -27,9 +27,9 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Instance
+from dicomnode.db import Instance
 from dicomnode.dimse import statuses
-from dicomnode.listener.scp import Listener
+from dicomnode.listener import Listener
 from tests.conftest import memory_bytes, wait_for
 from tests.dcmtk import STORESCU
 from tests.factories import ct_series, write_series

@@ -13,15 +13,14 @@ import pytest
 import torch
 from pydicom.sr.codedict import codes
 
-from dicomnode.db.models import JobState
+from dicomnode.db import JobState
 from dicomnode.evaluate.sr_findings import read_verdicts
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.factories import ct_series, lung_phantom
 from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
     CountingSCP,

@@ -21,15 +21,24 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from dicomnode.config import load_settings
-from dicomnode.db import audit
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Delivery, Instance, Job, JobState, Output, Series, SeriesState
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.db import (
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    SeriesState,
+    audit,
+    make_engine,
+    session_factory,
+)
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 from tests.conftest import free_port
 from tests.factories import ct_series, lung_phantom, write_series
 from tests.integration.counting_scp import CountingSCP

@@ -20,18 +20,15 @@ from sqlalchemy import select
 
 from dicomnode.cli.job_output import job_record
 from dicomnode.config import ListenerSettings
+from dicomnode.db import Delivery, DeliveryState, JobState, Output, queries, transaction
 from dicomnode.db import commitment as commitment_db
-from dicomnode.db import queries
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, JobState, Output
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
-from dicomnode.listener.scp import Listener
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
+from dicomnode.listener import Listener
 from dicomnode.pipeline import Pipeline
-from dicomnode.queue.worker import Worker
+from dicomnode.queue import Worker
 from dicomnode.send import commitment
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port, wait_for
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_pipeline import job_row, make_settings, receive_phantom

@@ -22,10 +22,7 @@ from pynetdicom import AE, build_role
 from sqlalchemy import select, update
 
 from dicomnode.config import Destination
-from dicomnode.db import audit, jobs
-from dicomnode.db import commitment as commitment_db
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import (
+from dicomnode.db import (
     Delivery,
     DeliveryState,
     Job,
@@ -33,18 +30,17 @@ from dicomnode.db.models import (
     Output,
     Series,
     SeriesState,
+    audit,
+    jobs,
+    transaction,
     utcnow,
 )
-from dicomnode.listener.scp import Listener
+from dicomnode.db import commitment as commitment_db
+from dicomnode.listener import Listener
 from dicomnode.pipeline import encode
-from dicomnode.send.commitment import (
-    REFUSED_SENDER,
-    STORAGE_COMMITMENT_INSTANCE,
-    STORAGE_COMMITMENT_PUSH,
-    request_dataset,
-)
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.send import STORAGE_COMMITMENT_PUSH
+from dicomnode.send.commitment import REFUSED_SENDER, STORAGE_COMMITMENT_INSTANCE, request_dataset
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import REPO
 from tests.factories import ct_series
 

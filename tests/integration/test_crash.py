@@ -29,8 +29,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Instance, Series
+from dicomnode.db import Instance, Series, make_engine, session_factory
 from tests.conftest import free_port
 from tests.dcmtk import STORESCU
 from tests.integration.node_process import NodeProcess, listener_port, write_config

@@ -22,14 +22,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
 from dicomnode.config import Settings
-from dicomnode.db.models import Delivery, DeliveryState, JobState
+from dicomnode.db import Delivery, DeliveryState, JobState
 from dicomnode.errors import TransientJobError
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline
-from dicomnode.queue.worker import Worker
+from dicomnode.queue import Worker
 from dicomnode.send import scu
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 from tests.conftest import free_port
 from tests.integration.test_access import _ca, _signed
 from tests.integration.test_pipeline import job_row, make_settings, receive_phantom

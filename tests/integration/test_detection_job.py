@@ -16,15 +16,14 @@ import torch
 from pydicom.sr.codedict import codes
 
 from dicomnode.config import Settings
-from dicomnode.db.models import JobState
+from dicomnode.db import JobState
 from dicomnode.evaluate.sr_findings import read_verdicts
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
     CountingSCP,
     job_row,

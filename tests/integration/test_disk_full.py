@@ -22,14 +22,14 @@ import torch
 from sqlalchemy import select, update
 
 from dicomnode.config import StorageSettings
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Job, JobEvent, JobState, Output, utcnow
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.db import Job, JobState, Output, transaction, utcnow
+from dicomnode.db.models import JobEvent
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline
 from dicomnode.pipeline import run as pipeline_module
-from dicomnode.queue.worker import Worker
-from dicomnode.store.spool import RESULTS, Spool
+from dicomnode.queue import Worker
+from dicomnode.store import RESULTS, Spool
 from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
     CountingSCP,
     job_row,

@@ -24,8 +24,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, func, select
 
-from dicomnode.db.models import Instance
-from dicomnode.listener.scp import Listener
+from dicomnode.db import Instance
+from dicomnode.listener import Listener
 from tests.conftest import free_port, wait_for
 from tests.factories import ct_series, write_series
 from tests.integration import hostile

@@ -32,10 +32,9 @@ from pynetdicom import AE, _config
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Instance, Series, Study
+from dicomnode.db import Instance, Series, Study, make_engine, session_factory
 from dicomnode.dimse import statuses
-from dicomnode.listener.scp import Listener
+from dicomnode.listener import Listener
 from dicomnode.pipeline import encode
 from tests.conftest import free_port, memory_bytes
 from tests.deflated import deflate_bomb, with_raw, with_syntax

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.db.engine import make_engine
+from dicomnode.db import make_engine
 from tests.conftest import memory_bytes
 from tests.dcmtk import STORESCU
 from tests.factories import ct_series

@@ -15,9 +15,9 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 from sqlalchemy import select
 
-from dicomnode.db.models import Instance, Series
+from dicomnode.db import Instance, Series
 from dicomnode.dimse import statuses
-from dicomnode.listener.scp import Listener
+from dicomnode.listener import Listener
 from tests.dcmtk import STORESCU
 from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import ct_series, repaired_j2k_series, write_series

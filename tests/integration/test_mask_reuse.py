@@ -23,18 +23,15 @@ import torch
 from sqlalchemy import select, update
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Job, JobState, Output
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.imaging.volume import Volume, load_series
+from dicomnode.db import Job, JobState, Output, transaction
+from dicomnode.imaging import Volume, load_registry, load_series
+from dicomnode.inference import ModelCache
 from dicomnode.inference.detect import detect
-from dicomnode.inference.segment import ModelCache
-from dicomnode.outputs.findings import detection_summary
+from dicomnode.outputs import detection_summary
 from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.integration.test_pipeline import (  # noqa: F401 - scp is a fixture
     CountingSCP,
     scp,

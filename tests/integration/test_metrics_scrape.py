@@ -23,7 +23,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db.models import Job, JobState
+from dicomnode.db import Job, JobState
 from dicomnode.node import Node
 from tests.conftest import free_port, wait_for
 from tests.factories import ct_series, lung_phantom
@@ -177,7 +177,7 @@ def test_rejections_are_counted_by_reason(
 ) -> None:
     from dicomnode.config import MetricsSettings
     from dicomnode.metrics_server import MetricsServer
-    from dicomnode.store.spool import Spool
+    from dicomnode.store import Spool
 
     server = MetricsServer(
         MetricsSettings(enabled=True, port=free_port()), sessions, Spool(tmp_path / "m")

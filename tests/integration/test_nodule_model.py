@@ -21,7 +21,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicomnode.cli.main import main as cli
-from dicomnode.db.models import JobState
+from dicomnode.db import JobState
 from tests.integration.inprocess import node_sending_to
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_pipeline import job_row

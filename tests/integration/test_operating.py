@@ -28,8 +28,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicomnode.cli.main import main
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import Job
+from dicomnode.db import Job, make_engine, session_factory
 from tests.conftest import free_port, wait_for
 from tests.dcmtk import ECHOSCU, STORESCU
 from tests.factories import ct_series, lung_phantom, write_series

@@ -21,7 +21,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from sqlalchemy import select
 
-from dicomnode.db.models import Job, JobState
+from dicomnode.db import Job, JobState
 from dicomnode.evaluate.sr_findings import read_verdicts
 from dicomnode.outputs.codes import LAA_950
 from tests.integration.inprocess import node_sending_to

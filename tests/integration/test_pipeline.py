@@ -20,26 +20,25 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db import jobs
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import (
+from dicomnode.db import (
     Delivery,
     DeliveryState,
     Job,
-    JobEvent,
     JobState,
     Output,
     Series,
+    jobs,
+    transaction,
     utcnow,
 )
+from dicomnode.db.models import JobEvent
 from dicomnode.errors import JobSuperseded, PermanentJobError
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.inference.segment import ModelCache
+from dicomnode.imaging import load_registry
+from dicomnode.inference import ModelCache
 from dicomnode.pipeline import Pipeline, encode
+from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
-from dicomnode.queue.worker import Worker
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import build_package

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicomnode.db.models import Job, JobState, Output
+from dicomnode.db import Job, JobState, Output
 from tests.factories import ct_series, lung_phantom
 from tests.integration.inprocess import node_sending_to
 from tests.integration.orthanc import Orthanc

@@ -31,8 +31,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from dicomnode.db.engine import make_engine, session_factory
-from dicomnode.db.models import DeliveryState, Job, JobState, Series
+from dicomnode.db import DeliveryState, Job, JobState, Series, make_engine, session_factory
 from tests.conftest import wait_for
 from tests.dcmtk import STORESCU
 from tests.factories import ct_series, lung_phantom, write_series

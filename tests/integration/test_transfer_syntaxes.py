@@ -20,9 +20,9 @@ import pytest
 from pydicom import uid
 from sqlalchemy import select
 
-from dicomnode.db.models import Instance
-from dicomnode.imaging.volume import Volume, load_series
-from dicomnode.listener.scp import Listener
+from dicomnode.db import Instance
+from dicomnode.imaging import Volume, load_series
+from dicomnode.listener import Listener
 from tests.dcmtk import STORESCU
 from tests.dcmtk import tool as dcmtk_tool
 from tests.factories import repaired_j2k_series

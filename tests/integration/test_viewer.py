@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging import load_registry
 from tests.conftest import REPO
 from tests.dcmtk import STORESCU
 from tests.integration.node_process import NODULE_ROUTE, NodeProcess, listener_port, write_config

@@ -12,8 +12,7 @@ import pytest
 from dicomnode.errors import InvalidUID
 from dicomnode.logs import setup_logging
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.factories import ct_series
 
 NAME = "DOE^JANE^SECRET"
@@ -61,7 +60,7 @@ def test_json_lines_carry_the_job_outcome_fields(
     import json
     import time
 
-    from dicomnode.db.jobs import Claim
+    from dicomnode.db import Claim
     from dicomnode.queue.worker import outcome_fields
 
     setup_logging("INFO", "json")

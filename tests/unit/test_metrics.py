@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicomnode import metrics, metrics_server
 from dicomnode.config import MetricsSettings, parse_settings
-from dicomnode.db.engine import make_engine, session_factory
+from dicomnode.db import make_engine, session_factory
 from dicomnode.errors import ConfigError, DicomnodeError
 from dicomnode.metrics_server import MetricsServer
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 from tests.conftest import free_port
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from dicomnode.config import parse_settings
 from dicomnode.errors import ConfigError
-from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging import load_registry
 from dicomnode.node import check_routes
 from tests.unit.inference.packages import build_classification_package, build_package
 

@@ -16,9 +16,8 @@ import pytest
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 
-from dicomnode.db import audit
-from dicomnode.db.engine import read_only, transaction
-from dicomnode.db.models import AuditEvent, utcnow
+from dicomnode.db import audit, read_only, transaction, utcnow
+from dicomnode.db.models import AuditEvent
 from dicomnode.errors import ExportMismatch
 from tests.unit.cli.test_main import one_line_error, run
 

@@ -16,13 +16,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.db import Delivery, DeliveryState, Series, make_engine, migrate, transaction, utcnow
 from dicomnode.db import jobs as queue
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, transaction
-from dicomnode.db.models import Delivery, DeliveryState, Series, utcnow
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port, wait_for
 from tests.dcmtk import STORESCP
 from tests.factories import ct_series

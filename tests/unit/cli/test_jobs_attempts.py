@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from dicomnode.db import Delivery, Job, Output, transaction, utcnow
 from dicomnode.db import jobs as queue
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, Job, Output, utcnow
 from tests.factories import add_series
 from tests.unit.cli.test_main import run, write_config
 

@@ -10,18 +10,18 @@ import pytest
 from sqlalchemy import func, select, update
 
 from dicomnode.cli.main import main
-from dicomnode.db import commitment
-from dicomnode.db import jobs as queue
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import (
+from dicomnode.db import (
     Delivery,
     DeliveryState,
     Job,
-    JobEvent,
     Output,
     Series,
+    commitment,
+    transaction,
     utcnow,
 )
+from dicomnode.db import jobs as queue
+from dicomnode.db.models import JobEvent
 from tests.factories import add_series
 from tests.unit.cli.test_main import one_line_error, run, write_config
 

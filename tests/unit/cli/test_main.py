@@ -10,13 +10,19 @@ import pytest
 from sqlalchemy import select
 
 from dicomnode.cli.main import main
+from dicomnode.db import (
+    Delivery,
+    DeliveryState,
+    Job,
+    Series,
+    make_engine,
+    migrate,
+    session_factory,
+    transaction,
+)
 from dicomnode.db import jobs as queue
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory, transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, Series
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port
 from tests.factories import ct_series
 

@@ -99,7 +99,8 @@ def test_check_names_what_is_broken(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_list_says_what_each_task_finds_and_cuts_at_words(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicomnode.imaging.manifest import load_registry, shipped_models_path
+    from dicomnode.imaging import load_registry
+    from dicomnode.imaging.manifest import shipped_models_path
 
     config = tmp_path / "node.toml"
     config.write_text(f'[models]\npath = "{shipped_models_path()}"\n')

@@ -83,9 +83,8 @@ def test_help_builds_every_parser_without_the_database_layer(tmp_path: Path) -> 
 
 def test_the_parsers_states_are_the_database_states() -> None:
     from dicomnode.cli import subcommands
-    from dicomnode.db.events import EVENTS
+    from dicomnode.db import EVENTS, JobState
     from dicomnode.db.jobs import FINAL_STATES
-    from dicomnode.db.models import JobState
 
     assert tuple(s.value for s in JobState) == subcommands.JOB_STATES
     assert set(subcommands.FINAL_STATE_NAMES) == {s.value for s in FINAL_STATES}

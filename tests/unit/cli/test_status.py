@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from dicomnode.db import Delivery, DeliveryState, Job, Series, transaction, utcnow
 from dicomnode.db import jobs as queue
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Delivery, DeliveryState, Job, Series, utcnow
-from dicomnode.queue.wakeup import Doorbell, WakeListener
+from dicomnode.queue import Doorbell, WakeListener
 from tests.conftest import free_port
 from tests.factories import add_series
 from tests.unit.cli.test_main import run

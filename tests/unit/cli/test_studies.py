@@ -24,17 +24,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.cli.main import main
 from dicomnode.config import ListenerSettings, RetentionSettings, parse_settings
+from dicomnode.db import (
+    Delivery,
+    DeliveryState,
+    Output,
+    Series,
+    make_engine,
+    migrate,
+    transaction,
+    utcnow,
+)
 from dicomnode.db import jobs as queue
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, transaction
-from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Output, Series, utcnow
+from dicomnode.db.models import AuditEvent
 from dicomnode.db.studies import study_summaries
-from dicomnode.listener.scp import Listener
+from dicomnode.listener import Listener
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import sweep
-from dicomnode.store import retention
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool, retention
 from tests.conftest import free_port, wait_for
 from tests.factories import ct_series
 from tests.unit.cli.test_main import one_line_error, run, write_config

@@ -21,13 +21,10 @@ from sqlalchemy import select
 from dicomnode.cli.main import main
 from dicomnode.cli.subcommands import ae_title
 from dicomnode.cli.transfer import parse_source
+from dicomnode.db import Instance, Series, make_engine, migrate, session_factory, transaction
 from dicomnode.db import jobs as queue
-from dicomnode.db import migrate
-from dicomnode.db.engine import make_engine, session_factory, transaction
-from dicomnode.db.models import Instance, Series
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.conftest import free_port
 from tests.factories import ct_series, write_series
 

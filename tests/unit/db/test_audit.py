@@ -12,9 +12,8 @@ import pytest
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 
-from dicomnode.db import audit, jobs
-from dicomnode.db.engine import read_only, transaction
-from dicomnode.db.models import AuditEvent, JobState, Series, Study, utcnow
+from dicomnode.db import JobState, Series, Study, audit, jobs, read_only, transaction, utcnow
+from dicomnode.db.models import AuditEvent
 from tests.unit.cli.test_main import one_line_error, run
 
 
@@ -149,8 +148,7 @@ def test_export_csv_json_and_jsonl(
 def test_bad_export_arguments_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    from dicomnode.db import migrate
-    from dicomnode.db.engine import make_engine
+    from dicomnode.db import make_engine, migrate
 
     url = f"sqlite:///{tmp_path / 'node.db'}"
     engine = make_engine(url)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from dicomnode.db.engine import database_now, transaction
+from dicomnode.db import database_now, transaction
 
 
 @pytest.fixture

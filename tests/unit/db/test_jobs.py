@@ -6,9 +6,19 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select, update
 
-from dicomnode.db import jobs, models
-from dicomnode.db.engine import database_now, transaction
-from dicomnode.db.models import Delivery, Job, JobEvent, JobState, Output, Series, utcnow
+from dicomnode.db import (
+    Delivery,
+    Job,
+    JobState,
+    Output,
+    Series,
+    database_now,
+    jobs,
+    models,
+    transaction,
+    utcnow,
+)
+from dicomnode.db.models import JobEvent
 from dicomnode.errors import JobStateError
 from tests.conftest import wait_for
 from tests.factories import add_series

@@ -24,8 +24,7 @@ def test_the_audit_migration_goes_down_and_up_with_data(engine, sessions) -> Non
     from sqlalchemy import text
 
     from alembic import command
-    from dicomnode.db.engine import transaction
-    from dicomnode.db.models import Series, Study
+    from dicomnode.db import Series, Study, transaction
 
     with transaction(sessions) as s:
         study = Study(study_uid="1.2.3")

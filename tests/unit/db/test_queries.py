@@ -14,11 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from dicomnode.db import audit, health, queries, studies
-from dicomnode.db import commitment as commitment_db
-from dicomnode.db import jobs as queue
-from dicomnode.db.engine import read, transaction
-from dicomnode.db.models import (
+from dicomnode.db import (
     Delivery,
     DeliveryState,
     Instance,
@@ -26,8 +22,16 @@ from dicomnode.db.models import (
     Output,
     Series,
     SeriesState,
+    audit,
+    health,
+    queries,
+    read,
+    studies,
+    transaction,
     utcnow,
 )
+from dicomnode.db import commitment as commitment_db
+from dicomnode.db import jobs as queue
 from tests.factories import add_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from dicomnode.db.engine import read_only, transaction
-from dicomnode.db.models import Study
+from dicomnode.db import Study, read_only, transaction
 
 
 def test_a_reader_in_a_transaction_does_not_hold_up_a_writer(sessions) -> None:

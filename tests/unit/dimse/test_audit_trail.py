@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dicomnode.db import audit
+from dicomnode.dimse import Receipts
 from dicomnode.dimse import audit_trail as receipts
-from dicomnode.dimse.audit_trail import Receipts
-from dicomnode.store.ingest import StoreOutcome
+from dicomnode.store import StoreOutcome
 
 
 class Assoc:

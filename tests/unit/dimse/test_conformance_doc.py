@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+from dicomnode.dimse import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 
 DOC = (Path(__file__).resolve().parents[3] / "docs" / "conformance.md").read_text()
 

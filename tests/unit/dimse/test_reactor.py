@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from pynetdicom import AE
 
 from dicomnode.dimse import reactor
-from dicomnode.listener.scp import Listener
+from dicomnode.listener import Listener
 
 
 def feed(sock: socket.socket, data: bytes, *, close: bool) -> threading.Thread:

@@ -23,8 +23,7 @@ from dicomnode.evaluate import scores as metrics
 from dicomnode.evaluate.geometry import grid_from_datasets
 from dicomnode.evaluate.lidc_reference import compare_lidc_case, read_lidc, reference_nodules
 from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation
+from dicomnode.outputs import Provenance, build_segmentation
 from dicomnode.pipeline import encode
 
 LUNG = load_model_spec(shipped_models_path() / "lung-unet2d").output.segments[0]
@@ -78,6 +77,7 @@ def real(real_ct: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactor
     )
 
 
+@pytest.mark.slow
 def test_the_reference_nodule(real) -> None:
     nodule = real["nodule"]
     assert nodule.readers == 4 and nodule.contoured
@@ -129,6 +129,7 @@ def test_detection_of_one_true_and_one_false_finding(
     assert lines[-1].endswith("FP per scan: 1.000 1.000 1.000 1.000 1.000 1.000 1.000")
 
 
+@pytest.mark.slow
 def test_segmentation_against_the_outlines(real, capsys: pytest.CaptureFixture[str]) -> None:
     results = compare_lidc_case(real["perfect"], real["case"], real["grid"]).results
     assert [r.segment for r in results] == ["nodule 1 (4 readers, 33 mm)", "all nodules"]
@@ -147,6 +148,7 @@ def test_segmentation_against_the_outlines(real, capsys: pytest.CaptureFixture[s
     assert record["aggregate"][0]["segment"] == "all nodules"
 
 
+@pytest.mark.slow
 def test_segmentation_problems(real, capsys: pytest.CaptureFixture[str]) -> None:
     # No nodule segment in our SEG: said so, naming what it has.
     with pytest.raises(EvaluationError, match=r"has no nodule segment \(segments: Left lung"):
@@ -164,6 +166,7 @@ def test_segmentation_problems(real, capsys: pytest.CaptureFixture[str]) -> None
                         "give the source series with --images")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_both_tasks_with_plots(real, capsys: pytest.CaptureFixture[str]) -> None:
     plots = real["out"] / "plots"
     argv = ["evaluate", str(real["perfect"]), str(real["xml"]), "--images", str(real["folder"]),

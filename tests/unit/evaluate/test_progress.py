@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicomnode.evaluate.progress import Progress
+from dicomnode.evaluate import Progress
 
 
 def test_progress_line() -> None:

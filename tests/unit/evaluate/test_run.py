@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 
 from dicomnode.errors import EvaluationError, UsageError
-from dicomnode.evaluate.inputs import find_references, findings_for, segs_by_series
-from dicomnode.evaluate.report import (
+from dicomnode.evaluate import (
     DETECTION_HEADERS,
     SEGMENTATION_HEADERS,
+    EvaluationOptions,
     EvaluationReport,
-    aggregate,
     closing_notes,
+    evaluate_folders,
     report_record,
     segmentation_rows,
 )
-from dicomnode.evaluate.run import EvaluationOptions, evaluate_folders
+from dicomnode.evaluate.inputs import find_references, findings_for, segs_by_series
+from dicomnode.evaluate.report import aggregate
 from dicomnode.evaluate.scores import SegmentationScores
 from dicomnode.evaluate.seg_reference import SegmentComparison
 from dicomnode.imaging.volume import volume_from_datasets

@@ -14,8 +14,7 @@ from dicomnode.evaluate import scores as metrics
 from dicomnode.evaluate.seg_reference import compare_segs
 from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
 from dicomnode.imaging.volume import volume_from_datasets
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation
+from dicomnode.outputs import Provenance, build_segmentation
 from dicomnode.pipeline import encode
 from tests.factories import ct_series, lung_phantom
 

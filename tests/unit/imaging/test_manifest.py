@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from dicomnode.errors import ModelPackageError
-from dicomnode.imaging.manifest import load_model_spec, load_registry, shipped_models_path
+from dicomnode.imaging import load_registry
+from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
 from tests.unit.inference.packages import build_package
 
 

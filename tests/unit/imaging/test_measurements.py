@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dicomnode.imaging.measurements import segment_stats
+from dicomnode.imaging import segment_stats
 
 
 def test_matches_direct_numpy() -> None:

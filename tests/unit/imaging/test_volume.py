@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from dicomnode.errors import PermanentJobError
-from dicomnode.imaging.volume import load_series, volume_from_datasets
+from dicomnode.imaging import load_series
+from dicomnode.imaging.volume import volume_from_datasets
 from tests.factories import ct_series, write_series
 
 

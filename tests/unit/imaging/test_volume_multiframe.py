@@ -14,8 +14,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EnhancedMRImageStorage
 
 from dicomnode.errors import PermanentJobError
+from dicomnode.imaging import frame_order, is_enhanced
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import frame_order, is_enhanced, volume_from_datasets
+from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference.segment import check_input
 from dicomnode.queue.volumetric import why_not_volumetric
 from tests.conftest import REPO

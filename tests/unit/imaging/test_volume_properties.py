@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from scipy.spatial.transform import Rotation
 
+from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import Volume, volume_from_datasets
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.outputs import Provenance, build_segmentation
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced
 

@@ -10,8 +10,9 @@ import torch
 
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.inference import ModelCache
 from dicomnode.inference.backends import masks_agree, openvino_available
-from dicomnode.inference.segment import ModelCache, segment
+from dicomnode.inference.segment import segment
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import build_package, build_state_dict_package
 

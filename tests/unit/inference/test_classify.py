@@ -11,8 +11,8 @@ import torch
 from dicomnode.errors import ModelPackageError, PermanentJobError
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.inference import ModelCache
 from dicomnode.inference.classify import classify
-from dicomnode.inference.segment import ModelCache
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import WrongShape, build_classification_package
 

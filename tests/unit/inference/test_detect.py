@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dicomnode.errors import ModelPackageError, PermanentJobError
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.imaging.volume import Volume, volume_from_datasets
+from dicomnode.imaging import Volume, load_registry
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.inference import ModelCache
 from dicomnode.inference.detect import detect
-from dicomnode.inference.segment import ModelCache
 from tests.factories import ct_series
 from tests.unit.inference.packages import TwoScores, build_detection_package, build_package
 

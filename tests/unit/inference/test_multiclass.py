@@ -11,11 +11,12 @@ from scipy import ndimage
 
 from dicomnode.cli.main import main
 from dicomnode.errors import ModelPackageError, PermanentJobError
+from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import Volume, volume_from_datasets
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.inference import ModelCache, example_shapes
 from dicomnode.inference.backends import labels_agree, openvino_available
-from dicomnode.inference.segment import ModelCache, predict_slices, segment
-from dicomnode.inference.transforms import example_shapes
+from dicomnode.inference.segment import predict_slices, segment
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import (
     AirOrTissue,

@@ -14,7 +14,8 @@ from dicomnode.errors import (
 )
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import volume_from_datasets
-from dicomnode.inference.segment import ModelCache, segment
+from dicomnode.inference import ModelCache
+from dicomnode.inference.segment import segment
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import WrongShape, build_package
 

@@ -12,11 +12,13 @@ import torch
 
 from dicomnode.cli.main import main
 from dicomnode.errors import JobInterrupted, PermanentJobError, TransientJobError
+from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import Volume, volume_from_datasets
-from dicomnode.inference.segment import ModelCache, segment
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.inference import ModelCache, example_shapes
+from dicomnode.inference.segment import segment
 from dicomnode.inference.sliding import _from_network, _to_network, predict_volume, ras_layout
-from dicomnode.inference.transforms import example_shapes, intensity
+from dicomnode.inference.transforms import intensity
 from tests.factories import AXIAL, ct_series, lung_phantom
 from tests.unit.inference.packages import (
     Failing,

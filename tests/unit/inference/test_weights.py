@@ -12,8 +12,8 @@ import torch
 from dicomnode.errors import ModelPackageError
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import volume_from_datasets
-from dicomnode.inference.segment import ModelCache, segment
-from dicomnode.inference.weights import load_model
+from dicomnode.inference import ModelCache, load_model
+from dicomnode.inference.segment import segment
 from tests.factories import ct_series, lung_phantom
 from tests.unit.inference.packages import (
     UNET_TOML,

@@ -5,21 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dicomnode.outputs import (
+    LegendEntry,
+    colorize,
+    default_window,
+    measurement_texts,
+    montage,
+    select_slices,
+    windowed,
+)
 from dicomnode.outputs.overlay import (
     LUNG_WINDOW,
     NOTICE_COLOR,
     SOFT_TISSUE_WINDOW,
-    LegendEntry,
     Window,
     annotation_layer,
-    colorize,
     contour_mask,
-    default_window,
-    measurement_texts,
-    montage,
     render_overlay,
-    select_slices,
-    windowed,
 )
 
 GREEN, ORANGE = (0, 220, 0), (255, 110, 0)

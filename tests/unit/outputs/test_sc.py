@@ -8,11 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.imaging.manifest import load_registry
+from dicomnode.imaging import load_registry
 from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.outputs import Provenance, build_overlay_capture
 from dicomnode.outputs.overlay import contour_mask
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.sc import SC_CLASS, build_overlay_capture, overlay_slices
+from dicomnode.outputs.sc import SC_CLASS, overlay_slices
 from dicomnode.outputs.validate import dciodvfy_errors, own_check_errors
 from dicomnode.pipeline import encode
 from tests.factories import ct_series, legacy_enhanced, lung_phantom

@@ -13,10 +13,11 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomnode.errors import PermanentJobError
+from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import Volume, volume_from_datasets
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation, labels_in_source_order
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.outputs import Provenance, build_segmentation
+from dicomnode.outputs.seg import labels_in_source_order
 from dicomnode.outputs.validate import dciodvfy_errors
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced, lung_phantom
@@ -180,8 +181,8 @@ def test_single_frame_label_count_mismatch_is_refused() -> None:
 
 @pytest.mark.system
 def test_sr_on_a_multiframe_source_lists_it_as_evidence(built: dict, tmp_path: Path) -> None:
-    from dicomnode.imaging.measurements import segment_stats
-    from dicomnode.outputs.sr import build_measurement_report
+    from dicomnode.imaging import segment_stats
+    from dicomnode.outputs import build_measurement_report
 
     volume, labels = built["volume"], built["labels"]
     names = [s.label for s in SPEC.output.segments]

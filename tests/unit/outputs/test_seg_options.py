@@ -18,14 +18,16 @@ from pydicom.sr.codedict import codes
 
 from dicomnode.config import SegOptions, parse_settings
 from dicomnode.errors import ConfigError, PermanentJobError
+from dicomnode.imaging import load_series, segment_stats
 from dicomnode.imaging.manifest import load_model_spec, shipped_models_path
-from dicomnode.imaging.measurements import segment_stats
-from dicomnode.imaging.volume import load_series
+from dicomnode.outputs import (
+    Provenance,
+    build_measurement_report,
+    build_segmentation,
+    validate_file,
+)
 from dicomnode.outputs.codes import LAA_950
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation
-from dicomnode.outputs.sr import build_measurement_report
-from dicomnode.outputs.validate import own_check_errors, validate_file
+from dicomnode.outputs.validate import own_check_errors
 from dicomnode.pipeline import encode
 
 SPEC = load_model_spec(shipped_models_path() / "lung-unet2d")

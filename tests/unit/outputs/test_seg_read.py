@@ -16,10 +16,10 @@ from pydicom.dataset import Dataset
 
 from dicomnode.config import SegOptions
 from dicomnode.errors import UnusableSeg
+from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import Volume, volume_from_datasets
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation, read_labels
+from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.outputs import Provenance, build_segmentation, read_labels
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced, lung_phantom
 

@@ -10,12 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.imaging.manifest import load_registry
-from dicomnode.imaging.measurements import segment_stats
+from dicomnode.imaging import load_registry, segment_stats
 from dicomnode.imaging.volume import volume_from_datasets
-from dicomnode.outputs.provenance import Provenance
-from dicomnode.outputs.seg import build_segmentation
-from dicomnode.outputs.sr import build_measurement_report
+from dicomnode.outputs import Provenance, build_measurement_report, build_segmentation
 from dicomnode.outputs.validate import dciodvfy_errors
 from dicomnode.pipeline import encode
 from tests.factories import ct_series, lung_phantom
@@ -190,7 +187,7 @@ def test_sr_findings_carry_the_seg_segments_tracking_uids(built) -> None:
 
 @pytest.mark.system
 def test_non_conformant_source_values_are_repaired(tmp_path: Path) -> None:
-    from dicomnode.outputs.headers import repair_source_headers
+    from dicomnode.outputs import repair_source_headers
 
     sources = ct_series(lung_phantom(slices=3, size=16))
     sources[0].PatientBirthDate = "1970013"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dicomnode.errors import PermanentJobError
-from dicomnode.outputs.validate import validate_file
+from dicomnode.outputs import validate_file
 from tests.factories import ct_series, write_series
 
 

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import ContentCheck
-from dicomnode.db import jobs
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import JobState, Series, Study
+from dicomnode.db import JobState, Series, Study, jobs, transaction
 from dicomnode.errors import ContentCheckFailed, WaitingForModel
 from dicomnode.pipeline.content import check_images, check_verdict
 

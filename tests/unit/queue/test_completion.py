@@ -9,14 +9,11 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicomnode.config import parse_settings
-from dicomnode.db import jobs
-from dicomnode.db.jobs import URGENT
-from dicomnode.db.models import Job, JobState, Series, SeriesState, utcnow
-from dicomnode.imaging.manifest import load_registry
+from dicomnode.db import URGENT, Job, JobState, Series, SeriesState, jobs, utcnow
+from dicomnode.imaging import load_registry
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import NotYetDue, sweep
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.factories import ct_series
 
 SETTINGS = parse_settings(

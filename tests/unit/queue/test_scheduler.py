@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dicomnode.config import parse_settings
 from dicomnode.queue import scheduler
-from dicomnode.store.spool import Spool
+from dicomnode.store import Spool
 
 
 def job_ids(tmp_path: Path, sessions, retention: dict, *, completion: bool) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.queue.wakeup import Announcer, Doorbell, WakeListener
+from dicomnode.queue import Announcer, Doorbell, WakeListener
 
 ANNOUNCE = """
 import sys
@@ -69,7 +69,7 @@ def test_silence_does_not_ring(engine, tmp_path: Path) -> None:
 
 @pytest.mark.system
 def test_a_dead_processs_registration_is_removed(tmp_path: Path) -> None:
-    from dicomnode.db.engine import make_engine
+    from dicomnode.db import make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     registry = tmp_path / "run" / "wake"

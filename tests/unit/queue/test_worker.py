@@ -5,11 +5,9 @@ import threading
 import time
 
 from dicomnode.config import WorkerSettings
-from dicomnode.db import jobs
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import Job, JobState, Series, Study
-from dicomnode.queue.wakeup import Doorbell
-from dicomnode.queue.worker import ModelSlots, Worker, _Heartbeat
+from dicomnode.db import Job, JobState, Series, Study, jobs, transaction
+from dicomnode.queue import Doorbell, ModelSlots, Worker
+from dicomnode.queue.worker import _Heartbeat
 
 
 def queue_one(sessions) -> int:

@@ -16,21 +16,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
 from dicomnode.config import Destination
-from dicomnode.db import audit
+from dicomnode.db import Delivery, DeliveryState, Job, JobState, Output, audit, transaction, utcnow
 from dicomnode.db import commitment as commitment_db
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import (
-    Delivery,
-    DeliveryState,
-    Job,
-    JobEvent,
-    JobState,
-    Output,
-    utcnow,
-)
+from dicomnode.db.models import JobEvent
 from dicomnode.dimse import peers, statuses
-from dicomnode.send import commitment
-from dicomnode.send.commitment import STORAGE_COMMITMENT_PUSH, ReportHandler, request_dataset
+from dicomnode.send import STORAGE_COMMITMENT_PUSH, ReportHandler, commitment
+from dicomnode.send.commitment import request_dataset
 from tests.factories import add_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

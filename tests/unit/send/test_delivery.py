@@ -14,12 +14,10 @@ import pytest
 from sqlalchemy import select
 
 from dicomnode.config import Destination, Settings, parse_settings
-from dicomnode.db.engine import transaction
-from dicomnode.db.jobs import Claim
-from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Job, JobState
+from dicomnode.db import Claim, Delivery, DeliveryState, Job, JobState, transaction
+from dicomnode.db.models import AuditEvent
 from dicomnode.errors import DeliveryFailed, PermanentJobError, TransientJobError
-from dicomnode.send import delivery
-from dicomnode.send.delivery import deliver
+from dicomnode.send import deliver, delivery
 from tests.factories import add_series
 
 FILES = [Path("/spool/results/1.dcm"), Path("/spool/results/2.dcm")]

@@ -17,11 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, ge
 from sqlalchemy import select
 
 from dicomnode.config import Destination, Settings, parse_settings
-from dicomnode.db import audit
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import AuditEvent, Job, JobState, Output
+from dicomnode.db import Job, JobState, Output, audit, transaction
+from dicomnode.db.models import AuditEvent
 from dicomnode.errors import DicomnodeError, TransientJobError
-from dicomnode.send import planning
+from dicomnode.send import planning, send_source
 from dicomnode.send.planning import (
     MAX_CONTEXTS,
     PlannedFile,
@@ -29,9 +28,8 @@ from dicomnode.send.planning import (
     _groups,
     job_outputs,
     plan,
-    send_source,
 )
-from dicomnode.store.staging import SourceFile
+from dicomnode.store import SourceFile
 from tests.factories import add_series, ct_series, write_series
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)

@@ -20,7 +20,7 @@ def test_success_and_failures_are_not_warnings(code: int) -> None:
 def test_an_unknown_host_is_a_retryable_one_line_error() -> None:
     from dicomnode.config import Destination
     from dicomnode.errors import TransientJobError
-    from dicomnode.send.scu import echo
+    from dicomnode.send import echo
 
     nowhere = Destination(
         name="pacs", ae_title="PACS", host="no-such-host.invalid", port=104, timeout_seconds=2

@@ -7,7 +7,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select, text
 
-from dicomnode.db.models import Instance, Series, SeriesState, Study
+from dicomnode.db import Instance, Series, SeriesState, Study
 from dicomnode.errors import (
     InstanceTooLarge,
     InvalidUID,
@@ -18,8 +18,7 @@ from dicomnode.errors import (
     UnreadableInstance,
 )
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool
 from tests.deflated import deflate_bomb
 from tests.factories import ct_series
 

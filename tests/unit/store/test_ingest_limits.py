@@ -30,8 +30,8 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from dicomnode.db.engine import POOL_HEADROOM, make_engine
-from dicomnode.db.models import Instance, Series, Study
+from dicomnode.db import Instance, Series, Study, make_engine
+from dicomnode.db.engine import POOL_HEADROOM
 from dicomnode.dimse import statuses
 from dicomnode.errors import (
     InstanceTooLarge,
@@ -41,14 +41,8 @@ from dicomnode.errors import (
     UnreadableInstance,
 )
 from dicomnode.pipeline import encode
-from dicomnode.store import ingest
-from dicomnode.store.ingest import (
-    MAX_CONCURRENT_INFLATIONS,
-    Ingestor,
-    database_error,
-    parse_header,
-)
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool, ingest
+from dicomnode.store.ingest import MAX_CONCURRENT_INFLATIONS, database_error, parse_header
 from tests.conftest import wait_for
 from tests.deflated import (
     UNDEFINED,
@@ -301,7 +295,7 @@ def test_a_lost_connection_is_transient_whatever_its_class() -> None:
 
 
 def test_no_free_connection_is_out_of_resources(db_url: str, engine, tmp_path: Path) -> None:
-    from dicomnode.db.engine import session_factory
+    from dicomnode.db import session_factory
 
     small = make_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
     ingestor = Ingestor(Spool(tmp_path / "spool"), session_factory(small))

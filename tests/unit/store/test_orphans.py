@@ -6,9 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from dicomnode.pipeline import encode
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.orphans import remove_orphans
-from dicomnode.store.spool import Spool
+from dicomnode.store import Ingestor, Spool, remove_orphans
 from tests.factories import ct_series
 
 
@@ -35,9 +33,7 @@ def test_only_old_files_without_a_row_go(tmp_path: Path, sessions) -> None:
 
 
 def test_result_files_no_output_row_names_go_too(tmp_path: Path, sessions) -> None:
-    from dicomnode.db import jobs
-    from dicomnode.db.engine import transaction
-    from dicomnode.db.models import Output, Series
+    from dicomnode.db import Output, Series, jobs, transaction
 
     spool = Spool(tmp_path / "spool")
     ingestor = Ingestor(spool, sessions)

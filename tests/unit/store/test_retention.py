@@ -17,10 +17,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from dicomnode.config import RetentionSettings, StorageSettings
-from dicomnode.db import jobs
-from dicomnode.db.engine import transaction
-from dicomnode.db.models import (
-    AuditEvent,
+from dicomnode.db import (
     Delivery,
     DeliveryState,
     Instance,
@@ -29,13 +26,14 @@ from dicomnode.db.models import (
     Output,
     Series,
     SeriesState,
+    jobs,
+    transaction,
     utcnow,
 )
+from dicomnode.db.models import AuditEvent
 from dicomnode.errors import JobStateError
 from dicomnode.pipeline import encode
-from dicomnode.store import retention
-from dicomnode.store.ingest import Ingestor
-from dicomnode.store.spool import RESULTS, Spool
+from dicomnode.store import RESULTS, Ingestor, Spool, retention
 from tests.factories import ct_series
 from tests.unit.cli.test_main import one_line_error, run
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.store.spool import INCOMING, TMP, Spool
+from dicomnode.store import Spool
+from dicomnode.store.spool import INCOMING, TMP
 
 
 def test_write_is_complete_and_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -54,7 +55,8 @@ def test_a_second_listener_lock_is_refused_naming_the_holder(tmp_path: Path) -> 
     import subprocess
 
     from dicomnode.errors import NodeAlreadyRunning
-    from dicomnode.store.spool import LISTENER_LOCK, ListenerLock
+    from dicomnode.store import ListenerLock
+    from dicomnode.store.spool import LISTENER_LOCK
 
     held = ListenerLock(tmp_path, "pid 1 on host h, started 2024-01-01T00:00:00Z")
     # flock locks belong to the open file: a second open conflicts even in one process.

@@ -14,10 +14,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from sqlalchemy import select
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db.engine import session_factory
-from dicomnode.db.models import AuditEvent, Instance
-from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
-from dicomnode.store.staging import (
+from dicomnode.db import Instance, session_factory
+from dicomnode.db.models import AuditEvent
+from dicomnode.dimse import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
+from dicomnode.store import (
     Accepted,
     SourceFile,
     find_files,

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicomnode.store.uids import is_safe_uid, uid_problem
+from dicomnode.store import is_safe_uid
+from dicomnode.store.uids import uid_problem
 
 
 @pytest.mark.parametrize(
