@@ -1,9 +1,9 @@
 """The queries behind ``dicomnode status`` and ``destinations list``.
 
 Queue, deliveries, workers, recent errors, per-destination counts: read-only, and
-returned as frozen views of plain values. The CLI adds the listener check and the
-disk, and judges what needs attention. Nothing here returns patient data: job errors
-and event notes carry none by design.
+returned as frozen views of plain values. :mod:`dicomnode.health` adds the listener
+check and the disk, and judges what needs attention. Nothing here returns patient
+data: job errors and event notes carry none by design.
 """
 
 from __future__ import annotations

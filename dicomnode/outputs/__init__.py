@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         windowed,
     )
     from dicomnode.outputs.palette import PALETTE
+    from dicomnode.outputs.preview import label_volume, preview_montage, segment_entries
     from dicomnode.outputs.provenance import RESEARCH_NOTICE, Provenance
     from dicomnode.outputs.rejection import build_rejection_note
     from dicomnode.outputs.sc import build_overlay_capture
@@ -53,11 +54,14 @@ _HOMES = {
     "default_window": "dicomnode.outputs.overlay",
     "detection_summary": "dicomnode.outputs.findings",
     "finding_segments": "dicomnode.outputs.findings",
+    "label_volume": "dicomnode.outputs.preview",
     "measurement_texts": "dicomnode.outputs.overlay",
     "montage": "dicomnode.outputs.overlay",
+    "preview_montage": "dicomnode.outputs.preview",
     "read_labels": "dicomnode.outputs.seg",
     "repair_source_headers": "dicomnode.outputs.headers",
     "reported_findings": "dicomnode.outputs.findings",
+    "segment_entries": "dicomnode.outputs.preview",
     "segment_outlines": "dicomnode.outputs.contours",
     "select_slices": "dicomnode.outputs.overlay",
     "series_class": "dicomnode.outputs.findings",
@@ -79,11 +83,14 @@ __all__ = [
     "default_window",
     "detection_summary",
     "finding_segments",
+    "label_volume",
     "measurement_texts",
     "montage",
+    "preview_montage",
     "read_labels",
     "repair_source_headers",
     "reported_findings",
+    "segment_entries",
     "segment_outlines",
     "select_slices",
     "series_class",

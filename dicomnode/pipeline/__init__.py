@@ -2,7 +2,8 @@
 
 :mod:`~dicomnode.pipeline.run` holds :class:`Pipeline`, which a worker calls once per
 claimed job; :mod:`~dicomnode.pipeline.content` the checks a series must pass before a
-route's models run on it.
+route's models run on it; :mod:`~dicomnode.pipeline.preview` draws a job's SEG over its
+source series from the spool (``jobs show --preview``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from dicomnode.exports import lazy_exports
 
 if TYPE_CHECKING:
+    from dicomnode.pipeline.preview import preview_seg_path, render_job_preview
     from dicomnode.pipeline.run import BuiltOutput, JobContext, Pipeline, encode
 
 # Each public name and the module it lives in. The modules load when a name is first
@@ -21,6 +23,8 @@ _HOMES = {
     "JobContext": "dicomnode.pipeline.run",
     "Pipeline": "dicomnode.pipeline.run",
     "encode": "dicomnode.pipeline.run",
+    "preview_seg_path": "dicomnode.pipeline.preview",
+    "render_job_preview": "dicomnode.pipeline.preview",
 }
 
 __all__ = [
@@ -28,5 +32,7 @@ __all__ = [
     "JobContext",
     "Pipeline",
     "encode",
+    "preview_seg_path",
+    "render_job_preview",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES)

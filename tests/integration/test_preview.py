@@ -20,11 +20,11 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicomnode.cli.main import main
-from dicomnode.cli.preview import COLUMNS, TILE_WIDTH
 from dicomnode.config import Settings
 from dicomnode.db import Job, JobState
 from dicomnode.imaging import load_registry
 from dicomnode.inference import ModelCache
+from dicomnode.outputs.preview import COLUMNS, TILE_WIDTH
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep

@@ -29,6 +29,12 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stder
 
 
 def _loaded(cwd: Path, *argv: str) -> tuple[int, set[str]]:
+    code, modules = _modules(cwd, *argv)
+    return code, {m.split(".")[0] for m in modules}
+
+
+def _modules(cwd: Path, *argv: str) -> tuple[int, set[str]]:
+    """Run the command in a fresh interpreter; its exit code and every module loaded."""
     done = subprocess.run(
         [sys.executable, "-c", PROBE, *argv],
         cwd=cwd,
@@ -38,7 +44,7 @@ def _loaded(cwd: Path, *argv: str) -> tuple[int, set[str]]:
         check=False,
     )
     report = json.loads(done.stderr.strip().splitlines()[-1])
-    return report["code"], {m.split(".")[0] for m in report["modules"]}
+    return report["code"], set(report["modules"])
 
 
 @pytest.fixture
@@ -71,6 +77,17 @@ def test_light_commands_import_no_heavy_library(
     code, modules = _loaded(tmp_path, *argv, *([] if argv == ["--help"] else ["-c", config]))
     assert code in (0, 1)  # status: 1 when this host's disk is below the watermark
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+@pytest.mark.system
+def test_jobs_show_draws_no_preview_code_without_preview(config: str, tmp_path: Path) -> None:
+    # jobs show reads DICOM only for --preview: pydicom is set up, but the drawing
+    # (highdicom, the preview modules) is left to the preview.
+    code, modules = _modules(tmp_path, "jobs", "show", "1", "-c", config)
+    assert code == 1  # no job 1 in the new database
+    assert "highdicom" not in {m.split(".")[0] for m in modules}
+    preview = {"dicomnode.cli.preview", "dicomnode.pipeline.preview", "dicomnode.outputs.preview"}
+    assert not modules & preview, sorted(modules & preview)
 
 
 @pytest.mark.system
