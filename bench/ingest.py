@@ -1,16 +1,19 @@
-"""Receive speed: dicomnode (durable: fsync + database row) against dcmtk's storescp.
+"""Receive speed: dicomnode (durable: fsync + database row) against storescp and Orthanc.
 
 For each number of concurrent associations it runs, in this order and on this machine:
 
 1. dcmtk's ``storescp`` writing to a temporary folder with ``TCP_NODELAY=1`` (the
-   reference; ``--fork`` so it also takes concurrent associations). It does not
+   floor; ``--fork`` so it also takes concurrent associations). It does not
    fsync, so its files are in the page cache, not on disk, when it says "stored";
-2. ``dicomnode listen`` on a fresh database and spool, where every success means
+2. Orthanc (Debian's package, files and its SQLite index, ``TCP_NODELAY=1``), the
+   PACS a site might route to instead, with its default settings;
+3. ``dicomnode listen`` on a fresh database and spool, where every success means
    the file was fsynced, renamed, its folder fsynced and its row committed.
 
 Both are fed by dcmtk's ``storescu`` (one process per association) with the same
 synthetic CT series made by ``tests/data/make_ct.py``. It prints instances/s
-for each, the ratio (dicomnode / storescp), and the node's peak resident memory.
+for each, the ratios dicomnode / Orthanc and dicomnode / storescp, and the node's
+peak resident memory.
 Each figure is the median of ``--repeat`` runs.
 
 Usage::
@@ -45,6 +48,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from tests.conftest import free_port, fresh_pg_database, memory_bytes  # noqa: E402
 from tests.dcmtk import STORESCP, STORESCU  # noqa: E402
 from tests.integration.node_process import NodeProcess, write_config  # noqa: E402
+from tests.integration.orthanc import Orthanc  # noqa: E402
 from tests.testdata import MAKE_CT  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: no Nagle on either side
@@ -129,6 +133,18 @@ def run_storescp(series: list[list[Path]], workdir: Path) -> float:
     return elapsed
 
 
+def run_orthanc(series: list[list[Path]], workdir: Path) -> float:
+    run = workdir / f"orthanc-{uuid.uuid4().hex[:6]}"
+    with Orthanc(run, aet="ORTHANC", env=ENV) as pacs:
+        elapsed = send_all(pacs.dicom_port, "ORTHANC", series)
+        stored = pacs.get("/statistics")["CountInstances"]
+    expected = sum(map(len, series))
+    if stored != expected:
+        raise RuntimeError(f"Orthanc stored {stored} of {expected}")
+    settle(run)
+    return elapsed
+
+
 def settle(folder: Path) -> None:
     """Delete a run's files and flush the disk, so the next run starts even.
 
@@ -205,19 +221,21 @@ def main() -> None:
         print(f"{args.slices} x {args.size}x{args.size} CT per association ({mib:.0f} MiB); "
               f"dicomnode on {db}, {args.processes} receiver process(es); "
               f"median of {args.repeat}; {os.cpu_count()} CPUs")  # fmt: skip
-        print(f"{'associations':>12} {'storescp/s':>11} {'dicomnode/s':>12} {'ratio':>6} "
-              f"{'node peak RSS':>14}")  # fmt: skip
+        print(f"{'associations':>12} {'storescp/s':>11} {'orthanc/s':>10} {'dicomnode/s':>12} "
+              f"{'x orthanc':>10} {'x storescp':>11} {'node peak RSS':>14}")  # fmt: skip
         for n in args.concurrency:
             chosen = series[:n]
             total = sum(map(len, chosen))
-            ref, ours, rss = [], [], []
+            ref, pacs, ours, rss = [], [], [], []
             for _ in range(args.repeat):
                 ref.append(total / run_storescp(chosen, workdir))
+                pacs.append(total / run_orthanc(chosen, workdir))
                 elapsed, peak = run_dicomnode(chosen, workdir, args.database, args.processes)
                 ours.append(total / elapsed)
                 rss.append(peak)
-            r, o = statistics.median(ref), statistics.median(ours)
-            print(f"{n:>12} {r:>11.0f} {o:>12.0f} {o / r:>6.2f} {max(rss) / 2**20:>11.0f} MiB")
+            r, p, o = (statistics.median(x) for x in (ref, pacs, ours))
+            print(f"{n:>12} {r:>11.0f} {p:>10.0f} {o:>12.0f} {o / p:>10.2f} {o / r:>11.2f} "
+                  f"{max(rss) / 2**20:>11.0f} MiB")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict[str, list[str | int]] | None = None,
         dicomweb: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         exe = shutil.which("Orthanc")
         if exe is None:
@@ -40,6 +41,7 @@ class Orthanc:
         self.aet = aet
         self.modalities = modalities or {}
         self.dicomweb = dicomweb
+        self.env = env  # e.g. TCP_NODELAY=1, which Orthanc's DICOM stack (dcmtk) reads
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -66,7 +68,9 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = (self.workdir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen([self.exe, str(path)], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [self.exe, str(path)], stdout=self.log, stderr=self.log, env=self.env
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
