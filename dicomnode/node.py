@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import logging
 import os
 import resource
@@ -551,6 +552,9 @@ def serve_until_signal(settings: Settings, *, listen: bool = True, work: bool = 
     """
     node = Node.from_settings(settings, listen=listen, work=work)
     stop = threading.Event()
+    # `kill -USR1 PID` writes every thread's stack to stderr (the log): what a node
+    # that will not stop, or a stuck worker, is waiting on. Code locations only, no data.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         serve_log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -560,5 +564,6 @@ def serve_until_signal(settings: Settings, *, listen: bool = True, work: bool = 
     try:
         node.run_until(stop)
     finally:
+        faulthandler.unregister(signal.SIGUSR1)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

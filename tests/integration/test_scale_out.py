@@ -272,6 +272,10 @@ def stop_all(nodes: Sequence[NodeProcess], timeout: float = 60) -> dict[NodeProc
         try:
             node.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Every thread's stack into its log first (the node dumps them on SIGUSR1),
+            # so that a failure shows what the node was still waiting on.
+            node.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
             node.kill()
     return {n: int(n.proc.returncode) for n in nodes if n.proc is not None}
 

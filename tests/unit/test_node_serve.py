@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,3 +86,19 @@ def test_sigterm_stops_the_node_and_the_handlers_are_restored(
     assert seen["handler"] is not before[signal.SIGTERM]
     assert {s: signal.getsignal(s) for s in before} == before
     assert "received SIGTERM, shutting down" in caplog.text
+
+
+def test_sigusr1_writes_every_threads_stack(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    class Dumped(FakeNode):
+        def run_until(self, stop: threading.Event) -> None:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)  # the dump is written by the signal's C handler, at once
+
+    monkeypatch.setattr(node_module.Node, "from_settings", lambda *a, **k: Dumped())
+    serve_until_signal(parse_settings({}, environ={}), listen=False, work=True)
+    err = capfd.readouterr().err
+    assert "Current thread" in err and "run_until" in err
+    # Unregistered afterwards: a later SIGUSR1 is not ours to answer.
+    assert faulthandler.unregister(signal.SIGUSR1) is False
