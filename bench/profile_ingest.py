@@ -72,7 +72,11 @@ def summarise(collapsed: Path, top: int) -> None:
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1] for f in stack.split(";")[1:]]
+        # "function (path/file.py:123)" -> "function (file.py)": per function, not per line.
+        frames = [
+            f"{f.split(' (')[0]} ({Path(f.rsplit(' (', 1)[-1].rsplit(':', 1)[0]).name})"
+            for f in stack.split(";")
+        ]
         if not frames:
             continue
         n = int(count)
@@ -80,7 +84,9 @@ def summarise(collapsed: Path, top: int) -> None:
         own[frames[-1]] += n
         for frame in set(frames):
             anywhere[frame] += n
-    print(f"{total} busy samples")
+    # py-spy leaves out threads it sees idle, but a thread in poll() or on a lock that
+    # releases the GIL late can still count: read the waits at the top as waiting.
+    print(f"{total} samples of non-idle threads")
     for title, counter in (("self", own), ("inclusive", anywhere)):
         print(f"\n{title}:")
         for frame, n in counter.most_common(top):
