@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
+import io
 import logging
 import os
 import resource
@@ -554,7 +555,9 @@ def serve_until_signal(settings: Settings, *, listen: bool = True, work: bool = 
     stop = threading.Event()
     # `kill -USR1 PID` writes every thread's stack to stderr (the log): what a node
     # that will not stop, or a stuck worker, is waiting on. Code locations only, no data.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A stderr without a file descriptor (the node embedded, or captured) has none.
+    with contextlib.suppress(io.UnsupportedOperation, ValueError, AttributeError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         serve_log.info("received %s, shutting down", signal.Signals(signum).name)
