@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 
-from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
+from dicomnode.errors import ModelPackageError, PermanentJobError
 from dicomnode.imaging import ClassificationResult, ClassSpec, ModelSpec, Volume
 from dicomnode.inference.segment import ModelCache, check_input, forward_in_pieces
-from dicomnode.inference.transforms import intensity
+from dicomnode.inference.transforms import FORWARD_ERRORS, failure_reason, intensity
 
 
 def classify(
@@ -71,9 +71,9 @@ def classify(
                 x = F.interpolate(x, size=matrix, mode="bilinear", align_corners=False)
             try:
                 y = forward_in_pieces(module, x, spec.name)
-            except RuntimeError as exc:
+            except FORWARD_ERRORS as exc:
                 raise PermanentJobError(
-                    f"model {spec.name}: forward pass failed: {first_line(exc)}"
+                    f"model {spec.name}: forward pass failed: {failure_reason(exc)}"
                 ) from None
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0], width):
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__

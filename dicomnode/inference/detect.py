@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dicomnode.errors import ModelPackageError, PermanentJobError, first_line
+from dicomnode.errors import ModelPackageError, PermanentJobError
 from dicomnode.imaging import DetectionResult, Finding, ModelSpec, Volume
 from dicomnode.inference.nodules import (
     blob_diameter_mm,
@@ -26,12 +26,16 @@ from dicomnode.inference.nodules import (
     suppress,
 )
 from dicomnode.inference.segment import ModelCache, SegmentationResult, check_input, segment
+from dicomnode.inference.transforms import FORWARD_ERRORS, failure_reason
 
 log = logging.getLogger(__name__)
 
 
 MAX_FINDINGS = 50  # a scan with more is a failed search, not 50 nodules to list
 MAX_DIAMETER_MM = 50.0  # the largest nodule segmented; a larger mass is not a nodule
+
+# A network's failure (FORWARD_ERRORS), or patches that do not fit it (ValueError).
+SCORING_ERRORS: tuple[type[Exception], ...] = (*FORWARD_ERRORS, ValueError)
 
 
 def detect(
@@ -123,9 +127,9 @@ def detect(
             spec.input.batch_size,
             logits=spec.output.kind == "logits",
         )
-    except (RuntimeError, ValueError) as exc:
+    except SCORING_ERRORS as exc:
         raise PermanentJobError(
-            f"model {spec.name}: scoring failed: {first_line(exc)[:200]}"
+            f"model {spec.name}: scoring failed: {failure_reason(exc)[:200]}"
         ) from None
     timings["inference_s"] = time.perf_counter() - started
 

@@ -14,7 +14,7 @@ from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference import ModelCache
 from dicomnode.inference.classify import classify
 from tests.factories import ct_series, lung_phantom
-from tests.unit.inference.packages import WrongShape, build_classification_package
+from tests.unit.inference.packages import Failing, WrongShape, build_classification_package
 
 CPU = torch.device("cpu")
 
@@ -68,6 +68,17 @@ def test_wrong_output_shape_and_modality_fail_the_job(tmp_path: Path) -> None:
     good = load_model_spec(build_classification_package(tmp_path, name="good"))
     with pytest.raises(PermanentJobError, match=r"takes CT, not MR"):
         classify(good, phantom(10, modality="MR"), ModelCache(CPU))
+
+
+def test_a_network_that_raises_fails_the_job_with_its_own_error(tmp_path: Path) -> None:
+    # A TorchScript network's own raise comes out as torch.jit.Error (no RuntimeError),
+    # with the interpreter's traceback first and the error on its last line.
+    spec = load_model_spec(build_classification_package(tmp_path, module=Failing()))
+    with pytest.raises(
+        PermanentJobError,
+        match=r"^model test-classes: forward pass failed: .*simulated kernel failure$",
+    ):
+        classify(spec, phantom(10), ModelCache(CPU))
 
 
 def test_packages_without_classes_or_with_too_many_for_one_channel(tmp_path: Path) -> None:

@@ -14,7 +14,12 @@ from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.inference import ModelCache
 from dicomnode.inference.detect import detect
 from tests.factories import ct_series
-from tests.unit.inference.packages import TwoScores, build_detection_package, build_package
+from tests.unit.inference.packages import (
+    Failing,
+    TwoScores,
+    build_detection_package,
+    build_package,
+)
 
 NODULE_MM = 12.0
 
@@ -120,3 +125,15 @@ def test_shipped_nodule_model_loads_with_its_mask_model() -> None:
     assert spec.task == "detection"
     assert models[spec.detection.lung_model].task == "segmentation"
     assert spec.weights.format == "state_dict" and spec.network.name == "Classifier"
+
+
+def test_a_cnn_that_raises_fails_the_job_with_its_own_error(tmp_path: Path) -> None:
+    # TorchScript's torch.jit.Error is no RuntimeError: it must not escape as a crash.
+    build_package(tmp_path, "test-lungs")
+    build_detection_package(tmp_path, "test-nodules", module=Failing())
+    models = load_registry(tmp_path)
+    volume, _ = nodule_volume()
+    with pytest.raises(PermanentJobError, match=r"scoring failed: .*simulated kernel failure$"):
+        detect(
+            models["test-nodules"], models["test-lungs"], volume, ModelCache(torch.device("cpu"))
+        )
