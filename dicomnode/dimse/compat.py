@@ -15,14 +15,18 @@ reason given where it happens, and every access of that kind is a function here:
   :func:`replace_dataset_file`, :func:`partial_dataset_file`, for
   :mod:`dicomnode.listener.chunked`).
 
-What those functions rely on is listed in :data:`INTERNALS`, and each of them uses
-a piece only through the one guard, :func:`_problem`, that :func:`check` uses at
-start-up: a pynetdicom laid out differently could quietly undo what those places
-guarantee, a hostile peer's limits among them, so the listener refuses to start with
-any other version than the tested one, or with a piece missing, and names it. The
-reactor's and the chunked receive's replacements are made only where the guard finds
-pynetdicom as expected; elsewhere pynetdicom keeps its own behaviour (an outgoing
-association, which :func:`check` does not stop, then runs at pynetdicom's pace).
+What those functions rely on is listed in :data:`INTERNALS`, and one guard,
+:func:`_problem`, looks at each piece: :func:`check` runs it over all of them when a
+listener starts, since a pynetdicom laid out differently could quietly undo what those
+places guarantee, a hostile peer's limits among them; the listener refuses to start
+with any other version than the tested one, or with a piece missing, and names it.
+The reactor's and the chunked receive's replacements also run it, once per process
+(and once per association for the queues the wake-ups are attached to), and are made
+only where it finds pynetdicom as expected; elsewhere pynetdicom keeps its own
+behaviour (an outgoing association, which :func:`check` does not stop, then runs at
+pynetdicom's pace). The functions used per message or per connection
+(:func:`start_admitted`, :func:`socket_connected`, :func:`partial_dataset_file`) run
+no guard: :func:`check` has found their pieces.
 ``tests/unit/dimse/test_compat.py`` fails if any other module of dicomnode uses a
 private name of pynetdicom's, or sets anything on its modules and classes.
 
@@ -311,7 +315,7 @@ def _problem(internal: Internal, on: object = _MISSING) -> str | None:
     value = getattr(on, internal.name, _MISSING)
     if value is _MISSING:
         return f"no {internal}"
-    if value is _ours.get(internal) or internal.expect.test(value):
+    if value is _ours.get(internal, _MISSING) or internal.expect.test(value):
         return None
     return f"{internal} is not {internal.expect.text}"
 

@@ -97,7 +97,43 @@ def test_each_instance_attribute_missing_is_refused_by_name(
         compat.check()
 
 
-def test_every_internal_is_looked_for() -> None:
+@pytest.mark.parametrize(
+    "internal",
+    [i for i in compat.INTERNALS if not i.instance and i.expect is not compat.ANYTHING],
+    ids=str,
+)
+def test_each_internal_of_another_kind_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, internal: compat.Internal
+) -> None:
+    # None too: it is what a piece set lazily would be, and no replacement of ours.
+    monkeypatch.setattr(_owner(internal), internal.name, None)
+    with pytest.raises(ConfigError, match=f"{internal} is not {internal.expect.text}"):
+        compat.check()
+
+
+@pytest.mark.parametrize(
+    "internal",
+    [i for i in compat.INTERNALS if i.instance and i.expect is not compat.ANYTHING],
+    ids=str,
+)
+def test_each_instance_attribute_of_another_kind_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, internal: compat.Internal
+) -> None:
+    cls = _owner(internal)
+    assert isinstance(cls, type)
+    init = cls.__init__
+
+    def init_with_none(self: object, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        if isinstance(self, cls):
+            object.__setattr__(self, internal.name, None)
+
+    monkeypatch.setattr(cls, "__init__", init_with_none)
+    with pytest.raises(ConfigError, match=f"{internal} is not {internal.expect.text}"):
+        compat.check()
+
+
+def test_each_internal_has_a_name_of_its_own() -> None:
     # What the check knows about is what it reports on: one missing piece each.
     labels = [str(i) for i in compat.INTERNALS]
     assert len(labels) == len(set(labels))
@@ -460,6 +496,15 @@ def test_compat_guards_every_internal_it_touches() -> None:
         (
             "import pynetdicom.dul\nfor module in (pynetdicom.dul,):\n    module.time = None\n",
             "sets module.time",
+        ),
+        (
+            "import pynetdicom.dul\nsetattr(pynetdicom.dul, 'time', None)\n",
+            "setattr(pynetdicom.dul, ...)",
+        ),
+        ("from pynetdicom import dul\ndelattr(dul, 'time')\n", "delattr(dul, ...)"),
+        (
+            "from pynetdicom._handlers import debug_fsm\n",
+            "from pynetdicom._handlers import ...",
         ),
     ],
 )
