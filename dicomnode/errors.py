@@ -228,3 +228,19 @@ def first_line(message: object) -> str:
         The first line with text on it, or ``""``.
     """
     return next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+
+
+def os_reason(exc: OSError) -> str:
+    """Return why reading or writing failed, without the path (``ENOENT``, ``EACCES``).
+
+    Parameters
+    ----------
+    exc : OSError
+        The error.
+
+    Returns
+    -------
+    str
+        The errno's name, or the exception's type when it has none.
+    """
+    return errno.errorcode.get(exc.errno or 0) or type(exc).__name__

@@ -216,7 +216,7 @@ def send_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(
             f"sent {record['sent']} object(s) to {destination.name} "
-            f"({destination.ae_title}@{destination.host}:{destination.port})"
+            f"({destination.address})"
             + (f", {record['warnings']} stored with a warning" if record["warnings"] else "")
             + (f", {record['failed']} not stored" if record["failed"] else "")
             + (f", {record['skipped']} skipped" if record["skipped"] else "")

@@ -596,6 +596,11 @@ class Destination:
         ),
     )
 
+    @property
+    def address(self) -> str:
+        """Return ``AE_TITLE@host:port``, as logs, audit rows and the CLI name it."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
 
 SEG_COMPRESSIONS = ("none", "jpeg2000", "jpeg-ls", "rle")
 

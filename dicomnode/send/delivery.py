@@ -161,9 +161,7 @@ def _audit_delivery(
         "results-sent",
         outcome="failure" if error else "warning" if warning else "success",
         actor=claim.owner,
-        peer=None
-        if destination is None
-        else f"{destination.ae_title}@{destination.host}:{destination.port}",
+        peer=None if destination is None else destination.address,
         destination=name,
         job_id=claim.job_id,
         study_uid=study_uid,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db import audit, migrate, session_factory, transaction
-from dicomnode.errors import DicomnodeError, first_line
+from dicomnode.errors import DicomnodeError, first_line, os_reason
 from dicomnode.store import (
     DICOMDIR,
     MEDIA_STORAGE_DIRECTORY,
@@ -26,13 +26,13 @@ from dicomnode.store import (
     ProgressSink,
     SourceFile,
     find_files,
-    has_dicm_prefix,
-    os_reason,
     uid_name,
 )
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
+
+    from dicomnode.db import Engine, Session, sessionmaker
 
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
@@ -109,13 +109,15 @@ class SendReport:
         }
 
 
-def job_outputs(settings: Settings, job_id: int) -> list[SourceFile]:
+def job_outputs(sessions: sessionmaker[Session], root: Path, job_id: int) -> list[SourceFile]:
     """Return the stored outputs of a job, as files in the spool.
 
     Parameters
     ----------
-    settings : Settings
-        Database and storage path.
+    sessions : sessionmaker[Session]
+        The node's database.
+    root : Path
+        The spool (``storage.path``).
     job_id : int
         The job.
 
@@ -129,23 +131,18 @@ def job_outputs(settings: Settings, job_id: int) -> list[SourceFile]:
     LookupError
         If there is no such job.
     DicomnodeError
-        If the job has no outputs, or the schema is not current.
+        If the job has no outputs.
     """
     from dicomnode.db import Job
 
-    engine = migrate.open_current(settings.database.url)
-    try:
-        with session_factory(engine)() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise LookupError(f"no job with id {job_id}")
-            paths = [o.path for o in sorted(job.outputs, key=lambda o: o.id)]
-            state = job.state.value
-    finally:
-        engine.dispose()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job with id {job_id}")
+        paths = [o.path for o in sorted(job.outputs, key=lambda o: o.id)]
+        state = job.state.value
     if not paths:
         raise DicomnodeError(f"job {job_id} ({state}) has no stored outputs to send")
-    root = settings.storage.path
     return [SourceFile(root / p, p) for p in paths]
 
 
@@ -166,6 +163,7 @@ def plan(files: Sequence[SourceFile], report: SendReport) -> list[PlannedFile]:
         The files to send.
     """
     import pydicom
+    from pydicom.misc import is_dicom
 
     planned: list[PlannedFile] = []
     for index, source in enumerate(files):
@@ -173,7 +171,7 @@ def plan(files: Sequence[SourceFile], report: SendReport) -> list[PlannedFile]:
             if not source.path.is_file():
                 report.set(index, source, "failed", reason="file not found")
                 continue
-            if not has_dicm_prefix(source.path):
+            if not is_dicom(source.path):  # the 128-byte preamble, then DICM
                 report.set(index, source, "skipped", reason=NOT_DICOM)
                 continue
             ds = pydicom.dcmread(
@@ -249,9 +247,7 @@ def _send_one(
     try:
         reply = assoc.send_c_store(ds)
     except (ValueError, AttributeError) as exc:  # pynetdicom cannot encode or place it
-        reason = (
-            f"cannot be sent ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
-        )
+        reason = f"cannot be sent ({type(exc).__name__}: {first_line(exc)[:120]})"
         report.set(item.index, source, "failed", sop_instance_uid=uid, reason=reason)
         return True
     if "Status" not in reply:
@@ -350,14 +346,21 @@ def send_planned(
 
 def _audit_send(
     settings: Settings,
+    engine: Engine | None,
     source: int | Path,
-    destination: Destination,
-    record: dict[str, Any],
+    report: SendReport,
     error: str | None,
     warn: Callable[[str], None],
 ) -> None:
-    """Record a manual send in the audit trail (a failure to write the row only warns)."""
-    engine = migrate.open_current(settings.database.url)
+    """Record a manual send in the audit trail (a failure to write the row only warns).
+
+    ``engine`` is the database the send already opened (for a job's outputs), or None
+    to open it here.
+    """
+    opened = engine is None
+    if engine is None:
+        engine = migrate.open_current(settings.database.url)
+    destination, record = report.destination, report.record()
     try:
         with transaction(session_factory(engine)) as session:
             audit.record(
@@ -365,7 +368,7 @@ def _audit_send(
                 "results-resent",
                 outcome="failure" if record["failed"] or error else "success",
                 actor=audit.admin_actor(),
-                peer=f"{destination.ae_title}@{destination.host}:{destination.port}",
+                peer=destination.address,
                 destination=destination.name,
                 job_id=source if isinstance(source, int) else None,
                 count=record["sent"],
@@ -375,7 +378,8 @@ def _audit_send(
     except Exception as exc:  # the objects went (or not) whatever the trail says
         warn(f"the send was not recorded in the audit trail: {type(exc).__name__}")
     finally:
-        engine.dispose()
+        if opened:
+            engine.dispose()
 
 
 def send_source(
@@ -417,16 +421,27 @@ def send_source(
         If the job has no outputs, the schema is not current, or the destination cannot
         be reached (:class:`~dicomnode.errors.JobError`).
     """
-    files = find_files([source]) if isinstance(source, Path) else job_outputs(settings, source)
-    report = SendReport(destination)
-    planned = plan(files, report)
-    progress.start(len(planned))
+    # One engine for the command: a job's outputs are looked up in the database and the
+    # send recorded through the same one; a path's send opens it for the trail only.
+    engine: Engine | None = None
     try:
-        send_planned(destination, planned, settings.listener.ae_title, report, progress)
-    except Exception as exc:  # unreachable: the attempt is recorded all the same
-        _audit_send(settings, source, destination, report.record(), first_line(exc), warn)
-        raise
+        if isinstance(source, Path):
+            files = find_files([source])
+        else:
+            engine = migrate.open_current(settings.database.url)
+            files = job_outputs(session_factory(engine), settings.storage.path, source)
+        report = SendReport(destination)
+        planned = plan(files, report)
+        progress.start(len(planned))
+        try:
+            send_planned(destination, planned, settings.listener.ae_title, report, progress)
+        except Exception as exc:  # unreachable: the attempt is recorded all the same
+            _audit_send(settings, engine, source, report, first_line(exc), warn)
+            raise
+        finally:
+            progress.stop()
+        _audit_send(settings, engine, source, report, report.error, warn)
+        return report
     finally:
-        progress.stop()
-    _audit_send(settings, source, destination, report.record(), report.error, warn)
-    return report
+        if engine is not None:
+            engine.dispose()

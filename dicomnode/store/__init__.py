@@ -23,9 +23,7 @@ if TYPE_CHECKING:
         ProgressSink,
         SourceFile,
         find_files,
-        has_dicm_prefix,
         import_files,
-        os_reason,
         uid_name,
     )
     from dicomnode.store.uids import is_safe_uid
@@ -46,10 +44,8 @@ _HOMES = {
     "Spool": "dicomnode.store.spool",
     "StoreOutcome": "dicomnode.store.ingest",
     "find_files": "dicomnode.store.staging",
-    "has_dicm_prefix": "dicomnode.store.staging",
     "import_files": "dicomnode.store.staging",
     "is_safe_uid": "dicomnode.store.uids",
-    "os_reason": "dicomnode.store.staging",
     "remove_orphans": "dicomnode.store.orphans",
     "uid_name": "dicomnode.store.staging",
 }
@@ -68,10 +64,8 @@ __all__ = [
     "Spool",
     "StoreOutcome",
     "find_files",
-    "has_dicm_prefix",
     "import_files",
     "is_safe_uid",
-    "os_reason",
     "remove_orphans",
     "uid_name",
 ]

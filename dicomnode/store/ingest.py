@@ -72,6 +72,7 @@ from dicomnode.errors import (
     StorageLow,
     UIDMismatch,
     UnreadableInstance,
+    os_reason,
 )
 from dicomnode.store.spool import INCOMING, Spool, fsync_file
 from dicomnode.store.uids import uid_problem
@@ -699,11 +700,22 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _storage_error(exc: OSError) -> OutOfResources:
+def storage_error(exc: OSError) -> OutOfResources:
+    """Return the 0xA700 failure for an error writing to the spool.
+
+    Parameters
+    ----------
+    exc : OSError
+        The error.
+
+    Returns
+    -------
+    OutOfResources
+        "storage is full", or "cannot write to storage (<errno name>)".
+    """
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutOfResources("storage is full")
-    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return OutOfResources(f"cannot write to storage ({code})")
+    return OutOfResources(f"cannot write to storage ({os_reason(exc)})")
 
 
 def database_error(exc: DBAPIError | PoolTimeout) -> IngestError:
@@ -987,7 +999,7 @@ class Ingestor:
         try:
             staged = self.spool.stage(data)
         except OSError as exc:
-            raise _storage_error(exc) from None
+            raise storage_error(exc) from None
         return self.store_file(
             staged,
             calling_ae=calling_ae,
@@ -1081,7 +1093,7 @@ class Ingestor:
                 raise sync_error
             self.spool.commit(staged, relative, synced=True)
         except OSError as exc:
-            raise _storage_error(exc) from None
+            raise storage_error(exc) from None
 
         calling_ae = index_value(calling_ae, 16)
         try:

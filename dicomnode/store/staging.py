@@ -18,7 +18,6 @@ give reasons without patient data.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import uuid
 from collections.abc import Collection, Sequence
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dicomnode.config import Settings
 from dicomnode.db import audit, migrate, session_factory, transaction
-from dicomnode.errors import IngestError, InstanceTooLarge, OutOfResources
+from dicomnode.errors import IngestError, InstanceTooLarge, OutOfResources, os_reason
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -92,45 +91,6 @@ def find_files(paths: Sequence[Path], exclude: Path | None = None) -> list[Sourc
         else:
             found.append(SourceFile(root, root.name))
     return found
-
-
-def has_dicm_prefix(path: Path) -> bool:
-    """Return whether a file starts like a DICOM file (128-byte preamble, then ``DICM``).
-
-    Parameters
-    ----------
-    path : Path
-        The file.
-
-    Returns
-    -------
-    bool
-        True for a Part 10 file.
-
-    Raises
-    ------
-    OSError
-        If it cannot be read.
-    """
-    with path.open("rb") as fp:
-        head = fp.read(132)
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def os_reason(exc: OSError) -> str:
-    """Return why reading or writing failed, without the path (``ENOENT``, ``EACCES``).
-
-    Parameters
-    ----------
-    exc : OSError
-        The error.
-
-    Returns
-    -------
-    str
-        The errno's name, or the exception's type when it has none.
-    """
-    return errno.errorcode.get(exc.errno or 0) or type(exc).__name__
 
 
 def uid_name(uid: str) -> str:
@@ -287,12 +247,6 @@ def _is_storage_error(exc: IngestError) -> bool:
     return isinstance(exc, OutOfResources) and not isinstance(exc, InstanceTooLarge)
 
 
-def _storage_error(exc: OSError) -> OutOfResources:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutOfResources("storage is full")
-    return OutOfResources(f"cannot write to storage ({os_reason(exc)})")
-
-
 class _SourceUnreadable(Exception):
     """Reading the file to import failed (not the spool)."""
 
@@ -324,7 +278,9 @@ def _stage_copy(source: Path, tmp: Path) -> Path:
                 out.write(chunk)
     except OSError as exc:
         staged.unlink(missing_ok=True)
-        raise _storage_error(exc) from None
+        from dicomnode.store.ingest import storage_error  # pydicom: only on this path
+
+        raise storage_error(exc) from None
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
@@ -364,10 +320,12 @@ def import_file(
         take the row: the import should stop (:class:`InstanceTooLarge` is a refusal
         and returned as one).
     """
+    from pydicom.misc import is_dicom
+
     from dicomnode.store.ingest import read_header
 
     try:
-        if not has_dicm_prefix(path):
+        if not is_dicom(path):  # the 128-byte preamble, then DICM
             return Problem("skipped", NOT_DICOM)
         size = path.stat().st_size
     except OSError as exc:
@@ -497,9 +455,10 @@ def import_files(
     engine = migrate.open_current(settings.database.url)
     report = ImportReport()
     try:
+        sessions = session_factory(engine)
         ingestor = Ingestor(
             Spool(settings.storage.path),
-            session_factory(engine),
+            sessions,
             min_free_bytes=settings.storage.min_free_mb * 2**20,
             max_instance_bytes=settings.storage.max_instance_mb * 2**20,
         )
@@ -516,7 +475,7 @@ def import_files(
         finally:
             # Interrupted (Ctrl-C) or not: what was stored is in the trail.
             progress.stop()
-            _audit_import(session_factory(engine), report, calling_ae)
+            _audit_import(sessions, report, calling_ae)
     finally:
         engine.dispose()
     return report

@@ -47,3 +47,8 @@ def test_bad_destination_settings_name_the_key(tmp_path: Path, dest: dict, messa
     (tmp_path / "ca.crt").write_text("x")
     with pytest.raises(ConfigError, match=message):
         settings_with(tmp_path, **dest)
+
+
+def test_a_destination_is_named_by_its_address(tmp_path: Path) -> None:
+    (destination,) = settings_with(tmp_path).destinations
+    assert destination.address == "PACS@127.0.0.1:104"

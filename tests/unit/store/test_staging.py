@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
@@ -21,7 +20,6 @@ from dicomnode.store import (
     Accepted,
     SourceFile,
     find_files,
-    has_dicm_prefix,
     import_files,
     uid_name,
 )
@@ -66,15 +64,28 @@ def test_find_files_walks_folders_in_order_and_leaves_out_the_spool(tmp_path: Pa
     assert "spool/incoming/x.dcm" in [f.name for f in find_files([folder])]
 
 
-def test_the_dicm_prefix_and_uid_names(tmp_path: Path) -> None:
-    [path] = write_series(ct_series(np.zeros((1, 4, 4), np.float32)), tmp_path)
-    short = tmp_path / "short"
-    short.write_bytes(b"\0" * 128 + b"DIC")
-    assert has_dicm_prefix(path) and not has_dicm_prefix(short)
-    with pytest.raises(OSError):
-        has_dicm_prefix(tmp_path / "gone")
+def test_uid_names() -> None:
     assert uid_name(ExplicitVRLittleEndian) == "1.2.840.10008.1.2.1 (Explicit VR Little Endian)"
     assert uid_name("1.2.3.4") == "1.2.3.4"
+
+
+def test_the_dicm_prefix_and_a_file_that_cannot_be_read(
+    tmp_path: Path, engine: object, db_url: str
+) -> None:
+    [path] = write_series(ct_series(np.zeros((1, 4, 4), np.float32)), tmp_path / "in")
+    short = tmp_path / "short"
+    short.write_bytes(b"\0" * 128 + b"DIC")  # one byte short of the prefix
+    gone = tmp_path / "gone"
+
+    report = import_files(
+        settings_for(tmp_path, db_url), [path, short, gone], "IMPORT", LISTENER, Steps()
+    )
+
+    assert report.imported == 1
+    assert report.problems == [
+        {"file": "short", "outcome": "skipped", "reason": "not a DICOM file (no DICM prefix)"},
+        {"file": "gone", "outcome": "refused", "reason": "cannot be read (ENOENT)"},
+    ]
 
 
 def test_import_files_takes_what_is_accepted_and_records_each_series(
