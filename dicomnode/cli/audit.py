@@ -18,13 +18,17 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
-from dicomnode.cli.database import open_database
+from dicomnode.cli.database import open_database, read
 from dicomnode.cli.output import format_time
 from dicomnode.config import Settings
-from dicomnode.db import audit, read, session_factory, utcnow
+from dicomnode.db import audit, session_factory, utcnow
+from dicomnode.db import read as read_with
 from dicomnode.errors import DicomnodeError, ExportMismatch
+
+if TYPE_CHECKING:
+    from dicomnode.db import Session  # annotations only: the CLI runs no SQL
 
 
 def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
@@ -66,13 +70,13 @@ def write(rows: Iterator[dict[str, Any]], fmt: str, stream: TextIO) -> int:
     return count
 
 
-def export(session: Any, args: argparse.Namespace) -> int:
+def export(settings: Settings, args: argparse.Namespace) -> int:
     """Export the audit trail (``dicomnode audit export``).
 
     Parameters
     ----------
-    session : Session
-        Database session.
+    settings : Settings
+        The database URL.
     args : argparse.Namespace
         ``since``, ``until``, ``event``, ``study``, ``job``, ``format`` and ``output``.
 
@@ -81,6 +85,12 @@ def export(session: Any, args: argparse.Namespace) -> int:
     int
         Exit code 0.
     """
+    # The entries stream out while their read-only session is open: a year of audit
+    # trail never sits in memory at once.
+    return read(settings, _export, args)
+
+
+def _export(session: Session, args: argparse.Namespace) -> int:
     rows = audit.entries(
         session,
         since=args.since,
@@ -208,7 +218,7 @@ def prune(settings: Settings, args: argparse.Namespace) -> int:
         try:
             with path.open("rb") as stream:
                 lines = _hashed_lines(stream, digest)
-                checked = read(engine, audit.check_export, read_export(lines), before)
+                checked = read_with(engine, audit.check_export, read_export(lines), before)
                 for _ in lines:  # the rest of the file, for its checksum
                     pass
         except OSError as exc:

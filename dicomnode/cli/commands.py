@@ -22,19 +22,14 @@ class Command:
     Parameters
     ----------
     target : str
-        ``"package.module:function"``; the function takes ``(settings, args)``, or
-        ``(session, args)`` with ``session=True``.
-    session : bool
-        Wrap the function with :func:`dicomnode.cli.database.with_session`: it gets a
-        read-only session on the existing, current database.
+        ``"package.module:function"``; the function takes ``(settings, args)``.
     reads_dicom : bool
         Whether the command reads or writes DICOM files; logging then quietens
         pydicom before it runs (:func:`dicomnode.logs.keep_phi_out_of_logs`).
     """
 
-    def __init__(self, target: str, *, session: bool = False, reads_dicom: bool = False) -> None:
+    def __init__(self, target: str, *, reads_dicom: bool = False) -> None:
         self.target = target
-        self.session = session
         self.reads_dicom = reads_dicom
 
     def __repr__(self) -> str:
@@ -57,8 +52,4 @@ class Command:
         """
         module, _, name = self.target.partition(":")
         fn = getattr(importlib.import_module(module), name)
-        if self.session:
-            from dicomnode.cli.database import with_session
-
-            fn = with_session(fn)
         return int(fn(settings, args))

@@ -89,33 +89,6 @@ def read(
         engine.dispose()
 
 
-def with_session(fn: Callable[..., int]) -> Callable[[Settings, argparse.Namespace], int]:
-    """Wrap ``fn(session, args)`` into a command that opens and closes the database.
-
-    The schema must be at the newest migration: a command reading an old schema
-    would print wrong answers, so it stops with a one-line error instead. The session
-    only reads (:func:`~dicomnode.db.engine.read_only`): a listing never holds up the
-    listener.
-
-    Parameters
-    ----------
-    fn : Callable[..., int]
-        ``fn(session, args) -> exit code``.
-
-    Returns
-    -------
-    Callable[[Settings, argparse.Namespace], int]
-        ``run(settings, args) -> exit code``, as ``set_defaults(run=...)`` expects.
-    """
-
-    def run(settings: Settings, args: argparse.Namespace) -> int:
-        return read(settings, fn, args)
-
-    # It reads rows, never DICOM: main() then starts without pydicom (see Command).
-    setattr(run, "reads_dicom", False)  # noqa: B010 - a function attribute mypy knows not
-    return run
-
-
 def db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     """Run ``dicomnode db upgrade``: create the database or migrate it to the newest.
 

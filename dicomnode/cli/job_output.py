@@ -11,7 +11,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from dicomnode.cli.output import format_time, print_json
+from dicomnode.cli.output import format_time, print_json, view_record
 from dicomnode.db import JobDetail, JobView
 
 STAGES = (
@@ -51,25 +51,8 @@ def job_record(view: JobView | JobDetail, *, show_phi: bool = False) -> dict[str
         The record.
     """
     job = view.job if isinstance(view, JobDetail) else view
-    record: dict[str, Any] = {
-        "id": job.id,
-        "state": job.state,
-        "route": job.route,
-        "model": job.model,
-        "model_version": job.model_version,
-        "series_uid": job.series_uid,
-        "study_uid": job.study_uid,
-        "priority": job.priority,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "last_error": job.last_error,
-    }
-    if show_phi:
-        record["patient_id"] = job.patient_id
-        record["accession_number"] = job.accession_number
+    # Its fields are the keys, in order; patient data last, and only with --show-phi.
+    record = view_record(job, show_phi=show_phi)
     if isinstance(view, JobDetail):
         record.update(
             lease_owner=view.lease_owner,

@@ -40,7 +40,7 @@ def list_jobs(settings: Settings, args: argparse.Namespace) -> int:
         settings,
         queries.find_jobs,
         limit=args.limit,
-        state=args.state or None,
+        state=args.state,
         route=getattr(args, "route", None),
         model=getattr(args, "model", None),
         since=getattr(args, "since", None),

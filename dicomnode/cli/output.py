@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
 from dicomnode import errors
+
+# A view's patient data: read, and printed, only with --show-phi.
+PHI_FIELDS = ("patient_id", "accession_number")
 
 
 def _default(value: Any) -> Any:
@@ -27,6 +31,31 @@ def print_json(data: Any) -> None:
     """
     json.dump(data, sys.stdout, indent=2, default=_default)
     sys.stdout.write("\n")
+
+
+def view_record(view: Any, *, show_phi: bool) -> dict[str, Any]:
+    """Return a view's fields as a mapping, in their order: the keys ``--json`` prints.
+
+    Shallow: a field holding views or tuples is left as it is, for the caller to
+    replace with what ``--json`` prints of it.
+
+    Parameters
+    ----------
+    view : dataclass
+        A view of :mod:`dicomnode.db` with ``patient_id`` and ``accession_number``.
+    show_phi : bool
+        Keep ``patient_id`` and ``accession_number`` (``--show-phi``).
+
+    Returns
+    -------
+    dict[str, Any]
+        Field name to value.
+    """
+    record = {f.name: getattr(view, f.name) for f in fields(view)}
+    if not show_phi:
+        for name in PHI_FIELDS:
+            del record[name]
+    return record
 
 
 def format_time(value: datetime | None) -> str:

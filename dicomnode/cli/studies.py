@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from dicomnode.cli.database import read
 from dicomnode.cli.job_output import job_record
-from dicomnode.cli.output import first_line, format_size, format_time, print_json, print_table
+from dicomnode.cli.output import (
+    first_line,
+    format_size,
+    format_time,
+    print_json,
+    print_table,
+    view_record,
+)
 from dicomnode.db import DELIVERY_STATE_ORDER, JOB_STATE_ORDER, StudyStory, StudySummary, studies
 
 if TYPE_CHECKING:
@@ -67,19 +74,9 @@ def summary_record(summary: StudySummary, show_phi: bool) -> dict[str, Any]:
     dict[str, Any]
         The record, with the jobs and deliveries counted per state.
     """
-    record: dict[str, Any] = {"study_uid": summary.study_uid}
-    if show_phi:
-        record["patient_id"] = summary.patient_id
-        record["accession_number"] = summary.accession_number
-    record.update(
-        state=summary.state,
-        series=summary.series,
-        instances=summary.instances,
-        first_received_at=summary.first_received_at,
-        last_received_at=summary.last_received_at,
-        jobs=dict(summary.jobs),
-        deliveries=dict(summary.deliveries),
-    )
+    # Its fields are the keys, in order; the counts per state become mappings.
+    record = view_record(summary, show_phi=show_phi)
+    record.update(jobs=dict(summary.jobs), deliveries=dict(summary.deliveries))
     return record
 
 
@@ -159,15 +156,9 @@ def story_record(story: StudyStory, show_phi: bool) -> dict[str, Any]:
         ``dicomnode jobs show --json`` has them, outputs, deliveries and history
         included) and ``timeline`` (the study's audit entries, oldest first).
     """
-    record: dict[str, Any] = {"study_uid": story.study_uid}
-    if show_phi:
-        record["patient_id"] = story.patient_id
-        record["accession_number"] = story.accession_number
+    # Its fields are the keys, in order; the series, jobs and entries become mappings.
+    record = view_record(story, show_phi=show_phi)
     record.update(
-        state=story.state,
-        created_at=story.created_at,
-        first_received_at=story.first_received_at,
-        last_received_at=story.last_received_at,
         series=[
             {
                 "series_uid": s.series_uid,

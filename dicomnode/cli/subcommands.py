@@ -269,7 +269,7 @@ def register_audit(sub: Any) -> None:
     p.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout"
     )
-    p.set_defaults(run=Command("dicomnode.cli.audit:export", session=True))
+    p.set_defaults(run=Command("dicomnode.cli.audit:export"))
     p = commands.add_parser(
         "prune",
         help="delete entries before a date, once an export is checked to hold them all",

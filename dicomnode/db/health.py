@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, exists, func, make_url, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
-from dicomnode.db.engine import database_now
+from dicomnode.db.engine import database_now, read
 from dicomnode.db.models import Delivery, DeliveryState, Job, JobEvent, JobState
 from dicomnode.errors import first_line
 
@@ -132,7 +131,7 @@ def last_errors(session: Session, limit: int = LAST_ERRORS) -> tuple[FailedAttem
         .limit(limit)
     )
     return tuple(
-        FailedAttempt(job_id, model, at, to_state, (note or "").splitlines()[0] if note else "")
+        FailedAttempt(job_id, model, at, to_state, first_line(note or ""))
         for job_id, model, at, to_state, note in session.execute(query)
     )
 
@@ -180,7 +179,7 @@ def failing_destinations(session: Session, now: datetime) -> tuple[FailingDestin
         )
         entry["deliveries"] += 1
         entry["last_failed_at"] = at
-        entry["error"] = (error or "").splitlines()[0] if error else ""
+        entry["error"] = first_line(error or "")
     return tuple(FailingDestination(**entry) for entry in found.values())
 
 
@@ -364,25 +363,14 @@ def delivery_statistics_at(url: str, connect_timeout_s: float) -> dict[str, Deli
         Whatever stops the database from being read: not found, unreachable, not
         migrated (:class:`~dicomnode.errors.DicomnodeError`).
     """
-    from dicomnode.db import migrate  # alembic: only when the statistics are read
-    from dicomnode.db.engine import make_engine, read_only, session_factory
+    from dicomnode.db import migrate  # only when the statistics are read
 
-    parsed = make_url(url)
     kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        # Opening a missing SQLite file would create an empty one.
-        if (
-            parsed.database
-            and parsed.database != ":memory:"
-            and not Path(parsed.database).is_file()
-        ):
-            raise FileNotFoundError(f"database not found: {parsed.database}")
-    else:
+    if make_url(url).get_backend_name() != "sqlite":
         kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
-    engine = make_engine(url, **kwargs)
+    # A missing SQLite file is not created; an old schema is not read.
+    engine = migrate.open_current(url, **kwargs)
     try:
-        migrate.require_current(engine)
-        with read_only(session_factory(engine))() as session:
-            return delivery_statistics(session)
+        return read(engine, delivery_statistics)
     finally:
         engine.dispose()

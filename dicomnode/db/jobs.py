@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import audit
 from dicomnode.db.engine import database_now, transaction
@@ -35,9 +35,8 @@ from dicomnode.db.models import (
     JobState,
     Output,
     Series,
-    Study,
 )
-from dicomnode.errors import JobStateError
+from dicomnode.errors import JobStateError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def record_event(
         # are in job_events, which `jobs purge` may remove with the job.
         series = session.get(Series, job.series_id)
         # The first line only: a model's error may carry its own traceback below it.
-        first = note.splitlines()[0] if note else ""
+        first = first_line(note or "")
         ended = f" attempt {job.attempts}" + (f": {first}" if first else "")
         audit.record(
             session,
@@ -942,84 +941,3 @@ def get(session: Session, job_id: int) -> Job:
     if job is None:
         raise LookupError(f"no job with id {job_id}")
     return job
-
-
-def find(
-    session: Session,
-    *,
-    limit: int,
-    state: JobState | None = None,
-    route: str | None = None,
-    model: str | None = None,
-    since: datetime | None = None,
-    study_uid: str | None = None,
-    accession: str | None = None,
-) -> list[Job]:
-    """Return jobs, newest first, filtered by whichever criteria are given.
-
-    Parameters
-    ----------
-    session : Session
-        The session.
-    limit : int
-        At most this many.
-    state, route, model : optional
-        Jobs in this state, of this route, running this model.
-    since : datetime, optional
-        Jobs created then or later.
-    study_uid, accession : str, optional
-        Jobs on a series of the study with this Study Instance UID or accession number.
-
-    Returns
-    -------
-    list[Job]
-        The jobs, with their series and study loaded.
-    """
-    query = (
-        select(Job)
-        .order_by(Job.id.desc())
-        .limit(limit)
-        # Each line names its series and study: two queries for the page, not two a job.
-        .options(selectinload(Job.series).selectinload(Series.study))
-    )
-    if state is not None:
-        query = query.where(Job.state == state)
-    if route:
-        query = query.where(Job.route == route)
-    if model:
-        query = query.where(Job.model == model)
-    if since is not None:
-        query = query.where(Job.created_at >= since)
-    if study_uid or accession:
-        query = query.join(Series, Job.series_id == Series.id).join(
-            Study, Series.study_id == Study.id
-        )
-        if study_uid:
-            query = query.where(Study.study_uid == study_uid)
-        if accession:
-            query = query.where(Study.accession_number == accession)
-    return list(session.scalars(query))
-
-
-def latest_output(session: Session, job_id: int, kind: str) -> Output | None:
-    """Return a job's newest output of one kind (``seg``, ``sr``, ``sc``), if any.
-
-    Parameters
-    ----------
-    session : Session
-        The session.
-    job_id : int
-        The job.
-    kind : str
-        The output kind.
-
-    Returns
-    -------
-    Output or None
-        The row.
-    """
-    return session.scalars(
-        select(Output)
-        .where(Output.job_id == job_id, Output.kind == kind)
-        .order_by(Output.id.desc())
-    ).first()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, inspect, text
 
@@ -151,7 +151,7 @@ def require_current(engine: Engine) -> None:
         )
 
 
-def open_current(url: str) -> Engine:
+def open_current(url: str, **kwargs: Any) -> Engine:
     """Return an engine on an existing database that is at the newest migration.
 
     What every command but ``db upgrade`` opens: it never creates a database (a
@@ -162,6 +162,8 @@ def open_current(url: str) -> Engine:
     ----------
     url : str
         The database URL.
+    **kwargs
+        Passed on to :func:`~dicomnode.db.engine.make_engine` (``connect_args``).
 
     Returns
     -------
@@ -175,7 +177,7 @@ def open_current(url: str) -> Engine:
     DicomnodeError
         If the schema is not at the newest migration.
     """
-    engine = make_engine(url, create=False)
+    engine = make_engine(url, create=False, **kwargs)
     try:
         require_current(engine)
     except BaseException:

@@ -18,15 +18,15 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from dicomnode.db import jobs
-from dicomnode.db.models import Delivery, Instance, Job, JobState
+from dicomnode.db.models import Delivery, Instance, Job, JobState, Series, Study
 
 
 @dataclass(frozen=True)
 class JobView:
-    """One job, as a line of ``jobs list``."""
+    """One job, as a line of ``jobs list``; the fields, in order, are ``--json``'s keys."""
 
     id: int
     state: str
@@ -314,17 +314,30 @@ def find_jobs(
     tuple[JobView, ...]
         The jobs.
     """
-    found = jobs.find(
-        session,
-        limit=limit,
-        state=JobState(state) if state else None,
-        route=route,
-        model=model,
-        since=since,
-        study_uid=study_uid,
-        accession=accession,
+    query = (
+        select(Job)
+        .order_by(Job.id.desc())
+        .limit(limit)
+        # Each line names its series and study: two queries for the page, not two a job.
+        .options(selectinload(Job.series).selectinload(Series.study))
     )
-    return tuple(view_of(j, show_phi=show_phi) for j in found)
+    if state:
+        query = query.where(Job.state == JobState(state))
+    if route:
+        query = query.where(Job.route == route)
+    if model:
+        query = query.where(Job.model == model)
+    if since is not None:
+        query = query.where(Job.created_at >= since)
+    if study_uid or accession:
+        query = query.join(Series, Job.series_id == Series.id).join(
+            Study, Series.study_id == Study.id
+        )
+        if study_uid:
+            query = query.where(Study.study_uid == study_uid)
+        if accession:
+            query = query.where(Study.accession_number == accession)
+    return tuple(view_of(j, show_phi=show_phi) for j in session.scalars(query))
 
 
 def job_detail(session: Session, job_id: int, *, show_phi: bool = False) -> JobDetail:
@@ -376,10 +389,12 @@ def preview_source(session: Session, job_id: int, *, show_phi: bool = False) -> 
         If there is no such job.
     """
     job = jobs.get(session, job_id)
-    seg = jobs.latest_output(session, job.id, "seg")
+    detail = detail_of(job, show_phi=show_phi)
+    # Job.outputs is ordered by id: the last SEG of them is the newest.
+    segs = [o.path for o in detail.outputs if o.kind == "seg"]
     return PreviewSource(
-        detail=detail_of(job, show_phi=show_phi),
-        seg_path=None if seg is None else seg.path,
+        detail=detail,
+        seg_path=segs[-1] if segs else None,
         instance_paths=tuple(
             session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
         ),

@@ -33,7 +33,7 @@ DELIVERY_STATE_ORDER = tuple(
 
 @dataclass(frozen=True)
 class StudySummary:
-    """One study, as a line of ``studies list``."""
+    """One study, as a line of ``studies list``; the fields, in order, are ``--json``'s keys."""
 
     study_uid: str
     patient_id: str | None  # None unless read with show_phi
@@ -285,7 +285,7 @@ class SeriesView:
 
 @dataclass(frozen=True)
 class StudyStory:
-    """Everything known about one study: ``studies show``."""
+    """Everything known about one study: ``studies show``, whose ``--json`` keys are these."""
 
     study_uid: str
     patient_id: str | None  # None unless read with show_phi

@@ -103,6 +103,49 @@ def test_list_filters(filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and out.strip() == "no jobs"
 
 
+JOB_KEYS = [
+    "id", "state", "route", "model", "model_version", "series_uid", "study_uid", "priority",
+    "attempts", "max_attempts", "created_at", "started_at", "finished_at", "last_error",
+]  # fmt: skip
+DETAIL_KEYS = [
+    "lease_owner", "claimed_by", "lease_expires_at", "run_after", "timings", "summary",
+    "outputs", "deliveries", "history", "resent_at",
+]  # fmt: skip
+PHI_KEYS = ["patient_id", "accession_number"]
+
+
+def test_the_json_keys_and_their_order(filled, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` prints the keys scripts read, in the same order, patient data only asked."""
+    config, ids = filled
+    code, out, _ = run(capsys, "--config", config, "jobs", "list", "--json")
+    assert code == 0 and [list(r) for r in json.loads(out)] == [JOB_KEYS] * 3
+    code, out, _ = run(capsys, "--config", config, "jobs", "list", "--json", "--show-phi")
+    records = json.loads(out)
+    assert code == 0 and [list(r) for r in records] == [JOB_KEYS + PHI_KEYS] * 3
+    assert {(r["patient_id"], r["accession_number"]) for r in records} == {
+        ("PID-SECRET-7", "ACC-0001"),
+        ("PID-SECRET-7", "ACC-0002"),
+    }
+    show = ("--config", config, "jobs", "show", str(ids["done"]), "--json")
+    code, out, _ = run(capsys, *show)
+    record = json.loads(out)
+    assert code == 0 and list(record) == JOB_KEYS + DETAIL_KEYS
+    assert [list(o) for o in record["outputs"]] == [
+        ["kind", "sop_class_uid", "sop_instance_uid", "series_uid", "path", "size_bytes"]
+    ]
+    assert [list(d) for d in record["deliveries"]] == [
+        ["destination", "state", "attempts", "sent_at", "last_error", "warning", "commitment",
+         "commitment_uid", "commitment_requested_at", "confirmed_at", "commitment_failed"]
+    ]  # fmt: skip
+    assert {tuple(e) for e in record["history"]} == {
+        ("at", "from", "to", "attempt", "counted", "worker", "note")
+    }
+    code, out, _ = run(capsys, *show, "--show-phi")
+    record = json.loads(out)
+    assert code == 0 and list(record) == JOB_KEYS + PHI_KEYS + DETAIL_KEYS
+    assert record["accession_number"] == "ACC-0001"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -29,6 +29,7 @@ from dicomnode.db import (
     DeliveryState,
     Output,
     Series,
+    audit,
     make_engine,
     migrate,
     transaction,
@@ -383,6 +384,33 @@ def test_show_json(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert timeline[0]["actor"] == "SCANNER1" and timeline[0]["count"] == 4
     assert timeline[-1]["job_id"] == f.failed and timeline[-1]["outcome"] == "failed"
     assert [e["at"] for e in timeline] == sorted(e["at"] for e in timeline)
+
+
+SUMMARY_KEYS = ["study_uid", "state", "series", "instances", "first_received_at",
+                "last_received_at", "jobs", "deliveries"]  # fmt: skip
+STORY_KEYS = ["study_uid", "state", "created_at", "first_received_at", "last_received_at",
+              "series", "jobs", "timeline"]  # fmt: skip
+SERIES_KEYS = ["series_uid", "modality", "state", "generation", "instances", "stored_instances",
+               "bytes", "expected_instances", "first_received_at", "last_received_at",
+               "completed_at", "purged_at", "calling_aes"]  # fmt: skip
+
+
+def test_the_json_keys_and_their_order(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` prints the keys scripts read, in the same order, patient data only asked."""
+    f = filled
+    phi = ["patient_id", "accession_number"]
+    code, out, _ = _cli(capsys, f, "list", "--json")
+    assert code == 0 and [list(r) for r in json.loads(out)] == [SUMMARY_KEYS] * 3
+    code, out, _ = _cli(capsys, f, "list", "--json", "--show-phi")
+    expected = SUMMARY_KEYS[:1] + phi + SUMMARY_KEYS[1:]
+    assert code == 0 and [list(r) for r in json.loads(out)] == [expected] * 3
+    code, out, _ = _cli(capsys, f, "show", f.a, "--json")
+    record = json.loads(out)
+    assert code == 0 and list(record) == STORY_KEYS
+    assert [list(s) for s in record["series"]] == [SERIES_KEYS]
+    assert [list(e) for e in record["timeline"]] == [list(audit.FIELDS)] * len(record["timeline"])
+    code, out, _ = _cli(capsys, f, "show", f.a, "--json", "--show-phi")
+    assert code == 0 and list(json.loads(out)) == STORY_KEYS[:1] + phi + STORY_KEYS[1:]
 
 
 def test_show_purged_and_receiving(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,8 @@ from dicomnode.db import (
     SeriesState,
     audit,
     health,
+    make_engine,
+    migrate,
     queries,
     read,
     studies,
@@ -32,6 +34,7 @@ from dicomnode.db import (
 )
 from dicomnode.db import commitment as commitment_db
 from dicomnode.db import jobs as queue
+from dicomnode.errors import DatabaseNotFound, DicomnodeError
 from tests.factories import add_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -404,3 +407,65 @@ def test_read_runs_one_query_in_a_session_of_its_own(engine, done_job: int) -> N
     assert detail.job.id == done_job and detail.job.patient_id == "PID-SECRET-1"
     with pytest.raises(LookupError):
         read(engine, queries.job_detail, 4711)
+
+
+def test_delivery_statistics_at_opens_only_an_existing_current_database(
+    db_url: str, done_job: int, tmp_path
+) -> None:
+    stats = health.delivery_statistics_at(db_url, 5)
+    assert set(stats) == {"pacs", "archive", "backup"} and stats["pacs"].sent == 1
+    missing = tmp_path / "missing" / "node.db"
+    with pytest.raises(DatabaseNotFound, match="database not found"):
+        health.delivery_statistics_at(f"sqlite:///{missing}", 5)
+    assert not missing.parent.exists()  # looking did not create it
+
+
+@pytest.mark.system
+def test_delivery_statistics_at_refuses_an_old_schema(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = make_engine(url)
+    migrate.upgrade(old, "0004")
+    old.dispose()
+    with pytest.raises(DicomnodeError, match="run `dicomnode db upgrade`"):
+        health.delivery_statistics_at(url, 5)
+
+
+def test_preview_source_takes_the_newest_seg_not_the_newest_output(sessions, done_job) -> None:
+    with transaction(sessions) as s:
+        _output(s, done_job, "1.2.9.3")
+        _output(s, done_job, "1.2.9.4", kind="sr")  # newer, but not a SEG
+    with sessions() as s:
+        source = queries.preview_source(s, done_job)
+    assert source.seg_path == "out/1.2.9.3.dcm"
+
+
+def test_find_jobs_combines_its_filters(sessions) -> None:
+    a = _series(sessions, "1.2.840.99.1", "1.2.840.99.1.1", "ACC-A")
+    b = _series(sessions, "1.2.840.99.2", "1.2.840.99.2.1", "ACC-B")
+    lung_a = _enqueue(sessions, a)
+    _enqueue(sessions, a, model="nodule")
+    _enqueue(sessions, b)
+    with sessions() as s:
+        both = queries.find_jobs(s, limit=50, study_uid="1.2.840.99.1", accession="ACC-A")
+        clash = queries.find_jobs(s, limit=50, study_uid="1.2.840.99.1", accession="ACC-B")
+        lung = queries.find_jobs(s, limit=50, accession="ACC-A", model="lung", state="queued")
+        none_running = queries.find_jobs(s, limit=50, accession="ACC-A", state="running")
+    assert len(both) == 2 and clash == () and [j.id for j in lung] == [lung_a]
+    assert none_running == ()
+    with sessions() as s, pytest.raises(ValueError, match="'sleeping'"):
+        queries.find_jobs(s, limit=50, state="sleeping")
+
+
+def test_read_s_session_only_reads_and_is_closed_after(engine, done_job: int) -> None:
+    from dicomnode.db.engine import READ_ONLY
+
+    seen: list = []
+
+    def query(session) -> bool:
+        seen.append(session)
+        session.get(Job, done_job)
+        return bool(session.get_bind().get_execution_options().get(READ_ONLY))
+
+    assert read(engine, query) is True  # SQLite's deferred BEGIN: no write lock
+    [session] = seen
+    assert not session.in_transaction() and len(session.identity_map) == 0
