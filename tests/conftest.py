@@ -225,8 +225,8 @@ NOT_FAST_MARKERS = ("system", "slow", "postgres")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test that may run in the fast tier with ``fast``."""
     for item in items:
-        parts = item.path.resolve().relative_to(TESTS).parts
-        if parts[0] != "unit":
+        # Only tests/unit; an item from outside tests/ (a doctest in dicomnode/) neither.
+        if not item.path.resolve().is_relative_to(TESTS / "unit"):
             continue
         if any(item.get_closest_marker(name) for name in NOT_FAST_MARKERS):
             continue
@@ -263,6 +263,7 @@ def _fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     if request.node.get_closest_marker("fast") is None:
         return
     request.getfixturevalue("_font_cache")
+    import multiprocessing.process
     import subprocess
 
     import sqlalchemy.engine.base
@@ -272,4 +273,8 @@ def _fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(socket.socket, "bind", _refuse("listen on a socket"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a child process"))
     monkeypatch.setattr(os, "fork", _refuse("fork"))
+    # A "spawn" context (the listener's processes) starts its child without Popen or fork.
+    monkeypatch.setattr(
+        multiprocessing.process.BaseProcess, "start", _refuse("start a child process")
+    )
     monkeypatch.setattr(sqlalchemy.engine.base.Engine, "__init__", _refuse("open a database"))

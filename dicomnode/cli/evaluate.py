@@ -19,7 +19,6 @@ import sys
 
 from dicomnode.cli.output import print_json, print_table
 from dicomnode.config import Settings
-from dicomnode.errors import UsageError
 from dicomnode.evaluate import (
     DETECTION_HEADERS,
     SEGMENTATION_HEADERS,
@@ -32,8 +31,6 @@ from dicomnode.evaluate import (
     report_record,
     segmentation_rows,
 )
-
-EXIT_USAGE = 2
 
 
 def evaluate(settings: Settings, args: argparse.Namespace) -> int:
@@ -64,11 +61,7 @@ def evaluate(settings: Settings, args: argparse.Namespace) -> int:
         # A bar redrawn in a log file or a pipe is noise: a terminal only, unless asked.
         progress=args.progress or (sys.stderr.isatty() and not args.json),
     )
-    try:
-        report = evaluate_folders(args.ours, args.reference, options)
-    except UsageError as exc:
-        print(f"dicomnode: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    report = evaluate_folders(args.ours, args.reference, options)  # UsageError: exit 2
     if args.json:
         print_json(report_record(report))
     else:

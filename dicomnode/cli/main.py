@@ -20,6 +20,7 @@ from dicomnode.errors import (
     DatabaseNotFound,
     DicomnodeError,
     ModelPackageError,
+    UsageError,
     first_line,
 )
 from dicomnode.logs import setup_logging
@@ -89,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(
         args.log_level or settings.logging.level,
         settings.logging.format,
-        # A plain function may read DICOM; a Command says whether it does.
-        reads_dicom=getattr(args.run, "reads_dicom", True),
+        # Every subcommand's function is a Command, which says whether it reads DICOM.
+        reads_dicom=args.run.reads_dicom,
     )
     try:
         return int(args.run(settings, args))
@@ -100,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except (ConfigError, ModelPackageError) as exc:
         print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:  # an option no parser could check (evaluate's label map)
+        print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except LookupError as exc:
         print(f"dicomnode: {exc.args[0] if exc.args else exc}", file=sys.stderr)

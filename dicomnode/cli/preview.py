@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dicomnode.cli.database import read
 from dicomnode.cli.job_output import print_job
-from dicomnode.cli.jobs import show_job
 from dicomnode.config import Settings
 from dicomnode.db import queries
 from dicomnode.errors import PreviewError
@@ -45,14 +44,17 @@ def check_target(path: Path) -> None:
 
 
 def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Run ``dicomnode jobs show``, writing the ``--preview`` PNG when asked.
+    """Run ``dicomnode jobs show ID --preview PNG``: print the job, write the PNG.
+
+    A plain ``jobs show`` never comes here (:func:`dicomnode.cli.dispatch.show_job`),
+    so that it loads none of the drawing code.
 
     Parameters
     ----------
     settings : Settings
         The database and the spool.
     args : argparse.Namespace
-        ``id``, ``json`` and ``preview`` (a path or None).
+        ``id``, ``json``, ``show_phi`` and ``preview`` (the PNG's path).
 
     Returns
     -------
@@ -60,9 +62,7 @@ def show_job_command(settings: Settings, args: argparse.Namespace) -> int:
         Exit code 0; an unknown job, a job without a SEG or an unwritable path raise a
         one-line error (exit code 1).
     """
-    target: Path | None = getattr(args, "preview", None)
-    if target is None:
-        return show_job(settings, args)
+    target: Path = args.preview
     phi = bool(getattr(args, "show_phi", False))
     source = read(settings, queries.preview_source, args.id, show_phi=phi)
     # Everything that can be refused is refused before anything is printed.

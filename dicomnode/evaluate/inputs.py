@@ -8,7 +8,7 @@ DICOM SEG, NIfTI label volumes or LIDC XML.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,56 @@ def files_under(root: Path) -> list[Path]:
     return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
 
 
+@dataclass
+class OurFiles:
+    """What our side holds, from one walk: SEGs by source series, and findings files.
+
+    Attributes
+    ----------
+    segs : dict[str, Path]
+        The SEG of each source Series Instance UID.
+    findings : list[Path]
+        JSON files and SRs, in file order (:func:`findings_in` reads them).
+    """
+
+    segs: dict[str, Path] = field(default_factory=dict)
+    findings: list[Path] = field(default_factory=list)
+
+
+def scan_ours(root: Path) -> OurFiles:
+    """Sort the files under ``root`` (or ``root`` itself) by content, reading each once.
+
+    Parameters
+    ----------
+    root : Path
+        A file or a folder.
+
+    Returns
+    -------
+    OurFiles
+        The SEGs and the findings files; anything else is skipped, as a folder may
+        hold anything.
+    """
+    found = OurFiles()
+    for path in files_under(root):
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            found.findings.append(path)
+            continue
+        if suffix == ".xml" or is_nifti(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # not DICOM: skipped
+            continue
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class == SEG_CLASS and "ReferencedSeriesSequence" in ds:
+            found.segs[str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)] = path
+        elif sop_class in SR_CLASSES:
+            found.findings.append(path)
+    return found
+
+
 def segs_by_series(root: Path) -> dict[str, Path]:
     """Find the SEG files under ``root`` (or ``root`` itself), keyed by source series.
 
@@ -65,17 +115,7 @@ def segs_by_series(root: Path) -> dict[str, Path]:
     LookupError
         If there is none.
     """
-    found: dict[str, Path] = {}
-    for path in files_under(root):
-        if path.suffix.lower() in (".json", ".xml") or is_nifti(path):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM: skipped, as a folder may hold anything
-            continue
-        if str(ds.get("SOPClassUID", "")) != SEG_CLASS or "ReferencedSeriesSequence" not in ds:
-            continue
-        found[str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)] = path
+    found = scan_ours(root).segs
     if not found:
         raise LookupError(f"no DICOM SEG found in {root}")
     return found
@@ -141,31 +181,46 @@ def findings_for(ours_path: Path, grids: Mapping[str, SourceGrid]) -> dict[str, 
     dict[str, list[Finding]]
         By series UID; ``""`` holds a list that named no series.
     """
+    return findings_in(scan_ours(ours_path).findings, grids)
+
+
+def findings_in(paths: Iterable[Path], grids: Mapping[str, SourceGrid]) -> dict[str, list[Finding]]:
+    """Read the findings of JSON files and our SRs (:attr:`OurFiles.findings`).
+
+    Parameters
+    ----------
+    paths : Iterable[Path]
+        JSON findings files and SRs.
+    grids : Mapping[str, SourceGrid]
+        The source geometry by series UID, for the SRs.
+
+    Returns
+    -------
+    dict[str, list[Finding]]
+        By series UID; ``""`` holds a list that named no series.
+
+    Raises
+    ------
+    EvaluationError
+        If a JSON file is not readable or not findings.
+    """
     out: dict[str, list[Finding]] = {}
-    for path in files_under(ours_path):
-        if path.suffix.lower() == ".json":
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise EvaluationError(f"{path}: not readable JSON ({exc})") from None
-            parsed = parse_findings(data, path)
-            if isinstance(parsed, list):
-                out.setdefault("", []).extend(parsed)
-            else:
-                for uid, items in parsed.items():
-                    out.setdefault(uid, []).extend(items)
-            continue
-        if is_nifti(path) or path.suffix.lower() == ".xml":
+    for path in paths:
+        if path.suffix.lower() != ".json":
+            series, found = read_findings(path, grids)
+            if series:
+                out.setdefault(series, []).extend(found)
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue
-        if str(ds.get("SOPClassUID", "")) not in SR_CLASSES:
-            continue
-        series, found = read_findings(path, grids)
-        if series:
-            out.setdefault(series, []).extend(found)
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EvaluationError(f"{path}: not readable JSON ({exc})") from None
+        parsed = parse_findings(data, path)
+        if isinstance(parsed, list):
+            out.setdefault("", []).extend(parsed)
+        else:
+            for uid, items in parsed.items():
+                out.setdefault(uid, []).extend(items)
     return out
 
 

@@ -27,6 +27,12 @@ SEGMENTATION_HEADERS = [
 DETECTION_HEADERS = [
     "SERIES", "NODULES", "FINDINGS", "TP", "FP", "FN", "SENS", "PREC", "F1", "ACC", "AUC", "CPM",
 ]  # fmt: skip
+# A comparison's scores, by their names in the JSON record, which are their attribute
+# names on SegmentationScores; in the order of the table's columns after SEGMENT.
+SCORE_FIELDS = (
+    "dice", "iou", "hausdorff95_mm", "volume_ml", "reference_volume_ml",
+    "volume_difference_percent",
+)  # fmt: skip
 
 
 @dataclass
@@ -95,12 +101,7 @@ def aggregate(rows: Sequence[SegmentComparison]) -> list[dict[str, Any]]:
         {
             "segment": segment,
             "cases": len(items),
-            "dice": _mean([r.scores.dice for r in items]),
-            "iou": _mean([r.scores.iou for r in items]),
-            "hausdorff95_mm": _mean([r.scores.hausdorff95_mm for r in items]),
-            "volume_ml": _mean([r.scores.volume_ml for r in items]),
-            "reference_volume_ml": _mean([r.scores.reference_volume_ml for r in items]),
-            "volume_difference_percent": _mean([r.scores.volume_difference_percent for r in items]),
+            **{name: _mean([getattr(r.scores, name) for r in items]) for name in SCORE_FIELDS},
         }
         for segment, items in by_segment.items()
     ]
@@ -110,14 +111,21 @@ def _segment_record(r: SegmentComparison) -> dict[str, Any]:
     return {
         "series_uid": r.case,
         "segment": r.segment,
-        "dice": r.scores.dice,
-        "iou": r.scores.iou,
-        "hausdorff95_mm": r.scores.hausdorff95_mm,
-        "volume_ml": r.scores.volume_ml,
-        "reference_volume_ml": r.scores.reference_volume_ml,
-        "volume_difference_percent": r.scores.volume_difference_percent,
+        **{name: getattr(r.scores, name) for name in SCORE_FIELDS},
         "averaged": r.averaged,
     }
+
+
+def _score_cells(scores: dict[str, Any]) -> list[str | None]:
+    """Format one case's scores, or one segment's means, as the table shows them."""
+    return [
+        f"{scores['dice']:.4f}",
+        f"{scores['iou']:.4f}",
+        _fmt(scores["hausdorff95_mm"], 2),
+        f"{scores['volume_ml']:.2f}",
+        f"{scores['reference_volume_ml']:.2f}",
+        _fmt(scores["volume_difference_percent"], 1),
+    ]
 
 
 def _detection_record(report: DetectionReport, evaluation: EvaluationReport) -> dict[str, Any]:
@@ -213,32 +221,11 @@ def segmentation_rows(report: EvaluationReport) -> list[Row]:
         One row per case and segment, then one per segment averaged over its cases;
         ``None`` where a score has no value.
     """
-    rows: list[Row] = [
-        [
-            "..." + r.case[-12:],
-            r.segment,
-            f"{r.scores.dice:.4f}",
-            f"{r.scores.iou:.4f}",
-            _fmt(r.scores.hausdorff95_mm, 2),
-            f"{r.scores.volume_ml:.2f}",
-            f"{r.scores.reference_volume_ml:.2f}",
-            _fmt(r.scores.volume_difference_percent, 1),
-        ]
-        for r in report.segmentation
-    ]
-    rows += [
-        [
-            f"mean of {a['cases']}",
-            a["segment"],
-            f"{a['dice']:.4f}",
-            f"{a['iou']:.4f}",
-            _fmt(a["hausdorff95_mm"], 2),
-            f"{a['volume_ml']:.2f}",
-            f"{a['reference_volume_ml']:.2f}",
-            _fmt(a["volume_difference_percent"], 1),
-        ]
-        for a in aggregate(report.segmentation)
-    ]
+    rows: list[Row] = []
+    for r in report.segmentation:
+        rows.append(["..." + r.case[-12:], r.segment, *_score_cells(_segment_record(r))])
+    for a in aggregate(report.segmentation):
+        rows.append([f"mean of {a['cases']}", a["segment"], *_score_cells(a)])
     return rows
 
 

@@ -24,7 +24,13 @@ from dicomnode.errors import EvaluationError, UsageError
 from dicomnode.evaluate.detection import evaluate_detection
 from dicomnode.evaluate.figures import plot_case, plot_summaries
 from dicomnode.evaluate.geometry import SourceGrid, grid_from_seg, grids_from_folders
-from dicomnode.evaluate.inputs import find_references, findings_for, segs_by_series
+from dicomnode.evaluate.inputs import (
+    find_references,
+    findings_for,
+    findings_in,
+    scan_ours,
+    segs_by_series,
+)
 from dicomnode.evaluate.lidc_reference import LidcCase, compare_lidc_case, reference_nodules
 from dicomnode.evaluate.nifti import compare_nifti_case, nifti_stem, parse_label_map
 from dicomnode.evaluate.progress import Progress
@@ -218,11 +224,12 @@ def _lidc_grid(run: _Run, case: LidcCase, ours_segs: dict[str, Path]) -> tuple[S
 
 def _run_lidc(run: _Run, ours: Path, cases: dict[str, LidcCase]) -> None:
     options, report = run.options, run.report
-    try:
-        ours_segs = segs_by_series(ours)
-    except LookupError:
-        ours_segs = {}
-    findings = findings_for(options.findings or ours, run.grids)
+    scanned = scan_ours(ours)  # one walk for our SEGs and our findings
+    ours_segs = scanned.segs
+    if options.findings is not None:
+        findings = findings_for(options.findings, run.grids)
+    else:
+        findings = findings_in(scanned.findings, run.grids)
     if "" in findings:
         if len(cases) != 1:
             raise EvaluationError(

@@ -43,13 +43,18 @@ def test_the_import_contracts_hold() -> None:
     assert "0 broken" in result.stdout
 
 
-def test_the_cli_imports_no_sql_library() -> None:
-    offenders = [
-        f"{path.relative_to(REPO)}: {module}"
-        for path in sorted(CLI.rglob("*.py"))
+def sql_imports(folder: Path) -> list[str]:
+    """Return ``FILE: MODULE`` for each SQL library a module under ``folder`` imports."""
+    return [
+        f"{path.relative_to(folder)}: {module}"
+        for path in sorted(folder.rglob("*.py"))
         for module in imported_modules(path)
         if module.split(".")[0] in SQL_LIBRARIES
     ]
+
+
+def test_the_cli_imports_no_sql_library() -> None:
+    offenders = sql_imports(CLI)
     assert offenders == []
 
 
@@ -57,6 +62,18 @@ def test_the_check_finds_a_sql_import(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from sqlalchemy import select\n    return select\n")
     assert "sqlalchemy" in imported_modules(module)
+    # The check the CLI is held to, on a folder with one import of each kind hidden in it.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "typed.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlite3\n"
+    )
+    (tmp_path / "aliased.py").write_text("import alembic.command as run\n")
+    (tmp_path / "fine.py").write_text("from dicomnode.db import queries\nimport sqlparse\n")
+    assert sql_imports(tmp_path) == [
+        "aliased.py: alembic.command",
+        "bad.py: sqlalchemy",
+        "sub/typed.py: sqlite3",
+    ]
 
 
 def test_every_cli_module_is_small() -> None:

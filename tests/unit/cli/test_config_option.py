@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
+from dicomnode.cli.commands import Command
 from dicomnode.cli.main import config_path, main
 from dicomnode.cli.parser import build_parser
 from tests.unit.cli.test_main import one_line_error, run
@@ -27,6 +30,20 @@ def test_every_command_takes_config_after_it() -> None:
     for words, sub in leaves:
         options = {o for a in sub._actions for o in a.option_strings}
         assert {"-c", "--config"} <= options, words
+
+
+def test_every_command_names_a_function_that_exists() -> None:
+    # Commands are imported only when they run: a misspelt target would fail only then.
+    # Read from the source, not imported, so that this stays light.
+    for words, sub in _leaf_commands(build_parser()):
+        command = sub.get_default("run")
+        assert isinstance(command, Command), words
+        module, _, name = command.target.partition(":")
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin, (words, module)
+        tree = ast.parse(Path(spec.origin).read_text())
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert name in functions, (words, command.target)
 
 
 @pytest.mark.parametrize(

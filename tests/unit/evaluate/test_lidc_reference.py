@@ -88,6 +88,7 @@ def test_the_reference_nodule(real) -> None:
     np.testing.assert_array_equal(strict.center, nodule.center)
 
 
+@pytest.mark.slow
 def test_detection_of_one_true_and_one_false_finding(
     real, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ from dicomnode.evaluate import (
     report_record,
     segmentation_rows,
 )
-from dicomnode.evaluate.inputs import find_references, findings_for, segs_by_series
+from dicomnode.evaluate.inputs import (
+    find_references,
+    findings_for,
+    findings_in,
+    scan_ours,
+    segs_by_series,
+)
 from dicomnode.evaluate.report import aggregate
 from dicomnode.evaluate.scores import SegmentationScores
 from dicomnode.evaluate.seg_reference import SegmentComparison
@@ -51,6 +58,29 @@ def test_inputs_are_found_by_content(case: dict[str, Any], tmp_path: Path) -> No
         find_references(tmp_path)
     with pytest.raises(LookupError, match="no DICOM SEG found"):
         segs_by_series(tmp_path)
+
+
+def test_one_walk_finds_our_segs_and_findings_files(case: dict[str, Any], tmp_path: Path) -> None:
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "seg.dcm").write_bytes(case["seg"].read_bytes())
+    finding = {"center": [1.0, 2.0, 3.0], "diameter_mm": 6.0, "probability": 0.7}
+    (ours / "a.json").write_text(json.dumps([finding]))
+    (ours / "b.json").write_text(json.dumps({"1.2.3": [finding, finding]}))
+    (ours / "read.xml").write_text("<x/>")
+    (ours / "notes.txt").write_text("not DICOM")
+    scanned = scan_ours(ours)
+    assert scanned.segs == {case["series"]: ours / "seg.dcm"}
+    assert scanned.findings == [ours / "a.json", ours / "b.json"]
+    found = findings_in(scanned.findings, {})
+    assert {uid: len(items) for uid, items in found.items()} == {"": 1, "1.2.3": 2}
+    assert found[""][0].probability == 0.7
+    assert found[""][0].center.tolist() == [1.0, 2.0, 3.0]
+    again = findings_for(ours, {})  # the same, walking the folder itself
+    assert {uid: [f.probability for f in items] for uid, items in again.items()} == {
+        "": [0.7],
+        "1.2.3": [0.7, 0.7],
+    }
 
 
 def test_a_seg_against_itself(case: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ import pytest
 from dicomnode.config import SegOptions
 from dicomnode.imaging import Volume
 from dicomnode.imaging.manifest import load_model_spec
-from dicomnode.imaging.volume import volume_from_datasets
 from dicomnode.outputs import (
     PALETTE,
     Provenance,
@@ -27,6 +26,7 @@ from dicomnode.outputs import (
 from dicomnode.outputs.preview import COLUMNS, MAX_SLICES, TILE_WIDTH
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced, lung_phantom
+from tests.unit.outputs.test_seg_read import files, phantom_labels, volume_of
 
 SPEC = load_model_spec(REPO / "models/lung-unet2d")
 NOTICE_RED = (255, 60, 60)  # "NOT FOR CLINICAL USE" in the header
@@ -36,24 +36,7 @@ def phantom_volume(slices: int = 14, *, multiframe: bool = False) -> Volume:
     datasets = ct_series(lung_phantom(slices=slices, size=48))
     if multiframe:  # frames stored top to bottom: not the volume's slice order
         datasets = [legacy_enhanced(datasets, frame_order=range(slices - 1, -1, -1))]
-    out = []
-    for ds in datasets:  # through bytes, as the spool's files are read
-        buffer = BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        out.append(pydicom.dcmread(BytesIO(buffer.getvalue())))
-    return volume_from_datasets(out)
-
-
-def phantom_labels(volume: Volume) -> np.ndarray:
-    """Segment 1 right, 2 left of the middle column where the phantom is air; ends empty."""
-    labels = np.zeros(volume.shape, np.uint8)
-    lung = volume.pixels < -500
-    half = volume.shape[2] // 2
-    labels[:, :, half:][lung[:, :, half:]] = 1
-    labels[:, :, :half][lung[:, :, :half]] = 2
-    labels[:2] = 0
-    labels[-1] = 0
-    return labels
+    return volume_of(files(datasets))  # through bytes, as the spool's files are read
 
 
 def make_seg(
