@@ -12,7 +12,7 @@ lungs) against the mask thresholded from the eager output.
 Usage::
 
     python bench/inference.py [--series DIR] [--backend auto|torch|openvino]
-                              [--precision auto|fp32|bf16] [--repeat 2]
+                              [--precision auto|fp32|bf16|int8] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--series", type=Path, help="default: tests/data/ct/LIDC-IDRI-0001")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
 

@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="the lung-mask reuse's saving")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16"],
+        choices=["auto", "fp32", "bf16", "int8"],
         default="auto",
         help="worker.precision; fp32 measures here what a CPU without bf16 runs",
     )

@@ -352,9 +352,11 @@ class WorkerSettings:
     precision: str = field(
         default="auto",
         metadata=field_doc(
-            "auto (bf16 where the CPU or GPU has it; fp16 on a GPU without), fp32, bf16, or "
-            "fp16 (GPU only; bf16 on the CPU).",
-            one_of("auto", "fp32", "bf16", "fp16"),
+            "auto (bf16 where the CPU or GPU has it; on a CPU without, a model package's "
+            "INT8 OpenVINO weights where it ships them, else fp32; fp16 on a GPU without "
+            "bf16), fp32, bf16, fp16 (GPU only; bf16 on the CPU), or int8 (CPU: the "
+            "package's INT8 weights where it ships them, else fp32; auto on a GPU).",
+            one_of("auto", "fp32", "bf16", "fp16", "int8"),
         ),
     )
     starvation_seconds: float = field(

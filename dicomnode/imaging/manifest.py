@@ -128,6 +128,21 @@ class WeightsSpec:
         default="",
         metadata=field_doc("Expected SHA-256 of the file (of models/model.pt in a bundle)."),
     )
+    openvino_int8: str = field(
+        default="",
+        metadata=field_doc(
+            "Optional: an INT8 OpenVINO IR of the same 2D network (the .xml; its .bin "
+            "beside it), post-training quantized. Used on CPUs without bf16 "
+            "(worker.precision auto or int8), once it agrees with PyTorch on the first "
+            "batch of real data."
+        ),
+    )
+    openvino_int8_sha256: str = field(
+        default="",
+        metadata=field_doc(
+            "Expected SHA-256 over the IR's .xml then its .bin; a mismatch keeps it unused."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -342,6 +357,11 @@ class ModelSpec:
             return self.path / self.weights.file / "models" / "model.pt"
         return self.path / self.weights.file
 
+    @property
+    def int8_path(self) -> Path | None:
+        """Return the absolute path of the INT8 OpenVINO IR (.xml), if the package has one."""
+        return self.path / self.weights.openvino_int8 if self.weights.openvino_int8 else None
+
 
 def _check_package(spec: ModelSpec, folder: Path) -> None:
     if spec.name != folder.name:
@@ -392,6 +412,25 @@ def _check_package(spec: ModelSpec, folder: Path) -> None:
         raise ConfigError(f"weights.file: {spec.weights.file} not found in the package")
     if spec.weights.format == "state_dict" and not spec.network.name:
         raise ConfigError("network.name: state_dict weights need the MONAI network to build")
+    _check_int8(spec, folder)
+
+
+def _check_int8(spec: ModelSpec, folder: Path) -> None:
+    weights = spec.weights
+    if not weights.openvino_int8:
+        if weights.openvino_int8_sha256:
+            raise ConfigError("weights.openvino_int8_sha256: set without weights.openvino_int8")
+        return
+    if spec.input.dimensions != 2:
+        raise ConfigError("weights.openvino_int8: only for 2D models")
+    xml = folder / weights.openvino_int8
+    if xml.suffix != ".xml":
+        raise ConfigError("weights.openvino_int8: must name the IR's .xml file")
+    for part in (xml, xml.with_suffix(".bin")):
+        if not part.is_file():
+            raise ConfigError(f"weights.openvino_int8: {part.name} not found in the package")
+    if weights.openvino_int8_sha256 and _sha256(weights.openvino_int8_sha256):
+        raise ConfigError(f"weights.openvino_int8_sha256: {_sha256(weights.openvino_int8_sha256)}")
 
 
 def load_model_spec(folder: Path) -> ModelSpec:

@@ -20,7 +20,8 @@ def autocast_dtype(precision: str, bf16_supported: bool) -> torch.dtype | None:
     Parameters
     ----------
     precision : str
-        ``worker.precision``: ``auto``, ``bf16``, ``fp16`` or ``fp32``.
+        ``worker.precision``: ``auto``, ``bf16``, ``fp16``, ``fp32`` or ``int8`` (INT8
+        weights are a CPU path: on a GPU it means ``auto``).
     bf16_supported : bool
         Whether the device computes in bf16 (``torch.cuda.is_bf16_supported()``).
 
@@ -32,7 +33,7 @@ def autocast_dtype(precision: str, bf16_supported: bool) -> torch.dtype | None:
     """
     if precision == "fp32":
         return None
-    if precision == "auto":
+    if precision in ("auto", "int8"):
         return torch.bfloat16 if bf16_supported else torch.float16
     return _DTYPES[precision]
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,9 +25,12 @@ from dicomnode.inference.autocast import AutocastModel, autocast_dtype
 from dicomnode.inference.backends import (
     OpenVINOModel,
     compile_openvino,
+    cpu_has_bf16,
     labels_agree,
+    load_openvino_int8,
     masks_agree,
     openvino_available,
+    wants_int8,
 )
 from dicomnode.inference.lungs import split_left_right
 from dicomnode.inference.sliding import predict_volume
@@ -38,7 +42,7 @@ from dicomnode.inference.transforms import (
     intensity,
     to_output,
 )
-from dicomnode.inference.weights import load_model
+from dicomnode.inference.weights import load_model, openvino_ir_sha256
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,11 @@ class ModelCache:
         started = time.perf_counter()
         example = torch.zeros(spec.input.batch_size, 1, *spec.input.matrix)
         try:
-            compiled = compile_openvino(module, example, self.threads, self.precision)
+            int8 = self._int8_weights(spec)
+            if int8 is not None:
+                compiled = load_openvino_int8(int8, self.threads)
+            else:
+                compiled = compile_openvino(module, example, self.threads, self.precision)
         except Exception as exc:  # an operator OpenVINO lacks: PyTorch still runs it
             log.warning(
                 "model %s: OpenVINO cannot compile it (%s); using PyTorch",
@@ -173,6 +181,23 @@ class ModelCache:
             time.perf_counter() - started,
         )
         return compiled
+
+    def _int8_weights(self, spec: ModelSpec) -> Path | None:
+        """Return the package's INT8 IR where it should run here, or None for fp32/bf16."""
+        xml = spec.int8_path
+        if xml is None or self.precision not in ("auto", "int8"):
+            return None
+        if not wants_int8(self.precision, cpu_has_bf16()):
+            return None
+        expected = spec.weights.openvino_int8_sha256
+        if expected and openvino_ir_sha256(xml) != expected:
+            log.warning(
+                "model %s: %s does not match weights.openvino_int8_sha256; not used",
+                spec.name,
+                xml.name,
+            )
+            return None
+        return xml
 
     def trusted(self, spec: ModelSpec) -> bool:
         """Return whether the faster back-end has agreed with PyTorch for ``spec``."""

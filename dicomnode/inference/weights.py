@@ -49,6 +49,27 @@ def file_sha256(spec: ModelSpec) -> str:
     return digest.hexdigest()
 
 
+def openvino_ir_sha256(xml: Path) -> str:
+    """Return the SHA-256 over an OpenVINO IR's .xml then its .bin (``openvino_int8_sha256``).
+
+    Parameters
+    ----------
+    xml : Path
+        The IR's .xml file; its .bin lies beside it.
+
+    Returns
+    -------
+    str
+        Lowercase hex digest.
+    """
+    digest = hashlib.sha256()
+    for part in (xml, xml.with_suffix(".bin")):
+        with part.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     """Load a package's model in eval mode, whatever its weights format.
 
