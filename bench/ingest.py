@@ -13,7 +13,8 @@ For each number of concurrent associations it runs, in this order and on this ma
 Both are fed by dcmtk's ``storescu`` (one process per association) with the same
 synthetic CT series made by ``tests/data/make_ct.py``. It prints instances/s
 for each, the ratios dicomnode / Orthanc and dicomnode / storescp, and the node's
-peak resident memory.
+peak resident memory and CPU time (user + system, receiver processes included) per
+instance: the figure to cut, steadier than a rate on a shared VM.
 Each figure is the median of ``--repeat`` runs.
 
 Usage::
@@ -28,6 +29,7 @@ run); the default is SQLite in the run's temporary folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -164,9 +166,21 @@ def database(url: str | None, workdir: Path) -> Iterator[str]:
         yield fresh
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its living children (receiver processes)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    total += cpu_seconds(int(child))
+    return total
+
+
 def run_dicomnode(
     series: list[list[Path]], workdir: Path, db: str | None, processes: int
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
     run = workdir / f"node-{uuid.uuid4().hex[:6]}"
     run.mkdir()
     with database(db, run) as url:
@@ -186,7 +200,9 @@ def run_dicomnode(
         with NodeProcess(config, command="listen") as node:
             assert node.proc is not None
             port = int(config.read_text().split("port = ", 1)[1].split()[0])
+            cpu = cpu_seconds(node.proc.pid)
             elapsed = send_all(port, "DICOMNODE", series)
+            cpu = cpu_seconds(node.proc.pid) - cpu
             rss = memory_bytes(node.proc.pid)  # the parent; children are smaller
         engine = create_engine(url)
         with engine.connect() as conn:
@@ -197,7 +213,7 @@ def run_dicomnode(
     if rows != expected or files != expected:
         raise RuntimeError(f"dicomnode kept {rows} rows and {files} files of {expected}")
     settle(run)
-    return elapsed, rss
+    return elapsed, rss, cpu
 
 
 def main() -> None:
@@ -222,20 +238,24 @@ def main() -> None:
               f"dicomnode on {db}, {args.processes} receiver process(es); "
               f"median of {args.repeat}; {os.cpu_count()} CPUs")  # fmt: skip
         print(f"{'associations':>12} {'storescp/s':>11} {'orthanc/s':>10} {'dicomnode/s':>12} "
-              f"{'x orthanc':>10} {'x storescp':>11} {'node peak RSS':>14}")  # fmt: skip
+              f"{'x orthanc':>10} {'x storescp':>11} {'node peak RSS':>14} "
+              f"{'node CPU ms/inst':>17}")  # fmt: skip
         for n in args.concurrency:
             chosen = series[:n]
             total = sum(map(len, chosen))
-            ref, pacs, ours, rss = [], [], [], []
+            ref, pacs, ours, rss, cpu = [], [], [], [], []
             for _ in range(args.repeat):
                 ref.append(total / run_storescp(chosen, workdir))
                 pacs.append(total / run_orthanc(chosen, workdir))
-                elapsed, peak = run_dicomnode(chosen, workdir, args.database, args.processes)
+                elapsed, peak, seconds = run_dicomnode(
+                    chosen, workdir, args.database, args.processes
+                )
                 ours.append(total / elapsed)
                 rss.append(peak)
+                cpu.append(seconds * 1000 / total)
             r, p, o = (statistics.median(x) for x in (ref, pacs, ours))
             print(f"{n:>12} {r:>11.0f} {p:>10.0f} {o:>12.0f} {o / p:>10.2f} {o / r:>11.2f} "
-                  f"{max(rss) / 2**20:>11.0f} MiB")  # fmt: skip
+                  f"{max(rss) / 2**20:>11.0f} MiB {statistics.median(cpu):>17.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

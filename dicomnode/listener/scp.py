@@ -48,6 +48,7 @@ from dicomnode.dimse import (
     reactor,
     statuses,
 )
+from dicomnode.dimse.responses import encode_store_response
 from dicomnode.errors import ConfigError, DicomnodeError, IngestError
 from dicomnode.listener import admission, chunked
 from dicomnode.logs import shown
@@ -343,9 +344,11 @@ class Listener:
             files cannot be loaded, or pynetdicom is not the tested version.
         """
         compat.check()
+        compat.log_events(logging.getLogger("pynetdicom").isEnabledFor(logging.INFO))
         ssl_context = make_ssl_context(self.settings)
         reactor.install()
         chunked.install()
+        compat.replace_store_response(encode_store_response)  # speed only; pynetdicom's otherwise
         address = (self.settings.host, self.settings.port)
         try:
             server = self.ae.make_server(
