@@ -87,7 +87,6 @@ class ModelCache:
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
         self._fast: dict[tuple[str, str], OpenVINOModel | AutocastModel | None] = {}
         self._trusted: set[tuple[str, str]] = set()
-        self._no_int8: set[tuple[str, str]] = set()  # INT8 disagreed: fp32 or bf16 instead
         self._lock = threading.Lock()
 
     def get(self, spec: ModelSpec) -> torch.nn.Module:
@@ -186,7 +185,7 @@ class ModelCache:
     def _int8_weights(self, spec: ModelSpec) -> Path | None:
         """Return the package's INT8 IR where it should run here, or None for fp32/bf16."""
         xml = spec.int8_path
-        if xml is None or (spec.name, spec.version) in self._no_int8:
+        if xml is None or self.precision not in ("auto", "int8"):
             return None
         if not wants_int8(self.precision, cpu_has_bf16()):
             return None
@@ -219,24 +218,12 @@ class ModelCache:
         with self._lock:
             if agreed:
                 self._trusted.add(key)
-                return
-            dropped = self._fast.get(key)
-            if isinstance(dropped, OpenVINOModel) and dropped.precision == "int8":
-                # INT8 is the coarsest step: fp32 OpenVINO may still agree, and is far
-                # faster than PyTorch. It is compiled on the next job, and checked there.
-                self._no_int8.add(key)
-                del self._fast[key]
+            else:
+                self._fast[key] = None
                 log.warning(
-                    "model %s: OpenVINO int8 disagrees with PyTorch or failed; "
-                    "PyTorch for this job, OpenVINO without int8 from the next",
+                    "model %s: OpenVINO disagrees with PyTorch or failed; using PyTorch",
                     spec.name,
                 )
-                return
-            self._fast[key] = None
-            log.warning(
-                "model %s: OpenVINO disagrees with PyTorch or failed; using PyTorch",
-                spec.name,
-            )
 
 
 def check_input(spec: ModelSpec, volume: Volume) -> None:
