@@ -18,8 +18,25 @@ _SHORT = struct.Struct("<HH2sH")  # an explicit VR element with a 16-bit length
 _VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"  # (0002,0001) OB 00\01
 
 
-def _value(text: str, pad: bytes) -> bytes | None:
-    if not text or len(text) > 64 or not text.isascii() or "\\" in text:
+def even_ascii(text: object, pad: bytes) -> bytes | None:
+    """Return a one-valued text element's value padded to even length, as pydicom writes it.
+
+    Parameters
+    ----------
+    text : object
+        The value (a UID, a short string); anything but a ``str`` gives None.
+    pad : bytes
+        A NUL byte for UI, a space for the string VRs.
+
+    Returns
+    -------
+    bytes or None
+        The ASCII bytes, padded; None where pydicom's general rules apply instead
+        (missing, empty, not ASCII, several values, over 64 characters).
+    """
+    if not isinstance(text, str) or not text or len(text) > 64 or not text.isascii():
+        return None
+    if "\\" in text:
         return None
     data = text.encode("ascii")
     return data + pad if len(data) % 2 else data
@@ -57,7 +74,7 @@ def encode_file_meta(
         (0x0012, b"UI", implementation_uid, b"\x00"),
         (0x0013, b"SH", implementation_version, b" "),
     ):
-        value = _value(text, pad)
+        value = even_ascii(text, pad)
         if value is None:
             return None
         parts.append(_SHORT.pack(0x0002, element, vr, len(value)) + value)

@@ -1,8 +1,8 @@
 """The C-STORE response, encoded in one step.
 
 For each C-STORE pynetdicom turns the response primitive into a pydicom dataset and
-encodes it: about 0.4-0.6 ms of CPU per instance on this project's VM for a command
-set of six elements. :func:`encode_store_response` gives the same bytes directly (the
+encodes it: about 0.6 ms of CPU per instance on this project's VM (timed on its own)
+for a command set of six elements. :func:`encode_store_response` gives the same bytes directly (the
 tests hold it to pynetdicom's encoding byte for byte) for the responses the listener
 sends with a status alone; any other response goes through pynetdicom as before.
 """
@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import struct
 
+from dicomnode.dimse.file_meta import even_ascii
+
 _ELEMENT = struct.Struct("<HHI")  # group, element, 32-bit length (implicit VR)
 _C_STORE_RSP = 0x8001
 _NO_DATASET = 0x0101
-
-
-def _uid(text: object) -> bytes | None:
-    if not isinstance(text, str) or not text or len(text) > 64 or not text.isascii():
-        return None
-    if "\\" in text:
-        return None
-    data = text.encode("ascii")
-    return data + b"\x00" if len(data) % 2 else data
 
 
 def _us(element: int, value: int) -> bytes:
@@ -50,8 +43,8 @@ def encode_store_response(
         value is not one this encoder writes as pynetdicom would (a UID that is
         missing, not ASCII, too long or multi-valued; a number out of range).
     """
-    sop_class = _uid(sop_class_uid)
-    sop_instance = _uid(sop_instance_uid)
+    sop_class = even_ascii(sop_class_uid, b"\x00")
+    sop_instance = even_ascii(sop_instance_uid, b"\x00")
     if sop_class is None or sop_instance is None:
         return None
     if not (0 <= message_id <= 0xFFFF and 0 <= status <= 0xFFFF):

@@ -73,6 +73,7 @@ def test_pynetdicom_writes_through_it_once_installed() -> None:
     meta = pynetdicom.dimse_messages.create_file_meta(
         sop_class_uid=CT, sop_instance_uid="1.2.3.4", transfer_syntax=EXPLICIT
     )
+    assert isinstance(meta, compat._FileMeta)  # no pydicom dataset is built
     out = BytesIO()
     pynetdicom.dimse_messages.write_file_meta_info(out, meta)
     assert out.getvalue() == pydicom_bytes(CT, "1.2.3.4", EXPLICIT, *IMPLEMENTATION)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pynetdicom.dimse
@@ -59,14 +60,25 @@ def test_the_same_bytes_as_pynetdicom(message_id: int, sop_instance: str, status
 
 
 @pytest.mark.parametrize(
-    ("sop_instance", "status"),
-    [(None, 0), ("", 0), ("1.2.\u00e93", 0), ("1.2\\3", 0), ("1." + "2" * 64, 0), ("1.2", 70000)],
-    ids=["missing", "empty", "not-ascii", "two-values", "too-long", "status-out-of-range"],
-)
+    ("message_id", "sop_instance", "status"),
+    [
+        (7, None, 0),
+        (7, "", 0),
+        (7, "1.2.\u00e93", 0),
+        (7, "1.2\\3", 0),
+        (7, "1." + "2" * 64, 0),
+        (7, "1.2", 70000),
+        (70000, "1.2", 0),
+    ],
+    ids=[
+        "missing", "empty", "not-ascii", "two-values", "too-long", "status-out-of-range",
+        "message-id-out-of-range",
+    ],
+)  # fmt: skip
 def test_values_it_does_not_write_are_left_to_pynetdicom(
-    sop_instance: str | None, status: int
+    message_id: int, sop_instance: str | None, status: int
 ) -> None:
-    assert encode_store_response(7, CT, sop_instance, status) is None
+    assert encode_store_response(message_id, CT, sop_instance, status) is None
 
 
 class Provider:
@@ -92,34 +104,58 @@ class Provider:
         return self._handlers
 
 
+class Sent:
+    """The replaced send_msg, and the command sets its encoder wrote."""
+
+    def __init__(self) -> None:
+        self.encoded: list[bytes | None] = []
+
+    def encode(self, *args: Any) -> bytes | None:
+        self.encoded.append(encode_store_response(*args))
+        return self.encoded[-1]
+
+    def __call__(self, provider: Provider, primitive: C_STORE, context_id: int) -> None:
+        pynetdicom.dimse.DIMSEServiceProvider.send_msg(provider, primitive, context_id)
+
+
 @pytest.fixture
-def send_msg() -> Any:
-    assert compat.replace_store_response(encode_store_response)
-    replaced = pynetdicom.dimse.DIMSEServiceProvider.send_msg
-    assert replaced is compat._ours[compat.SEND_MESSAGE]
-    return replaced
+def send_msg() -> Iterator[Sent]:
+    sent = Sent()
+    assert compat.replace_store_response(sent.encode)
+    assert pynetdicom.dimse.DIMSEServiceProvider.send_msg is compat._ours[compat.SEND_MESSAGE]
+    yield sent
+    assert compat.replace_store_response(encode_store_response)  # the listener's own
 
 
 @pytest.mark.parametrize(
-    "primitive",
-    [response(), response(status=0xA700), response(status=0xA700, comment="storage is full")],
-    ids=["success", "failure", "failure-with-comment"],
+    "primitive", [response(), response(status=0xA700)], ids=["success", "failure"]
 )
-def test_the_wrapper_sends_what_pynetdicom_sends(send_msg: Any, primitive: C_STORE) -> None:
+def test_a_status_alone_goes_out_in_one_step(send_msg: Sent, primitive: C_STORE) -> None:
     fast = Provider()
     send_msg(fast, primitive, 3)
     assert fast.sent == pynetdicom_pdvs(primitive, context_id=3)
+    command = send_msg.encoded[-1]
+    assert command is not None and fast.sent == [[(3, b"\x03" + command)]]  # ours went out
 
 
-def test_an_association_watching_sent_messages_gets_pynetdicom_s_path(send_msg: Any) -> None:
+def test_a_response_with_a_comment_gets_pynetdicom_s_path(send_msg: Sent) -> None:
+    primitive = response(status=0xA700, comment="storage is full")
+    fast = Provider()
+    send_msg(fast, primitive, 3)
+    assert send_msg.encoded == []
+    assert fast.sent == pynetdicom_pdvs(primitive, context_id=3)
+
+
+def test_an_association_watching_sent_messages_gets_pynetdicom_s_path(send_msg: Sent) -> None:
     seen: list[Any] = []
     watched = Provider(handlers=[(lambda event: seen.append(event.message), None)])
     send_msg(watched, response(), 1)
+    assert send_msg.encoded == []
     assert [type(message) for message in seen] == [C_STORE_RSP]  # pynetdicom's message
     assert watched.sent == pynetdicom_pdvs(response())
 
 
-def test_a_peer_with_a_tiny_pdu_gets_pynetdicom_s_fragments(send_msg: Any) -> None:
+def test_a_peer_with_a_tiny_pdu_gets_pynetdicom_s_fragments(send_msg: Sent) -> None:
     small = Provider(max_pdu=40)
     send_msg(small, response(), 1)
     assert small.sent == pynetdicom_pdvs(response(), max_pdu=40)
