@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from dicomnode.cli.job_output import STAGES  # noqa: E402
 from dicomnode.imaging.manifest import load_registry  # noqa: E402
+from dicomnode.inference.backends import cpu_has_bf16, openvino_available  # noqa: E402
 from dicomnode.inference.device import configure_threads  # noqa: E402
 from tests.dcmtk import STORESCU  # noqa: E402
 from tests.integration.node_process import (  # noqa: E402
@@ -156,7 +157,7 @@ def main() -> None:
         "--precision",
         choices=["auto", "fp32", "bf16", "int8"],
         default="auto",
-        help="worker.precision; fp32 measures here what a CPU without bf16 runs",
+        help="worker.precision; fp32 or int8 measure here what a CPU without bf16 runs",
     )
     args = parser.parse_args()
     folder = args.folder or restored_case("LIDC-IDRI-0001")
@@ -164,12 +165,9 @@ def main() -> None:
     threads = configure_threads(0)
     print(f"series: {folder} ({len(series)} files); torch {torch.__version__}, {threads} threads")
     worker_extra = f'precision = "{args.precision}"'
-    bf16 = (
-        "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-        if Path("/proc/cpuinfo").exists()
-        else False
-    )
-    print(f"worker.precision = {args.precision}; this CPU has bf16 (avx512_bf16): {bf16}")
+    # As the node decides it (OpenVINO's view: AMX or AVX-512 BF16); it needs OpenVINO.
+    bf16 = cpu_has_bf16() if openvino_available() else False
+    print(f"worker.precision = {args.precision}; OpenVINO computes in bf16 here: {bf16}")
     if args.reuse:
         reuse(series, worker_extra)
         return

@@ -185,9 +185,7 @@ class ModelCache:
     def _int8_weights(self, spec: ModelSpec) -> Path | None:
         """Return the package's INT8 IR where it should run here, or None for fp32/bf16."""
         xml = spec.int8_path
-        if xml is None or self.precision not in ("auto", "int8"):
-            return None
-        if not wants_int8(self.precision, cpu_has_bf16()):
+        if xml is None or not wants_int8(self.precision, cpu_has_bf16()):
             return None
         expected = spec.weights.openvino_int8_sha256
         if expected and openvino_ir_sha256(xml) != expected:

@@ -42,11 +42,7 @@ def file_sha256(spec: ModelSpec) -> str:
     str
         Lowercase hex digest.
     """
-    digest = hashlib.sha256()
-    with spec.weights_path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _sha256(spec.weights_path)
 
 
 def openvino_ir_sha256(xml: Path) -> str:
@@ -62,9 +58,13 @@ def openvino_ir_sha256(xml: Path) -> str:
     str
         Lowercase hex digest.
     """
+    return _sha256(xml, xml.with_suffix(".bin"))
+
+
+def _sha256(*paths: Path) -> str:
     digest = hashlib.sha256()
-    for part in (xml, xml.with_suffix(".bin")):
-        with part.open("rb") as fh:
+    for path in paths:  # in chunks: weights may be hundreds of MB
+        with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -39,12 +39,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
+from dicomnode.evaluate.scores import dice  # noqa: E402
 from dicomnode.imaging.manifest import ModelSpec, load_model_spec  # noqa: E402
 from dicomnode.imaging.volume import load_series  # noqa: E402
+from dicomnode.inference.backends import compile_openvino, load_openvino_int8  # noqa: E402
+from dicomnode.inference.segment import predict_slices  # noqa: E402
 from dicomnode.inference.weights import openvino_ir_sha256  # noqa: E402
 from tests.testdata import restored_case  # noqa: E402
 
 OUT = HERE / "lung_unet2d.int8.xml"
+CPU = torch.device("cpu")
 
 
 def pixels(folder: Path) -> np.ndarray:
@@ -52,25 +56,16 @@ def pixels(folder: Path) -> np.ndarray:
     return load_series(sorted(p for p in folder.rglob("*") if p.is_file() and is_dicom(p))).pixels
 
 
-def run(model: Any, slices: np.ndarray, offset: float, batch: int) -> tuple[np.ndarray, float]:
-    """Run a compiled-on-demand OpenVINO model over ``slices``; return output and slices/s."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    request.infer({0: (slices[:batch, None] + offset).astype(np.float32)})  # warm-up
-    out = np.empty(slices.shape, np.float32)
+def timed(module: Any, spec: ModelSpec, slices: np.ndarray) -> tuple[np.ndarray, float]:
+    """Run the node's slice loop with ``module``; return its output and slices/s."""
+    predict_slices(module, spec, slices[: spec.input.batch_size], CPU)  # warm-up
     started = time.perf_counter()
-    for start in range(0, slices.shape[0], batch):
-        x = (slices[start : start + batch, None] + offset).astype(np.float32)
-        out[start : start + batch] = request.infer({0: x})[0][:, 0]
-    return out, slices.shape[0] / (time.perf_counter() - started)
+    out = predict_slices(module, spec, slices, CPU)
+    return out, len(slices) / (time.perf_counter() - started)
 
 
 def main() -> None:
     """Quantize (unless ``--check-only``), then check."""
-    import openvino as ov
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calibration", type=Path, help="default: LIDC-IDRI-0003")
     parser.add_argument("--check", type=Path, nargs="*", help="series besides LIDC-IDRI-0001")
@@ -80,18 +75,21 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(spec.weights_path)).eval()
-        example = torch.zeros(1, 1, *spec.input.matrix)
-        model = ov.convert_model(module, example_input=example)
-    model.reshape({0: ov.PartialShape([-1, 1, *spec.input.matrix])})
     if not args.check_only:
-        quantize(model, args.calibration, spec.input.offset)
-    check(module, model, [restored_case("LIDC-IDRI-0001"), *(args.check or [])], spec)
+        quantize(module, args.calibration, spec)
+    check(module, [restored_case("LIDC-IDRI-0001"), *(args.check or [])], spec)
 
 
-def quantize(model: Any, folder: Path | None, offset: float) -> None:
-    """Quantize ``model`` on ``folder`` (default LIDC-IDRI-0003); write the IR files."""
+def quantize(module: torch.jit.ScriptModule, folder: Path | None, spec: ModelSpec) -> None:
+    """Quantize ``module`` on ``folder`` (default LIDC-IDRI-0003); write the IR files."""
     import nncf
     import openvino as ov
+
+    offset = spec.input.offset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(module, example_input=torch.zeros(1, 1, *spec.input.matrix))
+    model.reshape({0: ov.PartialShape([-1, 1, *spec.input.matrix])})
 
     convolutions = [
         op.get_friendly_name()
@@ -116,28 +114,24 @@ def quantize(model: Any, folder: Path | None, offset: float) -> None:
     print(f'openvino_int8_sha256 = "{openvino_ir_sha256(OUT)}"')
 
 
-def check(module: torch.jit.ScriptModule, model: Any, folders: list[Path], spec: ModelSpec) -> None:
-    """Print Dice against eager fp32 and slices/s of both OpenVINO models per series."""
-    import openvino as ov
+def check(module: torch.jit.ScriptModule, folders: list[Path], spec: ModelSpec) -> None:
+    """Print Dice against eager fp32 and slices/s of both OpenVINO models per series.
 
-    offset, batch = spec.input.offset, spec.input.batch_size
+    The OpenVINO models are compiled and run as the node runs them.
+    """
+    example = torch.zeros(spec.input.batch_size, 1, *spec.input.matrix)
+    fp32 = compile_openvino(module, example, 0, "fp32")
+    int8 = load_openvino_int8(OUT, 0)
     for folder in folders:
         slices = pixels(folder)
-        with torch.inference_mode():
-            eager = np.concatenate(
-                [
-                    module(torch.from_numpy(slices[s : s + batch, None] + offset))[:, 0].numpy()
-                    for s in range(0, len(slices), batch)
-                ]
-            )
-        _, fp32_rate = run(model, slices, offset, batch)
-        int8, int8_rate = run(ov.Core().read_model(OUT), slices, offset, batch)
-        a, b = eager >= spec.output.threshold, int8 >= spec.output.threshold
-        dice = 2 * int((a & b).sum()) / max(int(a.sum()) + int(b.sum()), 1)
-        differ = int((a ^ b).sum()) / max(int((a | b).sum()), 1)
+        eager = predict_slices(module, spec, slices, CPU) >= spec.output.threshold
+        _, fp32_rate = timed(fp32, spec, slices)
+        out, int8_rate = timed(int8, spec, slices)
+        ours = out >= spec.output.threshold
+        differ = int((eager ^ ours).sum()) / max(int((eager | ours).sum()), 1)
         print(
             f"{folder.name}: {len(slices)} slices; OpenVINO fp32 {fp32_rate:.1f} slices/s, "
-            f"int8 {int8_rate:.1f} slices/s; int8 vs eager fp32: Dice {dice:.4f}, "
+            f"int8 {int8_rate:.1f} slices/s; int8 vs eager fp32: Dice {dice(eager, ours):.4f}, "
             f"masks differ on {100 * differ:.2f}% of their union"
         )
 

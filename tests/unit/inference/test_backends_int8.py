@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicomnode.evaluate.scores import dice
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import load_series
 from dicomnode.inference import ModelCache
@@ -42,10 +43,6 @@ needs_openvino = pytest.mark.skipif(
 )
 def test_which_precisions_run_int8(precision: str, bf16: bool, expected: bool) -> None:
     assert wants_int8(precision, bf16) is expected
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * int((a & b).sum()) / max(int(a.sum()) + int(b.sum()), 1)
 
 
 @needs_openvino
