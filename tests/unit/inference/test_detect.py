@@ -94,12 +94,23 @@ def test_too_few_slices_are_refused(models: dict) -> None:
         )
 
 
-def test_a_cnn_with_the_wrong_output_fails_the_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (TwoScores(), r"scoring failed: expected one score per patch"),
+        # TorchScript's torch.jit.Error is no RuntimeError: it must not escape as a crash.
+        (Failing(), r"scoring failed: .*simulated kernel failure$"),
+    ],
+    ids=["wrong-output", "raises"],
+)
+def test_a_cnn_that_fails_fails_the_job_with_its_own_error(
+    tmp_path: Path, module: torch.nn.Module, expected: str
+) -> None:
     build_package(tmp_path, "test-lungs")
-    build_detection_package(tmp_path, "test-nodules", module=TwoScores())
+    build_detection_package(tmp_path, "test-nodules", module=module)
     models = load_registry(tmp_path)
     volume, _ = nodule_volume()
-    with pytest.raises(PermanentJobError, match=r"scoring failed: expected one score per patch"):
+    with pytest.raises(PermanentJobError, match=expected):
         detect(
             models["test-nodules"], models["test-lungs"], volume, ModelCache(torch.device("cpu"))
         )
@@ -125,15 +136,3 @@ def test_shipped_nodule_model_loads_with_its_mask_model() -> None:
     assert spec.task == "detection"
     assert models[spec.detection.lung_model].task == "segmentation"
     assert spec.weights.format == "state_dict" and spec.network.name == "Classifier"
-
-
-def test_a_cnn_that_raises_fails_the_job_with_its_own_error(tmp_path: Path) -> None:
-    # TorchScript's torch.jit.Error is no RuntimeError: it must not escape as a crash.
-    build_package(tmp_path, "test-lungs")
-    build_detection_package(tmp_path, "test-nodules", module=Failing())
-    models = load_registry(tmp_path)
-    volume, _ = nodule_volume()
-    with pytest.raises(PermanentJobError, match=r"scoring failed: .*simulated kernel failure$"):
-        detect(
-            models["test-nodules"], models["test-lungs"], volume, ModelCache(torch.device("cpu"))
-        )
