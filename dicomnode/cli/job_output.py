@@ -61,6 +61,7 @@ def job_record(view: JobView | JobDetail, *, show_phi: bool = False) -> dict[str
             run_after=view.run_after,
             timings=view.timings,
             summary=view.summary,
+            selection=view.selection,
             # Their fields are the keys, in order: see OutputView and DeliveryView.
             outputs=[asdict(o) for o in view.outputs],
             deliveries=[asdict(d) for d in view.deliveries],
@@ -125,6 +126,8 @@ def print_job(detail: JobDetail, args: argparse.Namespace) -> int:
         print(f"finding       {_finding_line(finding)}")
     if detection is not None and detection.get("mask_from_job"):
         print(f"{'lung mask':<14}from job {detection['mask_from_job']}")
+    if record["selection"] is not None:
+        _print_selection(record["selection"])
     for out in record["outputs"]:
         print(f"output        {out['kind']:<4} {out['sop_instance_uid']}  {out['path']}")
     for d in record["deliveries"]:
@@ -149,6 +152,18 @@ def print_job(detail: JobDetail, args: argparse.Namespace) -> int:
         attempt = f"attempt {e['attempt']}" + ("" if e["counted"] else " (not counted)")
         print(f"  {format_time(e['at'])}  {step:<20} {attempt}{where}{note}")
     return 0
+
+
+def _print_selection(selection: dict[str, Any]) -> None:
+    """Print a study-scope job's choice of series: the reason, then each series' verdict."""
+    print(f"{'input series':<14}{selection['why']}")
+    for entry in selection["series"]:
+        number = "-" if entry["series_number"] is None else entry["series_number"]
+        thickness = "-" if entry["thickness_mm"] is None else f"{entry['thickness_mm']:g} mm"
+        print(
+            f"  series {number:<5} {entry['slices']:>5} slices {thickness:>8}  "
+            f"{entry['verdict']}  {entry['series_uid']}"
+        )
 
 
 def _finding_line(finding: dict[str, Any]) -> str:

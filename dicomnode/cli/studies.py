@@ -154,7 +154,8 @@ def story_record(story: StudyStory, show_phi: bool) -> dict[str, Any]:
         ``study_uid``, ``state``, ``created_at``, ``series`` (each with its counts,
         bytes, timestamps and the calling AE titles that sent it), ``jobs`` (as
         ``dicomnode jobs show --json`` has them, outputs, deliveries and history
-        included) and ``timeline`` (the study's audit entries, oldest first).
+        included), ``timeline`` (the study's audit entries, oldest first) and
+        ``selections`` (each study-scope route's latest choice of input series).
     """
     # Its fields are the keys, in order; the series, jobs and entries become mappings.
     record = view_record(story, show_phi=show_phi)
@@ -215,6 +216,21 @@ def _print_story(record: dict[str, Any], show_phi: bool) -> None:
                     ",".join(s["calling_aes"]) or None,
                 ]
                 for s in series
+            ],
+        )
+    for route, choice in record["selections"].items():
+        print(f"\nroute {route} (study scope): {choice['why']}")
+        print_table(
+            ["SERIES", "NUMBER", "SLICES", "THICKNESS", "VERDICT"],
+            [
+                [
+                    e["series_uid"],
+                    e["series_number"],
+                    e["slices"],
+                    None if e["thickness_mm"] is None else f"{e['thickness_mm']:g} mm",
+                    e["verdict"],
+                ]
+                for e in choice["series"]
             ],
         )
     jobs = record["jobs"]

@@ -312,6 +312,16 @@ class CompletionSettings:
         ),
     )
 
+    study_quiet_seconds: float = field(
+        default=60.0,
+        metadata=field_doc(
+            'For routes with scope = "study": a study is complete once every series of '
+            "it is complete and nothing of it arrived for this long (a route's own "
+            "quiet_seconds, when longer, applies instead).",
+            _non_negative,
+        ),
+    )
+
     def quiet_for(self, modality: str | None) -> float:
         """Return the quiet period for a series of ``modality``."""
         return float(self.modality_quiet_seconds.get(modality or "", self.quiet_seconds))
@@ -669,6 +679,49 @@ class ContentCheck:
 
 
 @dataclass(frozen=True)
+class SeriesSelection:
+    """How a study-scope route picks its one input series among the study's series.
+
+    Every series of the study that the route's ``match`` accepts and that is a volume
+    (not a localizer, dose report or capture) is a candidate. The required checks
+    drop candidates; the rest are ranked, and the best one is the job's input.
+    """
+
+    axial: bool = field(
+        default=False,
+        metadata=field_doc("Required: axial slices (normal within 10 degrees of head-foot)."),
+    )
+    max_slice_thickness: float = field(
+        default=0.0,
+        metadata=field_doc(
+            "Required: Slice Thickness at most this many mm (0: any); a series that "
+            "gives none is judged by the spacing of its slices.",
+            _non_negative,
+        ),
+    )
+    min_slices: int = field(
+        default=0, metadata=field_doc("Required: at least this many slices.", _non_negative)
+    )
+    distinct_positions: bool = field(
+        default=False,
+        metadata=field_doc(
+            "Required: no two slices at the same position (refuses multi-phase series "
+            "that repeat positions); reads every instance's header."
+        ),
+    )
+    prefer: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_doc(
+            "Preferences in order, as match rules, e.g. { ConvolutionKernel = "
+            '"re:(?i)lung|B6|B7" }: a series meeting the first ranks above every '
+            "series that does not, and so on; then most slices, thinnest slices, lowest "
+            "Series Number.",
+            _match_rules,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Route:
     """Which models run on which series, and where the results go."""
 
@@ -682,11 +735,28 @@ class Route:
     )
     models: list[str] = field(default_factory=list, metadata=field_doc("Model packages to run."))
     send_to: list[str] = field(default_factory=list, metadata=field_doc("Destination names."))
+    scope: str = field(
+        default="series",
+        metadata=field_doc(
+            "series: one job per matching series, once it is complete. study: one job per "
+            "study, once the whole study is complete, on the series `select` picks among "
+            "the matching ones; a late series re-opens the study.",
+            one_of("series", "study"),
+        ),
+    )
+    select: SeriesSelection = field(
+        default_factory=SeriesSelection,
+        metadata=field_doc(
+            'For scope = "study": which series is the input (required checks, then '
+            "preferences); the choice and why are shown by `jobs show`."
+        ),
+    )
     quiet_seconds: float | None = field(
         default=None,
         metadata=field_doc(
-            "Quiet period for the series this route matches, instead of the modality's or "
-            "the default; when several routes match, the longest applies.",
+            'Quiet period for the series this route matches (for scope = "study": for '
+            "the study), instead of the modality's or the default; when several routes "
+            "match, the longest applies.",
             _non_negative,
         ),
     )
@@ -910,6 +980,8 @@ def _cross_check(settings: Settings) -> None:
                 f"routes[{i}].requires.model: {route.requires.model!r} is run by this route "
                 "itself; name a model another route runs first"
             )
+        if route.scope == "series" and route.select != SeriesSelection():
+            raise ConfigError(f'routes[{i}].select: needs scope = "study"')
         if route.requires.min_volume_ml and not route.requires.model:
             raise ConfigError(f"routes[{i}].requires.min_volume_ml: needs requires.model")
         if route.seg.type == "binary" and route.seg.compression in ("jpeg-ls", "rle"):

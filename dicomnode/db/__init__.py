@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from dicomnode.db.jobs import (
         URGENT,
         Claim,
+        cancel_replaced,
         cancel_superseded,
         enqueue,
         failing_since,
@@ -80,6 +81,7 @@ _HOMES = {
     "StudySummary": "dicomnode.db.studies",
     "URGENT": "dicomnode.db.jobs",
     "UTCDateTime": "dicomnode.db.models",
+    "cancel_replaced": "dicomnode.db.jobs",
     "cancel_superseded": "dicomnode.db.jobs",
     "database_now": "dicomnode.db.engine",
     "enqueue": "dicomnode.db.jobs",
@@ -122,6 +124,7 @@ __all__ = [
     "StudyStory",
     "StudySummary",
     "UTCDateTime",
+    "cancel_replaced",
     "cancel_superseded",
     "database_now",
     "enqueue",

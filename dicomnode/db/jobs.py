@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -146,6 +146,7 @@ def enqueue(
     version: str,
     max_attempts: int,
     priority: int = 0,
+    selection: dict[str, Any] | None = None,
 ) -> Job | None:
     """Queue a job unless the same work is already queued or done.
 
@@ -161,6 +162,8 @@ def enqueue(
         Attempts before the job fails for good.
     priority : int
         Higher runs first.
+    selection : dict, optional
+        For a study-scope route: why ``series`` was chosen among the study's.
 
     Returns
     -------
@@ -187,10 +190,12 @@ def enqueue(
         updated_at=now,
         timings={},
         summary={},
+        selection=selection,
     )
     session.add(job)
     session.flush()
-    record_event(session, job, JobState.QUEUED, from_state=None, note=f"route {route}", at=now)
+    note = f"route {route}" + (" (study scope: series chosen)" if selection else "")
+    record_event(session, job, JobState.QUEUED, from_state=None, note=note, at=now)
     return job
 
 
@@ -422,8 +427,53 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
         )
         .with_for_update(skip_locked=True)
     ).all()
+    _cancel_queued(session, queued, reason)
+    return len(queued)
+
+
+def cancel_replaced(session: Session, study_id: int, route: str, model: str, keep: int) -> int:
+    """Cancel a study-scope route's queued jobs of ``model`` in a study, but for ``keep``.
+
+    A re-opened study may choose another input series; the jobs queued for the
+    earlier choice must not run too. Running ones finish (their results stay valid
+    for the series they ran on).
+
+    Parameters
+    ----------
+    session : Session
+        The open transaction that queued job ``keep``.
+    study_id : int
+        The study.
+    route, model : str
+        The route and the model.
+    keep : int
+        The job queued for the new choice.
+
+    Returns
+    -------
+    int
+        How many jobs were cancelled.
+    """
+    reason = "superseded: the study was re-opened and another series chosen"
+    queued = session.scalars(
+        select(Job)
+        .join(Series, Series.id == Job.series_id)
+        .where(
+            Series.study_id == study_id,
+            Job.route == route,
+            Job.model == model,
+            Job.id != keep,
+            Job.state == JobState.QUEUED,
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    _cancel_queued(session, queued, reason)
+    return len(queued)
+
+
+def _cancel_queued(session: Session, queued: Sequence[Job], reason: str) -> None:
     if not queued:
-        return 0  # the usual case: no need to ask the database for the time
+        return  # the usual case: no need to ask the database for the time
     now = database_now(session)
     for job in queued:
         job.state = JobState.CANCELLED
@@ -433,7 +483,6 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
         record_event(
             session, job, JobState.CANCELLED, from_state=JobState.QUEUED, note=reason, at=now
         )
-    return len(queued)
 
 
 def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 3600.0) -> float:

@@ -139,6 +139,19 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))  # PHI: never logged
     accession_number: Mapped[str | None] = mapped_column(String(16))  # PHI: never logged
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # For routes with scope = "study". ``pending_since``: a series of the study was
+    # completed (first or again) at this time and the study has not been judged since;
+    # set by the completion sweep only while study-scope routes exist, so that a route
+    # added later does not run on every old study. ``completed_at``: when the study
+    # was last found complete (every series complete and the study quiet), and
+    # ``generation``: how often; a late series re-opens it (sets ``pending_since``),
+    # and its study-scope routes choose their input series again.
+    pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Route name -> the latest choice of input series (see dicomnode.queue.selection),
+    # kept also when no series fitted, so that `studies show` can say why.
+    selections: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -230,6 +243,9 @@ class Job(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Key results (measurements), for the CLI; the DICOM objects are the real output.
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A study-scope route's job: which series was chosen among the study's, and why
+    # (the study's choice when the job was queued); NULL for a series-scope route.
+    selection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     series: Mapped[Series] = relationship()
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")

@@ -101,6 +101,7 @@ class JobDetail:
     run_after: datetime
     timings: dict[str, Any]  # seconds per stage; a copy of the row's JSON
     summary: dict[str, Any]  # key results; a copy of the row's JSON
+    selection: dict[str, Any] | None  # a study-scope job: which series was chosen, why
     outputs: tuple[OutputView, ...]
     deliveries: tuple[DeliveryView, ...]
     history: tuple[EventView, ...]
@@ -202,6 +203,7 @@ def detail_of(job: Job, *, show_phi: bool = False) -> JobDetail:
         run_after=job.run_after,
         timings=copy.deepcopy(job.timings or {}),
         summary=copy.deepcopy(job.summary or {}),
+        selection=copy.deepcopy(job.selection),
         outputs=tuple(
             OutputView(
                 o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_uid, o.path, o.size_bytes

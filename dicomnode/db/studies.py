@@ -7,8 +7,10 @@ only when asked for with ``show_phi``; otherwise those fields are None.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session, selectinload
@@ -297,6 +299,8 @@ class StudyStory:
     series: tuple[SeriesView, ...]
     jobs: tuple[queries.JobDetail, ...]  # outputs, deliveries and history included
     timeline: tuple[audit.Entry, ...]  # the study's audit entries, oldest first
+    # Study-scope routes: route -> the latest choice of input series (selection.choose)
+    selections: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,7 @@ def study_story(session: Session, study: Study, *, show_phi: bool = False) -> St
     # Everything is read off the rows before the audit trail is: its reading ends the
     # transaction batch by batch, and rows read earlier would then load again.
     study_uid, created_at = study.study_uid, study.created_at
+    selections = copy.deepcopy(study.selections or {})
     patient_id = study.patient_id if show_phi else None
     accession_number = study.accession_number if show_phi else None
     jobs = tuple(queries.detail_of(j) for j in rows.jobs)
@@ -378,6 +383,7 @@ def study_story(session: Session, study: Study, *, show_phi: bool = False) -> St
         ),
         jobs=jobs,
         timeline=timeline,
+        selections=selections,
     )
 
 

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, case, literal, or_, select
+from sqlalchemy import ColumnElement, case, literal, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import REGEX_PREFIX, Route, Settings
@@ -31,6 +31,7 @@ from dicomnode.db import (
     Instance,
     Series,
     SeriesState,
+    Study,
     UTCDateTime,
     enqueue,
     read_only,
@@ -46,10 +47,17 @@ from dicomnode.store import Spool
 log = logging.getLogger(__name__)
 
 
-def _header(session: Session, spool: Spool, series: Series) -> Dataset:
+def series_header(session: Session, spool: Spool, series_id: int) -> Dataset:
+    """Return the header (no pixels) of a series' first instance.
+
+    Raises
+    ------
+    HeaderUnavailable
+        If the series has no instance, or its file cannot be read.
+    """
     path = session.scalar(
         select(Instance.path)
-        .where(Instance.series_id == series.id)
+        .where(Instance.series_id == series_id)
         .order_by(Instance.instance_number, Instance.id)
         .limit(1)
     )
@@ -59,6 +67,22 @@ def _header(session: Session, spool: Spool, series: Series) -> Dataset:
         return pydicom.dcmread(spool.absolute(path), stop_before_pixels=True)
     except Exception as exc:  # e.g. shared storage briefly unavailable
         raise HeaderUnavailable(type(exc).__name__) from None
+
+
+def series_routes(settings: Settings) -> list[Route]:
+    """Return the routes that run on single series (not ``scope = "study"``).
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's routes.
+
+    Returns
+    -------
+    list[Route]
+        Those with ``scope = "series"``, in configuration order.
+    """
+    return [r for r in settings.routes if r.scope == "series"]
 
 
 def quiet_seconds(settings: Settings, modality: str | None, routes: Sequence[Route]) -> float:
@@ -127,7 +151,7 @@ def earliest_quiet(settings: Settings) -> tuple[dict[str, float], float]:
     def earliest(modality: str | None) -> float:
         own = [
             r.quiet_seconds
-            for r in settings.routes
+            for r in series_routes(settings)
             if r.quiet_seconds is not None and _may_match(r, modality, listed)
         ]
         return min([completion.quiet_for(modality), *own])
@@ -287,8 +311,8 @@ def _complete(
         )
         if series is None:
             return 0, None
-        header = _header(session, spool, series)
-        routes = matching_routes(settings.routes, header)
+        header = series_header(session, spool, series.id)
+        routes = matching_routes(series_routes(settings), header)
         quiet = quiet_seconds(settings, series.modality, routes)
         if series.expected_instances is not None and (
             series.instance_count == series.expected_instances
@@ -299,6 +323,11 @@ def _complete(
             return 0, series.last_received_at + timedelta(seconds=quiet)
         series.state = SeriesState.COMPLETE
         series.completed_at = now
+        if len(series_routes(settings)) < len(settings.routes):
+            # The study's study-scope routes judge it again once it is quiet.
+            session.execute(
+                update(Study).where(Study.id == series.study_id).values(pending_since=now)
+            )
         queued = 0
         skipped = why_not_volumetric(header, series.instance_count)
         if skipped is not None and routes:

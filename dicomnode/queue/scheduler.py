@@ -16,6 +16,7 @@ from dicomnode.config import Settings
 from dicomnode.db import commitment, reap_expired
 from dicomnode.imaging import ModelSpec
 from dicomnode.queue.completion import NotYetDue, sweep
+from dicomnode.queue.study import sweep_studies
 from dicomnode.queue.wakeup import Doorbell
 from dicomnode.store import Spool, remove_orphans, retention
 
@@ -47,7 +48,10 @@ def _sweep_and_ring(
     doorbell: Doorbell | None,
     not_yet: NotYetDue,
 ) -> None:
-    if sweep(sessions, settings, models, spool, not_yet=not_yet) and doorbell is not None:
+    series = sweep(sessions, settings, models, spool, not_yet=not_yet)
+    # After the series: a study is complete only once all of its series are.
+    studies = sweep_studies(sessions, settings, models, spool)
+    if (series or studies) and doorbell is not None:
         doorbell.announce()
 
 

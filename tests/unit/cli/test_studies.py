@@ -389,7 +389,7 @@ def test_show_json(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
 SUMMARY_KEYS = ["study_uid", "state", "series", "instances", "first_received_at",
                 "last_received_at", "jobs", "deliveries"]  # fmt: skip
 STORY_KEYS = ["study_uid", "state", "created_at", "first_received_at", "last_received_at",
-              "series", "jobs", "timeline"]  # fmt: skip
+              "series", "jobs", "timeline", "selections"]  # fmt: skip
 SERIES_KEYS = ["series_uid", "modality", "state", "generation", "instances", "stored_instances",
                "bytes", "expected_instances", "first_received_at", "last_received_at",
                "completed_at", "purged_at", "calling_aes"]  # fmt: skip

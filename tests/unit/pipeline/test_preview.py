@@ -53,6 +53,7 @@ def detail(summary: dict[str, Any], *, state: str = "done") -> JobDetail:
         run_after=NOW,
         timings={},
         summary=summary,
+        selection=None,
         outputs=(),
         deliveries=(),
         history=(),
