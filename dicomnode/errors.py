@@ -109,13 +109,28 @@ class ContentCheckFailed(JobError):
     """
 
 
-class WaitingForModel(JobError):
-    """The route needs another model's verdict on the series, and it is not in yet.
+class Waiting(JobError):
+    """The job needs something that is not there yet; it waits ``seconds`` and tries again.
 
     The job goes back to the queue for a while; the attempt does not count.
     """
 
     retryable = True
+
+    def __init__(self, message: str, seconds: float = 5.0) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
+class WaitingForModel(Waiting):
+    """The route needs another model's verdict on the series, and it is not in yet."""
+
+
+class WaitingForPriors(Waiting):
+    """The PACS that holds the priors is down or did not answer; the job asks again later.
+
+    Only for the route's ``priors.wait_seconds``: then the job runs without priors.
+    """
 
 
 class JobInterrupted(DicomnodeError):

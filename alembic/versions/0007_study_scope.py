@@ -1,4 +1,4 @@
-"""Study-scope routes: when a study was complete, its generation, the series chosen
+"""Study scope and priors: study completion, the series chosen, prior series and studies
 
 Revision ID: 0007
 Revises: 0006
@@ -29,11 +29,17 @@ def upgrade() -> None:
     )
     op.add_column("studies", sa.Column("selections", sa.JSON(), nullable=True))
     op.add_column("jobs", sa.Column("selection", sa.JSON(), nullable=True))
+    op.add_column("jobs", sa.Column("priors", sa.JSON(), nullable=True))
+    op.add_column(
+        "series", sa.Column("prior", sa.Boolean(), nullable=False, server_default=sa.false())
+    )
 
 
 def downgrade() -> None:
     # Plain DROP COLUMN (SQLite 3.35 and later have it), not batch mode: batch mode
     # copies and drops the table, and the series' foreign keys refuse that for studies.
+    op.drop_column("series", "prior")
+    op.drop_column("jobs", "priors")
     op.drop_column("jobs", "selection")
     op.drop_index("ix_studies_pending_since", table_name="studies")
     for column in ("selections", "generation", "completed_at", "pending_since"):

@@ -17,6 +17,7 @@ from dicomnode.db import JobDetail, JobView
 STAGES = (
     "receive_s",
     "wait_s",
+    "priors_s",  # finding the patient's earlier study, here or on the PACS (retrieving it)
     "load_s",
     "mask_load_s",  # a detection model's mask, read back from the SEG of that model's job
     "mask_inference_s",  # or made by running the mask model; then its candidate search
@@ -62,6 +63,7 @@ def job_record(view: JobView | JobDetail, *, show_phi: bool = False) -> dict[str
             timings=view.timings,
             summary=view.summary,
             selection=view.selection,
+            priors=view.priors,
             # Their fields are the keys, in order: see OutputView and DeliveryView.
             outputs=[asdict(o) for o in view.outputs],
             deliveries=[asdict(d) for d in view.deliveries],
@@ -128,6 +130,8 @@ def print_job(detail: JobDetail, args: argparse.Namespace) -> int:
         print(f"{'lung mask':<14}from job {detection['mask_from_job']}")
     if record["selection"] is not None:
         _print_selection(record["selection"])
+    if record["priors"] is not None:
+        _print_priors(record["priors"])
     for out in record["outputs"]:
         print(f"output        {out['kind']:<4} {out['sop_instance_uid']}  {out['path']}")
     for d in record["deliveries"]:
@@ -164,6 +168,15 @@ def _print_selection(selection: dict[str, Any]) -> None:
             f"  series {number:<5} {entry['slices']:>5} slices {thickness:>8}  "
             f"{entry['verdict']}  {entry['series_uid']}"
         )
+
+
+def _print_priors(priors: dict[str, Any]) -> None:
+    """Print which prior studies the job compared with and where they came from, or why none."""
+    source = {None: "none", "node": "this node"}.get(priors["source"], priors["source"])
+    print(f"{'priors':<14}from {source}" + (f": {priors['reason']}" if priors["reason"] else ""))
+    for study in priors["studies"]:
+        chosen = study["chosen"] or "no series fits"
+        print(f"  study {study['study_uid']} ({study['study_date'] or 'no date'}): {chosen}")
 
 
 def _finding_line(finding: dict[str, Any]) -> str:

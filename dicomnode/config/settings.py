@@ -60,6 +60,10 @@ def _name(value: str) -> str | None:
     return None
 
 
+def _name_or_empty(value: str) -> str | None:
+    return _name(value) if value else None
+
+
 def _server_name(value: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", value):
         return f"must be a host name or address, got {value!r}"
@@ -722,6 +726,47 @@ class SeriesSelection:
 
 
 @dataclass(frozen=True)
+class PriorSettings:
+    """Where a route finds the patient's earlier study, to compare with.
+
+    The node looks in its own database first; then it asks ``destination`` (C-FIND at
+    study then series level, by Patient ID, excluding the current study) and
+    retrieves the prior series by C-MOVE to its own AE title. Retrieved series are
+    stored like received ones, marked as priors: they run no routes of their own.
+    """
+
+    destination: str = field(
+        default="",
+        metadata=field_doc(
+            "The destination (PACS) to query and retrieve from; empty: no priors.", _name_or_empty
+        ),
+    )
+    max: int = field(
+        default=1, metadata=field_doc("How many prior studies, newest first.", positive)
+    )
+    within_days: float = field(
+        default=1500.0,
+        metadata=field_doc("Only studies at most this many days older than the current.", positive),
+    )
+    match: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_doc(
+            'Match rules a prior series must meet, e.g. { Modality = "CT" } (Modality is '
+            "also asked of the PACS); then the route's select picks among them.",
+            _match_rules,
+        ),
+    )
+    wait_seconds: float = field(
+        default=300.0,
+        metadata=field_doc(
+            "How long a PACS that is down or does not answer may delay the job; then it "
+            "runs without priors and says why.",
+            _non_negative,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Route:
     """Which models run on which series, and where the results go."""
 
@@ -749,6 +794,13 @@ class Route:
         metadata=field_doc(
             'For scope = "study": which series is the input (required checks, then '
             "preferences); the choice and why are shown by `jobs show`."
+        ),
+    )
+    priors: PriorSettings = field(
+        default_factory=PriorSettings,
+        metadata=field_doc(
+            "The patient's earlier study to compare with: from the node's own database, "
+            "else queried and retrieved from a PACS; `jobs show` says which, or why none."
         ),
     )
     quiet_seconds: float | None = field(
@@ -989,6 +1041,11 @@ def _cross_check(settings: Settings) -> None:
             raise ConfigError(
                 f"routes[{i}].seg.compression: {route.seg.compression} needs seg.type = "
                 "labelmap; binary SEGs take none or jpeg2000"
+            )
+        if route.priors.destination and route.priors.destination not in names:
+            raise ConfigError(
+                f"routes[{i}].priors.destination: unknown destination {route.priors.destination!r} "
+                f"(known: {', '.join(names) or 'none configured'})"
             )
         for dest in route.send_to:
             if dest not in names:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -149,7 +151,7 @@ class Study(Base):
     pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Route name -> the latest choice of input series (see dicomnode.queue.selection),
+    # Route name -> the latest choice of input series (see dicomnode.imaging.selection),
     # kept also when no series fitted, so that `studies show` can say why.
     selections: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
@@ -181,6 +183,10 @@ class Series(Base):
     # When retention deleted the received instances (files and rows); the series, its
     # jobs and their history stay, so that `dicomnode studies show` still tells the story.
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Retrieved from a PACS as a prior for a job's comparison (the row is made before
+    # the retrieval, so the listener stores its images like any others): it runs no
+    # routes of its own and does not re-open its study for study-scope routes.
+    prior: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -246,6 +252,9 @@ class Job(Base):
     # A study-scope route's job: which series was chosen among the study's, and why
     # (the study's choice when the job was queued); NULL for a series-scope route.
     selection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A route with priors: which prior study and series the job compared with, where it
+    # came from (this node or the PACS), or why there was none.
+    priors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     series: Mapped[Series] = relationship()
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")

@@ -102,6 +102,7 @@ class JobDetail:
     timings: dict[str, Any]  # seconds per stage; a copy of the row's JSON
     summary: dict[str, Any]  # key results; a copy of the row's JSON
     selection: dict[str, Any] | None  # a study-scope job: which series was chosen, why
+    priors: dict[str, Any] | None  # a route with priors: which prior study, or why none
     outputs: tuple[OutputView, ...]
     deliveries: tuple[DeliveryView, ...]
     history: tuple[EventView, ...]
@@ -204,6 +205,7 @@ def detail_of(job: Job, *, show_phi: bool = False) -> JobDetail:
         timings=copy.deepcopy(job.timings or {}),
         summary=copy.deepcopy(job.summary or {}),
         selection=copy.deepcopy(job.selection),
+        priors=copy.deepcopy(job.priors),
         outputs=tuple(
             OutputView(
                 o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_uid, o.path, o.size_bytes

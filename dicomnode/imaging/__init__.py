@@ -3,7 +3,10 @@
 :mod:`~dicomnode.imaging.volume` turns a series into a volume and back (the one home of
 geometry), :mod:`~dicomnode.imaging.manifest` reads model packages' ``model.toml``,
 :mod:`~dicomnode.imaging.results` and :mod:`~dicomnode.imaging.measurements` hold
-what a model found. It sits below both :mod:`dicomnode.inference` and
+what a model found; :mod:`~dicomnode.imaging.routing`,
+:mod:`~dicomnode.imaging.volumetric` and :mod:`~dicomnode.imaging.selection` judge
+series from their headers (which routes match, whether a series is a volume, which
+series of a study is best). It sits below both :mod:`dicomnode.inference` and
 :mod:`dicomnode.outputs`, so that neither imports the other.
 """
 

@@ -64,7 +64,7 @@ def check_verdict(session: Session, check: ContentCheck, series_id: int, generat
     decided = [j for j in jobs if "total_volume_ml" in (j.summary or {})]
     if not decided:
         if any(j.state in (JobState.QUEUED, JobState.RUNNING, JobState.SENDING) for j in jobs):
-            raise WaitingForModel(f"waiting for {check.model} on this series")
+            raise WaitingForModel(f"waiting for {check.model} on this series", WAIT_SECONDS)
         raise ContentCheckFailed(f"content check: {check.model} did not succeed on this series")
     found = max(float(j.summary["total_volume_ml"]) for j in decided)
     if found < check.min_volume_ml or (check.min_volume_ml == 0 and found <= 0):

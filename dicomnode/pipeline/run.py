@@ -1,7 +1,7 @@
 """Run one job: the only place that knows the order of the stages.
 
-load series -> model -> post-process -> measure -> SEG -> SR -> validate -> write
--> send to each destination of the route.
+priors (found here or retrieved) -> load series -> model -> post-process -> measure
+-> SEG -> SR -> validate -> write -> send to each destination of the route.
 
 Outputs are written durably and recorded before anything is sent. A retry after
 a failed delivery therefore re-sends the recorded objects instead of running the
@@ -88,7 +88,7 @@ from dicomnode.outputs import (
     study_finding,
     validate_file,
 )
-from dicomnode.pipeline import content
+from dicomnode.pipeline import content, priors
 from dicomnode.send import deliver
 from dicomnode.store import REJECTED, RESULTS, Spool
 
@@ -215,6 +215,15 @@ class Pipeline:
             with self.sessions() as session:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
                 self._check_space(session, ctx.job_id)
+            if route.priors.destination:
+                started = time.perf_counter()
+                current = pydicom.dcmread(
+                    self.spool.absolute(ctx.instance_paths[0]), stop_before_pixels=True
+                )
+                priors.resolve(
+                    self.settings, self.sessions, self.spool, route, ctx.job_id, current, checkpoint
+                )
+                timings["priors_s"] = time.perf_counter() - started
             built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
             built += self._rejection(ctx, built)
             timings.update(stage_times)

@@ -40,8 +40,8 @@ from dicomnode.db import (
 )
 from dicomnode.errors import HeaderUnavailable
 from dicomnode.imaging import ModelSpec
-from dicomnode.queue.routing import matching_routes, value_matches
-from dicomnode.queue.volumetric import why_not_volumetric
+from dicomnode.imaging.routing import matching_routes, value_matches
+from dicomnode.imaging.volumetric import why_not_volumetric
 from dicomnode.store import Spool
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,12 @@ def _complete(
         )
         if series is None:
             return 0, None
+        if series.prior:
+            # Retrieved for a job's comparison: it runs no routes of its own.
+            series.state = SeriesState.COMPLETE
+            series.completed_at = now
+            log.info("series complete series_uid=%s: a prior, no routes", series.series_uid)
+            return 1, None
         header = series_header(session, spool, series.id)
         routes = matching_routes(series_routes(settings), header)
         quiet = quiet_seconds(settings, series.modality, routes)

@@ -4,7 +4,7 @@ A study is complete when every series of it is complete (each by the series rule
 quiet, or counted) and nothing of it has arrived for the study's quiet period. The
 series sweep marks a study pending whenever one of its series completes; this sweep
 then judges every pending study that is quiet: for each study-scope route it gathers
-the study's series, lets :mod:`dicomnode.queue.selection` choose one, and queues the
+the study's series, lets :mod:`dicomnode.imaging.selection` choose one, and queues the
 route's jobs on it, in one transaction with the study's new state.
 
 A late series (or a late image re-opening a series) completes again later, which marks
@@ -42,8 +42,8 @@ from dicomnode.db import (
 )
 from dicomnode.errors import HeaderUnavailable
 from dicomnode.imaging import ModelSpec
+from dicomnode.imaging.selection import Candidate, choose
 from dicomnode.queue.completion import series_header
-from dicomnode.queue.selection import Candidate, choose
 from dicomnode.store import Spool
 
 log = logging.getLogger(__name__)

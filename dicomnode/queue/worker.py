@@ -23,10 +23,10 @@ from dicomnode.errors import (
     JobInterrupted,
     JobSuperseded,
     ResultsDiskFull,
-    WaitingForModel,
+    Waiting,
     is_disk_full,
 )
-from dicomnode.pipeline import Pipeline, content
+from dicomnode.pipeline import Pipeline
 from dicomnode.queue.wakeup import Doorbell
 
 log = logging.getLogger(__name__)
@@ -326,8 +326,8 @@ class Worker:
                 extra=outcome_fields(claim, "cancelled", started),
             )
             return
-        except WaitingForModel as exc:
-            jobs.postpone(self.sessions, claim, content.WAIT_SECONDS, str(exc))
+        except Waiting as exc:
+            jobs.postpone(self.sessions, claim, exc.seconds, str(exc))
             log.info(
                 "job postponed job_id=%d: %s",
                 claim.job_id,

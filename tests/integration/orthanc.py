@@ -30,6 +30,7 @@ class Orthanc:
         modalities: dict[str, list[str | int]] | None = None,
         dicomweb: bool = False,
         env: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         exe = shutil.which("Orthanc")
         if exe is None:
@@ -42,6 +43,7 @@ class Orthanc:
         self.modalities = modalities or {}
         self.dicomweb = dicomweb
         self.env = env  # e.g. TCP_NODELAY=1, which Orthanc's DICOM stack (dcmtk) reads
+        self.extra = extra or {}  # more configuration options, e.g. DicomAlwaysAllowFind
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,6 +66,7 @@ class Orthanc:
             "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 2,
             "DicomModalities": self.modalities,
+            **self.extra,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))

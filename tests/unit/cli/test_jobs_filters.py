@@ -109,7 +109,7 @@ JOB_KEYS = [
 ]  # fmt: skip
 DETAIL_KEYS = [
     "lease_owner", "claimed_by", "lease_expires_at", "run_after", "timings", "summary",
-    "selection", "outputs", "deliveries", "history", "resent_at",
+    "selection", "priors", "outputs", "deliveries", "history", "resent_at",
 ]  # fmt: skip
 PHI_KEYS = ["patient_id", "accession_number"]
 

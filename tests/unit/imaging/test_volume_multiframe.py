@@ -17,8 +17,8 @@ from dicomnode.errors import PermanentJobError
 from dicomnode.imaging import frame_order, is_enhanced
 from dicomnode.imaging.manifest import load_model_spec
 from dicomnode.imaging.volume import volume_from_datasets
+from dicomnode.imaging.volumetric import why_not_volumetric
 from dicomnode.inference.segment import check_input
-from dicomnode.queue.volumetric import why_not_volumetric
 from tests.conftest import REPO
 from tests.factories import ct_series, legacy_enhanced, repaired_j2k_series
 

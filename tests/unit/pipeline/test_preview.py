@@ -54,6 +54,7 @@ def detail(summary: dict[str, Any], *, state: str = "done") -> JobDetail:
         timings={},
         summary=summary,
         selection=None,
+        priors=None,
         outputs=(),
         deliveries=(),
         history=(),

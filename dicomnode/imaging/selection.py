@@ -19,8 +19,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Route, SeriesSelection
-from dicomnode.queue.routing import attribute_text, route_matches, value_matches
-from dicomnode.queue.volumetric import why_not_volumetric
+from dicomnode.imaging.routing import attribute_text, route_matches, value_matches
+from dicomnode.imaging.volumetric import why_not_volumetric
 
 AXIAL_DEGREES = 10.0  # as the content check's ``axial``
 POSITION_TOLERANCE_MM = 0.01  # two slices closer than this along the normal share a position

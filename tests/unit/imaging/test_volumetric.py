@@ -10,7 +10,7 @@ from pydicom.uid import (
     XRayRadiationDoseSRStorage,
 )
 
-from dicomnode.queue.volumetric import why_not_volumetric
+from dicomnode.imaging.volumetric import why_not_volumetric
 from tests.factories import ct_series
 
 

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Route, parse_settings
-from dicomnode.queue.selection import Candidate, choose, refusal
+from dicomnode.imaging.selection import Candidate, choose, refusal
 from tests.factories import ct_series
 
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

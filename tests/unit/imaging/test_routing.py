@@ -4,7 +4,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Route
-from dicomnode.queue.routing import attribute_text, matching_routes, route_matches
+from dicomnode.imaging.routing import attribute_text, matching_routes, route_matches
 
 
 def header(**attrs: object) -> Dataset:
