@@ -63,6 +63,9 @@ def test_the_data_is_there_with_its_licences() -> None:
         assert (CT / case / xml).is_file()
         assert len(list((CT / case).glob("*.dcm"))) == slices
     assert len(list((CT / "abdomen-ct-j2k").glob("CT.*"))) == 20
+    pair = CT / "LIDC-IDRI-0132"
+    assert (pair / "readers.json").is_file()
+    assert sorted(len(list(p.glob("*.dcm"))) for p in pair.iterdir() if p.is_dir()) == [116, 127]
 
 
 @pytest.mark.parametrize("case", ["LIDC-IDRI-0001", "LIDC-IDRI-0003"])
