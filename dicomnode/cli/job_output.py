@@ -128,6 +128,11 @@ def print_job(detail: JobDetail, args: argparse.Namespace) -> int:
         print(f"finding       {_finding_line(finding)}")
     if detection is not None and detection.get("mask_from_job"):
         print(f"{'lung mask':<14}from job {detection['mask_from_job']}")
+    comparison = record["summary"].get("comparison")
+    if comparison is not None:
+        print(f"{'comparison':<14}{comparison['heading']}")
+        for line in comparison.get("lines", []):
+            print(f"  {line}")
     if record["selection"] is not None:
         _print_selection(record["selection"])
     if record["priors"] is not None:

@@ -13,6 +13,7 @@ with ``show_phi``; otherwise those fields are None.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -403,3 +404,40 @@ def preview_source(session: Session, job_id: int, *, show_phi: bool = False) -> 
             session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
         ),
     )
+
+
+@dataclass(frozen=True)
+class SeriesInput:
+    """A series' instances as a job reads them, and the digest of exactly those contents."""
+
+    paths: list[str]  # spool-relative, by SOP Instance UID
+    digest: str  # sha256 over each instance's SOP Instance UID and content digest
+
+
+def series_input(session: Session, series_id: int) -> SeriesInput:
+    """Return the instance paths of a series and the digest that identifies its contents.
+
+    Output UIDs (and a finding's Tracking UID) depend on the digest: the same contents
+    give the same objects, a changed instance new ones.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    series_id : int
+        The series.
+
+    Returns
+    -------
+    SeriesInput
+        Its paths and digest.
+    """
+    rows = session.execute(
+        select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
+        .where(Instance.series_id == series_id)
+        .order_by(Instance.sop_instance_uid)
+    ).all()
+    digest = hashlib.sha256()
+    for _, sop_uid, sha in rows:
+        digest.update(f"{sop_uid}:{sha};".encode())
+    return SeriesInput([path for path, _, _ in rows], digest.hexdigest())

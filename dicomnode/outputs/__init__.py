@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from dicomnode.outputs.rejection import build_rejection_note
     from dicomnode.outputs.sc import build_overlay_capture
     from dicomnode.outputs.seg import build_segmentation, read_labels
-    from dicomnode.outputs.sr import build_measurement_report
+    from dicomnode.outputs.sr import PriorComparison, build_measurement_report
     from dicomnode.outputs.validate import validate_file
 
 # Each public name and the module it lives in. The modules load when a name is first
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "LegendEntry": "dicomnode.outputs.overlay",
     "PALETTE": "dicomnode.outputs.palette",
+    "PriorComparison": "dicomnode.outputs.sr",
     "Provenance": "dicomnode.outputs.provenance",
     "RESEARCH_NOTICE": "dicomnode.outputs.provenance",
     "build_measurement_report": "dicomnode.outputs.sr",
@@ -74,6 +75,7 @@ __all__ = [
     "PALETTE",
     "RESEARCH_NOTICE",
     "LegendEntry",
+    "PriorComparison",
     "Provenance",
     "build_measurement_report",
     "build_overlay_capture",

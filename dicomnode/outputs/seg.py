@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -140,6 +140,7 @@ def build_segmentation(
     frames: Sequence[tuple[int, int]] | None = None,
     options: SegOptions | None = None,
     tracking_key: str = "",
+    tracking_uids: Mapping[int, str] | None = None,
 ) -> hd.seg.Segmentation:
     """Build a DICOM SEG (BINARY by default) of a label map on the source images' grid.
 
@@ -170,6 +171,9 @@ def build_segmentation(
         Part of every segment's Tracking UID besides the series: empty for anatomy,
         which is the same structure in every run; the input's digest for findings,
         since "Nodule 1" of one run need not be "Nodule 1" of the next.
+    tracking_uids : Mapping[int, str], optional
+        Segment number -> the Tracking UID it keeps from an earlier study (a nodule
+        matched with the prior's); the others get a new one as above.
 
     Returns
     -------
@@ -194,7 +198,8 @@ def build_segmentation(
             segmented_property_type=coded(seg.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=provenance.uid(series_uid, "segment", str(number), tracking_key),
+            tracking_uid=(tracking_uids or {}).get(number)
+            or provenance.uid(series_uid, "segment", str(number), tracking_key),
             tracking_id=seg.label,
             display_color=hd.color.CIELabColor.from_rgb(*seg.color),
         )

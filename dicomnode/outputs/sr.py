@@ -229,7 +229,56 @@ def _outline_group(
     )
 
 
-def _verdict(study: StudyFinding, provenance: Provenance) -> sr.ContainerContentItem:
+@dataclass(frozen=True)
+class PriorComparison:
+    """The comparison with a prior study, as the report states it.
+
+    Attributes
+    ----------
+    prior_study_uid : str or None
+        The study compared with; None when there was no comparison.
+    heading : str
+        One line: what was compared (or why nothing was).
+    changes : Sequence[str]
+        One line per nodule: matched (sizes then and now, change, doubling time or why
+        none), new, or no longer seen.
+    """
+
+    prior_study_uid: str | None
+    heading: str
+    changes: Sequence[str] = ()
+
+
+def _comparison_items(comparison: PriorComparison) -> list[sr.ContentItem]:
+    """Return the comparison's items for TID 1500's Qualitative Evaluations container."""
+    contains = sr.RelationshipTypeValues.CONTAINS
+    items: list[sr.ContentItem] = [
+        sr.TextContentItem(
+            name=codes.DCM.ComparisonToPreviousStudies,
+            value=comparison.heading[:1024],
+            relationship_type=contains,
+        )
+    ]
+    if comparison.prior_study_uid is not None:
+        items.append(
+            sr.UIDRefContentItem(
+                name=codes.DCM.StudyInstanceUID,
+                value=comparison.prior_study_uid,
+                relationship_type=contains,
+            )
+        )
+    items.extend(
+        sr.TextContentItem(
+            name=codes.DCM.DescriptionOfChange, value=line[:1024], relationship_type=contains
+        )
+        for line in comparison.changes
+    )
+    return items
+
+
+def _verdict(
+    study: StudyFinding, provenance: Provenance, comparison: PriorComparison | None = None
+) -> sr.ContainerContentItem:
     """Return TID 1500's Qualitative Evaluations: the verdict and its probability.
 
     The answer is "Present" or "Absent" to the question asked (e.g. "Pulmonary
@@ -261,6 +310,7 @@ def _verdict(study: StudyFinding, provenance: Provenance) -> sr.ContainerContent
                 ),
                 relationship_type=sr.RelationshipTypeValues.CONTAINS,
             ),
+            *(() if comparison is None else _comparison_items(comparison)),
         ]
     )
     return container
@@ -279,6 +329,7 @@ def build_measurement_report(
     findings: Sequence[ReportedFinding] = (),
     study: StudyFinding | None = None,
     outlines: Sequence[SegmentOutline] = (),
+    comparison: PriorComparison | None = None,
 ) -> sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-segment volume and mean value (and findings).
 
@@ -304,6 +355,9 @@ def build_measurement_report(
         The study- or series-level verdict of a detection or classification model.
     outlines : sequence of SegmentOutline
         Outlines of segments (not findings), each drawn with its segment's measurements.
+    comparison : PriorComparison, optional
+        For a route with priors: the comparison with the prior study, or why there was
+        none, beside the verdict (it needs ``study``).
 
     Returns
     -------
@@ -422,7 +476,7 @@ def build_measurement_report(
             is_root=False,
         )
     if study is not None:
-        report[0].ContentSequence.append(_verdict(study, provenance))
+        report[0].ContentSequence.append(_verdict(study, provenance, comparison))
     evidence = list(source_images) if segmentation is None else [segmentation, *source_images]
     return sr.Comprehensive3DSR(
         evidence=evidence,

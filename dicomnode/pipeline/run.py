@@ -15,7 +15,6 @@ attempts given back, and the model does not run again until the spool has space.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -37,7 +36,6 @@ from dicomnode import metrics
 from dicomnode.config import Route, Settings
 from dicomnode.db import (
     Claim,
-    Instance,
     Job,
     JobState,
     Output,
@@ -51,6 +49,7 @@ from dicomnode.db import (
     transaction,
     utcnow,
 )
+from dicomnode.db.queries import series_input
 from dicomnode.errors import (
     DISK_FULL,
     JobInterrupted,
@@ -73,6 +72,7 @@ from dicomnode.inference.classify import classify
 from dicomnode.inference.detect import detect
 from dicomnode.inference.segment import segment
 from dicomnode.outputs import (
+    PriorComparison,
     Provenance,
     build_measurement_report,
     build_overlay_capture,
@@ -89,6 +89,8 @@ from dicomnode.outputs import (
     validate_file,
 )
 from dicomnode.pipeline import content, priors
+from dicomnode.pipeline.follow_up import FollowUp, compare_with_prior
+from dicomnode.pipeline.priors import Priors
 from dicomnode.send import deliver
 from dicomnode.store import REJECTED, RESULTS, Spool
 
@@ -215,16 +217,17 @@ class Pipeline:
             with self.sessions() as session:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
                 self._check_space(session, ctx.job_id)
+            found_priors: Priors | None = None
             if route.priors.destination:
                 started = time.perf_counter()
                 current = pydicom.dcmread(
                     self.spool.absolute(ctx.instance_paths[0]), stop_before_pixels=True
                 )
-                priors.resolve(
+                found_priors = priors.resolve(
                     self.settings, self.sessions, self.spool, route, ctx.job_id, current, checkpoint
                 )
                 timings["priors_s"] = time.perf_counter() - started
-            built, summary, stage_times = self._make_outputs(ctx, route, checkpoint)
+            built, summary, stage_times = self._make_outputs(ctx, route, checkpoint, found_priors)
             built += self._rejection(ctx, built)
             timings.update(stage_times)
             checkpoint()
@@ -266,14 +269,7 @@ class Pipeline:
                 raise JobSuperseded(
                     "superseded: a late instance re-opened the series; a newer job replaces this"
                 )
-            instances = session.execute(
-                select(Instance.path, Instance.sop_instance_uid, Instance.sha256)
-                .where(Instance.series_id == series.id)
-                .order_by(Instance.sop_instance_uid)
-            ).all()
-            digest = hashlib.sha256()
-            for _, sop_uid, sha in instances:
-                digest.update(f"{sop_uid}:{sha};".encode())
+            inputs = series_input(session, series.id)
             outputs = session.execute(
                 select(Output.kind, Output.path).where(Output.job_id == job.id).order_by(Output.id)
             ).all()
@@ -286,8 +282,8 @@ class Pipeline:
                 model_version=job.model_version,
                 series_uid=series.series_uid,
                 study_uid=series.study.study_uid,
-                input_digest=digest.hexdigest(),
-                instance_paths=[path for path, _, _ in instances],
+                input_digest=inputs.digest,
+                instance_paths=inputs.paths,
                 first_received_at=series.first_received_at,
                 last_received_at=series.last_received_at,
                 started_at=job.started_at or utcnow(),
@@ -408,8 +404,20 @@ class Pipeline:
         log.info("job %d: reusing the mask of job %d", ctx.job_id, found.job_id)
         return found.job_id, labels
 
+    def _provenance(self, spec: ModelSpec) -> Provenance:
+        return Provenance(
+            model_name=spec.name,
+            model_version=spec.version,
+            clinical_use=spec.clinical_use,
+            uid_root=self.settings.outputs.uid_root,
+        )
+
     def _make_outputs(
-        self, ctx: JobContext, route: Route, checkpoint: Callable[[], None]
+        self,
+        ctx: JobContext,
+        route: Route,
+        checkpoint: Callable[[], None],
+        found_priors: Priors | None = None,
     ) -> tuple[list[BuiltOutput], dict[str, Any], dict[str, float]]:
         spec = self._spec(ctx)
         timings: dict[str, float] = {}
@@ -421,6 +429,7 @@ class Pipeline:
         checkpoint()
 
         detection: DetectionResult | None = None
+        follow: FollowUp | None = None
         mask_from_job: int | None = None
         classification: ClassificationResult | None = None
         if spec.task == "classification":
@@ -443,6 +452,24 @@ class Pipeline:
             timings.update(detection.timings)
             labels = detection.labels(volume.shape)
             segments = finding_segments(spec, len(detection.findings))
+            if found_priors is not None:
+                checkpoint()
+                started = time.perf_counter()
+                follow = compare_with_prior(
+                    sessions=self.sessions,
+                    spool=self.spool,
+                    cache=self.cache,
+                    provenance=self._provenance(spec),
+                    route=ctx.route,
+                    spec=spec,
+                    mask_spec=mask_spec,
+                    volume=volume,
+                    findings=detection_summary(detection, volume)["findings"],
+                    priors=found_priors,
+                    checkpoint=checkpoint,
+                    summarize=detection_summary,
+                )
+                timings["compare_s"] = time.perf_counter() - started
         else:
             result = segment(spec, volume, self.cache, checkpoint=checkpoint)
             timings.update(result.timings)
@@ -453,12 +480,7 @@ class Pipeline:
         stats = (
             segment_stats(labels, volume.pixels, volume.voxel_volume_ml, names) if segments else []
         )
-        provenance = Provenance(
-            model_name=spec.name,
-            model_version=spec.version,
-            clinical_use=spec.clinical_use,
-            uid_root=self.settings.outputs.uid_root,
-        )
+        provenance = self._provenance(spec)
         # Series UIDs depend on the input series, the route and the model only, so
         # every re-run addresses the same result series (and two routes running one
         # model with different encodings never share one). Instance UIDs also depend
@@ -489,6 +511,8 @@ class Pipeline:
                     frames=volume.frames,
                     options=route.seg,
                     tracking_key="" if detection is None else ctx.input_digest,
+                    # A nodule matched with the prior's keeps its identity.
+                    tracking_uids=None if follow is None else follow.tracking_uids,
                 )
             timings["seg_s"] = time.perf_counter() - started
             checkpoint()
@@ -516,6 +540,11 @@ class Pipeline:
                     if classification is None
                     else series_class(spec, classification)
                 ),
+                comparison=(
+                    None
+                    if follow is None
+                    else PriorComparison(follow.prior_study_uid, follow.heading, follow.lines)
+                ),
             )
         timings["sr_s"] = time.perf_counter() - started
 
@@ -539,6 +568,12 @@ class Pipeline:
             # Which job's mask bounded the search (None: this job ran the mask model).
             found["mask_from_job"] = mask_from_job
             summary["detection"] = found
+        if follow is not None:
+            summary["comparison"] = {
+                "heading": follow.heading,
+                **follow.summary,
+                "lines": follow.lines,
+            }
         if classification is not None:
             summary["classification"] = {
                 "class": None if classification.chosen is None else classification.chosen.label,
@@ -598,12 +633,7 @@ class Pipeline:
         if not superseded:
             return []
         spec = self._spec(ctx)
-        provenance = Provenance(
-            model_name=spec.name,
-            model_version=spec.version,
-            clinical_use=spec.clinical_use,
-            uid_root=self.settings.outputs.uid_root,
-        )
+        provenance = self._provenance(spec)
         identity = (ctx.series_uid, ctx.route, spec.name)
         with _building("rejection note"):
             note = build_rejection_note(
