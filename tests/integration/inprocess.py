@@ -22,9 +22,11 @@ from dicomnode.config import Settings, parse_settings
 from dicomnode.db import make_engine, migrate, session_factory
 from dicomnode.imaging import ModelSpec, load_registry
 from dicomnode.inference import ModelCache
+from dicomnode.listener import Listener
 from dicomnode.pipeline import Pipeline, encode
 from dicomnode.queue import Worker
 from dicomnode.queue.completion import sweep
+from dicomnode.queue.study import sweep_studies
 from dicomnode.store import Ingestor, Spool
 
 
@@ -45,8 +47,10 @@ class InProcessNode:
             ingestor.store(item.read_bytes() if isinstance(item, Path) else encode(item))
 
     def sweep(self) -> int:
-        """Complete quiet series and queue their jobs; return how many series completed."""
-        return sweep(self.sessions, self.settings, self.models, self.spool)
+        """Complete quiet series (then studies) and queue their jobs; return how many series."""
+        completed = sweep(self.sessions, self.settings, self.models, self.spool)
+        sweep_studies(self.sessions, self.settings, self.models, self.spool)
+        return completed
 
     def run(self, jobs: int = 1) -> None:
         """Run ``jobs`` queued jobs to the end."""
@@ -60,11 +64,13 @@ def node_sending_to(
     pacs_port: int,
     routes: list[dict[str, Any]],
     models_path: Path | None = None,
+    listener_port: int | None = None,
 ) -> Iterator[InProcessNode]:
     """Yield an in-process node whose routes send to the PACS "pacs" on ``pacs_port``.
 
     Models run with the default back-end choice (OpenVINO on the CPU when installed);
-    every output is checked with dciodvfy before it is sent.
+    every output is checked with dciodvfy before it is sent. With ``listener_port`` the
+    node also listens (AE title DICOMNODE) there, e.g. as the move destination of priors.
     """
     url = f"sqlite:///{tmp_path / 'node.db'}"
     engine = make_engine(url)
@@ -74,8 +80,14 @@ def node_sending_to(
         {
             "database": {"url": url},
             "storage": {"path": str(tmp_path / "spool")},
-            "completion": {"quiet_seconds": 0},
+            "completion": {"quiet_seconds": 0, "study_quiet_seconds": 0},
             "outputs": {"validate": "dciodvfy"},
+            **(
+                {"listener": {"ae_title": "DICOMNODE", "host": "127.0.0.1",
+                              "port": listener_port}}
+                if listener_port
+                else {}
+            ),
             **({"models": {"path": str(models_path)}} if models_path else {}),
             "destinations": [
                 {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
@@ -90,7 +102,13 @@ def node_sending_to(
     cache = ModelCache(torch.device("cpu"), backend="auto")
     pipeline = Pipeline(settings, sessions, spool, models, cache)
     worker = Worker(sessions, pipeline, settings.worker, threading.Event())
+    listener = None
+    if listener_port:
+        listener = Listener(settings.listener, Ingestor(spool, sessions))
+        listener.start()
     try:
         yield InProcessNode(settings, sessions, models, spool, worker)
     finally:
+        if listener is not None:
+            listener.stop()
         engine.dispose()

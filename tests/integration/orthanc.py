@@ -104,6 +104,14 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def upload(self, path: Path) -> None:
+        """Store one DICOM file through the REST API (any transfer syntax Orthanc reads)."""
+        request = urllib.request.Request(
+            self.url + "/instances", data=path.read_bytes(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
     def download(self, instance_id: str) -> bytes:
         with urllib.request.urlopen(f"{self.url}/instances/{instance_id}/file", timeout=30) as r:
             return r.read()
