@@ -256,6 +256,10 @@ def _print_story(record: dict[str, Any], show_phi: bool) -> None:
                 for j in jobs
             ],
         )
+    for j in jobs:
+        comparison = j["summary"].get("comparison")
+        if comparison is not None:
+            print(f"job {j['id']} {comparison['heading']}")
     outputs = [(j["id"], o) for j in jobs for o in j["outputs"]]
     print(f"\noutputs ({len(outputs)})")
     if outputs:

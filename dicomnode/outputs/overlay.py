@@ -406,7 +406,8 @@ def measurement_texts(summary: Mapping[str, Any], count: int) -> list[str]:
     Returns
     -------
     list[str]
-        E.g. ``"2650.3 mL, mean -845 HU"`` or ``"35 mm, p 0.64"``; empty where unknown.
+        E.g. ``"2650.3 mL, mean -845 HU"`` or ``"35 mm, p 0.64"`` (with the change since
+        the prior when the job compared, ``"; was 9 mm, VDT 201 d"``); empty where unknown.
     """
     texts = [""] * count
     for i, seg in enumerate(list(summary.get("segments", []))[:count]):
@@ -418,7 +419,20 @@ def measurement_texts(summary: Mapping[str, Any], count: int) -> list[str]:
         i = int(finding.get("number", 0)) - 1
         if 0 <= i < count:
             texts[i] = f"{finding['diameter_mm']:.0f} mm, p {finding['probability']:.2f}"
+    for nodule in (summary.get("comparison") or {}).get("nodules", []):
+        i = int(nodule.get("number") or 0) - 1
+        if 0 <= i < count and texts[i]:
+            texts[i] += "; " + _change_text(nodule)
     return texts
+
+
+def _change_text(nodule: Mapping[str, Any]) -> str:
+    """Return a nodule's change since the prior, short: ``new`` or ``was 9 mm, VDT 201 d``."""
+    if nodule.get("status") != "matched":
+        return "new"
+    text = f"was {nodule['diameter_mm'][0]:.0f} mm"
+    days = nodule.get("doubling_days")
+    return text + ("" if days is None else f", VDT {days:.0f} d")
 
 
 def select_slices(labels: np.ndarray, limit: int) -> list[int]:

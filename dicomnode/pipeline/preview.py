@@ -60,7 +60,7 @@ def headline(detail: JobDetail) -> list[str]:
     -------
     list[str]
         The job's id, model and state, then its findings or its total segment volume
-        when the summary has them; no patient data.
+        when the summary has them, and the comparison with a prior; no patient data.
     """
     job, summary = detail.job, detail.summary
     lines = [f"job {job.id}  {job.model} {job.model_version}  ({job.state})"]
@@ -74,6 +74,15 @@ def headline(detail: JobDetail) -> list[str]:
         )
     elif "total_volume_ml" in summary:
         lines.append(f"total segment volume {summary['total_volume_ml']:.1f} mL")
+    comparison = summary.get("comparison")
+    if comparison is not None and "prior_study_uid" in comparison:
+        lines.append(
+            f"vs prior of {comparison.get('prior_study_date') or 'unknown date'}: "
+            f"{comparison['matched']} matched, {comparison['new']} new, "
+            f"{comparison['no_longer_seen']} no longer seen"
+        )
+    elif comparison is not None:
+        lines.append(f"no comparison: {comparison['reason']}"[:90])
     return lines
 
 

@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.cli.job_output import print_job
+from dicomnode.cli.main import main as cli
 from dicomnode.config import ListenerSettings, parse_settings
 from dicomnode.db import Job, JobState, Series
 from dicomnode.db.queries import detail_of, series_input
@@ -42,6 +43,7 @@ from tests.conftest import free_port
 from tests.factories import ct_series
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_priors import c_store
+from tests.unit.cli.test_main import write_config
 from tests.unit.inference.packages import build_detection_package, build_package
 
 pytestmark = pytest.mark.system
@@ -160,6 +162,11 @@ def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     shown = capsys.readouterr().out.splitlines()
     assert f"comparison    {comparison['heading']}" in shown
     assert f"  {comparison['lines'][0]}" in shown
+    # So does `studies show`.
+    config = str(write_config(tmp_path, db_url))
+    assert cli(["--log-level", "WARNING", "--config", config, "studies", "show",
+                today[0].StudyInstanceUID]) == 0  # fmt: skip
+    assert f"job {job.id} {comparison['heading']}" in capsys.readouterr().out.splitlines()
     # The SR says the same, names the prior study, and the SEG keeps the prior's identity.
     assert evaluations[codes.DCM.ComparisonToPreviousStudies.value] == [comparison["heading"]]
     assert comparison["heading"].startswith(

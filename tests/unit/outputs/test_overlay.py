@@ -150,6 +150,22 @@ def test_measurement_texts_for_segments_and_findings() -> None:
     assert measurement_texts({}, 2) == ["", ""]
 
 
+def test_measurement_texts_give_the_change_since_the_prior() -> None:
+    findings = [{"number": n, "diameter_mm": d, "probability": 0.9} for n, d in ((1, 13), (2, 6))]
+    summary = {
+        "detection": {"findings": findings},
+        "comparison": {"nodules": [
+            {"number": 1, "status": "matched", "diameter_mm": [9.0, 13.0], "doubling_days": 201},
+            {"number": 2, "status": "new", "diameter_mm": [None, 6.0], "doubling_days": None},
+            {"number": None, "status": "no longer seen", "diameter_mm": [7.0, None]},
+        ]},
+    }  # fmt: skip
+    assert measurement_texts(summary, 2) == [
+        "13 mm, p 0.90; was 9 mm, VDT 201 d",
+        "6 mm, p 0.90; new",
+    ]
+
+
 def test_slice_selection_keeps_every_segment_and_spreads_the_rest() -> None:
     labels = np.zeros((100, 8, 8), np.uint8)
     labels[10:90, 2:6, 2:6] = 1

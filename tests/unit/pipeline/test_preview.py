@@ -95,8 +95,17 @@ def test_the_seg_path_or_why_there_is_none() -> None:
             "2 finding(s) of 9 candidates, best probability 0.88",
         ),
         ({"detection": {}, "total_volume_ml": 1.0}, "0 finding(s) of ? candidates"),
+        (
+            {"comparison": {"prior_study_uid": "1.2", "prior_study_date": "2023-01-01",
+                            "matched": 1, "new": 2, "no_longer_seen": 0}},
+            "vs prior of 2023-01-01: 1 matched, 2 new, 0 no longer seen",
+        ),
+        (
+            {"comparison": {"reason": "no earlier study of the patient on pacs"}},
+            "no comparison: no earlier study of the patient on pacs",
+        ),
     ],
-)
+)  # fmt: skip
 def test_the_headline_is_the_job_and_its_key_result(
     summary: dict[str, Any], second: str | None
 ) -> None:
