@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -27,8 +29,8 @@ from sqlalchemy import select
 
 from dicomnode.cli.job_output import print_job
 from dicomnode.cli.main import main as cli
-from dicomnode.config import ListenerSettings, parse_settings
-from dicomnode.db import Job, JobState, Series
+from dicomnode.config import ListenerSettings, Settings, parse_settings
+from dicomnode.db import Job, JobState, Output, Series
 from dicomnode.db.queries import detail_of, series_input
 from dicomnode.imaging import load_registry
 from dicomnode.inference import ModelCache
@@ -67,6 +69,60 @@ def phantom(nodule_mm: float, study_uid: str, date: str, shift: np.ndarray) -> l
     return datasets
 
 
+@dataclass
+class Node:
+    """An in-process node (listener, worker) whose nodule route has priors from Orthanc."""
+
+    settings: Settings
+    sessions: Any
+    spool: Spool
+    models: dict[str, Any]
+    worker: Worker
+
+    def receive_and_run(self, datasets: list[Dataset]) -> Job:
+        ingestor = Ingestor(self.spool, self.sessions)
+        for ds in datasets:
+            ingestor.store(encode(ds))
+        assert sweep(self.sessions, self.settings, self.models, self.spool) == 1
+        assert self.worker.run_once()
+        with self.sessions() as s:
+            job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).one()
+            s.expunge(job)
+        assert job.state == JobState.DONE, job.last_error
+        return job
+
+
+def start_node(tmp_path: Path, db_url: str, sessions, pacs: Orthanc, port: int, request) -> Node:
+    models_path = tmp_path / "models"
+    build_package(models_path, "test-lungs")
+    build_detection_package(models_path, "test-nodules")
+    settings = parse_settings(
+        {
+            "database": {"url": db_url},
+            "listener": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
+            "storage": {"path": str(tmp_path / "spool")},
+            "completion": {"quiet_seconds": 0},
+            "models": {"path": str(models_path)},
+            "outputs": {"validate": "dciodvfy"},
+            "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
+                              "port": pacs.dicom_port, "timeout_seconds": 30}],
+            "routes": [{"name": "nodules", "match": {"Modality": "CT"},
+                        "models": ["test-nodules"], "send_to": ["pacs"],
+                        "priors": {"destination": "pacs", "match": {"Modality": "CT"}}}],
+        },
+        environ={},
+    )  # fmt: skip
+    spool = Spool(settings.storage.path)
+    listener = Listener(ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=port),
+                        Ingestor(spool, sessions))  # fmt: skip
+    listener.start()
+    request.addfinalizer(listener.stop)
+    models = load_registry(models_path)
+    pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))
+    worker = Worker(sessions, pipeline, settings.worker, threading.Event())
+    return Node(settings, sessions, spool, models, worker)
+
+
 @pytest.mark.parametrize("prior_on_pacs", [True, False], ids=["prior", "no-prior"])
 def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     tmp_path: Path,
@@ -76,52 +132,19 @@ def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     capsys: pytest.CaptureFixture[str],
     prior_on_pacs: bool,
 ) -> None:
-    models_path = tmp_path / "models"
-    build_package(models_path, "test-lungs")
-    build_detection_package(models_path, "test-nodules")
     port = free_port()
     prior = phantom(8.0, generate_uid(), "20230101", SHIFT_MM)
     today = phantom(12.0, generate_uid(), "20240101", np.zeros(3))
-    with Orthanc(
-        tmp_path / "orthanc", modalities={"node": ["DICOMNODE", "127.0.0.1", port]}
-    ) as pacs:
+    modalities = {"node": ["DICOMNODE", "127.0.0.1", port]}
+    with Orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
         if prior_on_pacs:
             c_store(pacs.dicom_port, pacs.aet, prior)
-        settings = parse_settings(
-            {
-                "database": {"url": db_url},
-                "listener": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
-                "storage": {"path": str(tmp_path / "spool")},
-                "completion": {"quiet_seconds": 0},
-                "models": {"path": str(models_path)},
-                "outputs": {"validate": "dciodvfy"},
-                "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
-                                  "port": pacs.dicom_port, "timeout_seconds": 30}],
-                "routes": [{"name": "nodules", "match": {"Modality": "CT"},
-                            "models": ["test-nodules"], "send_to": ["pacs"],
-                            "priors": {"destination": "pacs", "match": {"Modality": "CT"}}}],
-            },
-            environ={},
-        )  # fmt: skip
-        spool = Spool(settings.storage.path)
-        listener = Listener(ListenerSettings(ae_title="DICOMNODE", host="127.0.0.1", port=port),
-                            Ingestor(spool, sessions))  # fmt: skip
-        listener.start()
-        request.addfinalizer(listener.stop)
-        models = load_registry(models_path)
-        pipeline = Pipeline(settings, sessions, spool, models, ModelCache(torch.device("cpu")))
-        worker = Worker(sessions, pipeline, settings.worker, threading.Event())
-        ingestor = Ingestor(spool, sessions)
-        for ds in today:
-            ingestor.store(encode(ds))
-        assert sweep(sessions, settings, models, spool) == 1
-        assert worker.run_once()
+        node = start_node(tmp_path, db_url, sessions, pacs, port, request)
+        models = node.models
+        job = node.receive_and_run(today)
         with sessions() as s:
-            job = s.scalars(select(Job)).one()
-            s.expunge(job)
             prior_row = s.scalar(select(Series).where(Series.prior.is_(True)))
             prior_digest = None if prior_row is None else series_input(s, prior_row.id).digest
-        assert job.state == JobState.DONE, job.last_error
         sent = {
             series["MainDicomTags"].get("Modality"): pacs.download(series["Instances"][0])
             for series in pacs.get("/series?expand")
@@ -200,3 +223,32 @@ def _texts(report: Dataset) -> dict[str, list[str]]:
             value = entry.get("TextValue", entry.get("UID"))
             found.setdefault(code, []).append(str(value))
     return found
+
+
+def test_a_prior_this_node_ran_on_lends_its_findings_and_their_identity(
+    tmp_path: Path, db_url: str, sessions, request: pytest.FixtureRequest
+) -> None:
+    port = free_port()
+    prior = phantom(8.0, generate_uid(), "20230101", SHIFT_MM)
+    today = phantom(12.0, generate_uid(), "20240101", np.zeros(3))
+    modalities = {"node": ["DICOMNODE", "127.0.0.1", port]}
+    with Orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
+        node = start_node(tmp_path, db_url, sessions, pacs, port, request)
+        first = node.receive_and_run(prior)  # a year ago: nothing to compare with yet
+        assert first.summary["comparison"]["reason"].startswith("no earlier study")
+        second = node.receive_and_run(today)
+    assert second.priors["source"] == "node"
+    comparison = second.summary["comparison"]
+    assert comparison["prior_findings_from"] == first.id  # the model did not run again
+    assert comparison["matched"] == 1
+    with sessions() as s:
+        segs = {
+            job_id: hd.seg.segread(node.spool.absolute(path))
+            for job_id, path in s.execute(
+                select(Output.job_id, Output.path).where(Output.kind == "seg")
+            )
+        }
+    # One nodule, one identity: today's segment has the Tracking UID of last year's.
+    then, now = segs[first.id].SegmentSequence[0], segs[second.id].SegmentSequence[0]
+    assert str(now.TrackingUID) == str(then.TrackingUID)
+    assert segs[first.id].SeriesInstanceUID != segs[second.id].SeriesInstanceUID
