@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,6 +30,7 @@ from dicomnode.config import REGEX_PREFIX, Route, Settings
 from dicomnode.db import (
     URGENT,
     Instance,
+    Job,
     Series,
     SeriesState,
     Study,
@@ -69,20 +71,78 @@ def series_header(session: Session, spool: Spool, series_id: int) -> Dataset:
         raise HeaderUnavailable(type(exc).__name__) from None
 
 
-def series_routes(settings: Settings) -> list[Route]:
-    """Return the routes that run on single series (not ``scope = "study"``).
+def routes_in_scope(settings: Settings, scope: str) -> list[Route]:
+    """Return the routes of one scope, in configuration order.
 
     Parameters
     ----------
     settings : Settings
         The node's routes.
+    scope : str
+        ``"series"`` (one job per series) or ``"study"`` (one per study).
 
     Returns
     -------
     list[Route]
-        Those with ``scope = "series"``, in configuration order.
+        Those routes.
     """
-    return [r for r in settings.routes if r.scope == "series"]
+    return [r for r in settings.routes if r.scope == scope]
+
+
+def series_routes(settings: Settings) -> list[Route]:
+    """Return the routes that run on single series (not ``scope = "study"``)."""
+    return routes_in_scope(settings, "series")
+
+
+def queue_route(
+    session: Session,
+    settings: Settings,
+    models: Mapping[str, ModelSpec],
+    route: Route,
+    series: Series,
+    selection: dict[str, Any] | None = None,
+) -> list[Job]:
+    """Queue one job per model of ``route`` on ``series``, unless already queued or done.
+
+    Parameters
+    ----------
+    session : Session
+        The transaction that completes the series (or the study).
+    settings : Settings
+        The worker's attempt limit.
+    models : Mapping[str, ModelSpec]
+        The model registry.
+    route : Route
+        The route: its models and priority.
+    series : Series
+        The input series.
+    selection : dict, optional
+        For a study-scope route: why this series was chosen.
+
+    Returns
+    -------
+    list[Job]
+        The jobs queued now (an existing idempotency key queues none).
+    """
+    queued = []
+    for name in route.models:
+        spec = models.get(name)
+        if spec is None:  # refused at start-up; kept for safety
+            log.error("route %s names unknown model %s", route.name, name)
+            continue
+        job = enqueue(
+            session,
+            series,
+            route=route.name,
+            model=spec.name,
+            version=spec.version,
+            max_attempts=settings.worker.max_attempts,
+            priority=URGENT if route.priority == "urgent" else 0,
+            selection=selection,
+        )
+        if job is not None:
+            queued.append(job)
+    return queued
 
 
 def quiet_seconds(settings: Settings, modality: str | None, routes: Sequence[Route]) -> float:
@@ -345,21 +405,7 @@ def _complete(
             )
             return 1, None
         for route in routes:
-            for name in route.models:
-                spec = models.get(name)
-                if spec is None:  # refused at start-up; kept for safety
-                    log.error("route %s names unknown model %s", route.name, name)
-                    continue
-                job = enqueue(
-                    session,
-                    series,
-                    route=route.name,
-                    model=spec.name,
-                    version=spec.version,
-                    max_attempts=settings.worker.max_attempts,
-                    priority=URGENT if route.priority == "urgent" else 0,
-                )
-                queued += job is not None
+            queued += len(queue_route(session, settings, models, route, series))
         log.info(
             "series complete series_uid=%s instances=%d generation=%d routes=%s jobs=%d",
             series.series_uid,

@@ -28,14 +28,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Route, Settings
 from dicomnode.db import (
-    URGENT,
     Instance,
     Series,
     SeriesState,
     Study,
     UTCDateTime,
     cancel_replaced,
-    enqueue,
     read_only,
     transaction,
     utcnow,
@@ -43,26 +41,15 @@ from dicomnode.db import (
 from dicomnode.errors import HeaderUnavailable
 from dicomnode.imaging import ModelSpec
 from dicomnode.imaging.selection import Candidate, choose
-from dicomnode.queue.completion import series_header
+from dicomnode.queue.completion import queue_route, routes_in_scope, series_header
 from dicomnode.store import Spool
 
 log = logging.getLogger(__name__)
 
 
 def study_routes(settings: Settings) -> list[Route]:
-    """Return the routes with ``scope = "study"``, in configuration order.
-
-    Parameters
-    ----------
-    settings : Settings
-        The node's routes.
-
-    Returns
-    -------
-    list[Route]
-        The study-scope routes.
-    """
-    return [r for r in settings.routes if r.scope == "study"]
+    """Return the routes with ``scope = "study"``, in configuration order."""
+    return routes_in_scope(settings, "study")
 
 
 def study_quiet_seconds(settings: Settings) -> float:
@@ -214,26 +201,12 @@ def _queue(
     chosen: Series,
     choice: dict[str, Any],
 ) -> int:
-    """Queue ``route``'s models on the chosen series; cancel its jobs for an older choice."""
-    queued = 0
-    for name in route.models:
-        spec = models.get(name)
-        if spec is None:  # refused at start-up; kept for safety
-            log.error("route %s names unknown model %s", route.name, name)
-            continue
-        job = enqueue(
-            session,
-            chosen,
-            route=route.name,
-            model=spec.name,
-            version=spec.version,
-            max_attempts=settings.worker.max_attempts,
-            priority=URGENT if route.priority == "urgent" else 0,
-            selection=choice,
-        )
-        if job is None:
-            continue  # the same series and generation as before: its job stands
-        queued += 1
+    """Queue ``route``'s models on the chosen series; cancel its jobs for an older choice.
+
+    The same series and generation as before queues nothing: its jobs stand.
+    """
+    queued = queue_route(session, settings, models, route, chosen, selection=choice)
+    for job in queued:
         cancelled = cancel_replaced(session, study.id, route.name, job.model, job.id)
         if cancelled:
             log.info(
@@ -242,7 +215,7 @@ def _queue(
                 route.name,
                 cancelled,
             )
-    return queued
+    return len(queued)
 
 
 def _candidate(session: Session, spool: Spool, series: Series, positions: bool) -> Candidate:
