@@ -731,7 +731,7 @@ class PriorSettings:
 
     The node looks in its own database first; then it asks ``destination`` (C-FIND at
     study then series level, by Patient ID, excluding the current study) and
-    retrieves the prior series by C-MOVE to its own AE title. Retrieved series are
+    retrieves the prior series by C-MOVE to its own AE title, or by C-GET. Retrieved series are
     stored like received ones, marked as priors: they run no routes of their own.
     """
 
@@ -762,6 +762,15 @@ class PriorSettings:
             "How long a PACS that is down or does not answer may delay the job; then it "
             "runs without priors and says why.",
             _non_negative,
+        ),
+    )
+    retrieve: str = field(
+        default="move",
+        metadata=field_doc(
+            "move: C-MOVE to the listener's AE title (the PACS must know its AE title, host "
+            "and port); get: C-GET, the images come back on the node's own association "
+            "(nothing to configure on the PACS, which must support C-GET).",
+            one_of("move", "get"),
         ),
     )
 

@@ -3,8 +3,9 @@
 For a route with ``priors.destination``, before the model runs the job looks for the
 patient's other studies on this node (dated up to ``within_days`` before the current
 one); when there are none it asks the PACS (C-FIND study, then series level),
-retrieves the matching series by C-MOVE to the node's own AE title, and the listener
-stores them through the same durable path, marked as priors. The route's ``select``
+retrieves the matching series by C-MOVE to the node's own AE title (the listener
+stores them) or by C-GET (this job stores them), through the same durable path, into
+series rows marked as priors. The route's ``select``
 then picks the series to compare with, as it picks the current one.
 
 A PACS that is down or does not answer delays the job (it is put back in the queue,
@@ -30,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Route, Settings
 from dicomnode.db import Job, database_now, failing_since, transaction
 from dicomnode.db.priors import LocalSeries, expect_prior, other_studies_series
-from dicomnode.errors import TransientJobError, WaitingForPriors
+from dicomnode.dimse.statuses import SUCCESS, status_for
+from dicomnode.errors import IngestError, TransientJobError, WaitingForPriors
 from dicomnode.imaging.routing import route_matches
 from dicomnode.imaging.selection import Candidate, choose
 from dicomnode.send.query import (
@@ -39,9 +41,10 @@ from dicomnode.send.query import (
     dicom_date,
     find_series,
     find_studies,
+    get_series,
     move_series,
 )
-from dicomnode.store import Spool
+from dicomnode.store import Ingestor, Spool
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +175,9 @@ def resolve(
         record.update(source="node", studies=studies)
         return _kept(sessions, job_id, Priors(found, record))
     try:
-        retrieved = _retrieve(settings, sessions, route, patient_id, study_uid, latest, checkpoint)
+        retrieved = _retrieve(
+            settings, sessions, spool, route, patient_id, study_uid, latest, checkpoint
+        )
     except RetrieveRefused as exc:
         record["reason"] = str(exc)
         return _kept(sessions, job_id, Priors([], record))
@@ -216,13 +221,14 @@ def _wait_or_give_up(
 def _retrieve(
     settings: Settings,
     sessions: sessionmaker[Session],
+    spool: Spool,
     route: Route,
     patient_id: str,
     study_uid: str,
     latest: date,
     checkpoint: Callable[[], None],
 ) -> list[str] | None:
-    """Query the PACS and move the matching series of the newest prior studies here.
+    """Query the PACS and retrieve the matching series of the newest prior studies here.
 
     Returns the Series Instance UIDs retrieved: None when the PACS has no earlier
     study, empty when none of their series may fit.
@@ -242,6 +248,17 @@ def _retrieve(
     )
     if not studies:
         return None
+    ingestor = Ingestor(spool, sessions)
+
+    def store(data: bytes) -> int:
+        """Keep one instance a C-GET brought, as the listener would; return its status."""
+        try:
+            ingestor.store(data, calling_ae=pacs.ae_title)
+        except IngestError as exc:  # one line, no PHI
+            log.warning("prior instance from %s refused: %s", pacs.name, exc)
+            return status_for(exc)
+        return SUCCESS
+
     judge = prior_route(route)
     retrieved: list[str] = []
     for study in studies[: priors.max]:
@@ -258,13 +275,22 @@ def _retrieve(
                 )
         for series in wanted:
             checkpoint()
-            moved = move_series(
-                pacs,
-                calling,
-                move_to=settings.listener.ae_title,
-                study_uid=study.study_uid,
-                series_uid=series.series_uid,
-            )
+            if priors.retrieve == "get":
+                moved = get_series(
+                    pacs,
+                    calling,
+                    study_uid=study.study_uid,
+                    series_uid=series.series_uid,
+                    store=store,
+                )
+            else:
+                moved = move_series(
+                    pacs,
+                    calling,
+                    move_to=settings.listener.ae_title,
+                    study_uid=study.study_uid,
+                    series_uid=series.series_uid,
+                )
             log.info(
                 "prior retrieved study_uid=%s series_uid=%s from=%s completed=%d failed=%d",
                 study.study_uid,

@@ -2,7 +2,8 @@
 
 C-FIND (Study Root) at study level by Patient ID and a date range, then at series
 level; C-MOVE of chosen series to the node's own AE title, so that the PACS sends
-them to our listener, which stores them like any other image. Answers are checked
+them to our listener, which stores them like any other image; or C-GET, which brings
+them back on our own association, stored through the same durable path. Answers are checked
 before they are believed: a PACS that ignores the Patient ID key (and so answers with
 every patient), sends unsafe UIDs or floods us with matches does not get its answers
 used. Wildcards in our own Patient ID are refused before asking, since C-FIND would
@@ -12,18 +13,23 @@ read them as patterns and match other patients.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomnode.config import Destination
+from dicomnode.dimse.contexts import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from dicomnode.errors import PermanentJobError, TransientJobError
 from dicomnode.send.scu import associate
 from dicomnode.store.uids import is_safe_uid
@@ -35,6 +41,9 @@ _WILDCARDS = set("*?\\")
 # C-FIND / C-MOVE statuses (PS3.4 C.4.1.1.4, C.4.2.1.5)
 _PENDING = {0xFF00, 0xFF01}
 _MOVE_WARNING = 0xB000
+# What a C-GET may bring back: every class the listener accepts (under the 128
+# presentation contexts an association may have).
+GET_SOP_CLASSES = ACCEPTED_SOP_CLASSES[:127]
 
 
 class RetrieveRefused(PermanentJobError):
@@ -283,18 +292,103 @@ def move_series(
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = associate(ae, destination)
+    return _retrieve(
+        destination,
+        assoc,
+        "C-MOVE",
+        lambda query: assoc.send_c_move(query, move_to, StudyRootQueryRetrieveInformationModelMove),
+        study_uid,
+        series_uid,
+    )
+
+
+def get_series(
+    destination: Destination,
+    calling_ae: str,
+    *,
+    study_uid: str,
+    series_uid: str,
+    store: Callable[[bytes], int],
+) -> Moved:
+    """Fetch one series from ``destination`` on our own association (C-GET).
+
+    The PACS sends each image back as a C-STORE on the same association; ``store``
+    keeps it (durably, before it answers) and returns the status to send back. Nothing
+    needs to be configured on the PACS, unlike a C-MOVE's destination.
+
+    Parameters
+    ----------
+    destination : Destination
+        The PACS.
+    calling_ae : str
+        Our AE title.
+    study_uid, series_uid : str
+        What to fetch.
+    store : callable
+        Takes an instance (preamble, file meta and dataset, as received) and returns
+        its C-STORE status.
+
+    Returns
+    -------
+    Moved
+        The counts of the final response.
+
+    Raises
+    ------
+    RetrieveRefused
+        If the PACS refuses.
+    TransientJobError
+        If it cannot be reached, drops the association or does not answer in time.
+    """
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    # One context per storage class we may be sent, offered in the SCP role (PS3.4 C.4.3):
+    # at most 127 besides the C-GET's own.
+    for sop_class in GET_SOP_CLASSES:
+        ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    roles = [build_role(sop_class, scp_role=True) for sop_class in GET_SOP_CLASSES]
+
+    def handle(event: evt.Event) -> int:
+        # With pynetdicom's chunked receive on (a listener in this process turns it on
+        # for all), the instance is in a file, preamble and file meta included.
+        try:
+            path = event.dataset_path  # None (or AttributeError) when it is in memory
+        except AttributeError:
+            path = None
+        if path is not None:
+            return store(Path(path).read_bytes())
+        return store(event.encoded_dataset(include_meta=True))
+
+    assoc = associate(ae, destination, handlers=[(evt.EVT_C_STORE, handle)], ext_neg=roles)
+    return _retrieve(
+        destination,
+        assoc,
+        "C-GET",
+        lambda query: assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet),
+        study_uid,
+        series_uid,
+    )
+
+
+def _retrieve(
+    destination: Destination,
+    assoc: Association,
+    what: str,
+    send: Callable[[Dataset], Iterator[tuple[Dataset, Dataset | None]]],
+    study_uid: str,
+    series_uid: str,
+) -> Moved:
+    """Send a C-MOVE or C-GET for one series and read its responses to the final one."""
     final: Dataset | None = None
     try:
         if not assoc.accepted_contexts:
-            raise RetrieveRefused(f"destination {destination.name}: does not accept C-MOVE")
+            raise RetrieveRefused(f"destination {destination.name}: does not accept {what}")
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
         query.StudyInstanceUID = study_uid
         query.SeriesInstanceUID = series_uid
-        for reply, _ in assoc.send_c_move(
-            query, move_to, StudyRootQueryRetrieveInformationModelMove
-        ):
-            code = _status(reply, destination, "C-MOVE")
+        for reply, _ in send(query):
+            code = _status(reply, destination, what)
             if code in _PENDING:
                 continue
             final = reply
@@ -302,7 +396,7 @@ def move_series(
         if assoc.is_established:
             assoc.release()
     if final is None:
-        raise TransientJobError(f"destination {destination.name}: C-MOVE ended without a status")
+        raise TransientJobError(f"destination {destination.name}: {what} ended without a status")
     code = int(final.Status)
     moved = Moved(
         completed=_count(final, "NumberOfCompletedSuboperations"),
@@ -315,7 +409,7 @@ def move_series(
         comment = _comment(final)
         why = "; ".join(x for x in (hint, comment) if x)
         raise RetrieveRefused(
-            f"destination {destination.name}: C-MOVE failed with status 0x{code:04X}"
+            f"destination {destination.name}: {what} failed with status 0x{code:04X}"
             + (f" ({why})" if why else "")
         )
     return moved

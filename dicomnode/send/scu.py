@@ -165,7 +165,10 @@ def _handshake_reason(exc: BaseException) -> str:
 
 
 def associate(
-    ae: AE, destination: Destination, handlers: Sequence[tuple[Any, Any]] = ()
+    ae: AE,
+    destination: Destination,
+    handlers: Sequence[tuple[Any, Any]] = (),
+    ext_neg: Sequence[Any] | None = None,
 ) -> Association:
     """Open an association to ``destination`` (with TLS when it has ``tls_ca``).
 
@@ -177,6 +180,8 @@ def associate(
         Where to, its timeout and TLS settings.
     handlers : Sequence
         Extra ``(event, handler)`` pairs bound to the association.
+    ext_neg : Sequence, optional
+        Extended negotiation items, e.g. the SCP/SCU role selections of a C-GET.
 
     Returns
     -------
@@ -211,6 +216,7 @@ def associate(
                 *handlers,
             ],
             tls_args=tls_args,
+            ext_neg=list(ext_neg) if ext_neg else None,
         )
     except OSError as exc:  # a host name DNS does not know (socket.gaierror), ...
         # Retried like a PACS that is down: DNS and routes get fixed without us.

@@ -282,3 +282,23 @@ def test_a_stop_between_retrievals_interrupts_cleanly(
             resolve(settings, sessions, node[0].spool, settings.routes[0], node[0].job_id,
                     node[0].current, checkpoint=stop)  # fmt: skip
     assert node[0].record() is None  # nothing decided: the next attempt asks again
+
+
+def test_c_get_brings_the_prior_on_the_node_s_own_association(
+    tmp_path: Path, sessions, node: list[Node]
+) -> None:
+    prior = study("20220301")
+    # Orthanc knows nobody: no move destination to configure for a C-GET.
+    extra = {"DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True}
+    with Orthanc(tmp_path / "orthanc", extra=extra) as pacs:
+        c_store(pacs.dicom_port, pacs.aet, prior)
+        settings = settings_for(tmp_path, free_port(), pacs.dicom_port, retrieve="get")
+        node.append(Node(tmp_path, sessions, settings, study("20240101")[:6]))
+        found = node[0].resolve()
+    thin = prior[0].SeriesInstanceUID
+    assert [p.series_uid for p in found.found] == [thin]
+    assert node[0].record()["source"] == "pacs"
+    with sessions() as s:
+        row = s.scalars(select(Series).where(Series.series_uid == thin)).one()
+        calling = {i.calling_ae for i in row.instances}
+    assert (row.prior, row.instance_count, calling) == (True, 6, {"ORTHANC"})

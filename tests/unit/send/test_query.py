@@ -5,20 +5,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import date
 
+import numpy as np
+import pydicom
+import pynetdicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomnode.config import Destination
 from dicomnode.errors import TransientJobError
 from dicomnode.send import query
-from dicomnode.send.query import RetrieveRefused, find_series, find_studies, move_series
+from dicomnode.send.query import (
+    RetrieveRefused,
+    find_series,
+    find_studies,
+    get_series,
+    move_series,
+)
 from tests.conftest import free_port
+from tests.factories import ct_series
 
 pytestmark = pytest.mark.system
 
@@ -37,11 +49,18 @@ def pacs() -> Iterator[Callable[..., Destination]]:
     """Start a PACS whose C-FIND / C-MOVE answers the test writes; yield its Destination."""
     servers = []
 
-    def start(find: Callable[[Dataset], Iterator] | None = None, move=None) -> Destination:
+    def start(
+        find: Callable[[Dataset], Iterator] | None = None, move=None, get=None
+    ) -> Destination:
         ae = AE(ae_title="PACS")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        # The SCU role of storage on a C-GET's association: the PACS sends to the caller.
+        ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
         handlers = []
+        if get is not None:
+            handlers.append((evt.EVT_C_GET, get))
         if find is not None:
             handlers.append((evt.EVT_C_FIND, lambda event: find(event.identifier)))
         if move is not None:
@@ -130,3 +149,32 @@ def test_a_refused_move_names_the_status_and_the_pacs_comment(pacs) -> None:
         move_series(pacs(move=move), "NODE", move_to="NODE", study_uid="1.2", series_uid="1.2.3")
     assert str(refused.value).startswith("destination pacs: C-MOVE failed with status 0xA801")
     assert "the PACS must know our AE title" in str(refused.value)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked-receive", "in-memory"])
+def test_c_get_hands_each_instance_to_the_store_and_answers_its_status(
+    pacs, monkeypatch: pytest.MonkeyPatch, chunked: bool
+) -> None:
+    # A listener in the process turns pynetdicom's chunked receive on for every
+    # association; the instances must reach the store either way.
+    monkeypatch.setattr(pynetdicom._config, "STORE_RECV_CHUNKED_DATASET", chunked)
+    images = ct_series(np.zeros((3, 4, 4), np.float32))
+    statuses: list[int] = []
+
+    def get(event: evt.Event) -> Iterator:
+        yield len(images)
+        for ds in images:
+            status = yield 0xFF00, ds
+            statuses.append(int(status.Status) if status is not None else -1)
+
+    stored: list[Dataset] = []
+
+    def store(data: bytes) -> int:
+        stored.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)))
+        return 0x0000 if len(stored) < 3 else 0xA700  # the last one: out of resources
+
+    moved = get_series(pacs(get=get), "NODE", study_uid=images[0].StudyInstanceUID,
+                       series_uid=images[0].SeriesInstanceUID, store=store)  # fmt: skip
+    assert [ds.SOPInstanceUID for ds in stored] == [ds.SOPInstanceUID for ds in images]
+    assert all(ds.pixel_array.shape == (4, 4) for ds in stored)  # whole, with their meta
+    assert (moved.completed, moved.failed) == (2, 1)
