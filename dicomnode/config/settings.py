@@ -320,8 +320,8 @@ class CompletionSettings:
         default=60.0,
         metadata=field_doc(
             'For routes with scope = "study": a study is complete once every series of '
-            "it is complete and nothing of it arrived for this long (a route's own "
-            "quiet_seconds, when longer, applies instead).",
+            "it is complete and nothing of it arrived for this long (study routes' own "
+            "quiet_seconds, when set, apply instead: the longest of them).",
             _non_negative,
         ),
     )

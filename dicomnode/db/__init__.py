@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         failing_since,
         merge_timings,
         reap_expired,
+        requeue_replaced,
         set_state,
     )
     from dicomnode.db.models import (
@@ -93,6 +94,7 @@ _HOMES = {
     "read": "dicomnode.db.engine",
     "read_only": "dicomnode.db.engine",
     "reap_expired": "dicomnode.db.jobs",
+    "requeue_replaced": "dicomnode.db.jobs",
     "session_factory": "dicomnode.db.engine",
     "sessionmaker": "dicomnode.db.engine",
     "set_state": "dicomnode.db.jobs",
@@ -136,6 +138,7 @@ __all__ = [
     "read",
     "read_only",
     "reap_expired",
+    "requeue_replaced",
     "session_factory",
     "sessionmaker",
     "set_state",

@@ -431,6 +431,63 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
     return len(queued)
 
 
+REPLACED = "superseded: the study was re-opened and another series chosen"
+
+
+def requeue_replaced(
+    session: Session,
+    series: Series,
+    *,
+    route: str,
+    model: str,
+    version: str,
+    selection: dict[str, Any] | None,
+) -> Job | None:
+    """Queue again a study-scope job that a choice now undone had cancelled.
+
+    A re-opened study may choose series B over A (A's queued job is cancelled), then,
+    re-opened once more, A again: A's job has the same idempotency key, so
+    :func:`enqueue` queues nothing, and without this the study would get no job.
+
+    Parameters
+    ----------
+    session : Session
+        The transaction that completes the study.
+    series : Series
+        The chosen series.
+    route, model, version : str
+        The job's route and model.
+    selection : dict, optional
+        The new choice's reasons.
+
+    Returns
+    -------
+    Job or None
+        The job queued again, or None when there is no such cancelled job.
+    """
+    key = idempotency_key(series.series_uid, series.generation, route, model, version)
+    job = session.scalar(
+        select(Job)
+        .where(Job.idempotency_key == key, Job.state == JobState.CANCELLED)
+        .with_for_update()
+    )
+    if job is None or job.last_error != REPLACED:
+        return None
+    now = database_now(session)
+    job.state = JobState.QUEUED
+    job.attempts = 0
+    job.run_after = now
+    job.finished_at = None
+    job.last_error = None
+    job.updated_at = now
+    job.selection = selection
+    record_event(
+        session, job, JobState.QUEUED, from_state=JobState.CANCELLED,
+        note="study re-opened: this series chosen again", at=now,
+    )  # fmt: skip
+    return job
+
+
 def cancel_replaced(session: Session, study_id: int, route: str, model: str, keep: int) -> int:
     """Cancel a study-scope route's queued jobs of ``model`` in a study, but for ``keep``.
 
@@ -454,7 +511,7 @@ def cancel_replaced(session: Session, study_id: int, route: str, model: str, kee
     int
         How many jobs were cancelled.
     """
-    reason = "superseded: the study was re-opened and another series chosen"
+    reason = REPLACED
     queued = session.scalars(
         select(Job)
         .join(Series, Series.id == Job.series_id)
@@ -465,7 +522,9 @@ def cancel_replaced(session: Session, study_id: int, route: str, model: str, kee
             Job.id != keep,
             Job.state == JobState.QUEUED,
         )
-        .with_for_update(skip_locked=True)
+        # Only the job rows: on PostgreSQL a plain FOR UPDATE would lock the joined
+        # series too, and skip the jobs whose series the listener holds just then.
+        .with_for_update(of=Job, skip_locked=True)
     ).all()
     _cancel_queued(session, queued, reason)
     return len(queued)

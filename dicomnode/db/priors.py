@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, Series, SeriesState, Study, utcnow
@@ -30,6 +31,9 @@ def other_studies_series(
     session: Session, patient_id: str, exclude_study: str, series_uids: list[str] | None = None
 ) -> list[LocalSeries]:
     """Return the stored series of the patient's other studies (or of the given series).
+
+    Without ``series_uids`` only complete series count: one still receiving may be
+    another job's retrieval in progress, or a study not yet whole.
 
     Parameters
     ----------
@@ -67,6 +71,8 @@ def other_studies_series(
     )
     if series_uids is not None:
         query = query.where(Series.series_uid.in_(series_uids))
+    else:
+        query = query.where(Series.state == SeriesState.COMPLETE)
     return [LocalSeries(*row) for row in session.execute(query)]
 
 
@@ -80,8 +86,9 @@ def expect_prior(
 ) -> None:
     """Make the rows a retrieved prior series will be stored into, marked ``prior``.
 
-    A series the node already has keeps its row (and its mark): received normally, it
-    stays a normal series.
+    A series the node already has keeps its row and its mark (received normally, it
+    stays a normal series), unless retention purged its images: retrieved again, it
+    must not re-open and run its routes a second time, so it becomes a prior.
 
     Parameters
     ----------
@@ -92,8 +99,23 @@ def expect_prior(
     modality : str, optional
         As the PACS answered.
     """
-    if session.scalar(select(Series.id).where(Series.series_uid == series_uid)) is not None:
+    existing = session.scalar(select(Series).where(Series.series_uid == series_uid))
+    if existing is not None:
+        if existing.purged_at is not None:
+            existing.prior = True
         return
+    try:
+        # Two jobs of one patient may expect the same prior at once: the loser's rows
+        # already exist, which is all it needs (PostgreSQL's unique index says so).
+        with session.begin_nested():
+            _add_prior(session, study_uid, patient_id, series_uid, modality)
+    except IntegrityError:
+        pass
+
+
+def _add_prior(
+    session: Session, study_uid: str, patient_id: str, series_uid: str, modality: str | None
+) -> None:
     study = session.scalar(select(Study).where(Study.study_uid == study_uid))
     if study is None:
         study = Study(study_uid=study_uid, patient_id=patient_id)
@@ -113,3 +135,4 @@ def expect_prior(
             prior=True,
         )
     )
+    session.flush()

@@ -11,18 +11,20 @@ keeps so that ``jobs show`` can say why the model saw that series.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Route, SeriesSelection
 from dicomnode.imaging.routing import attribute_text, route_matches, value_matches
 from dicomnode.imaging.volumetric import why_not_volumetric
 
-AXIAL_DEGREES = 10.0  # as the content check's ``axial``
+AXIAL_DEGREES = 10.0  # the most a slice normal may lean from head-foot and be "axial"
 POSITION_TOLERANCE_MM = 0.01  # two slices closer than this along the normal share a position
 
 
@@ -87,9 +89,7 @@ class Candidate:
     def tilt(self) -> float | None:
         """Return the angle between the slices' normal and head-foot, in degrees."""
         normal = self.normal()
-        if normal is None:
-            return None
-        return math.degrees(math.acos(min(abs(float(normal[2])), 1.0)))
+        return None if normal is None else tilt_degrees(normal)
 
     def thickness(self) -> float | None:
         """Return the Slice Thickness in mm, else the spacing of the read positions."""
@@ -121,6 +121,28 @@ class Candidate:
             return None
         along = np.sort(self.positions @ normal)
         return np.diff(along)
+
+
+def tilt_degrees(normal: np.ndarray) -> float:
+    """Return the angle between a slice normal (unit vector, LPS) and head-foot, in degrees."""
+    return math.degrees(math.acos(min(abs(float(normal[2])), 1.0)))
+
+
+def read_positions(paths: Iterable[Path]) -> np.ndarray | None:
+    """Return every slice's Image Position (Patient), ``(n, 3)`` mm; None if one lacks it.
+
+    Only that element of each header is read, for ``distinct_positions``.
+    """
+    found = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["ImagePositionPatient"]
+            )
+            found.append([float(v) for v in ds.ImagePositionPatient])
+        except Exception:  # unreadable, or no position: the positions are unknown
+            return None
+    return np.asarray(found, dtype=float) if found else None
 
 
 def refusal(select: SeriesSelection, candidate: Candidate) -> str | None:
@@ -194,7 +216,9 @@ def _describe(candidate: Candidate) -> dict[str, Any]:
     }
 
 
-def choose(route: Route, candidates: Sequence[Candidate]) -> dict[str, Any]:
+def choose(
+    route: Route, candidates: Sequence[Candidate], unreadable: Sequence[str] = ()
+) -> dict[str, Any]:
     """Judge every series of a study for ``route`` and pick its input.
 
     Parameters
@@ -203,6 +227,8 @@ def choose(route: Route, candidates: Sequence[Candidate]) -> dict[str, Any]:
         A study-scope route: its ``match`` and ``select``.
     candidates : Sequence[Candidate]
         Every complete series of the study.
+    unreadable : Sequence[str]
+        Series Instance UIDs whose header could not be read: listed, never chosen.
 
     Returns
     -------
@@ -226,6 +252,16 @@ def choose(route: Route, candidates: Sequence[Candidate]) -> dict[str, Any]:
             entry["verdict"] = f"refused: {why}"
         else:
             fit.append((candidate, entry))
+    for uid in unreadable:
+        judged.append(
+            {
+                "series_uid": uid,
+                "series_number": None,
+                "slices": 0,
+                "thickness_mm": None,
+                "verdict": "header unreadable",
+            }
+        )
     if not fit:
         return {"chosen": None, "why": f"no series fits ({len(judged)} judged)", "series": judged}
     fit.sort(key=lambda pair: _rank_key(select, pair[0]))

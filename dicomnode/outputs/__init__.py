@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from dicomnode.outputs.provenance import RESEARCH_NOTICE, Provenance
     from dicomnode.outputs.rejection import build_rejection_note
     from dicomnode.outputs.sc import build_overlay_capture
-    from dicomnode.outputs.seg import build_segmentation, read_labels
+    from dicomnode.outputs.seg import build_segmentation, read_labels, segment_tracking_uid
     from dicomnode.outputs.sr import PriorComparison, build_measurement_report
     from dicomnode.outputs.validate import validate_file
 
@@ -64,6 +64,7 @@ _HOMES = {
     "reported_findings": "dicomnode.outputs.findings",
     "segment_entries": "dicomnode.outputs.preview",
     "segment_outlines": "dicomnode.outputs.contours",
+    "segment_tracking_uid": "dicomnode.outputs.seg",
     "select_slices": "dicomnode.outputs.overlay",
     "series_class": "dicomnode.outputs.findings",
     "study_finding": "dicomnode.outputs.findings",
@@ -94,6 +95,7 @@ __all__ = [
     "reported_findings",
     "segment_entries",
     "segment_outlines",
+    "segment_tracking_uid",
     "select_slices",
     "series_class",
     "study_finding",

@@ -135,6 +135,8 @@ def detection_summary(result: DetectionResult, volume: Volume) -> dict[str, Any]
                 "diameter_mm": round(finding.diameter_mm, 1),
                 "short_axis_mm": round(finding.short_axis_mm, 1),
                 "volume_ml": round(len(finding.voxels) * volume.voxel_volume_ml, 2),
+                # Unrounded enough for growth: 0.01 mL is a fifth of a 4 mm nodule.
+                "volume_mm3": round(len(finding.voxels) * volume.voxel_volume_ml * 1000, 1),
                 "probability": round(finding.probability, 4),
             }
         )

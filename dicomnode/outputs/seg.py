@@ -128,6 +128,29 @@ TRANSFER_SYNTAXES = {
 }
 
 
+def segment_tracking_uid(provenance: Provenance, seg_series_uid: str, number: int, key: str) -> str:
+    """Return the Tracking UID of segment ``number`` of a SEG series.
+
+    Parameters
+    ----------
+    provenance : Provenance
+        The UID root.
+    seg_series_uid : str
+        The SEG's Series Instance UID.
+    number : int
+        The segment number.
+    key : str
+        Empty for anatomy (the same structure in every run); the input's digest for
+        findings, since "Nodule 1" of one run need not be "Nodule 1" of the next.
+
+    Returns
+    -------
+    str
+        The UID.
+    """
+    return provenance.uid(seg_series_uid, "segment", str(number), key)
+
+
 def build_segmentation(
     source_images: Sequence[Dataset],
     labels: np.ndarray,
@@ -199,7 +222,7 @@ def build_segmentation(
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=(tracking_uids or {}).get(number)
-            or provenance.uid(series_uid, "segment", str(number), tracking_key),
+            or segment_tracking_uid(provenance, series_uid, number, tracking_key),
             tracking_id=seg.label,
             display_color=hd.color.CIELabColor.from_rgb(*seg.color),
         )

@@ -236,7 +236,8 @@ class PriorComparison:
     Attributes
     ----------
     prior_study_uid : str or None
-        The study compared with; None when there was no comparison.
+        The study compared with (its instances are the report's Pertinent Other
+        Evidence; the heading names it); None when there was no comparison.
     heading : str
         One line: what was compared (or why nothing was).
     changes : Sequence[str]
@@ -259,14 +260,6 @@ def _comparison_items(comparison: PriorComparison) -> list[sr.ContentItem]:
             relationship_type=contains,
         )
     ]
-    if comparison.prior_study_uid is not None:
-        items.append(
-            sr.UIDRefContentItem(
-                name=codes.DCM.StudyInstanceUID,
-                value=comparison.prior_study_uid,
-                relationship_type=contains,
-            )
-        )
     items.extend(
         sr.TextContentItem(
             name=codes.DCM.DescriptionOfChange, value=line[:1024], relationship_type=contains
@@ -330,6 +323,7 @@ def build_measurement_report(
     study: StudyFinding | None = None,
     outlines: Sequence[SegmentOutline] = (),
     comparison: PriorComparison | None = None,
+    other_evidence: Sequence[Dataset] = (),
 ) -> sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-segment volume and mean value (and findings).
 
@@ -358,6 +352,9 @@ def build_measurement_report(
     comparison : PriorComparison, optional
         For a route with priors: the comparison with the prior study, or why there was
         none, beside the verdict (it needs ``study``).
+    other_evidence : sequence of Dataset
+        Instances of another study the report relies on (the prior it compared with):
+        listed as Pertinent Other Evidence.
 
     Returns
     -------
@@ -478,6 +475,8 @@ def build_measurement_report(
     if study is not None:
         report[0].ContentSequence.append(_verdict(study, provenance, comparison))
     evidence = list(source_images) if segmentation is None else [segmentation, *source_images]
+    # highdicom lists instances of other studies as Pertinent Other Evidence.
+    evidence.extend(other_evidence)
     return sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],

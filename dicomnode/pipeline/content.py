@@ -8,8 +8,6 @@ model never runs on a scout, a sagittal reformat or a series with no lungs in it
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,8 +15,8 @@ from sqlalchemy.orm import Session
 from dicomnode.config import ContentCheck
 from dicomnode.db import Job, JobState
 from dicomnode.errors import ContentCheckFailed, WaitingForModel
+from dicomnode.imaging.selection import AXIAL_DEGREES, tilt_degrees
 
-AXIAL_DEGREES = 10.0
 WAIT_SECONDS = 5.0  # how long a job waits before it looks for the other verdict again
 
 
@@ -96,7 +94,7 @@ def check_images(check: ContentCheck, slices: int, normal: np.ndarray) -> None:
             f"content check: {slices} slices, fewer than the {check.min_slices} required"
         )
     if check.axial:
-        tilt = math.degrees(math.acos(min(abs(float(normal[2])), 1.0)))
+        tilt = tilt_degrees(normal)
         if tilt > AXIAL_DEGREES:
             raise ContentCheckFailed(
                 f"content check: slices are not axial ({tilt:.0f} degrees from head-foot)"

@@ -17,17 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import Job, JobState, Series
 from dicomnode.db.queries import series_input
+from dicomnode.errors import JobError, JobInterrupted, first_line
 from dicomnode.imaging import DetectionResult, ModelSpec, Volume, load_series
 from dicomnode.imaging.registration import register_rigid
 from dicomnode.imaging.tracking import Change, Nodule, compare
 from dicomnode.inference import ModelCache
 from dicomnode.inference.detect import detect
-from dicomnode.outputs import Provenance
+from dicomnode.outputs import Provenance, segment_tracking_uid
 from dicomnode.pipeline.priors import Priors
 from dicomnode.send.query import dicom_date
 from dicomnode.store import Spool
@@ -50,12 +52,15 @@ class FollowUp:
         What was compared with, or why nothing was (the SR's and ``jobs show``'s line).
     lines : list[str]
         One line per nodule for the SR (no PHI: sizes, dates, UIDs).
+    evidence : list[Dataset]
+        The prior's source headers: the SR lists them as Pertinent Other Evidence.
     """
 
     summary: dict[str, Any]
     heading: str
     tracking_uids: dict[int, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    evidence: list[Dataset] = field(default_factory=list)
 
     @property
     def prior_study_uid(self) -> str | None:
@@ -64,9 +69,12 @@ class FollowUp:
         return None if uid is None else str(uid)
 
 
-def no_comparison(reason: str) -> FollowUp:
-    """Return a follow-up that says why there was no comparison."""
-    return FollowUp({"reason": reason}, f"No comparison: {reason}")
+def no_comparison(reason: str, report: str) -> FollowUp:
+    """Return a follow-up that says why there was no comparison.
+
+    ``reason`` is for the job's record; ``report``, a fixed phrase, for the SR.
+    """
+    return FollowUp({"reason": reason}, f"No comparison: {report}")
 
 
 def finding_tracking_uid(
@@ -74,12 +82,13 @@ def finding_tracking_uid(
 ) -> str:
     """Return the Tracking UID a detection job gives finding ``number`` of a series.
 
-    The same as the SEG's segment (:func:`dicomnode.outputs.build_segmentation` with the
-    job's input digest as ``tracking_key``): derived from the series, the route, the
-    model and the input's contents only.
+    What :func:`dicomnode.outputs.build_segmentation` gives the segment of a finding
+    that matched nothing earlier (:func:`dicomnode.outputs.segment_tracking_uid`, the
+    job's input digest as the key), for a job whose SEG series is the one the pipeline
+    derives from the series, the route and the model.
     """
     seg_series = provenance.uid(series_uid, route, model, "seg")
-    return provenance.uid(seg_series, "segment", str(number), digest)
+    return segment_tracking_uid(provenance, seg_series, number, digest)
 
 
 def _nodules(findings: list[dict[str, Any]]) -> list[Nodule]:
@@ -87,10 +96,12 @@ def _nodules(findings: list[dict[str, Any]]) -> list[Nodule]:
         Nodule(
             tuple(float(v) for v in f["center_mm"]),  # type: ignore[arg-type]
             float(f["diameter_mm"]),
-            float(f["volume_ml"] or 0.0),
+            # Summaries before the unrounded volume have mL to 0.01 only.
+            float(f["volume_mm3"]) / 1000 if f.get("volume_mm3") is not None
+            else float(f["volume_ml"] or 0.0),
         )
         for f in findings
-    ]
+    ]  # fmt: skip
 
 
 def _earlier(
@@ -161,24 +172,35 @@ def compare_with_prior(
         The comparison, or why there is none.
     """
     if not priors.found:
-        return no_comparison(priors.record.get("reason") or "no prior study")
+        return no_comparison(
+            priors.record.get("reason") or "no prior study",
+            priors.record.get("report") or "no prior study",
+        )
     prior = priors.found[0]
     with sessions() as session:
         inputs = series_input(session, prior.series_id)
         earlier = _earlier(session, prior.series_id, route, spec)
-    prior_volume = load_series([spool.absolute(p) for p in inputs.paths])
-    checkpoint()
-    if earlier is not None:
-        source: int | str = earlier[0]
-        prior_findings = earlier[1]
-    else:
-        found = detect(spec, mask_spec, prior_volume, cache, checkpoint=checkpoint)
-        source, prior_findings = "this job", summarize(found, prior_volume)["findings"]
-    checkpoint()
     try:
+        prior_volume = load_series([spool.absolute(p) for p in inputs.paths])
+        checkpoint()
+        if earlier is not None:
+            source: int | str = earlier[0]
+            prior_findings = earlier[1]
+        else:
+            found = detect(spec, mask_spec, prior_volume, cache, checkpoint=checkpoint)
+            source, prior_findings = "this job", summarize(found, prior_volume)["findings"]
+        checkpoint()
         transform = register_rigid(volume, prior_volume)
-    except ValueError as exc:
-        return no_comparison(f"the prior could not be registered ({exc})")
+    except JobInterrupted:
+        raise
+    except Exception as exc:
+        # A prior that cannot be loaded, read by the model or registered (a multi-phase
+        # series, a missing image) leaves today's results to be made without it.
+        why = first_line(str(exc)) if isinstance(exc, JobError | ValueError) else ""
+        return no_comparison(
+            f"the prior could not be compared ({type(exc).__name__}{': ' + why if why else ''})",
+            "the prior study could not be compared",
+        )
     before = _nodules(prior_findings)
     carried = [
         Nodule(tuple(transform.to_current(np.array(n.center))[0]), n.diameter_mm, n.volume_ml)
@@ -186,8 +208,11 @@ def compare_with_prior(
     ]
     today_date = dicom_date(volume.datasets[0].get("StudyDate"))
     changes = compare(_nodules(findings), carried, today_date, prior.study_date)
+    # A matched finding keeps the prior's identity: the UID the prior's job gave it
+    # (itself kept from an earlier study, perhaps), else the one that job would give.
     tracking = {
-        c.current + 1: finding_tracking_uid(
+        c.current + 1: prior_findings[c.prior].get("tracking_uid")
+        or finding_tracking_uid(
             provenance, prior.series_uid, route, spec.name, c.prior + 1, inputs.digest
         )
         for c in changes
@@ -219,7 +244,9 @@ def compare_with_prior(
         f"Compared with study {prior.study_uid} ({when}): {summary['matched']} matched, "
         f"{summary['new']} new, {summary['no_longer_seen']} no longer seen"
     )
-    return FollowUp(summary, heading, tracking, [_line(n) for n in nodules])
+    return FollowUp(
+        summary, heading, tracking, [_line(n) for n in nodules], list(prior_volume.datasets)
+    )
 
 
 def _change_record(

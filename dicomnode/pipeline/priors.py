@@ -31,13 +31,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Route, Settings
 from dicomnode.db import Job, database_now, failing_since, transaction
 from dicomnode.db.priors import LocalSeries, expect_prior, other_studies_series
+from dicomnode.db.queries import series_input
 from dicomnode.dimse.statuses import SUCCESS, status_for
 from dicomnode.errors import IngestError, TransientJobError, WaitingForPriors
 from dicomnode.imaging.routing import route_matches
-from dicomnode.imaging.selection import Candidate, choose
+from dicomnode.imaging.selection import Candidate, choose, read_positions
 from dicomnode.send.query import (
     FoundSeries,
     RetrieveRefused,
+    UnsafeQuery,
     dicom_date,
     find_series,
     find_studies,
@@ -83,6 +85,7 @@ def prior_route(route: Route) -> Route:
 
 
 def _choose(
+    sessions: sessionmaker[Session],
     route: Route,
     spool: Spool,
     stored: list[LocalSeries],
@@ -110,7 +113,15 @@ def _choose(
         if len(found) >= route.priors.max:
             break
         members = by_study[study_uid]
-        choice = choose(judge, [Candidate(s.series_uid, h, s.instances) for s, h in members])
+        candidates = []
+        for series, header in members:
+            positions = None
+            if route.select.distinct_positions:
+                with sessions() as session:
+                    paths = series_input(session, series.series_id).paths
+                positions = read_positions(spool.absolute(p) for p in paths)
+            candidates.append(Candidate(series.series_uid, header, series.instances, positions))
+        choice = choose(judge, candidates)
         studies.append(
             {
                 "study_uid": study_uid,
@@ -167,10 +178,17 @@ def resolve(
     study_uid = str(current.StudyInstanceUID)
     latest = dicom_date(current.get("StudyDate")) or date.today()
     earliest = latest - timedelta(days=priors.within_days)
-    record: dict[str, Any] = {"source": None, "studies": [], "reason": None}
+    # ``reason`` is for the admin (`jobs show`): it may name the PACS, its address and
+    # its own words. ``report`` is what the SR sent to that PACS says: fixed phrases.
+    record: dict[str, Any] = {"source": None, "studies": [], "reason": None, "report": None}
+
+    def none(reason: str, report: str) -> Priors:
+        record.update(reason=reason, report=report)
+        return _kept(sessions, job_id, Priors([], record))
+
     with sessions() as session:
         stored = other_studies_series(session, patient_id, study_uid)
-    found, studies = _choose(route, spool, stored, patient_id, earliest, latest)
+    found, studies = _choose(sessions, route, spool, stored, patient_id, earliest, latest)
     if found:
         record.update(source="node", studies=studies)
         return _kept(sessions, job_id, Priors(found, record))
@@ -178,28 +196,32 @@ def resolve(
         retrieved = _retrieve(
             settings, sessions, spool, route, patient_id, study_uid, latest, checkpoint
         )
+    except UnsafeQuery as exc:
+        return none(str(exc), "the Patient ID cannot be queried")
     except RetrieveRefused as exc:
-        record["reason"] = str(exc)
-        return _kept(sessions, job_id, Priors([], record))
+        return none(str(exc), "the PACS refused to provide the prior study")
     except TransientJobError as exc:
         _wait_or_give_up(sessions, job_id, priors.wait_seconds, exc)
-        record["reason"] = f"gave up after {priors.wait_seconds:g} s: {exc}"
-        return _kept(sessions, job_id, Priors([], record))
-    if retrieved is None:
-        record["reason"] = (
-            f"no earlier study of the patient on {priors.destination} "
-            f"within {priors.within_days:g} days"
+        return none(
+            f"gave up after {priors.wait_seconds:g} s: {exc}", "the PACS could not be reached"
         )
-        return _kept(sessions, job_id, Priors([], record))
+    days = f"within {priors.within_days:g} days"
+    if retrieved is None:
+        return none(
+            f"no earlier study of the patient on {priors.destination} {days}",
+            f"no earlier study of the patient {days}",
+        )
     if not retrieved:
-        record["reason"] = f"no series of the earlier studies on {priors.destination} fits"
-        return _kept(sessions, job_id, Priors([], record))
+        return none(
+            f"no complete series of the earlier studies on {priors.destination} fits",
+            "no earlier series fits",
+        )
     with sessions() as session:
         stored = other_studies_series(session, patient_id, study_uid, retrieved)
-    found, studies = _choose(route, spool, stored, patient_id, earliest, latest)
+    found, studies = _choose(sessions, route, spool, stored, patient_id, earliest, latest)
     record.update(source=priors.destination, studies=studies)
     if not found:
-        record["reason"] = "no retrieved series fits the route"
+        return none("no retrieved series fits the route", "no earlier series fits")
     return _kept(sessions, job_id, Priors(found, record))
 
 
@@ -282,6 +304,7 @@ def _retrieve(
                     study_uid=study.study_uid,
                     series_uid=series.series_uid,
                     store=store,
+                    progress=checkpoint,
                 )
             else:
                 moved = move_series(
@@ -290,6 +313,7 @@ def _retrieve(
                     move_to=settings.listener.ae_title,
                     study_uid=study.study_uid,
                     series_uid=series.series_uid,
+                    progress=checkpoint,
                 )
             log.info(
                 "prior retrieved study_uid=%s series_uid=%s from=%s completed=%d failed=%d",
@@ -299,7 +323,9 @@ def _retrieve(
                 moved.completed,
                 moved.failed,
             )
-            retrieved.append(series.series_uid)
+            if moved.completed and not moved.failed:
+                # A series with images missing is no volume to compare with.
+                retrieved.append(series.series_uid)
     return retrieved
 
 

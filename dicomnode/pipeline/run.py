@@ -218,7 +218,8 @@ class Pipeline:
                 content.check_verdict(session, route.requires, ctx.series_id, ctx.generation)
                 self._check_space(session, ctx.job_id)
             found_priors: Priors | None = None
-            if route.priors.destination:
+            # Only a detection model compares with a prior; the others need none fetched.
+            if route.priors.destination and self._spec(ctx).task == "detection":
                 started = time.perf_counter()
                 current = pydicom.dcmread(
                     self.spool.absolute(ctx.instance_paths[0]), stop_before_pixels=True
@@ -545,6 +546,7 @@ class Pipeline:
                     if follow is None
                     else PriorComparison(follow.prior_study_uid, follow.heading, follow.lines)
                 ),
+                other_evidence=[] if follow is None else follow.evidence,
             )
         timings["sr_s"] = time.perf_counter() - started
 
@@ -565,6 +567,15 @@ class Pipeline:
         }
         if detection is not None:
             found = detection_summary(detection, volume)
+            # Each finding's identity as its SEG segment has it: a later study's job
+            # keeps it for the same nodule (see pipeline.follow_up).
+            tracking = (
+                {}
+                if seg is None
+                else {int(i.SegmentNumber): str(i.TrackingUID) for i in seg.SegmentSequence}
+            )
+            for finding in found["findings"]:
+                finding["tracking_uid"] = tracking.get(finding["number"])
             # Which job's mask bounded the search (None: this job ran the mask model).
             found["mask_from_job"] = mask_from_job
             summary["detection"] = found

@@ -37,6 +37,7 @@ from dicomnode.db import (
     UTCDateTime,
     enqueue,
     read_only,
+    requeue_replaced,
     transaction,
     utcnow,
 )
@@ -140,6 +141,16 @@ def queue_route(
             priority=URGENT if route.priority == "urgent" else 0,
             selection=selection,
         )
+        if job is None and selection is not None:
+            # Chosen again after another series had replaced it: its job comes back.
+            job = requeue_replaced(
+                session,
+                series,
+                route=route.name,
+                model=spec.name,
+                version=spec.version,
+                selection=selection,
+            )
         if job is not None:
             queued.append(job)
     return queued

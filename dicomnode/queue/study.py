@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-import numpy as np
-import pydicom
 from sqlalchemy import case, func, literal, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +38,7 @@ from dicomnode.db import (
 )
 from dicomnode.errors import HeaderUnavailable
 from dicomnode.imaging import ModelSpec
-from dicomnode.imaging.selection import Candidate, choose
+from dicomnode.imaging.selection import Candidate, choose, read_positions
 from dicomnode.queue.completion import queue_route, routes_in_scope, series_header
 from dicomnode.store import Spool
 
@@ -163,12 +161,20 @@ def _complete_study(
         study.pending_since = None
         routes = study_routes(settings)
         needs_positions = any(r.select.distinct_positions for r in routes)
-        candidates = {s.id: _candidate(session, spool, s, needs_positions) for s in series}
+        candidates: dict[int, Candidate] = {}
+        unreadable: list[str] = []
+        for member in series:
+            try:
+                candidates[member.id] = _candidate(session, spool, member, needs_positions)
+            except HeaderUnavailable:
+                # One series that cannot be read (no instances left, a file gone) must
+                # not hold back the whole study: it is listed, and never chosen.
+                unreadable.append(member.series_uid)
         by_uid = {s.series_uid: s for s in series}
         selections: dict[str, Any] = {}
         queued = 0
         for route in routes:
-            choice = choose(route, list(candidates.values()))
+            choice = choose(route, list(candidates.values()), unreadable)
             choice["study_generation"] = study.generation
             selections[route.name] = choice
             chosen = by_uid.get(choice["chosen"] or "")
@@ -224,19 +230,7 @@ def _candidate(session: Session, spool: Spool, series: Series, positions: bool) 
     points = None
     if positions:
         paths = session.scalars(select(Instance.path).where(Instance.series_id == series.id))
-        found = []
-        for path in paths:
-            try:
-                ds = pydicom.dcmread(
-                    spool.absolute(path),
-                    stop_before_pixels=True,
-                    specific_tags=["ImagePositionPatient"],
-                )
-                found.append([float(v) for v in ds.ImagePositionPatient])
-            except Exception:  # a slice without a position: positions are unknown
-                found = []
-                break
-        points = np.asarray(found, dtype=float) if found else None
+        points = read_positions(spool.absolute(p) for p in paths)
     return Candidate(
         series_uid=series.series_uid,
         header=header,

@@ -50,6 +50,10 @@ class RetrieveRefused(PermanentJobError):
     """The PACS answered, but will not (or cannot) give what was asked: asking again won't help."""
 
 
+class UnsafeQuery(RetrieveRefused):
+    """Our own key cannot be sent safely (a Patient ID that C-FIND would read as a pattern)."""
+
+
 @dataclass(frozen=True)
 class FoundStudy:
     """One study a PACS holds for the patient."""
@@ -115,7 +119,7 @@ def _find(destination: Destination, calling_ae: str, query: Dataset, what: str) 
     assoc = associate(ae, destination)
     found: list[Dataset] = []
     try:
-        if not assoc.accepted_contexts:
+        if not _accepts(assoc, StudyRootQueryRetrieveInformationModelFind):
             raise RetrieveRefused(f"destination {destination.name}: does not accept C-FIND")
         for reply, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
@@ -186,7 +190,7 @@ def find_studies(
         If the PACS cannot be reached or does not answer.
     """
     if not patient_id or _WILDCARDS & set(patient_id):
-        raise RetrieveRefused("the Patient ID is empty or has wildcard characters")
+        raise UnsafeQuery("the Patient ID is empty or has wildcard characters")
     earliest = before - timedelta(days=within_days)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -259,6 +263,7 @@ def move_series(
     move_to: str,
     study_uid: str,
     series_uid: str,
+    progress: Callable[[], None] = lambda: None,
 ) -> Moved:
     """Ask ``destination`` to send one series to the AE title ``move_to`` (C-MOVE).
 
@@ -276,6 +281,8 @@ def move_series(
         The move destination: the node's listener AE title, which the PACS must know.
     study_uid, series_uid : str
         What to move.
+    progress : callable, optional
+        Called at each pending response.
 
     Returns
     -------
@@ -296,9 +303,11 @@ def move_series(
         destination,
         assoc,
         "C-MOVE",
+        StudyRootQueryRetrieveInformationModelMove,
         lambda query: assoc.send_c_move(query, move_to, StudyRootQueryRetrieveInformationModelMove),
         study_uid,
         series_uid,
+        progress,
     )
 
 
@@ -309,6 +318,7 @@ def get_series(
     study_uid: str,
     series_uid: str,
     store: Callable[[bytes], int],
+    progress: Callable[[], None] = lambda: None,
 ) -> Moved:
     """Fetch one series from ``destination`` on our own association (C-GET).
 
@@ -327,6 +337,8 @@ def get_series(
     store : callable
         Takes an instance (preamble, file meta and dataset, as received) and returns
         its C-STORE status.
+    progress : callable, optional
+        Called at each pending response.
 
     Returns
     -------
@@ -364,24 +376,37 @@ def get_series(
         destination,
         assoc,
         "C-GET",
+        StudyRootQueryRetrieveInformationModelGet,
         lambda query: assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet),
         study_uid,
         series_uid,
+        progress,
     )
+
+
+def _accepts(assoc: Association, abstract_syntax: str) -> bool:
+    """Return whether the peer accepted a presentation context for ``abstract_syntax``."""
+    return any(c.abstract_syntax == abstract_syntax for c in assoc.accepted_contexts)
 
 
 def _retrieve(
     destination: Destination,
     assoc: Association,
     what: str,
+    model: str,
     send: Callable[[Dataset], Iterator[tuple[Dataset, Dataset | None]]],
     study_uid: str,
     series_uid: str,
+    progress: Callable[[], None],
 ) -> Moved:
-    """Send a C-MOVE or C-GET for one series and read its responses to the final one."""
+    """Send a C-MOVE or C-GET for one series and read its responses to the final one.
+
+    ``progress`` is called at each pending response (the job's checkpoint: it keeps the
+    lease while a large series comes in, and stops when the worker must).
+    """
     final: Dataset | None = None
     try:
-        if not assoc.accepted_contexts:
+        if not _accepts(assoc, model):
             raise RetrieveRefused(f"destination {destination.name}: does not accept {what}")
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
@@ -390,6 +415,7 @@ def _retrieve(
         for reply, _ in send(query):
             code = _status(reply, destination, what)
             if code in _PENDING:
+                progress()
                 continue
             final = reply
     finally:

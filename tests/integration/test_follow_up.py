@@ -156,11 +156,12 @@ def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     evaluations = _texts(sr)
     if not prior_on_pacs:
         reason = "no earlier study of the patient on pacs within 1500 days"
-        assert comparison == {"heading": f"No comparison: {reason}", "reason": reason,
+        # The SR, sent to the PACS, says it in a fixed phrase; the job's record names it.
+        heading = "No comparison: no earlier study of the patient within 1500 days"
+        assert comparison == {"heading": heading, "reason": reason,
                               "lines": []}  # fmt: skip
-        assert evaluations[codes.DCM.ComparisonToPreviousStudies.value] == [
-            f"No comparison: {reason}"
-        ]
+        assert evaluations[codes.DCM.ComparisonToPreviousStudies.value] == [heading]
+        assert "PertinentOtherEvidenceSequence" not in sr
         return
 
     assert job.priors["source"] == "pacs"
@@ -174,9 +175,10 @@ def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     assert before == pytest.approx(8.0, abs=2.0) and now == pytest.approx(12.0, abs=2.0)
     v0, v1 = nodule["volume_ml"]
     assert nodule["trend"] == "growing" and v1 > v0
-    assert nodule["doubling_days"] == pytest.approx(365 * math.log(2) / math.log(v1 / v0), abs=1)
+    # From the volumes shown (0.01 mL); the node computes it from unrounded ones.
+    assert nodule["doubling_days"] == pytest.approx(365 * math.log(2) / math.log(v1 / v0), rel=0.03)
     # Spheres of 8 and 12 mm a year apart double in 208 days; measured on voxels, within 15%
-    # (201 days here).
+    # (199 days here).
     true_days = 365 * math.log(2) / (3 * math.log(12 / 8))
     assert nodule["doubling_days"] == pytest.approx(true_days, rel=0.15)
     # `jobs show` prints the comparison.
@@ -197,7 +199,15 @@ def test_a_growing_nodule_is_tracked_from_the_prior_on_the_pacs(
     )
     assert evaluations[codes.DCM.DescriptionOfChange.value] == comparison["lines"]
     assert f"volume doubling time {nodule['doubling_days']:.0f} days" in comparison["lines"][0]
-    assert evaluations[codes.DCM.StudyInstanceUID.value] == [prior[0].StudyInstanceUID]
+    # The prior's images are the report's Pertinent Other Evidence, under the prior study.
+    (other,) = sr.PertinentOtherEvidenceSequence
+    assert other.StudyInstanceUID == prior[0].StudyInstanceUID
+    listed = {
+        i.ReferencedSOPInstanceUID
+        for s in other.ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    assert listed == {ds.SOPInstanceUID for ds in prior}
     seg = hd.seg.segread(_file(tmp_path, sent["SEG"]))
     provenance = Provenance(model_name="test-nodules", model_version=models["test-nodules"].version,
                             clinical_use=models["test-nodules"].clinical_use)  # fmt: skip
@@ -229,18 +239,23 @@ def test_a_prior_this_node_ran_on_lends_its_findings_and_their_identity(
     tmp_path: Path, db_url: str, sessions, request: pytest.FixtureRequest
 ) -> None:
     port = free_port()
-    prior = phantom(8.0, generate_uid(), "20230101", SHIFT_MM)
-    today = phantom(12.0, generate_uid(), "20240101", np.zeros(3))
+    first_scan = phantom(8.0, generate_uid(), "20230101", SHIFT_MM)
+    second_scan = phantom(12.0, generate_uid(), "20240101", np.zeros(3))
+    third_scan = phantom(14.0, generate_uid(), "20250101", -SHIFT_MM)
     modalities = {"node": ["DICOMNODE", "127.0.0.1", port]}
     with Orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
         node = start_node(tmp_path, db_url, sessions, pacs, port, request)
-        first = node.receive_and_run(prior)  # a year ago: nothing to compare with yet
+        first = node.receive_and_run(first_scan)  # nothing to compare with yet
         assert first.summary["comparison"]["reason"].startswith("no earlier study")
-        second = node.receive_and_run(today)
+        second = node.receive_and_run(second_scan)
+        third = node.receive_and_run(third_scan)
     assert second.priors["source"] == "node"
     comparison = second.summary["comparison"]
     assert comparison["prior_findings_from"] == first.id  # the model did not run again
     assert comparison["matched"] == 1
+    # The third study compares with the second, the newest prior.
+    assert third.summary["comparison"]["prior_study_uid"] == second_scan[0].StudyInstanceUID
+    assert third.summary["comparison"]["prior_findings_from"] == second.id
     with sessions() as s:
         segs = {
             job_id: hd.seg.segread(node.spool.absolute(path))
@@ -248,7 +263,27 @@ def test_a_prior_this_node_ran_on_lends_its_findings_and_their_identity(
                 select(Output.job_id, Output.path).where(Output.kind == "seg")
             )
         }
-    # One nodule, one identity: today's segment has the Tracking UID of last year's.
-    then, now = segs[first.id].SegmentSequence[0], segs[second.id].SegmentSequence[0]
-    assert str(now.TrackingUID) == str(then.TrackingUID)
-    assert segs[first.id].SeriesInstanceUID != segs[second.id].SeriesInstanceUID
+    # One nodule, one identity through three studies: each segment has the first's
+    # Tracking UID, in three different SEG series.
+    uids = {str(segs[j.id].SegmentSequence[0].TrackingUID) for j in (first, second, third)}
+    assert len(uids) == 1
+    assert len({segs[j.id].SeriesInstanceUID for j in (first, second, third)}) == 3
+    assert third.summary["detection"]["findings"][0]["tracking_uid"] == uids.pop()
+
+
+def test_a_prior_that_cannot_be_compared_leaves_today_s_results_whole(
+    tmp_path: Path, db_url: str, sessions, request: pytest.FixtureRequest
+) -> None:
+    port = free_port()
+    prior = phantom(8.0, generate_uid(), "20230101", SHIFT_MM)
+    for ds in prior[1:3]:  # two phases at one table position: no single volume
+        ds.ImagePositionPatient = list(prior[0].ImagePositionPatient)
+    modalities = {"node": ["DICOMNODE", "127.0.0.1", port]}
+    with Orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
+        c_store(pacs.dicom_port, pacs.aet, prior)
+        node = start_node(tmp_path, db_url, sessions, pacs, port, request)
+        job = node.receive_and_run(phantom(12.0, generate_uid(), "20240101", np.zeros(3)))
+    comparison = job.summary["comparison"]
+    assert comparison["heading"] == "No comparison: the prior study could not be compared"
+    assert comparison["reason"].startswith("the prior could not be compared (PermanentJobError:")
+    assert len(job.summary["detection"]["findings"]) == 1  # today's results are whole

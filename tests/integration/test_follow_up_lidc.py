@@ -79,7 +79,7 @@ def test_the_prior_is_retrieved_and_the_mass_tracked(tmp_path: Path, data_dir: P
     assert tracked[mass["number"]]["note"] == "the interval is not positive"  # same date
     assert comparison["matched"] == len(tracked) >= 1
     texts = _texts(report)
-    assert texts[codes.DCM.StudyInstanceUID.value] == [prior_study]
+    assert report.PertinentOtherEvidenceSequence[0].StudyInstanceUID == prior_study
     assert texts[codes.DCM.ComparisonToPreviousStudies.value] == [comparison["heading"]]
     assert texts[codes.DCM.DescriptionOfChange.value] == comparison["lines"]
     assert hd.sr.Comprehensive3DSR.from_dataset(report) is not None

@@ -68,7 +68,7 @@ FRAGMENTS = [
     " failed with status 0x",
     "gave up after ",
     "no earlier study of the patient on ",
-    "no series of the earlier studies on ",
+    "no complete series of the earlier studies on ",
     "no series fits (",
     "(study scope): ",
     "series mixes matrix sizes",

@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.config import Settings, parse_settings
-from dicomnode.db import Job, JobState, Series, Study, utcnow
+from dicomnode.db import Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.imaging import load_registry
 from dicomnode.pipeline import encode
 from dicomnode.queue.completion import sweep
@@ -257,3 +257,57 @@ def test_without_study_routes_studies_are_never_pending(spool: Spool, sessions) 
         # A study route added later does not run on this older study.
         assert s.scalars(select(Study)).one().pending_since is None
     assert complete(spool, sessions, SETTINGS, utcnow() + timedelta(seconds=120)) == (0, 0)
+
+
+def test_a_route_s_shorter_quiet_period_applies_too() -> None:
+    assert study_quiet_seconds(settings(quiet_seconds=10)) == 10
+
+
+def test_a_choice_undone_brings_its_cancelled_job_back(spool: Spool, sessions) -> None:
+    study_uid = generate_uid()
+    parts = three_series(study_uid)
+    receive(spool, sessions, [ds for part in parts.values() for ds in part])
+    start = utcnow()
+    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
+    complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))
+    first = parts["thin lung"][0].SeriesInstanceUID
+    # A better series arrives: the first choice's queued job is cancelled.
+    better = series_in(study_uid, 5, slices=9, thickness=0.6, kernel="LUNG")
+    receive(spool, sessions, better)
+    later = utcnow()
+    complete(spool, sessions, SETTINGS, later + timedelta(seconds=31))
+    complete(spool, sessions, SETTINGS, later + timedelta(seconds=61))
+    # That series gets a late image with a 5 mm slice thickness: it is refused now,
+    # and the first choice is chosen again; its job comes back rather than none.
+    late = series_in(study_uid, 5, slices=1, thickness=5.0, kernel="LUNG")[0]
+    late.SeriesInstanceUID = better[0].SeriesInstanceUID
+    late.InstanceNumber = 0  # sorts first: the header the selection reads
+    receive(spool, sessions, [late])
+    later = utcnow()
+    complete(spool, sessions, SETTINGS, later + timedelta(seconds=31))
+    assert complete(spool, sessions, SETTINGS, later + timedelta(seconds=61)) == (0, 1)
+    jobs_now = study_jobs(sessions)
+    assert jobs_now[0] == ("lung-study", first, JobState.QUEUED)
+    assert all(state != JobState.QUEUED for _, uid, state in jobs_now if uid != first)
+    with sessions() as s:
+        job = s.scalars(select(Job).where(Job.route == "lung-study").order_by(Job.id)).first()
+        assert job.selection["chosen"] == first
+
+
+def test_a_series_whose_header_cannot_be_read_is_listed_not_chosen(spool: Spool, sessions) -> None:
+    study_uid = generate_uid()
+    parts = three_series(study_uid)
+    receive(spool, sessions, [ds for part in parts.values() for ds in part])
+    start = utcnow()
+    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
+    thick = parts["thick soft tissue"][0].SeriesInstanceUID
+    with sessions() as s:
+        query = select(Instance.path).join(Series).where(Series.series_uid == thick)
+        for path in s.scalars(query):
+            spool.absolute(path).unlink()  # after its completion, e.g. removed by hand
+    assert complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))[1] == 1
+    with sessions() as s:
+        choice = s.scalars(select(Study)).one().selections["lung-study"]
+    verdicts = {e["series_uid"]: e["verdict"] for e in choice["series"]}
+    assert verdicts[thick] == "header unreadable"
+    assert choice["chosen"] == parts["thin lung"][0].SeriesInstanceUID
