@@ -434,6 +434,16 @@ def cancel_superseded(session: Session, series_id: int, generation: int) -> int:
 REPLACED = "superseded: the study was re-opened and another series chosen"
 
 
+def _queue_afresh(job: Job, now: datetime) -> None:
+    """Put an ended job back in the queue with all its attempts, runnable now."""
+    job.state = JobState.QUEUED
+    job.attempts = 0
+    job.run_after = now
+    job.finished_at = None
+    job.last_error = None
+    job.updated_at = now
+
+
 def requeue_replaced(
     session: Session,
     series: Series,
@@ -474,12 +484,7 @@ def requeue_replaced(
     if job is None or job.last_error != REPLACED:
         return None
     now = database_now(session)
-    job.state = JobState.QUEUED
-    job.attempts = 0
-    job.run_after = now
-    job.finished_at = None
-    job.last_error = None
-    job.updated_at = now
+    _queue_afresh(job, now)
     job.selection = selection
     record_event(
         session, job, JobState.QUEUED, from_state=JobState.CANCELLED,
@@ -956,12 +961,7 @@ def retry(sessions: sessionmaker[Session], job_id: int, who: str = "admin") -> J
                 f"{series.purged_at:%Y-%m-%d %H:%M} UTC; send the series again to re-run it"
             )
         before = job.state
-        job.state = JobState.QUEUED
-        job.attempts = 0
-        job.run_after = now
-        job.finished_at = None
-        job.last_error = None
-        job.updated_at = now
+        _queue_afresh(job, now)
         # A fresh delivery window too: the outage that failed the job is not held
         # against the retry an admin asked for. Retrying a job that was done means
         # "send it again" (a PACS lost it): every destination gets the stored results

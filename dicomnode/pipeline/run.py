@@ -430,6 +430,7 @@ class Pipeline:
         checkpoint()
 
         detection: DetectionResult | None = None
+        found: dict[str, Any] = {}
         follow: FollowUp | None = None
         mask_from_job: int | None = None
         classification: ClassificationResult | None = None
@@ -453,6 +454,7 @@ class Pipeline:
             timings.update(detection.timings)
             labels = detection.labels(volume.shape)
             segments = finding_segments(spec, len(detection.findings))
+            found = detection_summary(detection, volume)  # the comparison and the summary
             if found_priors is not None:
                 checkpoint()
                 started = time.perf_counter()
@@ -465,7 +467,7 @@ class Pipeline:
                     spec=spec,
                     mask_spec=mask_spec,
                     volume=volume,
-                    findings=detection_summary(detection, volume)["findings"],
+                    findings=found["findings"],
                     priors=found_priors,
                     checkpoint=checkpoint,
                     summarize=detection_summary,
@@ -566,7 +568,6 @@ class Pipeline:
             "slices": volume.shape[0],
         }
         if detection is not None:
-            found = detection_summary(detection, volume)
             # Each finding's identity as its SEG segment has it: a later study's job
             # keeps it for the same nodule (see pipeline.follow_up).
             tracking = (

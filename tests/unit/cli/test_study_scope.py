@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicomnode.db import Job, utcnow
+from dicomnode.db import Job
 from dicomnode.store import Spool
 from tests.unit.cli.test_main import run, write_config
-from tests.unit.queue.test_study import SETTINGS, complete, receive, three_series
+from tests.unit.queue.test_study import settled, three_series
 
 
 def test_the_choice_and_every_series_verdict_are_shown(
@@ -22,10 +21,7 @@ def test_the_choice_and_every_series_verdict_are_shown(
     spool = Spool(tmp_path / "spool")
     study_uid = generate_uid()
     parts = three_series(study_uid)
-    receive(spool, sessions, [ds for part in parts.values() for ds in part])
-    start = utcnow()
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))
+    settled(spool, sessions, [ds for part in parts.values() for ds in part])
     with sessions() as s:
         job_id = s.scalar(select(Job.id).where(Job.route == "lung-study"))
     config = str(write_config(tmp_path, db_url))

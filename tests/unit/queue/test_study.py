@@ -106,6 +106,14 @@ def complete(spool: Spool, sessions, settings: Settings, at: datetime) -> tuple[
     return series, sweep_studies(sessions, settings, MODELS, spool, now=at)
 
 
+def settled(spool: Spool, sessions, datasets: list[Dataset]) -> None:
+    """Receive, then sweep once the series (31 s) and then the study (61 s) are quiet."""
+    receive(spool, sessions, datasets)
+    start = utcnow()
+    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
+    complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))
+
+
 def study_jobs(sessions) -> list[tuple[str, str, JobState]]:
     with sessions() as s:
         rows = s.execute(
@@ -167,10 +175,7 @@ def test_a_late_fourth_series_reopens_the_study_and_a_better_one_replaces_the_ch
 ) -> None:
     study_uid = generate_uid()
     parts = three_series(study_uid)
-    receive(spool, sessions, [ds for part in parts.values() for ds in part])
-    start = utcnow()
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))
+    settled(spool, sessions, [ds for part in parts.values() for ds in part])
     first = parts["thin lung"][0].SeriesInstanceUID
 
     # A late single image (not a volume): the study is judged again, the choice
@@ -266,10 +271,7 @@ def test_a_route_s_shorter_quiet_period_applies_too() -> None:
 def test_a_choice_undone_brings_its_cancelled_job_back(spool: Spool, sessions) -> None:
     study_uid = generate_uid()
     parts = three_series(study_uid)
-    receive(spool, sessions, [ds for part in parts.values() for ds in part])
-    start = utcnow()
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=31))
-    complete(spool, sessions, SETTINGS, start + timedelta(seconds=61))
+    settled(spool, sessions, [ds for part in parts.values() for ds in part])
     first = parts["thin lung"][0].SeriesInstanceUID
     # A better series arrives: the first choice's queued job is cancelled.
     better = series_in(study_uid, 5, slices=9, thickness=0.6, kernel="LUNG")

@@ -50,12 +50,16 @@ def pacs() -> Iterator[Callable[..., Destination]]:
     servers = []
 
     def start(
-        find: Callable[[Dataset], Iterator] | None = None, move=None, get=None
+        find: Callable[[Dataset], Iterator] | None = None,
+        move=None,
+        get=None,
+        retrieve: bool = True,
     ) -> Destination:
         ae = AE(ae_title="PACS")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        if retrieve:  # False: a PACS that answers C-FIND only
+            ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+            ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         # The SCU role of storage on a C-GET's association: the PACS sends to the caller.
         ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
         handlers = []
@@ -176,3 +180,11 @@ def test_c_get_hands_each_instance_to_the_store_and_answers_its_status(
     assert [ds.SOPInstanceUID for ds in stored] == [ds.SOPInstanceUID for ds in images]
     assert all(ds.pixel_array.shape == (4, 4) for ds in stored)  # whole, with their meta
     assert (moved.completed, moved.failed) == (2, 1)
+
+
+def test_a_pacs_that_takes_storage_but_not_retrieval_is_refused_clearly(pacs) -> None:
+    # It accepts the storage contexts a C-GET proposes, but not the C-GET (or C-MOVE)
+    # itself: a one-line refusal, not pynetdicom's ValueError from send_c_get.
+    destination = pacs(retrieve=False)
+    with pytest.raises(RetrieveRefused, match="pacs: does not accept C-GET"):
+        get_series(destination, "NODE", study_uid="1.2", series_uid="1.2.3", store=lambda _: 0)
